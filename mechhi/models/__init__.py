@@ -1,0 +1,42 @@
+"""Model adapters, one file per architecture family, found from the model's config.
+
+`adapter_for(config, processor)` walks `FAMILIES` in order; the first family whose
+`matches(config)` is true handles the model. An unknown config fails with a message
+naming the supported families.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._common import AdapterError, PreparedBatch, SampleLayout, VisualView, VLMAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+FAMILIES: list[type[VLMAdapter]] = [Qwen2VLAdapter]
+
+
+def adapter_class(config: Any) -> type[VLMAdapter]:
+    for family in FAMILIES:
+        if family.matches(config):
+            return family
+    supported = ", ".join(f"{f.family} ({'/'.join(f.model_types)})" for f in FAMILIES)
+    raise AdapterError(
+        f"no adapter for model_type {getattr(config, 'model_type', None)!r}; supported: {supported}"
+    )
+
+
+def adapter_for(config: Any, processor: Any) -> VLMAdapter:
+    return adapter_class(config)(config, processor)
+
+
+def family_named(name: str) -> type[VLMAdapter]:
+    for family in FAMILIES:
+        if family.family == name:
+            return family
+    raise AdapterError(f"unknown family {name!r}; known: {[f.family for f in FAMILIES]}")
+
+
+__all__ = [
+    "FAMILIES", "AdapterError", "PreparedBatch", "SampleLayout", "VisualView", "VLMAdapter",
+    "adapter_class", "adapter_for", "family_named",
+]  # fmt: skip

@@ -1,0 +1,205 @@
+"""The fused query-slice attention capture: description-row attention without
+``output_attentions``.
+
+Asking a model for ``output_attentions=True`` forces eager attention and materialises
+the full (batch, heads, seq, seq) matrix in every layer. mechhi needs only the rows of
+the description tokens. So, in one nnsight trace per batch, each decoder layer's
+attention call is intercepted *at its inputs*: the post-RoPE query and key states (k
+after any cache update, not yet repeated for GQA), the mask handed to the attention
+function, and its ``scaling``/``softcap``/``sliding_window`` keywords. From them the
+tracer recomputes softmax for the description rows only, in float32, exactly as the
+model's attention function would, while the model's own (SDPA / flash) kernel still
+produces the forward pass.
+
+Axis names used below: B batch, H query heads, Hkv key/value heads, G = H / Hkv,
+Q description rows (padded to the longest in the batch), S key positions, V visual
+tokens (padded), D head dim.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import nnsight
+import numpy as np
+import torch
+from nnsight import NNsight
+
+from .models import PreparedBatch, VLMAdapter
+
+ATTENTION_CALL = re.compile(r"\battention_interface\s*\(")
+
+
+class TracingError(RuntimeError):
+    """The model's attention forward does not look as the tracer expects."""
+
+
+def find_attention_call(attention_envoy: Any) -> str:
+    """The nnsight ``.source`` label of the attention-function call in one attention module.
+
+    Labels are generated and differ across nnsight/transformers versions
+    (``attention_interface_0``, ``_1``, ``_2``), so the label is looked up: the operation
+    whose source line calls ``attention_interface(``.
+    """
+    source = attention_envoy.source
+    lines = source.compiled.source.splitlines()
+    calls = [
+        name
+        for name in source.names
+        if name.startswith("attention_interface_")
+        and ATTENTION_CALL.search(lines[source.compiled.lines[name] - 1])
+    ]
+    if len(calls) != 1:
+        raise TracingError(
+            f"expected one attention_interface(...) call in {type(attention_envoy._module).__name__}"
+            f".forward, found {calls}; operations: {list(source.names)}"
+        )
+    return calls[0]
+
+
+@dataclass(frozen=True)
+class BatchIndex:
+    """Padded gather indices for a batch: description rows and visual columns."""
+
+    query: torch.Tensor  # (B, Q) long; padded entries repeat a valid index
+    query_valid: torch.Tensor  # (B, Q) bool
+    visual: torch.Tensor  # (B, V) long
+    visual_valid: torch.Tensor  # (B, V) bool
+
+    @classmethod
+    def from_batch(cls, batch: PreparedBatch, device: torch.device) -> BatchIndex:
+        queries = [layout.query_positions for layout in batch.layouts]
+        visuals = [np.concatenate([v.positions for v in layout.views]) for layout in batch.layouts]
+        query, query_valid = _pad(queries, device)
+        visual, visual_valid = _pad(visuals, device)
+        return cls(query, query_valid, visual, visual_valid)
+
+
+def _pad(rows: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    index = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        index[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        index[i, len(r) :] = int(r[0])
+        valid[i, : len(r)] = True
+    return index.to(device), valid.to(device)
+
+
+def description_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    index: BatchIndex,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Mean over description rows of the softmax probabilities on the visual tokens.
+
+    ``query`` (B, H, T, D) and ``key`` (B, Hkv, S, D) are what the attention function
+    receives; ``mask`` is what it receives too: None (pure causal), a 4-D bool mask
+    (True = attend), a 4-D additive float mask, or a 2-D (B, S) padding mask (flash).
+    Returns (B, H, V) float32; padded visual columns are 0.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads, seq = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    rows = index.query.shape[1]
+    q = query.float().gather(2, index.query[:, None, :, None].expand(batch, heads, rows, dim))
+    q = q.view(batch, kv_heads, groups * rows, dim)  # (B, Hkv, G*Q, D): heads h = kv*G + g
+    logits = (q @ key.float().transpose(-1, -2)).view(batch, heads, rows, seq) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits + _row_bias(mask, index.query, seq, sliding_window, logits.device)
+    probs = torch.softmax(logits, dim=-1)  # (B, H, Q, S)
+    weights = index.query_valid.float()
+    weights = weights / weights.sum(-1, keepdim=True)
+    mean = torch.einsum("bhqs,bq->bhs", probs, weights)  # (B, H, S)
+    visual = mean.gather(2, index.visual[:, None, :].expand(batch, heads, -1))  # (B, H, V)
+    return visual * index.visual_valid[:, None, :]
+
+
+def _row_bias(
+    mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    seq: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Additive (B or 1, 1, Q, S) bias equal to the model's mask on the selected rows."""
+    neg = torch.finfo(torch.float32).min
+    if mask is not None and mask.dim() == 4:
+        picked = mask[:, :, :, :seq].gather(
+            2, rows[:, None, :, None].expand(mask.shape[0], mask.shape[1], -1, seq)
+        )  # (B, 1, Q, S)
+        if picked.dtype == torch.bool:
+            return torch.zeros(picked.shape, device=device).masked_fill(~picked, neg)
+        return picked.float().clamp(min=neg)
+    # None or 2-D padding mask: the attention function applies causality itself.
+    keys = torch.arange(seq, device=device)
+    allowed = keys[None, None, :] <= rows[:, :, None]  # (B, Q, S)
+    if sliding_window is not None:
+        allowed &= keys[None, None, :] > rows[:, :, None] - sliding_window
+    if mask is not None:
+        if mask.dim() != 2:
+            raise TracingError(f"unexpected attention mask of shape {tuple(mask.shape)}")
+        allowed &= mask[:, None, -seq:].bool()
+    return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, neg)[:, None]
+
+
+class AttentionTracer:
+    """Runs batches through an nnsight-wrapped model and returns description attention.
+
+    >>> tracer = AttentionTracer(model, adapter)
+    >>> scores = tracer.trace(adapter.prepare(images, descriptions))  # (B, L, H, V) numpy
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.nn = NNsight(model)
+        layers = _resolve(self.nn, adapter.decoder_layers)
+        self.layers = [layers[i] for i in range(len(layers._module))]
+        self.call_labels = [
+            find_attention_call(_resolve(layer, adapter.attention)) for layer in self.layers
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def trace(self, batch: PreparedBatch) -> np.ndarray:
+        """(B, L, H, V) float32 attention of the description rows on the visual tokens."""
+        batch = batch.to(self.device, self.dtype)
+        index = BatchIndex.from_batch(batch, self.device)
+        with torch.inference_mode(), self.nn.trace(**batch.inputs) as tracer:
+            per_layer = nnsight.save([])
+            for layer, label in zip(self.layers, self.call_labels):
+                attention = _resolve(layer, self.adapter.attention)
+                args, kwargs = getattr(attention.source, label).inputs
+                module, query, key = args[0], args[1], args[2]
+                mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+                per_layer.append(
+                    description_attention(
+                        query, key, mask, index,
+                        scaling=kwargs.get("scaling") or module.head_dim**-0.5,
+                        softcap=kwargs.get("softcap"),
+                        sliding_window=kwargs.get("sliding_window"),
+                    ).cpu()
+                )  # fmt: skip
+            tracer.stop()
+        return torch.stack(list(per_layer), dim=1).numpy()  # (B, L, H, V)
+
+
+def _resolve(envoy: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
