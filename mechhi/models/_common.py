@@ -218,6 +218,8 @@ class VLMAdapter:
     vision_tower: ClassVar[str] = "model.vision_tower"
     templates: ClassVar[dict[str, PromptTemplate]] = CHAT_TEMPLATES
     image_token_attr: ClassVar[str] = "image_token_id"  # attribute of the config
+    variable_image_size: ClassVar[bool] = True  # False: the processor makes every image one size
+    tiny_cases: ClassVar[dict[str, dict[str, Any]]] = {}  # test variants: build_tiny kwargs
 
     def __init__(self, config: Any, processor: Any) -> None:
         self.config = config

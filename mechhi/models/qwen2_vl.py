@@ -33,6 +33,7 @@ class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2-vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     vision_tower = "model.visual"
+    tiny_cases = {"gqa": {}, "mha": {"kv_heads": 4}, "qwen2.5": {"qwen25": True}}
 
     def visual_views(self, inputs: dict, index: int, image_size: tuple[int, int]) -> list[VisualView]:
         # One image per sample, so sample i owns row i of image_grid_thw.
