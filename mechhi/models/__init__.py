@@ -10,9 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from ._common import AdapterError, PreparedBatch, SampleLayout, VisualView, VLMAdapter
+from .idefics3 import Idefics3Adapter
+from .paligemma import PaliGemmaAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .llava import LlavaAdapter
+from .gemma3 import Gemma3Adapter
 
-FAMILIES: list[type[VLMAdapter]] = [Qwen2VLAdapter]
+FAMILIES: list[type[VLMAdapter]] = [Qwen2VLAdapter, Idefics3Adapter, LlavaAdapter, Gemma3Adapter, PaliGemmaAdapter]
 
 
 def adapter_class(config: Any) -> type[VLMAdapter]:

@@ -64,6 +64,19 @@ class SampleLayout:
     query_positions: np.ndarray  # (n_query,)
     views: tuple[VisualView, ...]
 
+    def split_views(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        """Cut (..., V) values over the concatenated visual tokens into (..., rows, cols) per view."""
+        grids, start = {}, 0
+        for v in self.views:
+            rows, cols = v.grid
+            grids[v.name] = values[..., start : start + rows * cols].reshape(*values.shape[:-1], rows, cols)
+            start += rows * cols
+        return grids
+
+    def coverage(self, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """(rows, cols) object coverage per view."""
+        return {v.name: v.coverage(mask) for v in self.views}
+
     def view(self, name: str) -> VisualView:
         for v in self.views:
             if v.name == name:

@@ -57,6 +57,7 @@ class Qwen2VLAdapter(VLMAdapter):
         kv_heads: int = 2,
         head_dim: int = 16,
         vision_depth: int = 1,
+        vision_width: int = 32,
         max_pixels: int = 28 * 28 * 64,
         qwen25: bool = False,
     ) -> tuple[Any, Any]:
@@ -87,7 +88,7 @@ class Qwen2VLAdapter(VLMAdapter):
             pad_token_id=ids("<pad>"), eos_token_id=ids("<|im_end|>"), bos_token_id=ids("<|endoftext|>"),
         )  # fmt: skip
         vision = dict(
-            depth=vision_depth, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+            depth=vision_depth, hidden_size=vision_width, num_heads=2, patch_size=14, spatial_merge_size=2,
             temporal_patch_size=2, in_channels=3,
         )  # fmt: skip
         special = dict(
@@ -98,13 +99,13 @@ class Qwen2VLAdapter(VLMAdapter):
             from transformers import Qwen2_5_VLConfig as Config
             from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
-            vision.update(intermediate_size=64, out_hidden_size=heads * head_dim, fullatt_block_indexes=[0],
+            vision.update(intermediate_size=2 * vision_width, out_hidden_size=heads * head_dim, fullatt_block_indexes=[0],
                           window_size=56)  # fmt: skip
         else:
             from transformers import Qwen2VLConfig as Config
             from transformers import Qwen2VLForConditionalGeneration as Model
 
-            vision.update(embed_dim=32, mlp_ratio=2, hidden_size=heads * head_dim)
+            vision.update(embed_dim=vision_width, mlp_ratio=2, hidden_size=heads * head_dim)
         config = Config(text_config=text, vision_config=vision, **special)
         model = Model(config).eval()
         if directory is not None:

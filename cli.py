@@ -1,0 +1,295 @@
+"""The `mechhi` command line: thin typer commands over mechhi/ and probes/.
+
+Each command parses options, calls one engine function and prints. Library errors
+(bad dataset, unknown model family, incompatible store, ...) become a one-line message
+and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+dataset_app = typer.Typer(no_args_is_help=True, help="Build, inspect and validate key-object datasets.")
+toy_app = typer.Typer(no_args_is_help=True, help="The bundled toy world: train and check the small model.")
+app.add_typer(dataset_app, name="dataset")
+app.add_typer(toy_app, name="toy")
+
+console = Console()
+err_console = Console(stderr=True)
+
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Path of a mechhi zarr store.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Turn expected library errors into a one-line message and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: finished batches are kept; rerun the same command to resume")
+            raise typer.Exit(130) from None
+        except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            err_console.print(f"[red]error[/]: {message}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def print_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- trace
+
+
+@app.command()
+@friendly_errors
+def trace(
+    model: Annotated[Optional[str], typer.Option(help="HF model id or local directory (default: the bundled toy model).")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="Dataset directory (default: the bundled synthetic set).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Output store (default: stores/<dataset>.zarr).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Trace only the first N samples.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per forward pass.")] = 4,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    no_maps: Annotated[bool, typer.Option("--no-maps", help="Keep masks and IoU only, not the attention cube.")] = False,
+    template: Annotated[str, typer.Option(help="Prompt template: caption | vqa.")] = "caption",
+    split: Annotated[Optional[str], typer.Option(help="Trace only this split of the dataset (e.g. trace).")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid records (listed in the store attrs).")] = False,
+) -> None:
+    """Trace description-to-image attention of every head into a zarr store, then score it."""
+    from mechhi.runner import TraceConfig, trace_dataset
+    from probes.head_impact import layer_ranking, score_store
+
+    defaults = TraceConfig()
+    config = TraceConfig(
+        model=model or defaults.model,
+        dataset=str(dataset) if dataset else defaults.dataset,
+        store=str(store) if store else None,
+        limit=limit, batch_size=batch_size, device=device, dtype=dtype, maps=not no_maps,
+        template=template, split=split, skip_bad=skip_bad,
+    )  # fmt: skip
+    path = trace_dataset(config, progress=True)
+    scored = score_store(path)
+    ranking = layer_ranking(scored)
+    console.print(f"store: [bold]{path}[/]  samples: {scored.sizes['sample']}  "
+                  f"best layer: {int(ranking.layer[0])} (mean HI {float(ranking[0]):.3f})")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- rank / stats
+
+
+def _scored(store: Path):
+    """The store with head_impact present: computed now (and said so) if the trace did not."""
+    from mechhi.store import open_store
+    from probes.head_impact import score_store
+
+    ds = open_store(store)
+    if "head_impact" not in ds or bool(ds.head_impact.isnull().all()):
+        err_console.print("head_impact not in the store yet: scoring it now")
+        ds = score_store(store)
+    return ds
+
+
+@app.command()
+@friendly_errors
+def rank(
+    store: StoreOpt,
+    probe: Annotated[str, typer.Option(help="Scoring probe.")] = "head-impact",
+    top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank layers by mean Head Impact over heads (best first)."""
+    from probes.head_impact import layer_ranking
+
+    if probe != "head-impact":
+        raise ValueError(f"unknown probe {probe!r}; available: head-impact")
+    ds = _scored(store)
+    ranking = layer_ranking(ds)
+    rows = [
+        {"rank": i + 1, "layer": int(layer), "depth": float(ranking.depth[i]), "mean_hi": float(ranking[i])}
+        for i, layer in enumerate(ranking.layer.values)
+    ]
+    shown = rows[:top] if top else rows
+    if as_json:
+        print_json({"store": str(store), "model": ds.attrs.get("model"), "probe": probe,
+                    "n_layers": len(rows), "layers": shown})  # fmt: skip
+        return
+    table = Table(title=f"Head Impact by layer: {ds.attrs.get('model')}")
+    for column in ("rank", "layer", "depth", "mean HI"):
+        table.add_column(column, justify="right")
+    for row in shown:
+        table.add_row(str(row["rank"]), str(row["layer"]), f"{row['depth']:.2f}", f"{row['mean_hi']:.4f}")
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def stats(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """Kruskal-Wallis tests of Head Impact across layers and across heads."""
+    from probes.head_impact import kruskal_records, kruskal_wallis
+
+    ds = _scored(store)
+    tests = kruskal_records(kruskal_wallis(ds))
+    if as_json:
+        print_json({"store": str(store), "model": ds.attrs.get("model"), "kruskal_wallis": tests})
+        return
+    table = Table(title="Kruskal-Wallis")
+    for column in ("across", "on", "statistic", "df", "p-value"):
+        table.add_column(column, justify="right")
+    for t in tests:
+        statistic, p = t["statistic"], t["p_value"]
+        shown_p = "n/a" if p is None else (f"[bold green]{p:.3g}[/]" if p < 0.001 else f"{p:.3g}")
+        shown_stat = "n/a" if statistic is None else f"{statistic:.2f}"
+        table.add_row(t["across"], t["on"], shown_stat, str(t["df"]), shown_p)
+    console.print(table)
+    console.print("p < 0.001 in green. n/a: fewer than two non-empty groups or all values equal.")
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@dataset_app.command("build")
+@friendly_errors
+def dataset_build(
+    source: Annotated[str, typer.Option(help="synthetic | paper | coco | grounding")],
+    out: Annotated[Path, typer.Option(help="Output dataset directory.")],
+    images: Annotated[Optional[Path], typer.Option(help="Image folder (paper: COCO val2017; coco; grounding).")] = None,
+    paper_dir: Annotated[Optional[Path], typer.Option(help="paper: folder with dataset_masks.json and masks/.")] = None,
+    instances: Annotated[Optional[Path], typer.Option(help="coco: instances_*.json.")] = None,
+    captions: Annotated[Optional[Path], typer.Option(help="coco: captions_*.json; grounding: JSON {file: caption}.")] = None,
+    n_images: Annotated[int, typer.Option(min=1, help="synthetic: number of images.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed for generation and splits.")] = 0,
+    min_score: Annotated[float, typer.Option(help="paper/grounding: minimum SAM2 mask score.")] = 0.85,
+    min_area: Annotated[float, typer.Option(help="coco: minimum object area in pixels.")] = 1024.0,
+    categories: Annotated[Optional[str], typer.Option(help="coco: comma-separated category names to keep.")] = None,
+    florence: Annotated[Optional[str], typer.Option(help="grounding: Florence-2 id or directory.")] = None,
+    sam: Annotated[Optional[str], typer.Option(help="grounding: SAM2 id or directory.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="grounding: process at most N images.")] = None,
+    splits: Annotated[bool, typer.Option(help="Assign the paper's trace/train/val/test splits by image.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Start over instead of resuming into an existing --out.")] = False,
+) -> None:
+    """Build a key-object dataset in mechhi's format (resumes into an existing --out)."""
+    report: Any
+    if source == "synthetic":
+        from mechhi.data.synthetic import build_synthetic
+
+        report = build_synthetic(out, n_images=n_images, seed=seed)
+    elif source == "paper":
+        from mechhi.data.paper import build_from_paper
+
+        report = build_from_paper(paper_dir or DEFAULT_PAPER_DIR, _required(images, "--images"), out,
+                                  min_mask_score=min_score, overwrite=overwrite)  # fmt: skip
+    elif source == "coco":
+        from mechhi.data.coco import build_from_coco
+
+        names = [c.strip() for c in categories.split(",")] if categories else None
+        report = build_from_coco(_required(instances, "--instances"), _required(images, "--images"), out,
+                                 captions_json=captions, min_area=min_area, categories=names,
+                                 overwrite=overwrite)  # fmt: skip
+    elif source == "grounding":
+        from mechhi.data.grounding import GroundingConfig, build_from_images
+
+        config = GroundingConfig(min_score=min_score, **{k: v for k, v in (("florence", florence), ("sam", sam)) if v})
+        caption_map = json.loads(captions.read_text()) if captions else None
+        report = build_from_images(_required(images, "--images"), out, config=config, captions=caption_map,
+                                   limit=limit, overwrite=overwrite)  # fmt: skip
+    else:
+        raise ValueError(f"unknown --source {source!r}; choose synthetic, paper, coco or grounding")
+    if splits and source != "synthetic":
+        from mechhi.data.splits import write_splits
+
+        write_splits(out, seed=seed)
+    console.print(str(report) if not isinstance(report, Path) else f"dataset written to {report}")
+
+
+DEFAULT_PAPER_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "sergeev2025"
+
+
+def _required(value: Optional[Path], flag: str) -> Path:
+    if value is None:
+        raise ValueError(f"this source needs {flag}")
+    return value
+
+
+@dataset_app.command("check")
+@friendly_errors
+def dataset_check(directory: Annotated[Path, typer.Argument(help="Dataset directory.")], as_json: JsonOpt = False) -> None:
+    """Validate a dataset; list every bad record; exit 1 if there is any."""
+    from mechhi.data.format import check_dataset, load_dataset
+
+    problems = check_dataset(directory)
+    if as_json:
+        print_json({"dataset": str(directory), "problems": [p.message for p in problems]})
+    else:
+        ds = load_dataset(directory, skip_bad=True)
+        console.print(f"{ds.root}: {len(ds.records)} images, {len(ds.samples)} usable objects")
+        for problem in problems:
+            console.print(f"[red]bad[/] {problem.message}", highlight=False)
+        console.print("[green]no problems[/]" if not problems else f"[red]{len(problems)} problem(s)[/]")
+    if problems:
+        raise typer.Exit(1)
+
+
+@dataset_app.command("show")
+@friendly_errors
+def dataset_show(
+    directory: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    png: Annotated[Optional[Path], typer.Option(help="Write a contact sheet of samples with masks here.")] = None,
+    n: Annotated[int, typer.Option(min=1, help="Samples on the contact sheet.")] = 8,
+    seed: Annotated[int, typer.Option(help="Which samples to draw.")] = 0,
+) -> None:
+    """Counts per split, an object-size histogram, and a contact sheet of samples."""
+    import numpy as np
+
+    from mechhi.data.format import load_dataset
+    from mechhi.plots import sample_sheet
+
+    ds = load_dataset(directory, skip_bad=True)
+    console.print(f"{ds.root}: {len(ds.records)} images, {len(ds.samples)} objects, {len(ds.skipped)} skipped")
+    for split, count in sorted(ds.split_counts().items(), key=lambda kv: str(kv[0])):
+        console.print(f"  split {split or '-'}: {count} images")
+    fractions = np.array([s.mask().mean() for s in ds.samples])
+    edges = [0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    counts, _ = np.histogram(fractions, bins=edges)
+    console.print("object area (fraction of the image):")
+    for lo, hi, count in zip(edges[:-1], edges[1:], counts):
+        bar = "#" * int(round(40 * count / max(1, counts.max())))
+        console.print(f"  {lo:>5.3f}-{hi:<5.3f} {count:>6} {bar}")
+    if png:
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(len(ds.samples), size=min(n, len(ds.samples)), replace=False)
+        console.print(f"samples drawn to {sample_sheet([ds.samples[i] for i in sorted(chosen)], png)}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

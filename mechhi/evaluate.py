@@ -1,0 +1,149 @@
+"""Perplexity over answer tokens, closed-ended VQA accuracy and answer probability.
+
+The same code scores a base model and any adapter-carrying model: it needs only a
+forward pass and the adapter's answer-token positions. Metrics follow the paper:
+
+- perplexity = exp(mean over samples of the mean token NLL of the answer) (eq. 3); its
+  standard error by the delta method, exp(m) * se(m);
+- VQA: the prompt lists options A-D; the model's answer is the argmax over the four
+  letter tokens at the answer position; AnsProb is the probability of the true letter
+  renormalised over the four letters. Standard errors are over samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models import PreparedBatch, VLMAdapter
+
+LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A sample mean with its standard error."""
+
+    mean: float
+    se: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Metric:
+        values = np.asarray(values, dtype=np.float64)
+        se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+        return cls(float(values.mean()), se, len(values))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "se": self.se, "n": self.n}
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4g} ± {self.se:.2g}"
+
+
+@dataclass(frozen=True)
+class VQAItem:
+    image: Image.Image
+    options: tuple[str, str, str, str]
+    answer: int  # index of the true option
+
+
+def format_options(options: Sequence[str]) -> str:
+    return " ".join(f"{letter}) {text}" for letter, text in zip(LETTERS, options))
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _logits(model: torch.nn.Module, batch: PreparedBatch) -> torch.Tensor:
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    moved = batch.to(device, dtype)
+    with torch.no_grad():
+        return model(**moved.inputs).logits.float().cpu()  # (B, T, vocab)
+
+
+def answer_scores(
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    images: Sequence[Image.Image],
+    answers: Sequence[str],
+    *,
+    template: str = "caption",
+    batch_size: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample (teacher forced): mean NLL of the answer tokens, and the fraction of
+    answer tokens that are the model's argmax prediction."""
+    nll, accuracy = [], []
+    for part in _batches(len(images), batch_size):
+        batch = adapter.prepare(images[part], answers[part], template=template)
+        logp = torch.log_softmax(_logits(model, batch), dim=-1)
+        ids = batch.inputs["input_ids"]
+        for i, layout in enumerate(batch.layouts):
+            pos = torch.as_tensor(layout.query_positions)
+            predicted = logp[i, pos - 1]  # token t is predicted at t - 1
+            target = ids[i, pos]
+            nll.append(float(-predicted.gather(-1, target[:, None]).mean()))
+            accuracy.append(float((predicted.argmax(-1) == target).float().mean()))
+    return np.asarray(nll), np.asarray(accuracy)
+
+
+def perplexity(
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    images: Sequence[Image.Image],
+    answers: Sequence[str],
+    **kwargs,
+) -> Metric:
+    """exp of the mean over samples of the mean answer-token NLL (paper eq. 3), delta-method SE."""
+    nll = Metric.of(answer_scores(model, adapter, images, answers, **kwargs)[0])
+    value = math.exp(nll.mean)
+    return Metric(value, value * nll.se, nll.n)
+
+
+def letter_ids(adapter: VLMAdapter) -> list[int]:
+    """Token id of each option letter as it appears in the VQA answer slot."""
+    from .models._common import answer_token_ids
+
+    ids = []
+    for letter in LETTERS:
+        rendered = adapter.render("vqa", letter, options=format_options(LETTERS))
+        tokens = answer_token_ids(adapter.tokenizer, rendered)
+        ids.append(tokens[0])
+    if len(set(ids)) != 4:
+        raise ValueError("the option letters A-D do not map to four distinct tokens")
+    return ids
+
+
+def closed_vqa(
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    items: Sequence[VQAItem],
+    *,
+    batch_size: int = 8,
+) -> dict[str, Metric]:
+    """Accuracy (argmax over the letters A-D) and AnsProb (renormalised true-letter probability)."""
+    letters = letter_ids(adapter)
+    correct, probability = [], []
+    for part in _batches(len(items), batch_size):
+        chunk = items[part]
+        batch = adapter.prepare(
+            [it.image for it in chunk],
+            [LETTERS[it.answer] for it in chunk],
+            template="vqa",
+            fields=[{"options": format_options(it.options)} for it in chunk],
+        )
+        logits = _logits(model, batch)
+        for i, (item, layout) in enumerate(zip(chunk, batch.layouts)):
+            scores = logits[i, int(layout.query_positions[0]) - 1, letters]  # (4,)
+            probs = torch.softmax(scores, dim=-1)
+            correct.append(float(int(scores.argmax()) == item.answer))
+            probability.append(float(probs[item.answer]))
+    return {"accuracy": Metric.of(correct), "ans_prob": Metric.of(probability)}

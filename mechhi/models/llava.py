@@ -1,0 +1,186 @@
+"""LLaVA-1.5: a CLIP ViT on a centre crop, one ``<image>`` token per patch.
+
+The CLIP image processor resizes the image (shortest edge to ``size["shortest_edge"]``,
+aspect ratio kept) and then centre-crops ``crop_size``; the vision tower cuts the crop
+into patches and LLaVA drops the CLS token (``vision_feature_select_strategy ==
+"default"``), so the language model sees (crop / patch)^2 ``<image>`` tokens, row-major.
+
+The token grid therefore does *not* span the whole image: it spans the crop, and the
+crop's box in original-image pixels differs from image to image. `crop_box` replays
+the processor's geometry (optional pad-to-square, resize, centre crop) from its own
+config, so an object mask is carried onto exactly the pixels the patches saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ._common import AdapterError, VisualView, VLMAdapter
+from ._tokenizer import word_level_tokenizer
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<image>"]
+ROLE_WORDS = ["USER", "ASSISTANT", "What"]  # BASE_WORDS has only lower-case "what"
+
+# LLaVA-1.5's conversation format: "USER: <image>\n{question} ASSISTANT: {answer}</s>".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% if m['role'] == 'assistant' %}</s>{% else %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+Box = tuple[float, float, float, float]
+
+
+def _axis_resize(width: int, height: int, size: Any) -> tuple[int, int]:
+    """(new_width, new_height) of the processor's resize, as `get_resize_output_image_size` computes it."""
+    shortest = _size_field(size, "shortest_edge")
+    longest = _size_field(size, "longest_edge")
+    fixed = (_size_field(size, "height"), _size_field(size, "width"))
+    if shortest and not longest:
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(shortest * long / short)
+        return (shortest, new_long) if width <= height else (new_long, shortest)
+    if all(fixed) and not shortest:
+        return fixed[1], fixed[0]
+    raise AdapterError(f"llava: unsupported image-processor size {dict(_size_items(size))}")
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+def _size_items(size: Any) -> dict[str, Any]:
+    keys = ("shortest_edge", "longest_edge", "height", "width", "max_height", "max_width")
+    return {k: _size_field(size, k) for k in keys if _size_field(size, k)}
+
+
+def crop_box(image_size: tuple[int, int], image_processor: Any) -> Box:
+    """The region of the original image (x0, y0, x1, y1 pixels) that ends up in ``pixel_values``.
+
+    Replays, per axis, the affine steps of the CLIP/LLaVA image processors: pad to a
+    centred square (``do_pad``, LLaVA's own processor), resize (a linear map of
+    [0, w] onto [0, new_w]), centre crop at ``int((new - crop) / 2)``. A crop larger
+    than the resized image is padded, and the torch and PIL backends pad by a pixel
+    differently, so that case is refused rather than guessed.
+    """
+    width, height = image_size
+    pad_x = pad_y = 0
+    if getattr(image_processor, "do_pad", False):
+        side = max(width, height)
+        pad_x, pad_y = (side - width) // 2, (side - height) // 2
+        width = height = side
+    new_w, new_h = width, height
+    if image_processor.do_resize:
+        new_w, new_h = _axis_resize(width, height, image_processor.size)
+    left, top, crop_w, crop_h = 0, 0, new_w, new_h
+    if image_processor.do_center_crop:
+        crop_h, crop_w = _size_field(image_processor.crop_size, "height"), _size_field(
+            image_processor.crop_size, "width"
+        )
+        if crop_w > new_w or crop_h > new_h:
+            raise AdapterError(
+                f"llava: crop {crop_w}x{crop_h} is larger than the resized image {new_w}x{new_h}; "
+                "padded crops are not supported"
+            )
+        left, top = int((new_w - crop_w) / 2.0), int((new_h - crop_h) / 2.0)
+    sx, sy = new_w / width, new_h / height  # resized pixels per (padded) original pixel
+    return (
+        left / sx - pad_x,
+        top / sy - pad_y,
+        (left + crop_w) / sx - pad_x,
+        (top + crop_h) / sy - pad_y,
+    )
+
+
+class LlavaAdapter(VLMAdapter):
+    family = "llava"
+    model_types = ("llava",)
+    tiny_cases = {
+        "gqa": {},
+        "mha": {"kv_heads": 4},
+        "wide-crop": {"shortest_edge": 84, "crop": 56},
+    }
+
+    def visual_views(self, inputs: dict, index: int, image_size: tuple[int, int]) -> list[VisualView]:
+        patch = int(self.config.vision_config.patch_size)
+        height, width = (int(s) for s in inputs["pixel_values"].shape[-2:])
+        if height % patch or width % patch:
+            raise AdapterError(f"llava: pixel_values {height}x{width} are not a multiple of patch {patch}")
+        rows, cols = height // patch, width // patch
+        positions = self.image_token_positions(inputs, index)
+        strategy = self.config.vision_feature_select_strategy
+        if strategy == "full":
+            positions = positions[1:]  # the CLS feature comes first and has no grid cell
+        elif strategy != "default":
+            raise AdapterError(f"llava: unknown vision_feature_select_strategy {strategy!r}")
+        if len(positions) != rows * cols:
+            raise AdapterError(
+                f"llava: sample {index} has {len(positions)} image tokens for a {rows}x{cols} patch grid"
+            )
+        box = crop_box(image_size, self.processor.image_processor)
+        return [VisualView("image", positions, (rows, cols), box)]
+
+    @classmethod
+    def build_tiny(
+        cls,
+        directory: Path | None = None,
+        *,
+        words: list[str] | None = None,
+        layers: int = 2,
+        heads: int = 4,
+        kv_heads: int = 2,
+        head_dim: int = 16,
+        patch: int = 14,
+        crop: int = 56,
+        shortest_edge: int = 70,
+    ) -> tuple[Any, Any]:
+        """Tiny LLaVA: 2-layer CLIP on a ``crop`` px centre crop, tiny Llama decoder.
+
+        ``shortest_edge`` > ``crop`` makes the crop cut into the short side too, so the
+        crop box is a strict sub-rectangle of every image.
+        """
+        from transformers import (
+            CLIPImageProcessor,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
+
+        if crop % patch:
+            raise AdapterError(f"llava: crop {crop} is not a multiple of patch {patch}")
+        tokenizer = word_level_tokenizer(
+            [*ROLE_WORDS, *(words or [])], SPECIAL_TOKENS, eos_token="</s>", bos_token="<s>",
+            extra={"image_token": "<image>"},
+        )  # fmt: skip
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": shortest_edge}, crop_size={"height": crop, "width": crop}
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            chat_template=CHAT_TEMPLATE,
+        )  # fmt: skip
+        ids = tokenizer.convert_tokens_to_ids
+        text = dict(
+            model_type="llama", vocab_size=len(tokenizer), hidden_size=heads * head_dim,
+            intermediate_size=4 * heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, head_dim=head_dim,
+            pad_token_id=ids("<pad>"), eos_token_id=ids("</s>"), bos_token_id=ids("<s>"),
+        )  # fmt: skip
+        vision = dict(
+            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, image_size=crop, patch_size=patch, projection_dim=32,
+        )  # fmt: skip
+        config = LlavaConfig(
+            text_config=text, vision_config=vision, image_token_index=ids("<image>"),
+            image_seq_length=(crop // patch) ** 2, vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+        )  # fmt: skip
+        model = LlavaForConditionalGeneration(config).eval()
+        if directory is not None:
+            model.save_pretrained(directory)
+            processor.save_pretrained(directory)
+        return model, processor

@@ -1,0 +1,201 @@
+"""The bundled toy model: a small Qwen2-VL trained from scratch on the synthetic world.
+
+No real checkpoint can be downloaded here, and a random model has no heads that look at
+objects, so mechhi ships one it trained itself. It uses the real transformers
+Qwen2-VL classes (so the same adapter and tracer serve it) with a word-level tokenizer,
+and it learns two tasks on synthetic scenes:
+
+- captioning with the paper's template: "What is this photo?" -> "This is a photo of
+  a red circle and a blue square." (objects left to right);
+- closed-ended VQA with four options (one object of the image, three absent) -> "B.".
+
+Training is seeded and streams freshly generated scenes, so no image is seen twice;
+checkpoints are written every `checkpoint_every` steps and a rerun resumes from the
+last one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.format import ImageRecord
+from ..data.synthetic import COLOURS, SHAPES, SIZES, WorldConfig, generate
+from ..evaluate import LETTERS, VQAItem, format_options
+from ..models import PreparedBatch, VLMAdapter
+from ..models.qwen2_vl import Qwen2VLAdapter
+
+ZOO_DIR = Path(__file__).resolve().parent
+TOY_DIR = ZOO_DIR / "toy-qwen2vl"
+TRAIN_SEED_OFFSET = 0
+HELD_OUT_SEED = 99_991  # scenes for evaluation are drawn from a seed training never uses
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Everything that defines the toy model and its training run."""
+
+    layers: int = 12
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    vision_depth: int = 4
+    vision_width: int = 64
+    image_size: int = 224  # 8 x 8 visual tokens of 28 px
+    steps: int = 1200
+    batch_size: int = 32  # half captioning, half VQA
+    lr: float = 1e-3
+    warmup: int = 60
+    weight_decay: float = 0.01
+    seed: int = 0
+    checkpoint_every: int = 100
+    threads: int = 2
+
+
+def vocabulary() -> list[str]:
+    return [*COLOURS, *SHAPES, *SIZES, "and", "What", "Choose", "photo", "shown", "options"]
+
+
+def build(config: ToyConfig) -> tuple[torch.nn.Module, VLMAdapter]:
+    torch.manual_seed(config.seed)
+    model, processor = Qwen2VLAdapter.build_tiny(
+        words=vocabulary(),
+        layers=config.layers,
+        heads=config.heads,
+        kv_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        vision_depth=config.vision_depth,
+        vision_width=config.vision_width,
+        max_pixels=config.image_size**2,
+    )
+    return model, Qwen2VLAdapter(model.config, processor)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def caption_of(record: ImageRecord) -> str:
+    """Descriptions of every object, left to right, joined by "and"."""
+    def centre_x(obj) -> float:
+        return float(np.flatnonzero(obj.mask().any(axis=0)).mean())
+
+    return " and ".join(o.description for o in sorted(record.objects, key=centre_x))
+
+
+def vqa_item(record: ImageRecord, image, rng: np.random.Generator) -> VQAItem:
+    question = record.questions[int(rng.integers(len(record.questions)))]
+    return VQAItem(image=image, options=tuple(question["options"]), answer=int(question["answer"]))
+
+
+def scenes(seed: int, config: ToyConfig) -> Iterator[tuple[ImageRecord, object]]:
+    world = WorldConfig(image_size=config.image_size)
+    yield from generate(10**9, seed=seed, config=world)
+
+
+def labels_from_answer(batch: PreparedBatch) -> torch.Tensor:
+    """Train on the answer and everything after it in the sequence (its "." and end token)."""
+    ids = batch.inputs["input_ids"]
+    valid = batch.inputs["attention_mask"].bool()
+    labels = torch.full_like(ids, -100)
+    for i, layout in enumerate(batch.layouts):
+        start = int(layout.query_positions[0])
+        labels[i, start:] = torch.where(valid[i, start:], ids[i, start:], -100)
+    return labels
+
+
+def lm_loss(model: torch.nn.Module, batch: PreparedBatch) -> torch.Tensor:
+    labels = labels_from_answer(batch)
+    logits = model(**batch.inputs).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def training_batches(adapter: VLMAdapter, config: ToyConfig, step: int) -> tuple[PreparedBatch, PreparedBatch]:
+    """The (caption, VQA) batches of one step: a pure function of (seed, step) so resume is exact."""
+    rng = np.random.default_rng([config.seed, step])
+    half = config.batch_size // 2
+    stream = generate(config.batch_size, seed=int(rng.integers(2**31)), config=WorldConfig(image_size=config.image_size))
+    drawn = list(stream)
+    captions = drawn[:half]
+    questions = [vqa_item(r, im, rng) for r, im in drawn[half:]]
+    caption_batch = adapter.prepare([im for _, im in captions], [caption_of(r) for r, _ in captions])
+    vqa_batch = adapter.prepare(
+        [q.image for q in questions],
+        [LETTERS[q.answer] for q in questions],
+        template="vqa",
+        fields=[{"options": format_options(q.options)} for q in questions],
+    )
+    return caption_batch, vqa_batch
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _lr(step: int, config: ToyConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress: bool = True) -> Path:
+    """Train the toy model into ``out_dir`` (weights, tokenizer, processor, training log)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    torch.set_num_threads(config.threads)
+    out_dir = Path(out_dir)
+    checkpoint = out_dir / "checkpoint.pt"
+    log_path = out_dir / "training_log.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, adapter = build(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{checkpoint} was written with another ToyConfig; delete it to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    elif log_path.exists():
+        log_path.unlink()
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+               TimeRemainingColumn())  # fmt: skip
+    began = time.time()
+    with Progress(*columns, disable=not progress) as bar, open(log_path, "a") as log:
+        task = bar.add_task("train", total=config.steps, completed=start, loss="")
+        for step in range(start, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, config)
+            caption_batch, vqa_batch = training_batches(adapter, config, step)
+            optimizer.zero_grad(set_to_none=True)
+            losses = []
+            for batch in (caption_batch, vqa_batch):
+                loss = lm_loss(model, batch) / 2
+                loss.backward()
+                losses.append(float(loss) * 2)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            entry = {"step": step + 1, "caption_loss": losses[0], "vqa_loss": losses[1],
+                     "lr": _lr(step, config), "seconds": round(time.time() - began, 1)}  # fmt: skip
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+            bar.update(task, advance=1, loss=f"caption {losses[0]:.3f} vqa {losses[1]:.3f}")
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "step": step + 1, "config": asdict(config)}, checkpoint)  # fmt: skip
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    adapter.processor.save_pretrained(out_dir)
+    (out_dir / "toy_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    checkpoint.unlink(missing_ok=True)
+    return out_dir

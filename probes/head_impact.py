@@ -1,0 +1,314 @@
+"""Head Impact (Sergeev & Kotelnikov 2025, section 4): how well each attention head's
+attention on the visual tokens overlaps the described object.
+
+For one sample and one (layer, head): binarise the attention scores of the visual
+tokens (score > their mean), binarise the object's token coverage (>= 0.5, a small
+object keeps its best-covered token), and take IoU = |A and M| / |A or M| (NaN when
+the union is empty). HI(layer, head) is the mean IoU over samples, skipping NaN.
+With several views of one image (tile mosaic + global image) the tokens of all views
+are pooled: one attention mean over all of them, intersection and union summed.
+
+Kernels work on plain numpy arrays with visual tokens on the last axis (``V``), every
+view flattened and concatenated; ``score`` labels them once, reading the store one
+block of samples at a time so a large attention cube is never loaded whole.
+
+>>> ds = score(open_store("stores/toy.zarr"))  # doctest: +SKIP
+>>> layer_ranking(ds).isel(layer=slice(0, 4))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from scipy import stats
+
+from mechhi.store import (
+    MAIN_VIEW,
+    attention_name,
+    grid_dims,
+    json_attrs,
+    mask_name,
+    open_store,
+    store_views,
+    write_scores,
+)
+
+# Samples' attention maps are read in blocks of about this many bytes.
+BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class BinarizeRule:
+    """How attention scores and object coverage become token sets; recorded in the
+    store attrs ('binarize') so a HI number always says how it was made."""
+
+    attention: str = "mean"  # token in A iff score > mean score over the sample's valid visual tokens (all views)
+    mask_threshold: float = 0.5  # token in M iff coverage >= threshold
+    keep_best_token: bool = True  # if no token reaches the threshold, M = the best-covered token(s) (ties: all)
+
+    def __post_init__(self) -> None:
+        if self.attention != "mean":
+            raise ValueError(f"BinarizeRule.attention={self.attention!r}: only 'mean' is supported")
+        if not 0.0 < float(self.mask_threshold) <= 1.0:
+            raise ValueError(f"BinarizeRule.mask_threshold={self.mask_threshold!r} must be in (0, 1]")
+        if not isinstance(self.keep_best_token, bool):
+            raise ValueError(f"BinarizeRule.keep_best_token={self.keep_best_token!r} must be a bool")
+
+    def describe(self) -> str:
+        best = "; an object below it keeps its best-covered token(s)" if self.keep_best_token else ""
+        return (
+            f"attention: score > {self.attention} over the sample's visual tokens (all views); "
+            f"mask: coverage >= {self.mask_threshold}{best}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BinarizeRule:
+        return cls(**data)
+
+
+# ---------------------------------------------------------------- kernels (numpy)
+def binarize_attention(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(..., V) scores, (V,) or (..., V) valid -> (..., V) bool: score > mean over valid tokens.
+
+    >>> binarize_attention(np.array([1.0, 3.0, 9.0]), np.array([True, True, False]))
+    array([False,  True, False])
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    valid = np.broadcast_to(np.asarray(valid, dtype=bool), scores.shape)
+    if np.isnan(scores[valid]).any():
+        raise ValueError("binarize_attention: NaN attention score on a valid visual token")
+    n = valid.sum(-1, keepdims=True)  # (..., 1)
+    mean = np.where(valid, scores, 0.0).sum(-1, keepdims=True) / np.maximum(n, 1)  # (..., 1)
+    return valid & (np.where(valid, scores, -np.inf) > mean)
+
+
+def binarize_mask(coverage: np.ndarray, rule: BinarizeRule = BinarizeRule()) -> np.ndarray:
+    """(..., V) coverage in 0..1, NaN outside the grid -> (..., V) bool.
+
+    With ``keep_best_token``, an object reaching the threshold nowhere claims the
+    token(s) of its highest coverage, if that is above 0 (an object absent from the
+    grid claims nothing).
+
+    >>> binarize_mask(np.array([0.1, 0.3, np.nan, 0.3]))
+    array([False,  True, False,  True])
+    """
+    cov = np.asarray(coverage, dtype=np.float64)
+    cov = np.where(np.isfinite(cov), cov, -np.inf)
+    out = cov >= rule.mask_threshold
+    if rule.keep_best_token and cov.shape[-1] > 0:
+        best = cov.max(-1, keepdims=True)  # (..., 1)
+        out |= ~out.any(-1, keepdims=True) & (best > 0) & (cov == best)
+    return out
+
+
+def iou(attention_bin: np.ndarray, mask_bin: np.ndarray) -> np.ndarray | float:
+    """IoU over the last axis of two broadcastable bool arrays; NaN where the union is empty.
+
+    >>> iou(np.array([True, True, False]), np.array([True, False, False]))
+    0.5
+    """
+    inter = np.logical_and(attention_bin, mask_bin).sum(-1)
+    union = np.logical_or(attention_bin, mask_bin).sum(-1)
+    out = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def _pool_views(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten and concatenate every view: -> (L, H, V) attention, (V,) coverage."""
+    if sorted(attention) != sorted(coverage):
+        raise ValueError(f"sample_iou: attention views {sorted(attention)} != coverage views {sorted(coverage)}")
+    att, cov = [], []
+    for view in sorted(coverage):
+        a, c = np.asarray(attention[view]), np.asarray(coverage[view])
+        if a.ndim != 4 or a.shape[-2:] != c.shape:
+            raise ValueError(f"sample_iou: view '{view}' attention {a.shape} should be (L, H) + coverage grid {c.shape}")
+        att.append(a.reshape(a.shape[:2] + (-1,)))  # (L, H, rows*cols)
+        cov.append(c.reshape(-1))  # (rows*cols,)
+    return np.concatenate(att, axis=-1), np.concatenate(cov)
+
+
+def sample_iou(
+    attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray], rule: BinarizeRule = BinarizeRule()
+) -> np.ndarray:
+    """IoU of every head for one sample -> (L, H).
+
+    attention[view]: (L, H, rows, cols), coverage[view]: (rows, cols), both NaN outside
+    the sample's grid (the coverage NaN pattern defines the valid tokens). All views are
+    pooled: one attention mean over all valid tokens, intersection and union summed.
+    """
+    att, cov = _pool_views(attention, coverage)  # (L, H, V), (V,)
+    valid = np.isfinite(cov)  # (V,)
+    return iou(binarize_attention(att, valid), binarize_mask(cov, rule))  # (L, H)
+
+
+# ---------------------------------------------------------------- labelled edge
+def _labels(ds: xr.Dataset) -> dict[str, Any]:
+    coords = {d: ds[d].values for d in ("sample", "layer", "head") if d in ds.coords}
+    if "depth" in ds.coords:
+        coords["depth"] = ("layer", ds["depth"].values)
+    return coords
+
+
+def _iou_from_maps(ds: xr.Dataset, done: np.ndarray, rule: BinarizeRule) -> np.ndarray:
+    """(sample, layer, head) IoU of the done samples (NaN elsewhere), read block by block."""
+    views = store_views(ds)
+    n_layers, n_heads = ds.sizes["layer"], ds.sizes["head"]
+    out = np.full((ds.sizes["sample"], n_layers, n_heads), np.nan)
+    per_sample = sum(ds[attention_name(v)].isel(sample=0).size * ds[attention_name(v)].dtype.itemsize for v in views)
+    block = max(1, BLOCK_BYTES // max(per_sample, 1))
+    todo = np.flatnonzero(done)
+    for start in range(0, todo.size, block):
+        sel = todo[start : start + block]
+        att = {v: ds[attention_name(v)].isel(sample=sel).transpose("sample", "layer", "head", *grid_dims(v)).values for v in views}
+        cov = {v: ds[mask_name(v)].isel(sample=sel).transpose("sample", *grid_dims(v)).values for v in views}
+        for j, s in enumerate(sel):
+            try:
+                out[s] = sample_iou({v: att[v][j] for v in views}, {v: cov[v][j] for v in views}, rule)
+            except ValueError as err:
+                raise ValueError(f"sample {int(ds['sample'].values[s])}: {err}") from None
+    return out
+
+
+def _traced_iou(ds: xr.Dataset, done: np.ndarray, rule: BinarizeRule) -> tuple[np.ndarray, Any]:
+    """IoU written by a --no-maps trace; it cannot be re-binarised, so the rule must match."""
+    recorded = ds.attrs.get("binarize")
+    if recorded is not None and json_attrs({"r": recorded}) != json_attrs({"r": rule.to_dict()}):
+        raise ValueError(f"store has no attention maps and its iou was binarised with {recorded}; cannot rescore with {rule.to_dict()}")
+    iou_values = ds["iou"].transpose("sample", "layer", "head").values.astype(np.float64)
+    return np.where(done[:, None, None], iou_values, np.nan), recorded
+
+
+def score(ds: xr.Dataset, rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:
+    """Per-sample ``iou`` (sample, layer, head) and ``head_impact`` (layer, head) of a store.
+
+    Only samples flagged ``done`` count (others get NaN). A store traced with --no-maps
+    has no attention maps: its traced ``iou`` is used and only HI is recomputed.
+    """
+    done = ds["done"].values.astype(bool)
+    if attention_name(MAIN_VIEW) in ds.data_vars:
+        values, binarize = _iou_from_maps(ds, done, rule), rule.to_dict()
+    elif "iou" in ds.data_vars:
+        values, binarize = _traced_iou(ds, done, rule)
+    else:
+        raise ValueError("score: dataset has neither attention maps nor iou")
+    iou_da = xr.DataArray(values, dims=("sample", "layer", "head"), coords=_labels(ds), name="iou")
+    return xr.Dataset({"iou": iou_da, "head_impact": head_impact_from_iou(iou_da)}, attrs={"binarize": binarize})
+
+
+def head_impact_from_iou(iou: xr.DataArray) -> xr.DataArray:
+    """HI(layer, head) = mean IoU over samples, NaN samples skipped (NaN if all are)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN heads: NaN is the answer
+        hi = iou.mean("sample", skipna=True)
+    return hi.rename("head_impact")
+
+
+def _head_impact(ds: xr.Dataset) -> xr.DataArray:
+    if "head_impact" in ds.data_vars:
+        return ds["head_impact"]
+    if "iou" in ds.data_vars:
+        return head_impact_from_iou(ds["iou"])
+    raise ValueError("dataset has neither head_impact nor iou: score it first")
+
+
+def layer_ranking(ds: xr.Dataset) -> xr.DataArray:
+    """Mean HI over heads per layer, best layer first (NaN layers last, ties by layer).
+
+    Keeps the ``layer`` dim (so ``.sel(layer=3)`` works) with ``rank`` (1 = best) and
+    ``depth`` coords.
+    """
+    per_layer = _head_impact(ds).mean("head", skipna=True).compute()  # (layer,)
+    order = np.argsort(-per_layer.values, kind="stable")  # NaN sorts last
+    ranked = per_layer.isel(layer=order)
+    return ranked.assign_coords(rank=("layer", np.arange(1, order.size + 1))).rename("mean_head_impact")
+
+
+# ---------------------------------------------------------------- statistics
+def _kruskal(groups: list[np.ndarray]) -> tuple[float, int, float, int]:
+    """(statistic, df, p_value, n_values) over the non-empty groups (NaN already dropped)."""
+    groups = [g for g in groups if g.size]
+    df, n = len(groups) - 1, int(sum(g.size for g in groups))
+    if len(groups) < 2:
+        return np.nan, df, np.nan, n
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all-identical values: scipy returns NaN and warns
+        res = stats.kruskal(*groups)
+    return float(res.statistic), df, float(res.pvalue), n
+
+
+def kruskal_wallis(ds: xr.Dataset) -> xr.Dataset:
+    """Kruskal-Wallis H tests of "HI differs across layers / across heads".
+
+    Four tests along dim ``test``: across layers and across heads, on per-head HI
+    (a layer's group = its heads' HI; a head's group = that head's HI over layers) and
+    on per-sample IoU (a layer's group pools samples x heads; a head's, samples x
+    layers); NaN dropped. Each has ``statistic``, ``df`` (groups - 1) and ``p_value``
+    (scipy.stats.kruskal); see :func:`kruskal_records` for JSON.
+    """
+    if "iou" not in ds.data_vars:
+        raise ValueError("kruskal_wallis: dataset has no iou: score it first")
+    hi = _head_impact(ds).transpose("layer", "head").values  # (L, H)
+    per_sample = ds["iou"].transpose("sample", "layer", "head").values  # (S, L, H)
+    L, H = hi.shape
+
+    def clean(x: np.ndarray) -> np.ndarray:
+        return x[np.isfinite(x)].ravel()
+
+    tests = {
+        ("layer", "head_impact"): [clean(hi[l]) for l in range(L)],
+        ("head", "head_impact"): [clean(hi[:, h]) for h in range(H)],
+        ("layer", "iou"): [clean(per_sample[:, l, :]) for l in range(L)],
+        ("head", "iou"): [clean(per_sample[:, :, h]) for h in range(H)],
+    }
+    rows = [_kruskal(groups) for groups in tests.values()]
+    statistic, df, p_value, n_values = (np.array(col) for col in zip(*rows))
+    return xr.Dataset(
+        {
+            "statistic": ("test", statistic.astype(float)),
+            "df": ("test", df.astype(int)),
+            "p_value": ("test", p_value.astype(float)),
+            "n_values": ("test", n_values.astype(int)),
+        },
+        coords={
+            "test": [f"{on} across {across}s" for across, on in tests],
+            "across": ("test", [across for across, _ in tests]),
+            "on": ("test", [on for _, on in tests]),
+        },
+    )
+
+
+def kruskal_records(result: xr.Dataset) -> list[dict[str, Any]]:
+    """The kruskal_wallis result as a list of plain dicts (stable keys, JSON-ready;
+    NaN becomes None)."""
+
+    def num(x: Any) -> float | None:
+        x = float(x)
+        return None if np.isnan(x) else x
+
+    return [
+        {
+            "test": str(result["test"].values[i]),
+            "across": str(result["across"].values[i]),
+            "on": str(result["on"].values[i]),
+            "statistic": num(result["statistic"].values[i]),
+            "df": int(result["df"].values[i]),
+            "p_value": num(result["p_value"].values[i]),
+            "n_values": int(result["n_values"].values[i]),
+        }
+        for i in range(result.sizes["test"])
+    ]
+
+
+def score_store(path: str | Path, rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:
+    """Open a store, score it, write ``iou``/``head_impact``/``binarize`` back, return the scores."""
+    scores = score(open_store(path), rule)
+    write_scores(path, scores)
+    return scores

@@ -1,0 +1,261 @@
+"""The zarr store: allocation, region writes, resume, open checks, scores, combine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from mechhi.store import (
+    SCHEMA_VERSION,
+    SampleMeta,
+    StoreError,
+    combine,
+    create_store,
+    done_mask,
+    open_store,
+    pad_grid,
+    write_batch,
+    write_scores,
+)
+
+L, H = 2, 3
+GRIDS = [  # per sample: own (rows, cols) of the main view and of the "global" view
+    {"image": (2, 3), "global": (2, 2)},
+    {"image": (3, 2), "global": (2, 2)},
+    {"image": (1, 1), "global": (1, 2)},
+    {"image": (3, 3), "global": (2, 1)},
+]
+MAX = {"image": (3, 3), "global": (2, 2)}
+
+
+def attrs(**over):
+    base = {
+        "model": "tiny/qwen",
+        "model_revision": "abc123",
+        "dtype": "float32",
+        "prompt_template": "describe",
+        "dataset": {"path": "data/toy", "fingerprint": "f00d"},
+        "binarize": None,
+    }
+    return {**base, **over}
+
+
+def metas(descriptions=("a red circle", "a blue square", "a star", "two shapes")):
+    return [SampleMeta(f"img{i}", f"obj{i}", d, GRIDS[i]) for i, d in enumerate(descriptions)]
+
+
+def own(sample: int, view: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's own-grid data: attention (L, H, r, c) and mask (r, c), distinct per sample."""
+    r, c = GRIDS[sample][view]
+    rng = np.random.default_rng(seed * 100 + sample)
+    return rng.random((L, H, r, c)).astype("float32"), rng.random((r, c)).astype("float32")
+
+
+def batch(samples: list[int], seed: int = 0):
+    """Padded batch arrays, as the tracer passes them."""
+    att, mask = {}, {}
+    for view in ("image", "global"):
+        pairs = [own(s, view, seed) for s in samples]
+        att[view] = np.stack([pad_grid(a, *MAX[view]) for a, _ in pairs])  # (b, L, H, R, C)
+        mask[view] = np.stack([pad_grid(m, *MAX[view]) for _, m in pairs])  # (b, R, C)
+    iou = np.stack([np.full((L, H), s / 10) for s in samples])
+    return att, mask, iou
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    path = tmp_path / "s.zarr"
+    create_store(path, samples=metas(), n_layers=L, n_heads=H, attrs=attrs())
+    return path
+
+
+def test_pad_grid():
+    out = pad_grid(np.array([[1.0, 2.0]]), 2, 3)
+    np.testing.assert_array_equal(out, [[1.0, 2.0, np.nan], [np.nan, np.nan, np.nan]])
+    with pytest.raises(StoreError, match="does not fit"):
+        pad_grid(np.ones((3, 1)), 2, 3)
+
+
+def test_create_allocates_coords_and_attrs(store: Path):
+    ds = open_store(store)
+    assert dict(ds.sizes) == {"sample": 4, "layer": L, "head": H, "row": 3, "col": 3, "row_global": 2, "col_global": 2}
+    assert ds["attention"].dims == ("sample", "layer", "head", "row", "col")
+    assert ds["attention_global"].dims == ("sample", "layer", "head", "row_global", "col_global")
+    assert ds["mask_global"].dims == ("sample", "row_global", "col_global")
+    assert ds["attention"].chunks[0] == (1, 1, 1, 1)  # one sample per chunk: region writes are safe
+    assert bool(np.isnan(ds["attention"].values).all()) and bool(np.isnan(ds["iou"].values).all())
+    assert ds["iou"].dtype == np.float32 and ds["done"].dtype == bool
+    np.testing.assert_array_equal(done_mask(store), [False] * 4)
+    np.testing.assert_array_equal(ds["sample"], [0, 1, 2, 3])
+    np.testing.assert_allclose(ds["depth"], [0.0, 1.0])
+    assert list(ds["image_id"].values.astype(str)) == ["img0", "img1", "img2", "img3"]
+    assert list(ds["object_id"].values.astype(str)) == ["obj0", "obj1", "obj2", "obj3"]
+    assert ds["description"].values.astype(str)[1] == "a blue square"
+    np.testing.assert_array_equal(ds["grid_rows"], [2, 3, 1, 3])
+    np.testing.assert_array_equal(ds["grid_cols_global"], [2, 2, 2, 1])
+    assert ds.attrs["schema_version"] == SCHEMA_VERSION
+    assert ds.attrs["dataset"] == {"path": "data/toy", "fingerprint": "f00d"}
+    for key in ("mechhi_version", "created", "model", "model_revision", "dtype", "prompt_template", "binarize"):
+        assert key in ds.attrs
+    json.dumps(ds.attrs)
+
+
+def test_create_single_layer_depth_and_no_maps(tmp_path: Path):
+    path = tmp_path / "n.zarr"
+    create_store(path, samples=metas(), n_layers=1, n_heads=H, attrs=attrs(), maps=False)
+    ds = open_store(path)
+    assert sorted(ds.data_vars) == ["done", "iou", "mask", "mask_global"]
+    np.testing.assert_array_equal(ds["depth"], [0.0])
+
+
+def test_create_rejects_missing_attrs_and_views(tmp_path: Path):
+    with pytest.raises(StoreError, match="model_revision"):
+        create_store(tmp_path / "a.zarr", samples=metas(), n_layers=L, n_heads=H, attrs={"model": "m"})
+    bad = metas()[:1] + [SampleMeta("i", "o", "d", {"image": (1, 1)})]
+    with pytest.raises(StoreError, match="sample 1 has views"):
+        create_store(tmp_path / "b.zarr", samples=bad, n_layers=L, n_heads=H, attrs=attrs())
+
+
+def test_write_batches_and_read_back(store: Path):
+    att, mask, iou = batch([3, 1])  # non-contiguous, out of order
+    write_batch(store, [3, 1], attention=att, mask=mask, iou=iou)
+    np.testing.assert_array_equal(done_mask(store), [False, True, False, True])
+    # Region write touched only samples 1 and 3: no chunk files for 0 and 2.
+    written = sorted(int(p.name) for p in (store / "attention" / "c").iterdir())
+    assert written == [1, 3]
+    att0, mask0, iou0 = batch([0], seed=1)
+    write_batch(store, [0], attention=att0, mask=mask0, iou=iou0)
+
+    ds = open_store(store)
+    np.testing.assert_array_equal(ds["done"].values, [True, True, False, True])
+    for s, seed in ((0, 1), (1, 0), (3, 0)):
+        for view, aname, mname in (("image", "attention", "mask"), ("global", "attention_global", "mask_global")):
+            a, m = own(s, view, seed)
+            r, c = GRIDS[s][view]
+            got_a = ds[aname].sel(sample=s).values  # (L, H, R, C)
+            got_m = ds[mname].sel(sample=s).values
+            np.testing.assert_array_equal(got_a[:, :, :r, :c], a)
+            np.testing.assert_array_equal(got_m[:r, :c], m)
+            # NaN outside the sample's own grid
+            assert np.isnan(got_a[:, :, r:, :]).all() and np.isnan(got_a[:, :, :, c:]).all()
+            assert np.isnan(got_m[r:, :]).all() and np.isnan(got_m[:, c:]).all()
+        np.testing.assert_allclose(ds["iou"].sel(sample=s).values, s / 10)
+    assert np.isnan(ds["attention"].sel(sample=2).values).all()  # never written
+    assert np.isnan(ds["iou"].sel(sample=2).values).all()
+
+
+def test_write_batch_validates(store: Path):
+    att, mask, _ = batch([0, 1])
+    with pytest.raises(StoreError, match="shape"):
+        write_batch(store, [0, 1], attention={**att, "image": att["image"][:, :, :, :2]}, mask=mask)
+    with pytest.raises(StoreError, match="distinct indices"):
+        write_batch(store, [0, 7], attention=att, mask=mask)
+    with pytest.raises(StoreError, match="attention maps"):
+        write_batch(store, [0, 1], attention=None, mask=mask)
+    with pytest.raises(StoreError, match="mask views"):
+        write_batch(store, [0, 1], attention=att, mask={"image": mask["image"]})
+    assert not done_mask(store).any()
+
+
+def test_create_resumes_compatible_store(store: Path):
+    att, mask, iou = batch([2])
+    write_batch(store, [2], attention=att, mask=mask, iou=iou)
+    created = open_store(store).attrs["created"]
+    create_store(store, samples=metas(), n_layers=L, n_heads=H, attrs=attrs(model_revision="other"))
+    ds = open_store(store)
+    np.testing.assert_array_equal(ds["done"].values, [False, False, True, False])
+    np.testing.assert_array_equal(ds["mask"].sel(sample=2).values[:1, :1], own(2, "image", 0)[1])
+    assert ds.attrs["created"] == created
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"attrs": attrs(model="other/model")}, "model"),
+        ({"attrs": attrs(dataset={"path": "data/toy", "fingerprint": "beef"})}, "dataset"),
+        ({"attrs": attrs(dtype="bfloat16")}, "dtype"),
+        ({"n_layers": 5}, "n_layers"),
+        ({"n_heads": 1}, "n_heads"),
+        ({"samples": metas(("a red circle", "CHANGED", "a star", "two shapes"))}, "description of sample 1"),
+        ({"samples": metas()[:3]}, "n_samples"),
+        ({"maps": False}, "variables"),
+    ],
+)
+def test_create_rejects_incompatible_store(store: Path, kwargs, message):
+    args = {"samples": metas(), "n_layers": L, "n_heads": H, "attrs": attrs(), **kwargs}
+    with pytest.raises(StoreError, match=message):
+        create_store(store, **args)
+
+
+def test_open_store_errors(tmp_path: Path, store: Path):
+    with pytest.raises(StoreError, match="no store"):
+        open_store(tmp_path / "missing.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=3).attrs["x"] = 1
+    with pytest.raises(StoreError, match="not a mechhi store"):
+        open_store(tmp_path / "plain.zarr")
+    zarr.open_group(str(store), mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(StoreError, match="upgrade mechhi"):
+        open_store(store)
+
+
+def test_write_scores_overwrites_and_merges_attrs(store: Path):
+    iou = xr.DataArray(np.arange(4 * L * H, dtype=float).reshape(4, L, H), dims=("sample", "layer", "head"))
+    hi = xr.DataArray(np.arange(L * H, dtype=float).reshape(L, H) / 10, dims=("layer", "head"))
+    write_scores(store, xr.Dataset({"iou": iou, "head_impact": hi}, attrs={"binarize": {"mask_threshold": 0.5}}))
+    ds = open_store(store)
+    np.testing.assert_allclose(ds["iou"].values, iou.values)
+    np.testing.assert_allclose(ds["head_impact"].values, hi.values)
+    assert ds.attrs["binarize"] == {"mask_threshold": 0.5} and ds.attrs["model"] == "tiny/qwen"
+    assert ds["iou"].chunks[0] == (1, 1, 1, 1)  # still one sample per chunk for later region writes
+    with pytest.raises(StoreError, match="size"):
+        write_scores(store, xr.Dataset({"head_impact": hi.isel(head=[0])}))
+    with pytest.raises(StoreError, match="traced variables"):
+        write_scores(store, xr.Dataset({"done": ("sample", np.ones(4, bool))}))
+
+
+def scored_store(path: Path, model: str, n_layers: int, n_heads: int, hi: np.ndarray) -> Path:
+    create_store(path, samples=metas(), n_layers=n_layers, n_heads=n_heads, attrs=attrs(model=model))
+    write_scores(path, xr.Dataset({"head_impact": (("layer", "head"), hi)}))
+    return path
+
+
+def test_combine_aligns_on_depth(tmp_path: Path):
+    hi3 = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])  # depths 0, 0.5, 1; heads 0, 1
+    hi5 = np.arange(15, dtype=float).reshape(5, 3) / 100  # depths 0, .25, .5, .75, 1; heads 0..2
+    a = scored_store(tmp_path / "a.zarr", "small", 3, 2, hi3)
+    b = scored_store(tmp_path / "b.zarr", "big", 5, 3, hi5)
+    got = combine([a, b])
+    nan = np.nan
+    expected = xr.Dataset(
+        {
+            "head_impact": (
+                ("model", "depth", "head"),
+                [
+                    [[0.1, 0.2, nan], [nan, nan, nan], [0.3, 0.4, nan], [nan, nan, nan], [0.5, 0.6, nan]],
+                    [[0.00, 0.01, 0.02], [0.03, 0.04, 0.05], [0.06, 0.07, 0.08], [0.09, 0.10, 0.11], [0.12, 0.13, 0.14]],
+                ],
+            )
+        },
+        coords={
+            "model": ["small", "big"],
+            "depth": [0.0, 0.25, 0.5, 0.75, 1.0],
+            "head": [0, 1, 2],
+            "layer": (("model", "depth"), [[0, nan, 1, nan, 2], [0, 1, 2, 3, 4]]),
+        },
+    )
+    xr.testing.assert_allclose(got.transpose("model", "depth", "head").compute(), expected)
+
+
+def test_combine_makes_model_labels_unique_and_needs_scores(tmp_path: Path):
+    a = scored_store(tmp_path / "a.zarr", "same", 2, 1, np.ones((2, 1)))
+    b = scored_store(tmp_path / "b.zarr", "same", 2, 1, np.zeros((2, 1)))
+    assert list(combine([a, b])["model"].values) == ["same", "same#2"]
+    c = tmp_path / "c.zarr"
+    create_store(c, samples=metas(), n_layers=2, n_heads=1, attrs=attrs())
+    with pytest.raises(StoreError, match="no head_impact"):
+        combine([a, c])
