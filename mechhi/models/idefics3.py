@@ -106,7 +106,8 @@ class Idefics3Adapter(VLMAdapter):
 
     def _max_tiles_per_side(self) -> int:
         image_processor = self.processor.image_processor
-        return math.ceil(image_processor.size["longest_edge"] / image_processor.max_image_size["longest_edge"])
+        longest, tile = image_processor.size["longest_edge"], image_processor.max_image_size["longest_edge"]
+        return math.ceil(longest / tile)
 
     def splits_images(self) -> bool:
         """Whether this processor cuts images into tiles (the same answer for every image)."""
@@ -144,7 +145,9 @@ class Idefics3Adapter(VLMAdapter):
         """Image-token positions cut into one row per image (tiles, then global)."""
         n = self.image_seq_len
         if len(positions) == 0 or len(positions) % n:
-            raise AdapterError(f"idefics3: {len(positions)} image tokens is not a multiple of image_seq_len={n}")
+            raise AdapterError(
+                f"idefics3: {len(positions)} image tokens is not a multiple of image_seq_len={n}"
+            )
         chunks = positions.reshape(-1, n)
         if not np.all(chunks[:, -1] - chunks[:, 0] == n - 1):
             raise AdapterError("idefics3: an image's tokens are not contiguous in the sequence")
@@ -158,7 +161,9 @@ class Idefics3Adapter(VLMAdapter):
             marker = int(ids[chunk[0] - 1])
             if marker not in self.tile_markers:
                 token = self.tokenizer.convert_ids_to_tokens(marker)
-                raise AdapterError(f"idefics3: sample {index}: a tile is preceded by {token!r}, not <row_r_col_c>")
+                raise AdapterError(
+                    f"idefics3: sample {index}: a tile is preceded by {token!r}, not <row_r_col_c>"
+                )
             places.append(self.tile_markers[marker])
         n_rows = 1 + max(r for r, _ in places)
         n_cols = 1 + max(c for _, c in places)
@@ -167,7 +172,7 @@ class Idefics3Adapter(VLMAdapter):
         mosaic = np.empty((n_rows, n_cols, k, k), dtype=tiles.dtype)
         for (r, c), chunk in zip(places, tiles):
             mosaic[r, c] = chunk.reshape(k, k)  # row-major inside the tile
-        return mosaic.transpose(0, 2, 3, 1).reshape(n_rows * k, n_cols * k)  # (R, k, C, k) -> rows, cols
+        return mosaic.transpose(0, 2, 1, 3).reshape(n_rows * k, n_cols * k)  # (R, k, C, k) -> rows, cols
 
     # -- tiny models for tests --------------------------------------------------------
     @classmethod
@@ -197,7 +202,9 @@ class Idefics3Adapter(VLMAdapter):
         from transformers import Idefics3ImageProcessor, Idefics3Processor
 
         if tile_patches % scale_factor:
-            raise AdapterError(f"tile_patches={tile_patches} is not a multiple of scale_factor={scale_factor}")
+            raise AdapterError(
+                f"tile_patches={tile_patches} is not a multiple of scale_factor={scale_factor}"
+            )
         tile = tile_patches * patch_size
         side = max(MAX_TILES_PER_SIDE, tiles_per_side)
         markers = [tile_marker(r, c) for r in range(side) for c in range(side)]
