@@ -199,7 +199,7 @@ def dataset_build(
     if source == "synthetic":
         from mechhi.data.synthetic import build_synthetic
 
-        report = build_synthetic(out, n_images=n_images, seed=seed)
+        report = build_synthetic(out, n_images=n_images, seed=seed, overwrite=overwrite)
     elif source == "paper":
         from mechhi.data.paper import build_from_paper
 

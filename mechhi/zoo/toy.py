@@ -27,15 +27,15 @@ import numpy as np
 import torch
 
 from ..data.format import ImageRecord
-from ..data.synthetic import COLOURS, SHAPES, SIZES, WorldConfig, generate
+from ..data.synthetic import COLOURS, SHAPES, SIZES, WorldConfig, render_one
 from ..evaluate import LETTERS, VQAItem, format_options
 from ..models import PreparedBatch, VLMAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
 
 ZOO_DIR = Path(__file__).resolve().parent
 TOY_DIR = ZOO_DIR / "toy-qwen2vl"
-TRAIN_SEED_OFFSET = 0
-HELD_OUT_SEED = 99_991  # scenes for evaluation are drawn from a seed training never uses
+TRAIN_SEED_OFFSET = 1_000  # training scenes: world seed = config.seed + this
+HELD_OUT_SEED = 99_991  # evaluation scenes are drawn from a world seed training never uses
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,6 @@ def vqa_item(record: ImageRecord, image, rng: np.random.Generator) -> VQAItem:
     return VQAItem(image=image, options=tuple(question["options"]), answer=int(question["answer"]))
 
 
-def scenes(seed: int, config: ToyConfig) -> Iterator[tuple[ImageRecord, object]]:
-    world = WorldConfig(image_size=config.image_size)
-    yield from generate(10**9, seed=seed, config=world)
-
-
 def labels_from_answer(batch: PreparedBatch) -> torch.Tensor:
     """Train on the answer and everything after it in the sequence (its "." and end token)."""
     ids = batch.inputs["input_ids"]
@@ -122,8 +117,9 @@ def training_batches(adapter: VLMAdapter, config: ToyConfig, step: int) -> tuple
     """The (caption, VQA) batches of one step: a pure function of (seed, step) so resume is exact."""
     rng = np.random.default_rng([config.seed, step])
     half = config.batch_size // 2
-    stream = generate(config.batch_size, seed=int(rng.integers(2**31)), config=WorldConfig(image_size=config.image_size))
-    drawn = list(stream)
+    world = WorldConfig(image_size=config.image_size)
+    first = step * config.batch_size  # scene indices are disjoint across steps: no image is seen twice
+    drawn = [render_one(first + k, seed=config.seed + TRAIN_SEED_OFFSET, config=world) for k in range(config.batch_size)]
     captions = drawn[:half]
     questions = [vqa_item(r, im, rng) for r, im in drawn[half:]]
     caption_batch = adapter.prepare([im for _, im in captions], [caption_of(r) for r, _ in captions])
