@@ -48,6 +48,12 @@ def friendly_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _finite(value: Any) -> float | None:
+    """A float for JSON, or None where it is NaN (JSON has no NaN)."""
+    number = float(value)
+    return None if number != number else number
+
+
 def print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
 
@@ -132,7 +138,7 @@ def rank(
     ds = _scored(store)
     ranking = layer_ranking(ds)
     rows = [
-        {"rank": i + 1, "layer": int(layer), "depth": float(ranking.depth[i]), "mean_hi": float(ranking[i])}
+        {"rank": i + 1, "layer": int(layer), "depth": float(ranking.depth[i]), "mean_hi": _finite(ranking[i])}
         for i, layer in enumerate(ranking.layer.values)
     ]
     shown = rows[:top] if top else rows
@@ -144,7 +150,8 @@ def rank(
     for column in ("rank", "layer", "depth", "mean HI"):
         table.add_column(column, justify="right")
     for row in shown:
-        table.add_row(str(row["rank"]), str(row["layer"]), f"{row['depth']:.2f}", f"{row['mean_hi']:.4f}")
+        hi = "n/a" if row["mean_hi"] is None else f"{row['mean_hi']:.4f}"
+        table.add_row(str(row["rank"]), str(row["layer"]), f"{row['depth']:.2f}", hi)
     console.print(table)
 
 

@@ -210,7 +210,8 @@ def _skeleton(samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: 
         rows, cols = (int(x) for x in sizes.max(0))
         rdim, cdim = grid_dims(view)
         rname, cname = grid_coords(view)
-        coords.update({rdim: np.arange(rows), cdim: np.arange(cols), rname: ("sample", sizes[:, 0]), cname: ("sample", sizes[:, 1])})
+        coords.update({rdim: np.arange(rows), cdim: np.arange(cols)})
+        coords.update({rname: ("sample", sizes[:, 0]), cname: ("sample", sizes[:, 1])})
         data[mask_name(view)] = (("sample", rdim, cdim), _nan((n, rows, cols), (1, rows, cols)))
         if maps:
             shape = (n, n_layers, n_heads, rows, cols)
@@ -255,15 +256,17 @@ def _check_compatible(path: Path, wanted: xr.Dataset, attrs: dict[str, Any]) -> 
         for key in COMPATIBLE_ATTRS
         if json_attrs({key: have.attrs.get(key)}) != json_attrs({key: attrs[key]})
     ]
-    for dim in ("layer", "head", "sample"):
-        if have.sizes.get(dim) != wanted.sizes[dim]:
-            diffs.append(f"n_{dim}s: store has {have.sizes.get(dim)}, wanted {wanted.sizes[dim]}")
+    for dim, size in wanted.sizes.items():
+        if have.sizes.get(dim) != size:
+            label = f"n_{dim}s" if dim in ("layer", "head", "sample") else f"grid dim '{dim}'"
+            diffs.append(f"{label}: store has {have.sizes.get(dim)}, wanted {size}")
     if have.sizes.get("sample") == wanted.sizes["sample"]:
         bad = np.flatnonzero(have["description"].values.astype(str) != wanted["description"].values.astype(str))
         if bad.size:
             diffs.append(f"description of sample {int(bad[0])} differs ({bad.size} samples differ)")
-    if sorted(map(str, have.data_vars)) != sorted(map(str, wanted.data_vars)):
-        diffs.append(f"variables: store has {sorted(map(str, have.data_vars))}, wanted {sorted(map(str, wanted.data_vars))}")
+    have_vars, wanted_vars = sorted(map(str, have.data_vars)), sorted(map(str, wanted.data_vars))
+    if have_vars != wanted_vars:
+        diffs.append(f"variables: store has {have_vars}, wanted {wanted_vars} (traced with/without maps?)")
     if diffs:
         raise StoreError(f"store {path} exists for a different run: " + "; ".join(diffs))
 
@@ -342,7 +345,7 @@ def _check_batch_arrays(ds: xr.Dataset, n: int, attention: dict | None, mask: di
             want = (n,) + tuple(ds.sizes[d] for d in dims[1:])
             array = np.asarray(array, dtype="float32")
             if array.shape != want:
-                raise StoreError(f"write_batch: {name} has shape {array.shape}, store wants {want} {dims} (pad with pad_grid)")
+                raise StoreError(f"write_batch: {name} has shape {array.shape}, store wants {want} {dims} (use pad_grid)")
             out[name] = (dims, array)
     return out
 
@@ -440,7 +443,7 @@ def combine(paths: Sequence[str | Path], variables: Sequence[str] = ("head_impac
         ds = open_store(path)
         missing = [v for v in variables if v not in ds.data_vars]
         if missing:
-            raise StoreError(f"combine: store {path} has no {', '.join(missing)} (score it first: mechhi rank --store {path})")
+            raise StoreError(f"combine: store {path} has no {', '.join(missing)} (score it: mechhi rank --store {path})")
         part = ds[list(variables)]
         part = part.drop_vars([c for c in part.coords if c not in part.dims and c != "depth"])
         part = part.swap_dims(layer="depth").reset_coords("layer")

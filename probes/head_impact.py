@@ -167,7 +167,10 @@ def _iou_from_maps(ds: xr.Dataset, done: np.ndarray, rule: BinarizeRule) -> np.n
     todo = np.flatnonzero(done)
     for start in range(0, todo.size, block):
         sel = todo[start : start + block]
-        att = {v: ds[attention_name(v)].isel(sample=sel).transpose("sample", "layer", "head", *grid_dims(v)).values for v in views}
+        att = {
+            v: ds[attention_name(v)].isel(sample=sel).transpose("sample", "layer", "head", *grid_dims(v)).values
+            for v in views
+        }  # view -> (b, L, H, rows, cols)
         cov = {v: ds[mask_name(v)].isel(sample=sel).transpose("sample", *grid_dims(v)).values for v in views}
         for j, s in enumerate(sel):
             try:
@@ -181,7 +184,9 @@ def _traced_iou(ds: xr.Dataset, done: np.ndarray, rule: BinarizeRule) -> tuple[n
     """IoU written by a --no-maps trace; it cannot be re-binarised, so the rule must match."""
     recorded = ds.attrs.get("binarize")
     if recorded is not None and json_attrs({"r": recorded}) != json_attrs({"r": rule.to_dict()}):
-        raise ValueError(f"store has no attention maps and its iou was binarised with {recorded}; cannot rescore with {rule.to_dict()}")
+        raise ValueError(
+            f"store has no attention maps and its iou was binarised with {recorded}; cannot rescore with {rule.to_dict()}"
+        )
     iou_values = ds["iou"].transpose("sample", "layer", "head").values.astype(np.float64)
     return np.where(done[:, None, None], iou_values, np.nan), recorded
 
@@ -192,6 +197,8 @@ def score(ds: xr.Dataset, rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:
     Only samples flagged ``done`` count (others get NaN). A store traced with --no-maps
     has no attention maps: its traced ``iou`` is used and only HI is recomputed.
     """
+    if "done" not in ds.variables:
+        raise ValueError("score: dataset has no 'done' variable (is it a mechhi store?)")
     done = ds["done"].values.astype(bool)
     if attention_name(MAIN_VIEW) in ds.data_vars:
         values, binarize = _iou_from_maps(ds, done, rule), rule.to_dict()

@@ -184,6 +184,8 @@ def test_create_resumes_compatible_store(store: Path):
         ({"samples": metas(("a red circle", "CHANGED", "a star", "two shapes"))}, "description of sample 1"),
         ({"samples": metas()[:3]}, "n_samples"),
         ({"maps": False}, "variables"),
+        ({"samples": [SampleMeta(m.image_id, m.object_id, m.description, {**m.grids, "image": (4, 4)}) for m in metas()]},
+         "grid dim 'row'"),
     ],
 )
 def test_create_rejects_incompatible_store(store: Path, kwargs, message):

@@ -195,3 +195,58 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
     (out_dir / "toy_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     checkpoint.unlink(missing_ok=True)
     return out_dir
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def held_out(n_images: int, config: ToyConfig) -> list[tuple[ImageRecord, object]]:
+    world = WorldConfig(image_size=config.image_size)
+    return [render_one(i, seed=HELD_OUT_SEED, config=world) for i in range(n_images)]
+
+
+def measure(
+    model: torch.nn.Module, adapter: VLMAdapter, *, n_images: int = 200, config: ToyConfig = ToyConfig()
+) -> dict[str, dict[str, float]]:
+    """Caption token accuracy and perplexity, VQA accuracy and AnsProb on held-out scenes."""
+    from ..evaluate import Metric, answer_scores, closed_vqa
+
+    scenes = held_out(n_images, config)
+    images = [im for _, im in scenes]
+    nll, accuracy = answer_scores(model, adapter, images, [caption_of(r) for r, _ in scenes], batch_size=16)
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    vqa = closed_vqa(model, adapter, [vqa_item(r, im, rng) for r, im in scenes], batch_size=16)
+    nll_metric = Metric.of(nll)
+    ppl = math.exp(nll_metric.mean)
+    return {
+        "caption_token_accuracy": Metric.of(accuracy).as_dict(),
+        "caption_perplexity": {"mean": ppl, "se": ppl * nll_metric.se, "n": nll_metric.n},
+        "vqa_accuracy": vqa["accuracy"].as_dict(),
+        "vqa_ans_prob": vqa["ans_prob"].as_dict(),
+    }
+
+
+def head_impact_summary(
+    model: torch.nn.Module, adapter: VLMAdapter, workdir: Path, *, n_images: int = 30, name: str = "model"
+) -> dict[str, float]:
+    """Trace held-out scenes and summarise Head Impact: best layer, best head, overall mean."""
+    from probes.head_impact import layer_ranking, score_store
+
+    from ..data.synthetic import build_synthetic
+    from ..runner import TraceConfig, trace_dataset
+
+    data = workdir / "held-out"
+    if not (data / "annotations.jsonl").exists():
+        build_synthetic(data, n_images=n_images, seed=HELD_OUT_SEED, splits={"trace": 1.0}, progress=False)
+    store = trace_dataset(TraceConfig(dataset=str(data), store=str(workdir / f"{name}.zarr"), batch_size=8),
+                          progress=False, loaded=(model, adapter))  # fmt: skip
+    scores = score_store(store)
+    ranking = layer_ranking(scores)
+    hi = scores.head_impact
+    return {
+        "best_layer": int(ranking.layer[0]),
+        "best_layer_mean_hi": float(ranking[0]),
+        "best_head_hi": float(hi.max()),
+        "mean_hi": float(hi.mean()),
+        "top4_layers": [int(x) for x in ranking.layer[:4]],
+    }
