@@ -231,8 +231,10 @@ def dataset_build(
     if splits and source != "synthetic":
         from mechhi.data.splits import write_splits
 
-        write_splits(out, seed=seed)
-    console.print(str(report) if not isinstance(report, Path) else f"dataset written to {report}")
+        console.print(str(report))
+        console.print(str(write_splits(out, seed=seed)))
+    else:
+        console.print(str(report) if not isinstance(report, Path) else f"dataset written to {report}")
 
 
 DEFAULT_PAPER_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "sergeev2025"

@@ -349,7 +349,8 @@ def _check_box(
     except (OSError, ValueError, KeyError) as e:
         return "unreadable mask file", f"{file}: {' '.join(str(e).split())}"
     if mask.shape != shape:
-        return "mask shape mismatch", f"{file} is {mask.shape[0]}x{mask.shape[1]}, image {shape[0]}x{shape[1]} (HxW)"
+        got = f"{mask.shape[0]}x{mask.shape[1]}"
+        return "mask shape mismatch", f"{file} is {got}, image {shape[0]}x{shape[1]} (HxW)"
     if not mask.any():
         return "empty mask", file
     return _Box(index, label.strip(), [float(v) for v in bbox], score, file, mask)
