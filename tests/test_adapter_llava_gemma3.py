@@ -82,11 +82,19 @@ def test_llava_crop_box_by_hand():
     assert not np.allclose(whole, expected, atol=0.1)
 
 
-def test_llava_portrait_and_wide_crop_boxes_by_hand():
-    _, adapter = tiny("llava", "wide-crop")  # shortest edge 84, crop 56
+def test_llava_portrait_wide_crop_and_padded_boxes_by_hand():
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
+
+    crop = {"height": 56, "width": 56}
+    wide = CLIPImageProcessor(size={"shortest_edge": 84}, crop_size=crop)
     # 120x240 (w x h): width 120 -> 84 (x0.7), height int(84*2)=168; crop left 14, top 56.
-    box = crop_box((120, 240), adapter.processor.image_processor)
-    np.testing.assert_allclose(box, (20.0, 80.0, 100.0, 160.0), atol=1e-9)
+    np.testing.assert_allclose(crop_box((120, 240), wide), (20.0, 80.0, 100.0, 160.0), atol=1e-9)
+    padded = LlavaImageProcessor(size={"shortest_edge": 84}, crop_size=crop, do_pad=True)
+    # 120x240 padded to 240x240 (60 px left and right), -> 84 (x0.35), crop 14..70 -> 40..200,
+    # minus the 60 px pad on x: the box sticks out of the image, where coverage counts 0.
+    np.testing.assert_allclose(crop_box((120, 240), padded), (-20.0, 40.0, 140.0, 200.0), atol=1e-9)
+    squash = CLIPImageProcessor(size={"height": 56, "width": 56}, do_center_crop=False)
+    np.testing.assert_allclose(crop_box((120, 240), squash), (0.0, 0.0, 120.0, 240.0), atol=1e-9)
 
 
 def test_llava_boxes_differ_but_grids_agree_across_sizes():
@@ -135,7 +143,9 @@ def test_llava_refuses_padded_crop_and_unknown_size():
     small = CLIPImageProcessor(size={"shortest_edge": 42}, crop_size={"height": 56, "width": 56})
     with pytest.raises(AdapterError, match="larger than the resized image"):
         crop_box((100, 140), small)
-    odd = CLIPImageProcessor(size={"shortest_edge": 56, "longest_edge": 90}, crop_size={"height": 56, "width": 56})
+    odd = CLIPImageProcessor(
+        size={"shortest_edge": 56, "longest_edge": 90}, crop_size={"height": 56, "width": 56}
+    )
     with pytest.raises(AdapterError, match="unsupported image-processor size"):
         crop_box((100, 140), odd)
 
@@ -143,7 +153,7 @@ def test_llava_refuses_padded_crop_and_unknown_size():
 # ----------------------------------------------------------------------------- Gemma 3 geometry
 
 
-@pytest.mark.parametrize("size", [(224, 224), (300, 150)], ids=["square", "squashed"])
+@pytest.mark.parametrize("size", [(224, 224), (300, 152)], ids=["square", "squashed"])
 def test_gemma3_mask_on_one_cell_by_hand(size):
     # 4x4 tokens over the whole image: cell (r, c) is x in [c*w/4, (c+1)*w/4), y likewise.
     _, adapter = tiny("gemma3", "gqa")
@@ -158,7 +168,7 @@ def test_gemma3_mask_on_one_cell_by_hand(size):
     np.testing.assert_allclose(view.coverage(mask), expected, atol=1e-9)
 
 
-@pytest.mark.parametrize("size", [(224, 224), (300, 150)], ids=["square", "squashed"])
+@pytest.mark.parametrize("size", [(224, 224), (300, 152)], ids=["square", "squashed"])
 @pytest.mark.parametrize("cell", [(0, 3), (2, 1)])
 def test_gemma3_painted_cell_lands_on_its_pooled_patch(size, cell):
     _, adapter = tiny("gemma3", "gqa")
@@ -209,8 +219,8 @@ def test_gemma3_sliding_window_cuts_visual_keys_of_description_rows():
     cube = AttentionTracer(model, adapter).trace(batch)  # (B, L, H, V)
     for i, layout in enumerate(batch.layouts):
         visual = layout.view("image").positions
-        cut = visual[visual <= layout.query_positions.max() - window]  # outside every row's window
-        kept = visual[visual > layout.query_positions.min() - window]  # inside every row's window
+        cut = visual[visual <= layout.query_positions.min() - window]  # outside every row's window
+        kept = visual[visual > layout.query_positions.max() - window]  # inside every row's window
         assert len(cut) and len(kept), "the tiny config no longer makes the window bite"
         columns = np.isin(visual, cut)
         for layer, kind in enumerate(layer_types):
@@ -257,6 +267,48 @@ def test_gemma3_tracer_under_eager_attention_too():
 # ----------------------------------------------------------------------------- both families
 
 
+def language_inputs(model, inputs) -> torch.Tensor:
+    """(B, S, D) embeddings the decoder receives: text embeddings with image features scattered in."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"]
+
+
+@pytest.mark.parametrize(
+    "family, local_vision",
+    # Vision towers without mixing layers: LLaVA reads hidden_states[-2] = the patch
+    # embeddings of a 1-layer CLIP; a 0-layer SigLIP is its patch embeddings.
+    [("llava", {"vision_layers": 1}), ("gemma3", {"vision_layers": 0})],
+)
+@pytest.mark.parametrize("cell", [(0, 3), (2, 1)])
+def test_painted_cell_reaches_the_token_the_adapter_names(family, local_vision, cell):
+    """End to end through the model: with a vision tower that does not mix patches, painting
+    cell (r, c) changes the decoder input at exactly ``positions[r * cols + c]``."""
+    cls = LlavaAdapter if family == "llava" else Gemma3Adapter
+    torch.manual_seed(0)
+    model, processor = cls.build_tiny(words=WORDS, **local_vision)
+    adapter = cls(model.config, processor)
+    width, height = 300, 200
+    view = adapter.prepare([noise_image(height, width)], ["a red circle"]).layouts[0].view("image")
+    black = adapter.prepare([painted(width, height, (0, 0, 0, 0))], ["a red circle"])
+    rect = cell_rect(view.box, view.grid, *cell, inset=4)
+    spot = adapter.prepare([painted(width, height, rect)], ["a red circle"])
+    change = (language_inputs(model, spot.inputs) - language_inputs(model, black.inputs))[0].norm(dim=-1)
+    changed = np.flatnonzero(change.numpy() > 1e-4)
+    assert changed.tolist() == [view.positions[cell[0] * view.grid[1] + cell[1]]]
+
+
+
+
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_description_positions_decode_to_the_description(family):
     _, adapter = tiny(family, "gqa")
@@ -290,10 +342,9 @@ def test_save_reload_offline_picks_the_adapter(family, tmp_path, monkeypatch):
         torch.testing.assert_close(batch.inputs[key], original.inputs[key])
     for a, b in zip(batch.layouts, original.layouts):
         np.testing.assert_array_equal(a.query_positions, b.query_positions)
-        assert a.views == b.views or all(
-            np.array_equal(x.positions, y.positions) and x.grid == y.grid and x.box == y.box
-            for x, y in zip(a.views, b.views)
-        )
+        for x, y in zip(a.views, b.views, strict=True):
+            np.testing.assert_array_equal(x.positions, y.positions)
+            assert (x.grid, x.box) == (y.grid, y.box)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch.inputs).logits, model(**batch.inputs).logits)
 

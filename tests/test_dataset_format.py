@@ -26,6 +26,9 @@ from mechhi.data.format import (
     rle_counts,
 )
 
+# pycocotools' own decode warns under numpy 2 (its __array__ lacks `copy`); harmless
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 # ----------------------------------------------------------------------------- RLE
 
 
@@ -331,6 +334,7 @@ def test_writer_resumes_after_a_crash(tmp_path):
         assert s.record.file == f"images/{i:03d}.png"
         assert np.array_equal(np.asarray(s.image()), np.asarray(image))
         np.testing.assert_array_equal(s.mask(), rec.objects[0].mask())
+    w.close()  # the "crashed" writer's handle, only so the test leaks no file
 
 
 def test_writer_refuses_duplicates_and_bad_sizes(tmp_path):

@@ -17,11 +17,11 @@ weight names, which these classes cannot load.
 
 Choices that are not in the paper, made explicit here:
 
-- SAM2 mask per box: ``multimask_output=False`` by default (SAM2's single-mask output,
-  which transformers falls back to the best of its three masks when the single mask is
-  unstable; the usual setting for box prompts). ``multimask_output=True`` asks for three
-  masks and keeps the highest-scoring one. Either way the kept mask's predicted IoU is
-  the ``score`` that is thresholded and recorded.
+- SAM2 mask per box: ``multimask_output=False`` by default, the usual setting for box
+  prompts: SAM2's single-mask output, for which transformers swaps in the best of the
+  three multimask outputs when the single mask is unstable. ``multimask_output=True``
+  asks for three masks and keeps the highest-scoring one. Either way the kept mask's
+  predicted IoU is the ``score`` that is thresholded and recorded.
 - A phrase grounded to several boxes (e.g. "two dogs") keeps only its best-scoring mask
   that passed the filters; the others are dropped as ``duplicate_phrase`` (phrases are
   compared case-insensitively), because a description must name one mask in an image.
@@ -99,7 +99,11 @@ class GroundingReport:
         out["out_dir"] = str(self.out_dir)
         return out
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def summary(self) -> str:
+        """One line for the console."""
         drops = ", ".join(f"{k}={v}" for k, v in self.dropped.items())
         return (
             f"{self.images_processed} images processed ({self.images_skipped} already done), "
@@ -129,7 +133,9 @@ def image_ids(files: Sequence[Path]) -> list[str]:
         if not image_id[:1].isalnum():
             image_id = "i" + image_id
         if image_id in owner:
-            raise DatasetError(f"images {owner[image_id].name} and {path.name} both map to image id {image_id!r}")
+            raise DatasetError(
+                f"images {owner[image_id].name} and {path.name} both map to image id {image_id!r}"
+            )
         owner[image_id] = path
         ids.append(image_id)
     return ids
@@ -155,7 +161,8 @@ def load_captions(path: str | Path) -> dict[str, str]:
 
 def _check_captions(mapping: Any, where: str) -> dict[str, str]:
     if not isinstance(mapping, dict):
-        raise DatasetError(f"captions ({where}) must map file names to captions, got {type(mapping).__name__}")
+        kind = type(mapping).__name__
+        raise DatasetError(f"captions ({where}) must map file names to captions, got {kind}")
     bad = [k for k, v in mapping.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise DatasetError(f"captions ({where}): entry {bad[0]!r} is not a string -> string pair")
@@ -179,7 +186,9 @@ def _resolve(config: GroundingConfig) -> tuple[torch.device, torch.dtype, torch.
     return device, florence_dtype, sam_dtype
 
 
-def _from_pretrained(kind: str, source: str, model_cls: Any, processor_cls: Any, option: str) -> tuple[Any, Any]:
+def _from_pretrained(
+    kind: str, source: str, model_cls: Any, processor_cls: Any, option: str
+) -> tuple[Any, Any]:
     """(model, processor) of ``source``; one clear line when it cannot be loaded (no
     network here: a hub id only works if it is already in the local HF cache)."""
     try:
@@ -230,13 +239,15 @@ def florence_run(
     prompts: Sequence[str],
     task: str,
     config: GroundingConfig,
+    names: Sequence[str] | None = None,
 ) -> list[Any]:
     """One batched Florence-2 generation; per image, the processor's parsed answer for
     ``task`` (a str for captions, {"bboxes", "labels"} for grounding, boxes in pixels of
-    the original image as (x1, y1, x2, y2))."""
+    the original image as (x1, y1, x2, y2)). ``names`` label the images in errors."""
     model, processor = florence
     device, dtype = _placement(model)
     inputs = processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True)
+    _check_length(inputs["attention_mask"], model, names or [f"image {k}" for k in range(len(images))])
     generated = model.generate(
         input_ids=inputs["input_ids"].to(device),
         attention_mask=inputs["attention_mask"].to(device),
@@ -245,12 +256,27 @@ def florence_run(
         num_beams=config.num_beams,
         do_sample=False,
     )  # (batch, generated length), right-padded with pad tokens
+    # keep <loc_*> (special tokens) for the parser; drop only the batch padding
+    pad = processor.tokenizer.pad_token
     texts = processor.batch_decode(generated, skip_special_tokens=False)
-    pad = processor.tokenizer.pad_token or ""
+    texts = [t.replace(pad, "") if pad else t for t in texts]
     return [
-        processor.post_process_generation(text=text.replace(pad, "") if pad else text, task=task, image_size=im.size)[task]
+        processor.post_process_generation(text=text, task=task, image_size=im.size)[task]
         for text, im in zip(texts, images)
     ]
+
+
+def _check_length(attention_mask: torch.Tensor, model: Any, names: Sequence[str]) -> None:
+    """Fail clearly on a prompt (image tokens + caption) longer than the text encoder's
+    positions: otherwise it is an index error deep inside the embedding."""
+    limit = getattr(model.config.text_config, "max_position_embeddings", None)
+    lengths = attention_mask.sum(1)  # (batch,)
+    if limit is not None and int(lengths.max()) > limit:
+        k = int(lengths.argmax())
+        raise DatasetError(
+            f"{names[k]}: Florence-2 prompt is {int(lengths[k])} tokens (image tokens included), "
+            f"more than the model's {limit}; shorten its caption"
+        )
 
 
 # ----------------------------------------------------------------------------- SAM2
@@ -290,12 +316,16 @@ def sam_masks(
     scores = result.iou_scores.float()  # (batch, n_max, k), k = 3 or 1
     best = scores.argmax(-1)  # (batch, n_max)
     h, w = result.pred_masks.shape[-2:]
-    logits = result.pred_masks.gather(2, best[..., None, None, None].expand(-1, -1, 1, h, w))  # (batch, n_max, 1, h, w)
+    index = best[..., None, None, None].expand(-1, -1, 1, h, w)
+    logits = result.pred_masks.gather(2, index)  # (batch, n_max, 1, h, w) low-resolution logits
     best_scores = scores.gather(-1, best[..., None])[..., 0].cpu().numpy()  # (batch, n_max)
-    full = processor.post_process_masks(list(logits.float().cpu()), inputs["original_sizes"])  # [(n_max, 1, H, W)]
+    sizes = inputs["original_sizes"]  # (batch, 2) as (H, W)
     for row, i in enumerate(todo):
-        n = len(boxes[i])
-        out[i] = (full[row][:n, 0].numpy().astype(bool), best_scores[row, :n])
+        n = len(boxes[i])  # the padding copies are dropped before upsampling
+        # bilinear upsampling to the original size, then logits > 0 (on the model's device)
+        (full,) = processor.post_process_masks([logits[row, :n].float()], sizes[row : row + 1])
+        # full: (n, 1, H, W) bool
+        out[i] = (full[:, 0].cpu().numpy().astype(bool), best_scores[row, :n])
     return out
 
 
@@ -390,7 +420,7 @@ def build_from_images(
             for start in range(0, len(todo), config.batch_size):
                 batch = todo[start : start + config.batch_size]
                 _build_batch(batch, writer, report, config, captions, florence, sam)
-                bar.advance(task, len(batch))
+                bar.update(task, advance=len(batch), description=f"grounding ({report.objects_kept} objects)")
     return report
 
 
@@ -406,17 +436,22 @@ def _build_batch(
     """Caption, ground, segment and write one batch of images."""
     images = [_open_rgb(path) for _, path in batch]
     texts: list[str | None] = [captions.get(path.name, captions.get(path.stem)) for _, path in batch]
+    names = [path.name for _, path in batch]
     missing = [k for k, t in enumerate(texts) if t is None]
     report.captions_given += len(batch) - len(missing)
     report.captions_generated += len(missing)
     if missing:
         made = florence_run(florence, [images[k] for k in missing], [config.caption_task] * len(missing),
-                            config.caption_task, config)
+                            config.caption_task, config, [names[k] for k in missing])
         for k, caption in zip(missing, made):
             texts[k] = caption.strip()
-    grounded = florence_run(florence, images, [GROUNDING_TASK + t for t in texts], GROUNDING_TASK, config)
-    segmented = sam_masks(sam, images, [g["bboxes"] for g in grounded], multimask_output=config.multimask_output)
-    for (image_id, path), image, caption, g, (masks, scores) in zip(batch, images, texts, grounded, segmented):
+    prompts = [GROUNDING_TASK + t for t in texts]
+    grounded = florence_run(florence, images, prompts, GROUNDING_TASK, config, names)
+    boxes = [g["bboxes"] for g in grounded]
+    segmented = sam_masks(sam, images, boxes, multimask_output=config.multimask_output)
+    for (image_id, path), image, caption, g, (masks, scores) in zip(
+        batch, images, texts, grounded, segmented
+    ):
         if not g["labels"]:
             report.dropped["no_phrase"] += 1
         objects, dropped = select_objects(g["labels"], g["bboxes"], masks, scores, config.min_score)

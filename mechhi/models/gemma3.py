@@ -23,6 +23,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ._common import AdapterError, VisualView, VLMAdapter
 from ._tokenizer import word_level_tokenizer
 
@@ -53,7 +55,9 @@ class Gemma3Adapter(VLMAdapter):
         super().__init__(config, processor)
         image_processor = getattr(processor, "image_processor", None)
         if getattr(image_processor, "do_pan_and_scan", False):
-            raise AdapterError("gemma3: the image processor has do_pan_and_scan on; turn it off (one view per image)")
+            raise AdapterError(
+                "gemma3: the image processor has do_pan_and_scan on; turn it off (one view per image)"
+            )
 
     def visual_views(self, inputs: dict, index: int, image_size: tuple[int, int]) -> list[VisualView]:
         positions = self.image_token_positions(inputs, index)
@@ -83,8 +87,9 @@ class Gemma3Adapter(VLMAdapter):
         tokens_per_side: int = 4,
         sliding_window: int = 24,
         layer_types: tuple[str, ...] = ("sliding_attention", "full_attention", "sliding_attention"),
+        vision_layers: int = 1,
     ) -> tuple[Any, Any]:
-        """Tiny Gemma 3: 1-layer SigLIP on ``image_size`` px, 8x8 patches pooled to 4x4 tokens.
+        """Tiny Gemma 3: SigLIP on ``image_size`` px, 8x8 patches pooled to 4x4 tokens.
 
         ``sliding_window`` is small enough that, in a one-sentence test prompt, the
         description rows of sliding layers cannot see the first visual tokens, and
@@ -114,15 +119,21 @@ class Gemma3Adapter(VLMAdapter):
             layer_types=list(layer_types), max_position_embeddings=512,
             pad_token_id=ids("<pad>"), eos_token_id=ids("<eos>"), bos_token_id=ids("<bos>"),
         )  # fmt: skip
+        vision_width = 32
         vision = dict(
-            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, image_size=image_size, patch_size=patch, vision_use_head=False,
+            model_type="siglip_vision_model", hidden_size=vision_width, intermediate_size=64,
+            num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size, patch_size=patch,
+            vision_use_head=False,
         )  # fmt: skip
         config = Gemma3Config(
             text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_side**2,
             boi_token_index=ids(BOI), eoi_token_index=ids(EOI), image_token_index=ids(IMAGE),
         )  # fmt: skip
         model = Gemma3ForConditionalGeneration(config).eval()
+        # HF initialises the projector to zeros (real weights overwrite it): every image token
+        # would then carry the same zero key, and tests could not tell visual tokens apart.
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=vision_width**-0.5)
         if directory is not None:
             model.save_pretrained(directory)
             processor.save_pretrained(directory)

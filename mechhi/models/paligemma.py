@@ -8,8 +8,8 @@ image box.
 
 There is no chat template. The sequence is::
 
-    <image> x N  <bos>  prefix  \\n  suffix  <eos>
-    |------- token_type_ids 0 -------| |-- 1 --|
+    <image> x N  <bos>  prefix  \\n | suffix  <eos>
+    <----- token_type_ids 0 ------> | <--- 1 --->
 
 The prefix (image + task prompt) attends bidirectionally, the suffix causally; the
 model builds that mask from ``token_type_ids``. The description goes in the suffix, so
@@ -54,7 +54,7 @@ class PaliGemmaAdapter(VLMAdapter):
         # while the top config still says "sdpa", and set_attn_implementation("sdpa")
         # then raises. Asking for eager up front, as HF's own error message advises,
         # keeps the config consistent.
-        "gemma2": {"gemma2": True, "kv_heads": 2, "attn_implementation": "eager"},
+        "gemma2": {"gemma2": True, "kv_heads": 2, "init_std": 0.1, "attn_implementation": "eager"},
     }
 
     # -- prompts ----------------------------------------------------------------------
@@ -107,12 +107,11 @@ class PaliGemmaAdapter(VLMAdapter):
         """(rows, cols) of the patch grid the processor's resize produces."""
         image_processor = self.processor.image_processor
         if getattr(image_processor, "do_center_crop", False):
-            raise AdapterError("paligemma: the image processor crops; the token grid would not span the image")
-        size = image_processor.size
-        height, width = (size.get("height"), size.get("width")) if isinstance(size, dict) else (
-            getattr(size, "height", None), getattr(size, "width", None))  # fmt: skip
+            raise AdapterError("paligemma: the image processor crops; the token grid misses image parts")
+        size = image_processor.size  # a SizeDict in 5.x, a plain dict in saved configs
+        height, width = (size.get("height"), size.get("width"))
         if height is None or width is None:
-            raise AdapterError(f"paligemma: the image processor resizes to {size!r}, not to a fixed height x width")
+            raise AdapterError(f"paligemma: the image processor resizes to {size!r}, not to one fixed size")
         patch = int(self.config.vision_config.patch_size)
         rows, cols = int(height) // patch, int(width) // patch
         if rows * cols != int(self.processor.image_seq_length):
@@ -146,14 +145,17 @@ class PaliGemmaAdapter(VLMAdapter):
         attn_logit_softcapping: float = 5.0,
         query_pre_attn_scalar: int = 24,
         sliding_window: int = 12,
+        init_std: float = 0.02,
         attn_implementation: str | None = None,
     ) -> tuple[Any, Any]:
         """A tiny random PaliGemma (``gemma2=False``) or PaliGemma 2 and its processor.
 
-        The Gemma 2 defaults are chosen to bite on random weights: a softcap of 5 clips
-        the logits, ``query_pre_attn_scalar`` differs from ``head_dim`` so the scaling is
-        not 1/sqrt(head_dim), and a 12-token window on the sliding layers hides part of
-        the 16 image tokens from the description rows.
+        The Gemma 2 settings are chosen to bite on random weights: ``query_pre_attn_scalar``
+        differs from ``head_dim`` so the scaling is not 1/sqrt(head_dim), a 12-token window
+        on the sliding layers hides part of the 16 image tokens from the description rows,
+        and a softcap of 5 clips the logits once ``init_std`` (the weights' init std) is
+        large enough to make logits of that size: at HF's 0.02 they stay near 0.02 and
+        the tanh is the identity to 1e-7.
         """
         from transformers import (
             AddedToken,
@@ -164,21 +166,24 @@ class PaliGemmaAdapter(VLMAdapter):
         )
 
         tokenizer = word_level_tokenizer(
-            words or [], SPECIAL_TOKENS, bos_token="<bos>", eos_token="<eos>", extra={"image_token": "<image>"}
-        )
+            words or [], SPECIAL_TOKENS, bos_token="<bos>", eos_token="<eos>",
+            extra={"image_token": "<image>"},
+        )  # fmt: skip
         tokenizer.add_tokens([AddedToken(SEPARATOR, normalized=False)])
         grid = image_size // patch_size
         image_processor = SiglipImageProcessor(
             size={"height": image_size, "width": image_size}, image_seq_length=grid * grid,
             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
         )  # fmt: skip
-        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc>/<seg>
+        # The processor adds the 1024 <loc> and 128 <seg> tokens: size the vocabulary after it.
+        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
         hidden = heads * head_dim
         text: dict[str, Any] = dict(
             model_type="gemma2" if gemma2 else "gemma", vocab_size=len(tokenizer), hidden_size=hidden,
             intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads, head_dim=head_dim, pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            initializer_range=init_std,
         )  # fmt: skip
         if gemma2:
             text.update(
@@ -186,8 +191,9 @@ class PaliGemmaAdapter(VLMAdapter):
                 query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=sliding_window,
             )  # fmt: skip
         vision = dict(
-            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
-            num_attention_heads=2, image_size=image_size, patch_size=patch_size, vision_use_head=False,
+            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+            num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
+            patch_size=patch_size, vision_use_head=False,
         )  # fmt: skip
         config = PaliGemmaConfig(
             text_config=text, vision_config=vision, image_token_index=tokenizer.image_token_id,
