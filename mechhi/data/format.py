@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -147,7 +148,9 @@ def decode_mask(rle: dict) -> np.ndarray:
         coded = coco_mask.frPyObjects({"size": [h, w], "counts": counts}, h, w)
     else:
         coded = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return coco_mask.decode(coded).astype(bool)  # (H, W)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy=False deprecation, harmless
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return coco_mask.decode(coded).astype(bool)  # (H, W)
 
 
 # ----------------------------------------------------------------------------- records

@@ -51,7 +51,8 @@ SIZES = ("small", "large")
 BACKGROUNDS = ("solid", "gradient", "noise")
 BG_LOW, BG_HIGH = 64, 192  # background channel range, disjoint from object colours
 QUESTION = "What is shown in this photo?"
-DEFAULT_SPLITS = {"trace": 1 / 3, "train": 0.4, "val": 0.1, "test": 1 / 6}  # the paper's 1000:1200:300:500
+# the paper's split: 1000 images traced, 1200 / 300 / 500 for fine-tuning
+DEFAULT_SPLITS = {"trace": 1 / 3, "train": 0.4, "val": 0.1, "test": 1 / 6}
 META_FILE = "synthetic.json"
 
 
@@ -81,11 +82,16 @@ class WorldConfig:
         ):
             unknown = [c for c in chosen if c not in known]
             if unknown or not chosen:
-                raise ValueError(f"WorldConfig.{name}: {unknown or 'empty'}; choose from {', '.join(known)}")
+                raise ValueError(
+                    f"WorldConfig.{name}: {unknown or 'empty'}; choose from {', '.join(known)}"
+                )
         if not 1 <= self.min_objects <= self.max_objects:
-            raise ValueError(f"WorldConfig: need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+            raise ValueError(
+                "WorldConfig: need 1 <= min_objects <= max_objects, "
+                f"got {self.min_objects}, {self.max_objects}"
+            )
         if self.max_objects > len(self.shapes) * len(self.colours):
-            raise ValueError("WorldConfig: max_objects exceeds the number of distinct (colour, shape) pairs")
+            raise ValueError("WorldConfig: max_objects exceeds the distinct (colour, shape) pairs")
         if self.image_size < 32:
             raise ValueError(f"WorldConfig.image_size must be at least 32, got {self.image_size}")
         if len(all_descriptions(self)) < 4:
@@ -113,7 +119,9 @@ def all_descriptions(config: WorldConfig) -> list[str]:
 # ----------------------------------------------------------------------------- scenes
 
 
-def render_scene(rng: np.random.Generator, config: WorldConfig = WorldConfig()) -> tuple[Image.Image, list[dict]]:
+def render_scene(
+    rng: np.random.Generator, config: WorldConfig = WorldConfig()
+) -> tuple[Image.Image, list[dict]]:
     """One image and its objects: dicts with shape, colour, size, box (x0, y0, x1, y1
     exclusive), mask (bool HxW, exactly the object's pixels) and description.
 
@@ -187,7 +195,8 @@ def _polygon(shape: str, box: tuple[int, int, int, int]) -> list[tuple[float, fl
     if shape == "diamond":
         return [(cx, y0), (x1, cy), (cx, y1), (x0, cy)]
     if shape == "hexagon":
-        return [(cx + r * math.cos(math.pi / 3 * k), cy + r * math.sin(math.pi / 3 * k)) for k in range(6)]
+        angles = [math.pi / 3 * k for k in range(6)]
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
     if shape == "star":  # five points, inner radius 0.45 of the outer, first point up
         return [
             (cx + rad * math.cos(a), cy + rad * math.sin(a))
@@ -200,7 +209,9 @@ def _polygon(shape: str, box: tuple[int, int, int, int]) -> list[tuple[float, fl
 # ----------------------------------------------------------------------------- backgrounds
 
 
-def _background(rng: np.random.Generator, config: WorldConfig, colours: list[tuple[int, int, int]]) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, config: WorldConfig, colours: list[tuple[int, int, int]]
+) -> np.ndarray:
     """(S, S, 3) uint8 background, every pixel in [BG_LOW, BG_HIGH] and far from ``colours``."""
     kind = str(rng.choice(config.backgrounds))
     s = config.image_size
@@ -287,7 +298,9 @@ def caption(descriptions: list[str]) -> str:
     return ", ".join(descriptions[:-1]) + " and " + descriptions[-1]
 
 
-def render_one(index: int, *, seed: int, config: WorldConfig = WorldConfig()) -> tuple[ImageRecord, Image.Image]:
+def render_one(
+    index: int, *, seed: int, config: WorldConfig = WorldConfig()
+) -> tuple[ImageRecord, Image.Image]:
     """Image ``index`` of the world ``seed``; independent of every other index."""
     rng = np.random.default_rng([seed, index])
     image, objects = render_scene(rng, config)
@@ -298,7 +311,9 @@ def image_id(index: int) -> str:
     return f"{index:06d}"
 
 
-def generate(n_images: int, *, seed: int, config: WorldConfig = WorldConfig()) -> Iterator[tuple[ImageRecord, Image.Image]]:
+def generate(
+    n_images: int, *, seed: int, config: WorldConfig = WorldConfig()
+) -> Iterator[tuple[ImageRecord, Image.Image]]:
     """(record, image) for images 0..n-1, the same bytes for the same seed and config.
 
     >>> record, image = next(generate(1, seed=0))
@@ -319,7 +334,9 @@ def assign_splits(n_images: int, *, seed: int, splits: dict[str, float] | None =
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     unknown = [k for k in splits if k not in SPLITS]
     if unknown or any(v < 0 for v in splits.values()) or sum(splits.values()) <= 0:
-        raise ValueError(f"splits must map names in {', '.join(SPLITS)} to non-negative fractions, got {splits}")
+        raise ValueError(
+            f"splits must map names in {', '.join(SPLITS)} to non-negative fractions, got {splits}"
+        )
     total = sum(splits.values())
     names = list(splits)
     exact = np.array([splits[k] / total * n_images for k in names])
@@ -373,7 +390,10 @@ def _check_meta(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
         return
     if not path.is_file():
         if (out / "annotations.jsonl").is_file():
-            raise DatasetError(f"{out} holds a dataset that is not a synthetic build; pass overwrite=True or another directory")
+            raise DatasetError(
+                f"{out} holds a dataset that is not a synthetic build; "
+                "pass overwrite=True or another directory"
+            )
         return
     old = json.loads(path.read_text())
     if old != meta:
