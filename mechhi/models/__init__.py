@@ -10,13 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from ._common import AdapterError, PreparedBatch, SampleLayout, VisualView, VLMAdapter
+from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
+from .llava import LlavaAdapter
 from .paligemma import PaliGemmaAdapter
 from .qwen2_vl import Qwen2VLAdapter
-from .llava import LlavaAdapter
-from .gemma3 import Gemma3Adapter
 
-FAMILIES: list[type[VLMAdapter]] = [Qwen2VLAdapter, Idefics3Adapter, LlavaAdapter, Gemma3Adapter, PaliGemmaAdapter]
+FAMILIES: list[type[VLMAdapter]] = [
+    Qwen2VLAdapter,
+    PaliGemmaAdapter,
+    Idefics3Adapter,
+    LlavaAdapter,
+    Gemma3Adapter,
+]
 
 
 def adapter_class(config: Any) -> type[VLMAdapter]:
