@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,7 +248,12 @@ def create_store(
         _check_compatible(path, skeleton, full_attrs)
         return
     skeleton.attrs = full_attrs
-    skeleton.to_zarr(path, mode="w-", zarr_format=3, consolidated=False, compute=False)
+    # Build beside the target and rename: a kill during creation leaves no half store.
+    staging = path.with_name(f".{path.name}.creating")
+    if staging.exists():
+        shutil.rmtree(staging)
+    skeleton.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False)
+    os.replace(staging, path)
 
 
 def _check_compatible(path: Path, wanted: xr.Dataset, attrs: dict[str, Any]) -> None:

@@ -261,3 +261,24 @@ def test_combine_makes_model_labels_unique_and_needs_scores(tmp_path: Path):
     create_store(c, samples=metas(), n_layers=2, n_heads=1, attrs=attrs())
     with pytest.raises(StoreError, match="no head_impact"):
         combine([a, c])
+
+
+def test_kill_during_creation_leaves_no_half_store(tmp_path, monkeypatch):
+    """Creation is staged and renamed: an interrupted create leaves nothing at the path."""
+    import xarray as xr
+
+    from mechhi.store import SampleMeta, create_store
+
+    def boom(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", boom)
+    meta = [SampleMeta("a", "0", "a red circle", {"image": (2, 2)})]
+    attrs = {"model": "m", "model_revision": "", "dtype": "float32", "prompt_template": "caption", "dataset": "d"}
+    target = tmp_path / "s.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        create_store(target, samples=meta, n_layers=2, n_heads=2, attrs=attrs)
+    assert not target.exists()
+    monkeypatch.undo()
+    create_store(target, samples=meta, n_layers=2, n_heads=2, attrs=attrs)  # a rerun creates it cleanly
+    assert target.exists()
