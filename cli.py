@@ -55,19 +55,9 @@ def _finite(value: Any) -> float | None:
 
 
 def print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    from mechhi.store import json_default
 
-
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    sys.stdout.write(json.dumps(payload, indent=2, default=json_default) + "\n")
 
 
 # --------------------------------------------------------------------------- trace
@@ -303,7 +293,7 @@ def dataset_show(
 @friendly_errors
 def toy_train(
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: mechhi/zoo/toy-qwen2vl).")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default 1200).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default 800).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data.")] = 0,
 ) -> None:
     """Train the toy Qwen2-VL on the synthetic world (2 CPU cores; resumes from its checkpoint)."""

@@ -141,7 +141,8 @@ def _mechhi_version() -> str:
         return str(getattr(mechhi, "__version__", "0+unknown"))
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy values, paths and objects with ``to_dict``."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -158,7 +159,7 @@ def json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     zarr metadata is readable by any zarr implementation and compares equal after a
     round trip."""
     try:
-        return json.loads(json.dumps(dict(attrs), default=_json_default))
+        return json.loads(json.dumps(dict(attrs), default=json_default))
     except (TypeError, ValueError) as err:
         raise StoreError(f"store attrs are not JSON-serialisable: {err}") from None
 

@@ -49,7 +49,7 @@ class ToyConfig:
     vision_depth: int = 4
     vision_width: int = 64
     image_size: int = 224  # 8 x 8 visual tokens of 28 px
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 32  # half captioning, half VQA
     lr: float = 1e-3
     warmup: int = 60
