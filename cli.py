@@ -17,7 +17,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Find the attention heads of a vision-language model that look at key objects; fine-tune by them.",
+)
 dataset_app = typer.Typer(no_args_is_help=True, help="Build, inspect and validate key-object datasets.")
 toy_app = typer.Typer(no_args_is_help=True, help="The bundled toy world: train and check the small model.")
 app.add_typer(dataset_app, name="dataset")

@@ -103,8 +103,8 @@ def head_impact_fingerprint(head_impact: xr.DataArray) -> str:
     return digest.hexdigest()[:16]
 
 
-def _store_provenance(ds: xr.Dataset) -> dict[str, Any]:
-    source = ds.encoding.get("source") or ds.attrs.get("_mechhi_path")
+def _store_provenance(ds: xr.Dataset, source: str | os.PathLike | None) -> dict[str, Any]:
+    source = source or ds.encoding.get("source")  # xarray records the path it opened
     return {
         "store": str(Path(source).resolve()) if source else None,
         "model": ds.attrs.get("model"),
@@ -128,14 +128,13 @@ def _ranked_layers(ds: xr.Dataset) -> tuple[list[int], list[float], str]:
     return layers, [float(x) for x in ranking.values[finite]], head_impact_fingerprint(hi)
 
 
-def _open(store: xr.Dataset | str | os.PathLike) -> xr.Dataset:
+def _open(store: xr.Dataset | str | os.PathLike) -> tuple[xr.Dataset, str | None]:
+    """(dataset, the path it came from when known)."""
     if isinstance(store, xr.Dataset):
-        return store
+        return store, None
     from .store import open_store
 
-    ds = open_store(store)
-    ds.attrs["_mechhi_path"] = str(store)
-    return ds
+    return open_store(store), str(store)
 
 
 def select_layers(store_ds: xr.Dataset | str | os.PathLike, spec: str, *, seed: int = 0) -> Selection:
@@ -149,10 +148,10 @@ def select_layers(store_ds: xr.Dataset | str | os.PathLike, spec: str, *, seed: 
     >>> select_layers("stores/toy.zarr", "top-4").layers        # doctest: +SKIP
     (3, 5, 6, 9)
     """
-    ds = _open(store_ds)
+    ds, source = _open(store_ds)
     kind, arg = parse_spec(spec)
     all_layers = [int(x) for x in ds["layer"].values]
-    provenance = _store_provenance(ds)
+    provenance = _store_provenance(ds, source)
     if kind in ("full", "layers"):
         layers = all_layers if kind == "full" else list(arg)  # type: ignore[arg-type]
         missing = sorted(set(layers) - set(all_layers))
@@ -539,7 +538,7 @@ def _optimizer_step(model, adapter, train, stream, optimizer, params, settings, 
         with _autocast(device, settings):
             loss = answer_loss(model, batch)
         (loss / settings.grad_accum).backward()
-        losses.append(float(loss))
+        losses.append(loss.item())
     if settings.clip_grad:
         torch.nn.utils.clip_grad_norm_(params, settings.clip_grad)
     optimizer.step()
@@ -594,6 +593,7 @@ class FinetuneConfig:
     template: str = "caption"  # prompt template; the loss is on its answer (description) tokens
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # base weights: auto (bf16 on capable CUDA, else float32) | float32 | bfloat16
+    threads: int | None = None  # torch CPU threads (None: torch's default; 1 is fastest on a busy machine)
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
 
@@ -639,7 +639,7 @@ def resolve_dataset(dataset: str | None, *, progress: bool = True) -> Path:
 def _run_id(config: FinetuneConfig, selection: Selection, model_id: str, dataset: KeyObjectDataset) -> str:
     """Fingerprint of everything that determines the trained adapter."""
     fields = {"config": {k: v for k, v in json.loads(json.dumps(asdict(config), default=str)).items()
-                         if k not in ("out", "device")},
+                         if k not in ("out", "device", "threads")},
               "layers": list(selection.layers), "model": model_id, "dataset": dataset.fingerprint,
               "hi": selection.provenance.get("head_impact_fingerprint")}  # fmt: skip
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -658,19 +658,22 @@ def finetune(
     without retraining. ``loaded`` passes a (model, adapter) pair; it is given back
     unchanged (the LoRA layers are removed again before returning).
     """
-    store_ds = _open(config.store) if config.store else None
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    store_ds = _open(config.store)[0] if config.store else None
     model_id = resolve_model_id(config.model, store_ds)
     if loaded is None:
         from .models.loading import load
 
         loaded = load(model_id, device=config.device, dtype=config.dtype)
     model, adapter = loaded
-    if store_ds is not None:
-        selection = select_layers(store_ds, config.select, seed=config.select_seed)
+    if config.store:
+        selection = select_layers(config.store, config.select, seed=config.select_seed)
     else:
         selection = selection_without_store(config.select, adapter.n_layers)
-    if max(selection.layers) >= adapter.n_layers:
-        raise SelectionError(f"store layers {list(selection.layers)} do not fit the model's {adapter.n_layers} layers")
+    if store_ds is not None and store_ds.sizes["layer"] != adapter.n_layers:
+        raise SelectionError(f"the store ranks {store_ds.sizes['layer']} layers but {model_id} has {adapter.n_layers}: "
+                             "a store of another model?")  # fmt: skip
     data_dir = resolve_dataset(config.dataset, progress=progress)
     train = load_split(data_dir, "train", config.train.train_limit)
     val = load_split(data_dir, "val", config.train.val_limit)

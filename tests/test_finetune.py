@@ -1,0 +1,273 @@
+"""LoRA fine-tuning from a store's ranking: layer selection, LoRA placement on every
+family, training, and exact resume after an interruption."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from safetensors.torch import load_file
+
+from mechhi.data.synthetic import WorldConfig, build_synthetic
+from mechhi.finetune import (
+    SELECTION_FILE,
+    FinetuneConfig,
+    SelectionError,
+    TrainSettings,
+    attach_lora,
+    finetune,
+    lora_norms,
+    parameter_counts,
+    select_layers,
+    validation_loss,
+)
+from mechhi.models import FAMILIES
+from mechhi.models.qwen2_vl import Qwen2VLAdapter
+from mechhi.store import SampleMeta, create_store, write_scores
+from mechhi.zoo.toy import vocabulary
+from tests.conftest import tiny
+
+# ----------------------------------------------------------------------------- helpers
+
+# Hand-made ranking: mean HI over heads per layer (heads differ, means are exact).
+LAYER_MEANS = np.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.6, 0.4, 0.0])
+TOP3, BOTTOM3 = {1, 5, 3}, {9, 2, 6}
+
+
+def hand_store(means: np.ndarray = LAYER_MEANS) -> xr.Dataset:
+    """head_impact (layer, 2 heads) whose per-layer means are ``means``."""
+    spread = np.array([-0.05, 0.05])
+    hi = means[:, None] + spread[None, :]  # (layer, head)
+    return xr.Dataset(
+        {"head_impact": (("layer", "head"), hi)},
+        coords={"layer": np.arange(len(means)), "head": [0, 1]},
+        attrs={"model": "hand", "dataset": "nowhere#abc"},
+    )
+
+
+def toy_tiny(layers: int = 4):
+    """A tiny random Qwen2-VL with the toy's vocabulary (size words included), float32."""
+    torch.manual_seed(0)
+    model, processor = Qwen2VLAdapter.build_tiny(words=vocabulary(), layers=layers)
+    return model.float().eval(), Qwen2VLAdapter(model.config, processor)
+
+
+def tiny_dataset(root: Path, n_images: int = 16) -> Path:
+    """Synthetic scenes at 56 px (4 visual tokens) with size words, train/val/test splits."""
+    return build_synthetic(root, n_images=n_images, seed=3, splits={"train": 0.5, "val": 0.25, "test": 0.25},
+                           config=WorldConfig(image_size=56, describe_size=True, max_objects=2),
+                           progress=False)  # fmt: skip
+
+
+def scored_store(path: Path, n_layers: int, means: np.ndarray | None = None) -> Path:
+    """A real on-disk store (create_store + write_scores) with a hand-made head_impact."""
+    means = np.linspace(0.1, 0.9, n_layers)[::-1] if means is None else means
+    create_store(path, samples=[SampleMeta("000000", "0", "a red circle", {"image": (2, 2)})], n_layers=n_layers,
+                 n_heads=4, maps=False, attrs={"model": "tiny-toy", "model_revision": "", "dtype": "float32",
+                                               "prompt_template": "caption", "dataset": "tiny#0"})  # fmt: skip
+    hi = np.repeat(np.asarray(means, dtype=float)[:, None], 4, axis=1)  # (layer, head)
+    write_scores(path, xr.Dataset({"head_impact": (("layer", "head"), hi)}))
+    return path
+
+
+FAST = TrainSettings(max_steps=4, batch_size=2, grad_accum=2, lr=1e-2, warmup=1, eval_every=2, patience=0,
+                     val_limit=4, checkpoint_every=1)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_select_layers_top_bottom_by_hand():
+    ds = hand_store()
+    assert set(select_layers(ds, "top-3").layers) == TOP3
+    assert set(select_layers(ds, "bottom-3").layers) == BOTTOM3
+    assert select_layers(ds, "top-1").layers == (1,)
+    assert select_layers(ds, "bottom-1").layers == (9,)
+    assert select_layers(ds, "full").layers == tuple(range(10))
+    assert select_layers(ds, "layers=7,3").layers == (3, 7)
+
+
+def test_random_k_is_disjoint_seeded_and_varies():
+    ds = hand_store()
+    pool = set(range(10)) - TOP3 - BOTTOM3  # {0, 4, 7, 8}
+    draws = {select_layers(ds, "random-3", seed=s).layers for s in range(12)}
+    for layers in draws:
+        assert len(layers) == 3 and set(layers) <= pool
+    assert len(draws) > 1  # the seed matters
+    assert select_layers(ds, "random-3", seed=5).layers == select_layers(ds, "random-3", seed=5).layers
+    assert select_layers(ds, "random-2", seed=0).provenance["random_seed"] == 0
+
+
+def test_selection_errors_are_clear():
+    ds = hand_store()
+    with pytest.raises(SelectionError, match="needs 12 ranked layers"):
+        select_layers(ds, "random-4")
+    with pytest.raises(SelectionError, match="mechhi rank"):
+        select_layers(ds.drop_vars("head_impact").assign(iou=(("layer",), np.ones(10))), "top-2")
+    for bad in ("top4", "top-0", "layers=", "middle-2"):
+        with pytest.raises(SelectionError, match="layer selection"):
+            select_layers(ds, bad)
+    with pytest.raises(SelectionError, match=r"layers \[12\] not in the store"):
+        select_layers(ds, "layers=1,12")
+
+
+def test_nan_layers_are_never_ranked():
+    means = LAYER_MEANS.copy()
+    means[1] = np.nan  # the would-be best layer
+    ds = hand_store(means)
+    assert 1 not in select_layers(ds, "top-3").layers
+    assert 1 not in select_layers(ds, "bottom-3").layers
+
+
+def test_provenance_from_a_store_on_disk(tmp_path):
+    path = scored_store(tmp_path / "s.zarr", 6, np.array([0.2, 0.6, 0.1, 0.5, 0.4, 0.3]))
+    sel = select_layers(path, "top-2")
+    assert sel.layers == (1, 3)
+    prov = sel.provenance
+    assert prov["store"] == str(path.resolve()) and prov["model"] == "tiny-toy" and prov["dataset"] == "tiny#0"
+    assert [r["layer"] for r in prov["ranking"]] == [1, 3, 4, 5, 0, 2]
+    other = scored_store(tmp_path / "t.zarr", 6, np.array([0.2, 0.6, 0.1, 0.5, 0.4, 0.31]))
+    assert select_layers(other, "top-2").provenance["head_impact_fingerprint"] != prov["head_impact_fingerprint"]
+
+
+# ----------------------------------------------------------------------------- LoRA placement
+
+
+def _expected_qkv(model: torch.nn.Module, prefix: str, layers: list[int]) -> set[str]:
+    """Independent expectation: q/k/v Linear modules under the decoder layers' prefix."""
+    out = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if not isinstance(module, torch.nn.Linear) or parts[-1] not in ("q_proj", "k_proj", "v_proj"):
+            continue
+        head = name[: -len(parts[-1]) - 1]  # <prefix>.<i>.self_attn
+        for i in layers:
+            if head == f"{prefix}.{i}.self_attn":
+                out.add(name)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.family for f in FAMILIES])
+def test_lora_goes_on_exactly_the_chosen_qkv(family):
+    case = next(iter(family.tiny_cases))
+    base, adapter = tiny(family.family, case)
+    model = copy.deepcopy(base)  # peft edits in place; the cached tiny model is shared
+    n_layers = adapter.n_layers
+    chosen = [n_layers - 1]
+    expected = _expected_qkv(model, adapter.decoder_layers, chosen)
+    assert len(expected) == 3
+    vision_linears = [n for n, m in model.named_modules() if n.startswith(adapter.vision_tower) and isinstance(m, torch.nn.Linear)]
+    assert vision_linears  # the tower exists, so "never matched" below is a real check
+    sizes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if n in expected}
+
+    peft_model = attach_lora(model, adapter, chosen)
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == expected
+    assert not any(n.startswith(adapter.vision_tower) for n in wrapped)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable == {f"base_model.model.{n}.lora_{ab}.default.weight" for n in expected for ab in "AB"}
+    counts = parameter_counts(peft_model)
+    assert counts["trainable"] == sum(8 * (i + o) for i, o in sizes.values())  # r (in + out) per module
+    assert counts["total"] == sum(p.numel() for p in base.parameters()) + counts["trainable"]
+    assert lora_norms(peft_model)["lora_B"] == 0.0  # B starts at zero
+    peft_model.unload()
+
+
+def test_full_selection_wraps_every_decoder_layer():
+    base, adapter = tiny("qwen2-vl", "gqa")
+    model = copy.deepcopy(base)
+    expected = _expected_qkv(model, adapter.decoder_layers, list(range(adapter.n_layers)))
+    assert len(expected) == 3 * adapter.n_layers
+    peft_model = attach_lora(model, adapter, list(range(adapter.n_layers)))
+    from peft.tuners.lora import LoraLayer
+
+    assert {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)} == expected
+    peft_model.unload()
+    assert not any("lora" in n for n, _ in model.named_parameters())  # unload gives the plain model back
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    model, adapter = toy_tiny()
+    return {"root": root, "data": tiny_dataset(root / "data"), "store": scored_store(root / "s.zarr", 4),
+            "model": model, "adapter": adapter}  # fmt: skip
+
+
+def _config(setup, out: Path, **kw) -> FinetuneConfig:
+    return FinetuneConfig(store=str(setup["store"]), select="top-2", out=str(out), dataset=str(setup["data"]),
+                          model="tiny-toy", **{"train": FAST, **kw})  # fmt: skip
+
+
+def test_training_lowers_the_loss_and_trains_lora_b(setup):
+    from mechhi.finetune import load_split
+
+    model, adapter = copy.deepcopy(setup["model"]), setup["adapter"]
+    val = load_split(setup["data"], "val", FAST.val_limit).samples
+    before = validation_loss(model, adapter, val, batch_size=4)
+    result = finetune(_config(setup, setup["root"] / "a"), loaded=(model, adapter), progress=False)
+    assert result.selection.layers == (0, 1)  # linspace means, descending: layers 0 and 1 rank top
+    assert result.history.best_loss < before - 0.05
+    assert result.norms["lora_B"] > 0
+    assert len(result.history.train) == FAST.max_steps and [v["step"] for v in result.history.val] == [2, 4]
+    meta = json.loads((result.out / SELECTION_FILE).read_text())
+    assert meta["selection"]["layers"] == [0, 1]
+    assert meta["selection"]["provenance"]["model"] == "tiny-toy"
+    assert meta["params"]["trainable"] == result.params["trainable"] > 0
+    assert (result.out / "adapter_model.safetensors").is_file()
+    assert not any("lora" in n for n, _ in model.named_parameters())  # the caller's model is plain again
+    again = finetune(_config(setup, setup["root"] / "a"), loaded=(model, adapter), progress=False)
+    assert again.resumed_finished and again.history.best_loss == result.history.best_loss
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_the_same_adapter(setup):
+    adapter = setup["adapter"]
+    straight = finetune(_config(setup, setup["root"] / "straight"), loaded=(copy.deepcopy(setup["model"]), adapter),
+                        progress=False)  # fmt: skip
+
+    def stop_at_2(step: int, loss: float) -> None:
+        if step == 2:
+            raise Interrupt
+
+    out = setup["root"] / "resumed"
+    with pytest.raises(Interrupt):
+        finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), adapter), progress=False, on_step=stop_at_2)
+    assert (out / "checkpoint.pt").is_file() and not (out / SELECTION_FILE).exists()
+    resumed = finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), adapter), progress=False)
+    a = load_file(straight.out / "adapter_model.safetensors")
+    b = load_file(resumed.out / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert [r["loss"] for r in resumed.history.train] == [r["loss"] for r in straight.history.train]
+
+
+def test_early_stopping_stops_and_keeps_the_best(setup):
+    bad_lr = TrainSettings(**{**FAST.__dict__, "lr": 5.0, "max_steps": 8, "eval_every": 1, "patience": 2})
+    result = finetune(_config(setup, setup["root"] / "early", train=bad_lr),
+                      loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)  # fmt: skip
+    vals = [v["loss"] for v in result.history.val]
+    assert result.history.stopped_early and len(vals) < 8
+    assert vals.index(min(vals)) == len(vals) - 3 and result.history.best_loss == min(vals)  # 2 bad evals after it
+    # the saved adapter holds the best weights, not the last ones
+    from peft import PeftModel
+
+    from mechhi.finetune import load_split
+
+    model = PeftModel.from_pretrained(copy.deepcopy(setup["model"]), str(result.out))
+    val = load_split(setup["data"], "val", FAST.val_limit).samples
+    assert validation_loss(model, setup["adapter"], val, batch_size=2) == pytest.approx(result.history.best_loss, rel=1e-5)
