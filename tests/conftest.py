@@ -15,6 +15,10 @@ from PIL import Image
 
 from mechhi.models import FAMILIES, adapter_for
 
+# One thread: tiny models gain nothing from two, and OpenMP's spinning threads slow a
+# busy 2-core machine down many times over.
+torch.set_num_threads(1)
+
 WORDS = "red green blue yellow circle square triangle star small large".split()
 
 CASES = [(f.family, case) for f in FAMILIES for case in f.tiny_cases]
