@@ -233,6 +233,7 @@ class VLMAdapter:
     image_token_attr: ClassVar[str] = "image_token_id"  # attribute of the config
     variable_image_size: ClassVar[bool] = True  # False: the processor makes every image one size
     tiny_cases: ClassVar[dict[str, dict[str, Any]]] = {}  # test variants: build_tiny kwargs
+    padding_side: ClassVar[str | None] = None  # force "left"/"right" where the model needs it
 
     def __init__(self, config: Any, processor: Any) -> None:
         self.config = config
@@ -316,17 +317,19 @@ class VLMAdapter:
         return PreparedBatch(inputs=inputs, layouts=layouts)
 
     def process(self, images: Sequence[Image.Image], rendered: Sequence[RenderedPrompt]) -> dict:
-        """Run the processor on a batch of rendered prompts (padding as the processor does)."""
-        extra: dict[str, list[Any]] = {}
-        for prompt in rendered:
-            for key, value in prompt.processor_kwargs.items():
-                extra.setdefault(key, []).append(value)
+        """Run the processor on a batch of rendered prompts.
+
+        ``rendered.text`` is what the processor gets as ``text`` unless the prompt's
+        ``processor_kwargs`` carry their own ``text`` (PaliGemma passes the prefix there and
+        the answer as ``suffix``). ``padding_side`` None keeps the processor's own choice.
+        """
+        texts = [p.processor_kwargs.get("text", p.text) for p in rendered]
+        keys = sorted({key for p in rendered for key in p.processor_kwargs} - {"text"})
+        kwargs: dict[str, Any] = {key: [p.processor_kwargs[key] for p in rendered] for key in keys}
+        if self.padding_side is not None:
+            kwargs["padding_side"] = self.padding_side
         out = self.processor(
-            text=[p.text for p in rendered],
-            images=[[im.convert("RGB")] for im in images],
-            padding=True,
-            return_tensors="pt",
-            **extra,
+            text=texts, images=[[im.convert("RGB")] for im in images], padding=True, return_tensors="pt", **kwargs
         )
         return {k: v for k, v in out.items() if k in self.model_input_names()}
 

@@ -21,11 +21,9 @@ of that from the attention call's keywords, so one adapter serves both.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 
 from ._common import AdapterError, PromptTemplate, RenderedPrompt, VisualView, VLMAdapter
 from ._tokenizer import word_level_tokenizer
@@ -47,6 +45,9 @@ class PaliGemmaAdapter(VLMAdapter):
     model_types = ("paligemma",)  # PaliGemma 2 checkpoints keep this model_type
     templates = PALIGEMMA_TEMPLATES
     variable_image_size = False
+    # The model numbers positions 1..T whatever the padding, so right padding gives every
+    # sample the positions it has alone.
+    padding_side = "right"
     tiny_cases = {
         "gemma": {"kv_heads": 1},  # PaliGemma 1 3B is multi-query (8 heads, 1 kv head)
         "gemma-mha": {"kv_heads": 4},
@@ -79,27 +80,6 @@ class PaliGemmaAdapter(VLMAdapter):
             answer_span=(len(head), len(head) + len(answer)),
             processor_kwargs={"text": f"{image}{prefix}", "suffix": f"{before}{answer}{after}"},
         )
-
-    def process(self, images: Sequence[Image.Image], rendered: Sequence[RenderedPrompt]) -> dict:
-        """Run the processor on (prefix, suffix) pairs.
-
-        The base class passes ``rendered.text`` as the processor's text, but here that is
-        the full sequence; the prefix travels in ``processor_kwargs["text"]`` instead.
-        Padding goes on the right: the model numbers positions 1..T regardless of
-        padding, so right padding gives every sample the positions it has alone.
-        """
-        kwargs: dict[str, list[str]] = {"text": [], "suffix": []}
-        for prompt in rendered:
-            for key in kwargs:
-                kwargs[key].append(prompt.processor_kwargs[key])
-        out = self.processor(
-            images=[[im.convert("RGB")] for im in images],
-            padding=True,
-            padding_side="right",
-            return_tensors="pt",
-            **kwargs,
-        )
-        return {k: v for k, v in out.items() if k in self.model_input_names()}
 
     # -- layout -----------------------------------------------------------------------
     @property

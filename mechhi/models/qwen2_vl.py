@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ._common import AdapterError, VisualView, VLMAdapter
 from ._tokenizer import word_level_tokenizer
