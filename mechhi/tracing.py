@@ -97,14 +97,22 @@ def description_attention(
     scaling: float,
     softcap: float | None = None,
     sliding_window: int | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Mean over description rows of the softmax probabilities on the visual tokens.
 
     ``query`` (B, H, T, D) and ``key`` (B, Hkv, S, D) are what the attention function
-    receives; ``mask`` is what it receives too: None (pure causal), a 4-D bool mask
-    (True = attend), a 4-D additive float mask, or a 2-D (B, S) padding mask (flash).
+    receives; ``mask`` is what it receives too: None (causal if ``causal``), a 4-D bool
+    mask (True = attend), a 4-D additive float mask, or a 2-D (B, S) padding mask
+    (flash). A 4-D mask already holds causality and any sliding window; with None or
+    2-D the attention function applies them itself, so they are applied here.
     Returns (B, H, V) float32; padded visual columns are 0.
     """
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TracingError(
+            f"attention mask of type {type(mask).__name__} (flex attention?) is not supported: "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
     batch, heads, _, dim = query.shape
     kv_heads, seq = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -114,7 +122,7 @@ def description_attention(
     logits = (q @ key.float().transpose(-1, -2)).view(batch, heads, rows, seq) * scaling
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    logits = logits + _row_bias(mask, index.query, seq, sliding_window, logits.device)
+    logits = logits + _row_bias(mask, index.query, seq, sliding_window, causal, logits.device)
     probs = torch.softmax(logits, dim=-1)  # (B, H, Q, S)
     weights = index.query_valid.float()
     weights = weights / weights.sum(-1, keepdim=True)
@@ -128,6 +136,7 @@ def _row_bias(
     rows: torch.Tensor,
     seq: int,
     sliding_window: int | None,
+    causal: bool,
     device: torch.device,
 ) -> torch.Tensor:
     """Additive (B or 1, 1, Q, S) bias equal to the model's mask on the selected rows."""
@@ -142,6 +151,8 @@ def _row_bias(
     # None or 2-D padding mask: the attention function applies causality itself.
     keys = torch.arange(seq, device=device)
     allowed = keys[None, None, :] <= rows[:, :, None]  # (B, Q, S)
+    if not causal:
+        allowed = torch.ones_like(allowed)
     if sliding_window is not None:
         allowed &= keys[None, None, :] > rows[:, :, None] - sliding_window
     if mask is not None:
@@ -190,9 +201,10 @@ class AttentionTracer:
                 per_layer.append(
                     description_attention(
                         query, key, mask, index,
-                        scaling=kwargs.get("scaling") or module.head_dim**-0.5,
+                        scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,  # SDPA's default
                         softcap=kwargs.get("softcap"),
                         sliding_window=kwargs.get("sliding_window"),
+                        causal=getattr(module, "is_causal", True),
                     ).cpu()
                 )  # fmt: skip
             tracer.stop()

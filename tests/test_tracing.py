@@ -64,11 +64,16 @@ def test_padded_batch_equals_one_at_a_time(tiny_case):
 
 
 def test_attention_call_is_found_not_hardcoded(tiny_case):
+    """The label found is the one whose source line calls the attention function with q/k."""
     model, adapter = tiny_case
     tracer = AttentionTracer(model, adapter)
     assert len(tracer.call_labels) == adapter.n_layers
-    label = tracer.call_labels[0]
     attention = tracer.layers[0]
     for part in adapter.attention.split("."):
         attention = getattr(attention, part)
-    assert find_attention_call(attention) == label
+    source = attention.source
+    label = find_attention_call(attention)
+    line = source.compiled.source.splitlines()[source.compiled.lines[label] - 1]
+    assert "attention_interface(" in line and "get_interface" not in line, line
+    others = [n for n in source.names if n.startswith("attention_interface_") and n != label]
+    assert others, "the get_interface assignment shares the name: the lookup must tell them apart"
