@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -35,18 +36,25 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def friendly_errors(command: Callable) -> Callable:
-    """Turn expected library errors into a one-line message and exit code 1."""
+    """Turn errors into a one-line message and exit code 1 (MECHHI_DEBUG=1 shows the traceback)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: finished batches are kept; rerun the same command to resume")
+            err_console.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to resume")
             raise typer.Exit(130) from None
-        except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            err_console.print(f"[red]error[/]: {message}", highlight=False)
+        except Exception as error:  # noqa: BLE001 - the CLI boundary: report, never a traceback
+            if os.environ.get("MECHHI_DEBUG"):
+                raise
+            text = str(error).strip()
+            message = text.splitlines()[0] if text else type(error).__name__
+            expected = isinstance(error, (ValueError, KeyError, FileNotFoundError, OSError))
+            hint = "" if expected else f" ({type(error).__name__}; set MECHHI_DEBUG=1 for the traceback)"
+            err_console.print(f"[red]error[/]: {message}{hint}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -79,7 +87,7 @@ def trace(
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
     no_maps: Annotated[bool, typer.Option("--no-maps", help="Keep masks and IoU only, not the attention cube.")] = False,
     template: Annotated[str, typer.Option(help="Prompt template: caption | vqa.")] = "caption",
-    split: Annotated[Optional[str], typer.Option(help="Trace only this split of the dataset (e.g. trace).")] = None,
+    split: Annotated[str, typer.Option(help="auto: the 'trace' split when the dataset has one, else all; all; or a split name.")] = "auto",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid records (listed in the store attrs).")] = False,
 ) -> None:
     """Trace description-to-image attention of every head into a zarr store, then score it."""
@@ -104,15 +112,28 @@ def trace(
 # --------------------------------------------------------------------------- rank / stats
 
 
-def _scored(store: Path):
-    """The store with head_impact present: computed now (and said so) if the trace did not."""
-    from mechhi.store import open_store
-    from probes.head_impact import score_store
+MaskThresholdOpt = Annotated[float, typer.Option(help="Binarised mask: token coverage >= this.")]
+KeepBestOpt = Annotated[bool, typer.Option(help="An object below the threshold keeps its best-covered token.")]
 
+
+def _scored(store: Path, mask_threshold: float = 0.5, keep_best: bool = True):
+    """The store with head_impact under the asked binarisation rule, scored now if needed (and said so)."""
+    from mechhi.store import open_store
+    from probes.head_impact import BinarizeRule, score_store
+
+    rule = BinarizeRule(mask_threshold=mask_threshold, keep_best_token=keep_best)
     ds = open_store(store)
-    if "head_impact" not in ds or bool(ds.head_impact.isnull().all()):
-        err_console.print("head_impact not in the store yet: scoring it now")
-        ds = score_store(store)
+    done, total = int(ds.done.sum()), ds.sizes["sample"]
+    if done < total:
+        err_console.print(f"[yellow]warning[/]: only {done} of {total} samples are traced; scores cover those. "
+                          "Rerun the same `mechhi trace` to finish.")  # fmt: skip
+    if done == 0:
+        raise ValueError(f"{store}: no sample has been traced yet")
+    stale = "head_impact" not in ds or bool(ds.head_impact.isnull().all())
+    if stale or ds.attrs.get("binarize") != rule.to_dict():
+        err_console.print(f"scoring the store ({rule.describe()})")
+        score_store(store, rule)
+        ds = open_store(store)
     return ds
 
 
@@ -122,6 +143,8 @@ def rank(
     store: StoreOpt,
     probe: Annotated[str, typer.Option(help="Scoring probe.")] = "head-impact",
     top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers.")] = None,
+    mask_threshold: MaskThresholdOpt = 0.5,
+    keep_best: KeepBestOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Rank layers by mean Head Impact over heads (best first)."""
@@ -129,7 +152,7 @@ def rank(
 
     if probe != "head-impact":
         raise ValueError(f"unknown probe {probe!r}; available: head-impact")
-    ds = _scored(store)
+    ds = _scored(store, mask_threshold, keep_best)
     ranking = layer_ranking(ds)
     rows = [
         {"rank": i + 1, "layer": int(layer), "depth": float(ranking.depth[i]), "mean_hi": _finite(ranking[i])}
@@ -138,6 +161,7 @@ def rank(
     shown = rows[:top] if top else rows
     if as_json:
         print_json({"store": str(store), "model": ds.attrs.get("model"), "probe": probe,
+                    "binarize": ds.attrs.get("binarize"), "samples_done": int(ds.done.sum()),
                     "n_layers": len(rows), "layers": shown})  # fmt: skip
         return
     table = Table(title=f"Head Impact by layer: {ds.attrs.get('model')}")
@@ -151,11 +175,13 @@ def rank(
 
 @app.command()
 @friendly_errors
-def stats(store: StoreOpt, as_json: JsonOpt = False) -> None:
+def stats(
+    store: StoreOpt, mask_threshold: MaskThresholdOpt = 0.5, keep_best: KeepBestOpt = True, as_json: JsonOpt = False
+) -> None:
     """Kruskal-Wallis tests of Head Impact across layers and across heads."""
     from probes.head_impact import kruskal_records, kruskal_wallis
 
-    ds = _scored(store)
+    ds = _scored(store, mask_threshold, keep_best)
     tests = kruskal_records(kruskal_wallis(ds))
     if as_json:
         print_json({"store": str(store), "model": ds.attrs.get("model"), "kruskal_wallis": tests})
@@ -204,7 +230,7 @@ def dataset_build(
     elif source == "paper":
         from mechhi.data.paper import build_from_paper
 
-        report = build_from_paper(paper_dir or DEFAULT_PAPER_DIR, _required(images, "--images"), out,
+        report = build_from_paper(_paper_dir(paper_dir), _required(images, "--images"), out,
                                   min_mask_score=min_score, overwrite=overwrite)  # fmt: skip
     elif source == "coco":
         from mechhi.data.coco import build_from_coco
@@ -231,7 +257,13 @@ def dataset_build(
         console.print(str(report) if not isinstance(report, Path) else f"dataset written to {report}")
 
 
-DEFAULT_PAPER_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "sergeev2025"
+def _paper_dir(given: Optional[Path]) -> Path:
+    """--paper-dir, else $MECHHI_PAPER_DATA, else the copy beside a development checkout."""
+    for candidate in (given, os.environ.get("MECHHI_PAPER_DATA"),
+                      Path(__file__).resolve().parent.parent / "shared" / "data" / "sergeev2025"):  # fmt: skip
+        if candidate and (Path(candidate) / "dataset_masks.json").is_file():
+            return Path(candidate)
+    raise ValueError("the paper's dataset_masks.json was not found: pass --paper-dir DIR (the published folder)")
 
 
 def _required(value: Optional[Path], flag: str) -> Path:

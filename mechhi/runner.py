@@ -42,7 +42,7 @@ class TraceConfig:
     dtype: str = "auto"
     maps: bool = True  # False: keep only masks and IoU, not the attention cube
     template: str = "caption"
-    split: str | None = None  # only samples of this split (e.g. "trace")
+    split: str = "auto"  # "auto": the "trace" split if the dataset has one, else all; "all"; or a split name
     skip_bad: bool = False  # skip invalid records (recorded in the store) instead of failing
     revision: str | None = None
 
@@ -75,7 +75,7 @@ def trace_dataset(
     dataset = _load_dataset(config, adapter)
     samples = dataset.samples[: config.limit] if config.limit else dataset.samples
     if not samples:
-        raise ValueError(f"no samples to trace in {config.dataset} (split={config.split})")
+        raise ValueError(f"no samples to trace in {config.dataset} (split {config.split!r})")
     layouts = _layouts(adapter, samples, config.template, config.batch_size)
     path = config.store_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,15 +94,21 @@ def trace_dataset(
 
 
 def _load_dataset(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
+    """The samples to trace. By default only the "trace" split, when the dataset has one:
+    layers must be chosen on images that the fine-tuning evaluation never sees."""
     tokenizer = adapter.tokenizer
     context = getattr(adapter.text_config, "max_position_embeddings", None)
-    return load_dataset(
+    dataset = load_dataset(
         config.dataset,
         skip_bad=config.skip_bad,
-        split=config.split,
         count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         max_description_tokens=context,
     )
+    if config.split == "all":
+        return dataset
+    if config.split == "auto":
+        return dataset.split("trace") if "trace" in dataset.split_counts() else dataset
+    return dataset.split(config.split)
 
 
 def _layouts(
@@ -148,7 +154,7 @@ def _attrs(config: TraceConfig, model: Any, adapter: VLMAdapter, dataset: KeyObj
         "prompt_template": config.template,
         "prompt": repr(adapter.templates[config.template]),
         "dataset": f"{Path(config.dataset).resolve()}#{dataset.fingerprint}",
-        "split": config.split or "",
+        "split": dataset.split_name or "all",
         "binarize": asdict(BinarizeRule()),
         "skipped": [asdict(s) for s in dataset.skipped],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -21,7 +21,7 @@ SIZES = [(112, 140), (84, 84), (140, 112), (112, 112), (56, 168), (84, 112), (11
 COLOURS = ["red", "green", "blue", "yellow"]
 
 
-def write_toy_dataset(root, n_images: int = 7) -> None:
+def write_toy_dataset(root, n_images: int = 7, with_splits: bool = False) -> None:
     """Rectangles of known colour on grey, one or two objects per image."""
     rng = np.random.default_rng(0)
     with DatasetWriter(root) as writer:
@@ -37,7 +37,8 @@ def write_toy_dataset(root, n_images: int = 7) -> None:
                 colour = COLOURS[(i + j) % 4]
                 draw.rectangle([x0, y0, x0 + 27, y0 + 27], fill=colour)
                 objects.append(KeyObject.from_mask(str(j), f"a {colour} square", mask))
-            record = ImageRecord(f"img{i:03d}", "", width, height, None, tuple(objects))
+            split = ("trace" if i < 3 else "test") if with_splits else None
+            record = ImageRecord(f"img{i:03d}", "", width, height, None, tuple(objects), split=split)
             writer.add(record, image)
 
 
@@ -129,3 +130,28 @@ def test_cli_reports_bad_dataset_in_one_line(tiny_model_dir, tmp_path):
                                       "--store", str(tmp_path / "x.zarr"), "--device", "cpu"])  # fmt: skip
     assert result.exit_code == 1
     assert "error" in result.output and "Traceback" not in result.output
+
+
+def test_trace_defaults_to_the_trace_split(tiny_model_dir, tmp_path):
+    """Layers are chosen on the trace split only, so evaluation images stay unseen."""
+    write_toy_dataset(tmp_path / "data", with_splits=True)
+    store = trace_dataset(config(tiny_model_dir, tmp_path / "data", tmp_path / "s.zarr"), progress=False)
+    ds = open_store(store)
+    assert sorted(set(ds.image_id.values.tolist())) == ["img000", "img001", "img002"]
+    assert ds.attrs["split"] == "trace"
+    everything = trace_dataset(config(tiny_model_dir, tmp_path / "data", tmp_path / "all.zarr", split="all"),
+                               progress=False)  # fmt: skip
+    assert open_store(everything).sizes["sample"] == 10
+
+
+def test_rank_warns_on_an_unfinished_store(tiny_model_dir, dataset_dir, tmp_path):
+    def kill(number, indices):
+        raise Killed
+
+    store = tmp_path / "partial.zarr"
+    with pytest.raises(Killed):
+        trace_dataset(config(tiny_model_dir, dataset_dir, store), progress=False, on_batch=kill)
+    result = CliRunner().invoke(app, ["rank", "--store", str(store), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "only 3 of 10 samples are traced" in result.stderr
+    assert json.loads(result.stdout)["samples_done"] == 3

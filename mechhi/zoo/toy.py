@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -163,19 +164,22 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
     model, adapter = build(config)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start = 0
+    start, elapsed = 0, 0.0
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         if state["config"] != asdict(config):
             raise ValueError(f"{checkpoint} was written with another ToyConfig; delete it to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start, elapsed = state["step"], state.get("seconds", 0.0)
+        # Steps after the checkpoint are done again: drop their log lines.
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
     elif log_path.exists():
         log_path.unlink()
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                TimeRemainingColumn())  # fmt: skip
-    began = time.time()
+    began = time.time() - elapsed  # wall time across resumes
     with Progress(*columns, disable=not progress) as bar, open(log_path, "a") as log:
         task = bar.add_task("train", total=config.steps, completed=start, loss="")
         for step in range(start, config.steps):
@@ -187,7 +191,7 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
             for name, batch in batches.items():
                 loss = lm_loss(model, batch) / len(batches)
                 loss.backward()
-                losses[f"{name}_loss"] = float(loss) * len(batches)
+                losses[f"{name}_loss"] = loss.item() * len(batches)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             entry = {"step": step + 1, **losses, "lr": _lr(step, config), "seconds": round(time.time() - began, 1)}
@@ -195,8 +199,10 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
             log.flush()
             bar.update(task, advance=1, loss=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "step": step + 1, "config": asdict(config)}, checkpoint)  # fmt: skip
+                staging = checkpoint.with_suffix(".tmp")  # write then rename: a kill never leaves half a file
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                            "seconds": time.time() - began, "config": asdict(config)}, staging)  # fmt: skip
+                os.replace(staging, checkpoint)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     adapter.processor.save_pretrained(out_dir)
