@@ -16,6 +16,7 @@ from mechhi.store import (
     StoreError,
     combine,
     create_store,
+    depth_bins,
     done_mask,
     open_store,
     pad_grid,
@@ -226,12 +227,12 @@ def scored_store(path: Path, model: str, n_layers: int, n_heads: int, hi: np.nda
     return path
 
 
-def test_combine_aligns_on_depth(tmp_path: Path):
+def test_combine_exact_outer_joins_float_depths(tmp_path: Path):
     hi3 = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])  # depths 0, 0.5, 1; heads 0, 1
     hi5 = np.arange(15, dtype=float).reshape(5, 3) / 100  # depths 0, .25, .5, .75, 1; heads 0..2
     a = scored_store(tmp_path / "a.zarr", "small", 3, 2, hi3)
     b = scored_store(tmp_path / "b.zarr", "big", 5, 3, hi5)
-    got = combine([a, b])
+    got = combine([a, b], align="exact")
     nan = np.nan
     expected = xr.Dataset(
         {
@@ -251,6 +252,136 @@ def test_combine_aligns_on_depth(tmp_path: Path):
         },
     )
     xr.testing.assert_allclose(got.transpose("model", "depth", "head").compute(), expected)
+
+
+def ragged_stores(tmp_path: Path) -> tuple[list[Path], list[np.ndarray]]:
+    """Three models with non-nested depths (4, 7, 12 layers) and 2, 3, 2 heads."""
+    rng = np.random.default_rng(7)
+    shapes = [("a", 4, 2), ("b", 7, 3), ("a", 12, 2)]
+    his = [rng.random((n, h)) for _, n, h in shapes]
+    his[1][0, 0] = np.nan  # an unscored head: skipped when its bin is averaged
+    paths = [scored_store(tmp_path / f"{i}.zarr", m, n, h, hi) for i, ((m, n, h), hi) in enumerate(zip(shapes, his))]
+    return paths, his
+
+
+def expected_bins(his: list[np.ndarray], members: list[dict[int, list[int]]], bins: int) -> np.ndarray:
+    """(model, depth, head) by hand: nan-mean of the listed layers of each model per bin."""
+    out = np.full((len(his), bins, 3), np.nan)
+    for m, (hi, bins_of) in enumerate(zip(his, members)):
+        for k, layers in bins_of.items():
+            out[m, k, : hi.shape[1]] = np.nanmean(hi[layers], axis=0)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")  # model b's only bin-0 layer is NaN on head 0
+def test_combine_bins_depths_of_different_models(tmp_path: Path):
+    paths, his = ragged_stores(tmp_path)
+    got = combine(paths).transpose("model", "depth", "head").compute()
+    # default bins = 12; bin k = [k/12, (k+1)/12), depth 1 in the last. 4 layers:
+    # depths 0, 1/3, 2/3, 1 -> bins 0, 4, 8, 11; 7 layers: l/6 -> 0, 2, 4, 6, 8, 10, 11.
+    members = [
+        {0: [0], 4: [1], 8: [2], 11: [3]},
+        {0: [0], 2: [1], 4: [2], 6: [3], 8: [4], 10: [5], 11: [6]},
+        {k: [k] for k in range(12)},
+    ]
+    assert list(got["model"].values) == ["a", "b", "a#2"]
+    np.testing.assert_allclose(got["depth"].values, np.arange(0.5, 12) / 12)
+    np.testing.assert_array_equal(got["head"].values, [0, 1, 2])
+    np.testing.assert_allclose(got["head_impact"].values, expected_bins(his, members, 12))
+    assert not got["head_impact"].isnull().all(("depth", "head")).any()  # no all-NaN model row
+    layer = np.full((3, 12), np.nan)
+    for m, bins_of in enumerate(members):
+        for k, (only,) in bins_of.items():
+            layer[m, k] = only
+    np.testing.assert_array_equal(got["layer"].values, layer)
+    np.testing.assert_array_equal(got["layer_count"].values, ~np.isnan(layer))
+    assert got.attrs["align"] == "depth" and got.attrs["bins"] == 12
+
+
+def test_combine_bins_average_layers_sharing_a_bin(tmp_path: Path):
+    paths, his = ragged_stores(tmp_path)
+    got = combine(paths, bins=4).transpose("model", "depth", "head").compute()
+    # bins [0, .25), [.25, .5), [.5, .75), [.75, 1]; 7 layers at l/6, 12 layers at l/11.
+    members = [
+        {0: [0], 1: [1], 2: [2], 3: [3]},
+        {0: [0, 1], 1: [2], 2: [3, 4], 3: [5, 6]},
+        {0: [0, 1, 2], 1: [3, 4, 5], 2: [6, 7, 8], 3: [9, 10, 11]},
+    ]
+    np.testing.assert_allclose(got["depth"].values, [0.125, 0.375, 0.625, 0.875])
+    np.testing.assert_allclose(got["head_impact"].values, expected_bins(his, members, 4))
+    assert got["head_impact"].sel(model="b", head=0).values[0] == his[1][1, 0]  # NaN layer 0 skipped
+    np.testing.assert_array_equal(got["layer_count"].values, [[1, 1, 1, 1], [2, 1, 2, 2], [3, 3, 3, 3]])
+    nan = np.nan
+    np.testing.assert_array_equal(got["layer"].values, [[0, 1, 2, 3], [nan, 2, nan, nan], [nan] * 4])
+
+
+def test_combine_equal_depths_keep_exact_depths(tmp_path: Path):
+    a = scored_store(tmp_path / "a.zarr", "m1", 3, 2, np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    b = scored_store(tmp_path / "b.zarr", "m2", 3, 1, np.array([[7.0], [8.0], [9.0]]))
+    nan = np.nan
+    expected = xr.Dataset(
+        {
+            "head_impact": (
+                ("model", "depth", "head"),
+                [[[1, 2], [3, 4], [5, 6]], [[7, nan], [8, nan], [9, nan]]],
+            )
+        },
+        coords={
+            "model": ["m1", "m2"],
+            "depth": [0.0, 0.5, 1.0],
+            "head": [0, 1],
+            "layer": (("model", "depth"), [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]),
+        },
+    )
+    for align in ("depth", "exact"):
+        got = combine([a, b], align=align)
+        xr.testing.assert_allclose(got.transpose("model", "depth", "head").compute(), expected)
+        assert got.attrs["align"] == "exact"
+
+
+def test_combine_aligns_on_layer_index(tmp_path: Path):
+    hi3 = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    hi5 = np.arange(15, dtype=float).reshape(5, 3) / 100
+    a = scored_store(tmp_path / "a.zarr", "small", 3, 2, hi3)
+    b = scored_store(tmp_path / "b.zarr", "big", 5, 3, hi5)
+    got = combine([a, b], align="layer").transpose("model", "layer", "head").compute()
+    nan = np.nan
+    small = np.full((5, 3), nan)
+    small[:3, :2] = hi3
+    expected = xr.Dataset(
+        {"head_impact": (("model", "layer", "head"), np.stack([small, hi5]))},
+        coords={
+            "model": ["small", "big"],
+            "layer": [0, 1, 2, 3, 4],
+            "head": [0, 1, 2],
+            "depth": (("model", "layer"), [[0, 0.5, 1, nan, nan], [0, 0.25, 0.5, 0.75, 1]]),
+        },
+    )
+    xr.testing.assert_allclose(got, expected)
+
+
+def test_depth_bins_is_exact_on_bin_edges():
+    # layer 13 of 24 has depth 13/23, exactly the start of bin 13 of 23; float
+    # floor(13 / 23 * 23) gives 12.
+    assert depth_bins(24, 23)[13] == 13
+    np.testing.assert_array_equal(depth_bins(4, 12), [0, 4, 8, 11])
+    np.testing.assert_array_equal(depth_bins(1, 5), [0])  # a single layer has depth 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"align": "depths"}, "unknown align='depths'"),
+        ({"align": "exact", "bins": 4}, "only applies to align='depth'"),
+        ({"bins": 0}, "positive int"),
+        ({"bins": 2.5}, "positive int"),
+        ({"variables": ("done",)}, "'done' of store .* has no 'layer' dim"),
+    ],
+)
+def test_combine_rejects_bad_options(tmp_path: Path, kwargs, message):
+    a = scored_store(tmp_path / "a.zarr", "m", 2, 1, np.ones((2, 1)))
+    with pytest.raises(StoreError, match=message):
+        combine([a, a], **kwargs)
 
 
 def test_combine_makes_model_labels_unique_and_needs_scores(tmp_path: Path):
