@@ -24,7 +24,9 @@ Dim vocabulary (every mechhi array uses only these names):
     the grid of another view of the same image (e.g. SmolVLM's global image beside
     its tile mosaic), with ``grid_rows_<view>`` / ``grid_cols_<view>`` on sample.
 ``model``
-    only in :func:`combine`: one entry per store, aligned on ``depth``.
+    only in :func:`combine`: one entry per store, aligned on ``depth`` (models of
+    different depth share equal-width depth bins; ``align="exact"`` or ``"layer"``
+    for the other alignments).
 
 Variables: ``attention`` (sample, layer, head, row, col), ``mask`` (sample, row, col),
 ``attention_<view>`` / ``mask_<view>`` for other views, ``iou`` (sample, layer, head),
