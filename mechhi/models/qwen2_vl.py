@@ -58,6 +58,7 @@ class Qwen2VLAdapter(VLMAdapter):
         vision_depth: int = 1,
         vision_width: int = 32,
         max_pixels: int = 28 * 28 * 64,
+        init_std: float = 0.02,
         qwen25: bool = False,
     ) -> tuple[Any, Any]:
         from transformers import (
@@ -85,10 +86,11 @@ class Qwen2VLAdapter(VLMAdapter):
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                              "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
             pad_token_id=ids("<pad>"), eos_token_id=ids("<|im_end|>"), bos_token_id=ids("<|endoftext|>"),
+            initializer_range=init_std,
         )  # fmt: skip
         vision = dict(
             depth=vision_depth, hidden_size=vision_width, num_heads=2, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, in_channels=3,
+            temporal_patch_size=2, in_channels=3, initializer_range=init_std,
         )  # fmt: skip
         special = dict(
             image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
