@@ -36,6 +36,7 @@ ZOO_DIR = Path(__file__).resolve().parent
 TOY_DIR = ZOO_DIR / "toy-qwen2vl"
 TRAIN_SEED_OFFSET = 1_000  # training scenes: world seed = config.seed + this
 HELD_OUT_SEED = 99_991  # evaluation scenes are drawn from a world seed training never uses
+VQA_TARGET = 0.9  # closed-ended VQA accuracy the toy model is meant to reach
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ def build(config: ToyConfig) -> tuple[torch.nn.Module, VLMAdapter]:
 
 def caption_of(record: ImageRecord) -> str:
     """Descriptions of every object, left to right, joined by "and"."""
+
     def centre_x(obj) -> float:
         return float(np.flatnonzero(obj.mask().any(axis=0)).mean())
 
@@ -129,7 +131,10 @@ def training_batches(adapter: VLMAdapter, config: ToyConfig, step: int) -> dict[
     half = config.batch_size // 2
     world = WorldConfig(image_size=config.image_size)
     first = step * config.batch_size  # scene indices are disjoint across steps: no image is seen twice
-    drawn = [render_one(first + k, seed=config.seed + TRAIN_SEED_OFFSET, config=world) for k in range(config.batch_size)]
+    drawn = [
+        render_one(first + k, seed=config.seed + TRAIN_SEED_OFFSET, config=world)
+        for k in range(config.batch_size)
+    ]
 
     def captions(scenes: list) -> PreparedBatch:
         return adapter.prepare([im for _, im in scenes], [caption_of(r) for r, _ in scenes])
@@ -198,7 +203,12 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
                 losses[f"{name}_loss"] = loss.item() * len(batches)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            entry = {"step": step + 1, **losses, "lr": _lr(step, config), "seconds": round(time.time() - began, 1)}
+            entry = {
+                "step": step + 1,
+                **losses,
+                "lr": _lr(step, config),
+                "seconds": round(time.time() - began, 1),
+            }
             log.write(json.dumps(entry) + "\n")
             log.flush()
             bar.update(task, advance=1, loss=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
@@ -241,7 +251,33 @@ def measure(
         "caption_perplexity": {"mean": ppl, "se": ppl * nll_metric.se, "n": nll_metric.n},
         "vqa_accuracy": vqa["accuracy"].as_dict(),
         "vqa_ans_prob": vqa["ans_prob"].as_dict(),
+        "caption_word_accuracy": word_accuracy(model, adapter, scenes),
     }
+
+
+def word_accuracy(
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    scenes: list[tuple[ImageRecord, object]],
+    *,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Teacher-forced caption accuracy split by word kind: a colour is visible in any one
+    token of an object, a shape only in how its tokens fit together, so the two tell
+    apart what the vision pathway has learnt."""
+    hits: dict[str, list[bool]] = {"colour": [], "shape": [], "other": []}
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start : start + batch_size]
+        batch = adapter.prepare([im for _, im in chunk], [caption_of(r) for r, _ in chunk])
+        with torch.no_grad():
+            predicted = model(**batch.inputs).logits.argmax(-1)
+        ids = batch.inputs["input_ids"]
+        for i, layout in enumerate(batch.layouts):
+            for position in layout.query_positions:
+                word = adapter.tokenizer.convert_ids_to_tokens(int(ids[i, position]))
+                kind = "colour" if word in COLOURS else "shape" if word in SHAPES else "other"
+                hits[kind].append(bool(predicted[i, position - 1] == ids[i, position]))
+    return {kind: float(np.mean(h)) for kind, h in hits.items() if h}
 
 
 def head_impact_summary(
@@ -302,12 +338,30 @@ def write_card(metrics: dict, out_dir: Path = TOY_DIR) -> Path:
     t, r = metrics["trained"], metrics["random_init"]
     ht, hr = metrics["head_impact_trained"], metrics["head_impact_random"]
 
+    tw, rw = t["caption_word_accuracy"], r["caption_word_accuracy"]
+    limitations = ""
+    if t["vqa_accuracy"]["mean"] < VQA_TARGET:
+        limitations = f"""## Known limitations
+
+Closed-ended VQA is at chance (target {VQA_TARGET:.0%}): within the 30-minute budget the
+VQA loss never left its chance plateau (ln 4 / 3 per answer token, `training_log.jsonl`).
+Two things are missing. The model names colours but not shapes (shape words at chance; a
+vision tower trained alone on per-object shape labels stayed at chance for 300 steps too,
+so learning shape from scratch with a ViT takes more images than the budget allows). And
+colour alone would already beat chance on most questions, so the comparison of options
+with the image was not learnt either in the 600 steps of mixed training.
+
+Head Impact does separate the trained model from random weights (table above), which is
+what the tracing demo and the fine-tuning experiment need.
+
+"""
+
     def fmt(m: dict, digits: int = 3) -> str:
         return f"{m['mean']:.{digits}f} ± {m['se']:.{digits}f}"
 
     text = f"""# toy-qwen2vl: the bundled toy model of mechhi
 
-A {metrics['parameters'] / 1e6:.2f} M-parameter model of the real transformers class
+A {metrics["parameters"] / 1e6:.2f} M-parameter model of the real transformers class
 `Qwen2VLForConditionalGeneration` (12 decoder layers, hidden 128, 4 heads with 2 KV heads,
 4-layer vision tower, word-level tokenizer), trained from scratch by `mechhi toy train` on
 scenes of the synthetic world (`mechhi/data/synthetic.py`): 1-3 coloured shapes on varied
@@ -315,28 +369,31 @@ backgrounds at 224 px (8 x 8 visual tokens).
 
 Tasks (the paper's prompts): captioning, "What is this photo?" -> "This is a photo of a
 red circle and a blue square." (objects left to right), and closed-ended VQA with four
-options -> "B.". Training: {metrics['training']['steps']} steps of 32 scenes (captioning
-only for the first {metrics['training']['caption_only_steps']} steps, then 16 caption + 16 VQA), never the same scene
-twice, seeded; {metrics['training']['minutes']} minutes on 2 CPU cores (`training_log.jsonl`).
+options -> "B.". Training: {metrics["training"]["steps"]} steps of 32 scenes (captioning
+only for the first {metrics["training"]["caption_only_steps"]} steps, then 16 caption + 16 VQA), never the same scene
+twice, seeded; {metrics["training"]["minutes"]} minutes on 2 CPU cores (`training_log.jsonl`).
 
-## Quality on held-out scenes (world seed {metrics['held_out']['seed']}, {metrics['held_out']['images']} images; mean ± SE)
+## Quality on held-out scenes (world seed {metrics["held_out"]["seed"]}, {metrics["held_out"]["images"]} images; mean ± SE)
 
 | metric | trained | random init |
 |---|---|---|
-| caption answer-token accuracy | {fmt(t['caption_token_accuracy'])} | {fmt(r['caption_token_accuracy'])} |
-| caption perplexity (answer tokens) | {fmt(t['caption_perplexity'], 2)} | {fmt(r['caption_perplexity'], 2)} |
-| closed-ended VQA accuracy | {fmt(t['vqa_accuracy'])} | {fmt(r['vqa_accuracy'])} |
-| VQA AnsProb | {fmt(t['vqa_ans_prob'])} | {fmt(r['vqa_ans_prob'])} |
+| caption answer-token accuracy | {fmt(t["caption_token_accuracy"])} | {fmt(r["caption_token_accuracy"])} |
+| caption perplexity (answer tokens) | {fmt(t["caption_perplexity"], 2)} | {fmt(r["caption_perplexity"], 2)} |
+| closed-ended VQA accuracy | {fmt(t["vqa_accuracy"])} | {fmt(r["vqa_accuracy"])} |
+| VQA AnsProb | {fmt(t["vqa_ans_prob"])} | {fmt(r["vqa_ans_prob"])} |
+| caption colour-word accuracy | {tw["colour"]:.3f} | {rw["colour"]:.3f} |
+| caption shape-word accuracy (chance 0.25) | {tw["shape"]:.3f} | {rw["shape"]:.3f} |
 
-## Head Impact ({metrics['held_out']['hi_images']} held-out images, all their objects)
+## Head Impact ({metrics["held_out"]["hi_images"]} held-out images, all their objects)
 
 | | trained | random init |
 |---|---|---|
-| best layer (mean HI over heads) | {ht['best_layer']} ({ht['best_layer_mean_hi']:.3f}) | {hr['best_layer']} ({hr['best_layer_mean_hi']:.3f}) |
-| best head HI | {ht['best_head_hi']:.3f} | {hr['best_head_hi']:.3f} |
-| mean HI over all heads | {ht['mean_hi']:.3f} | {hr['mean_hi']:.3f} |
-| top-4 layers | {ht['top4_layers']} | {hr['top4_layers']} |
+| best layer (mean HI over heads) | {ht["best_layer"]} ({ht["best_layer_mean_hi"]:.3f}) | {hr["best_layer"]} ({hr["best_layer_mean_hi"]:.3f}) |
+| best head HI | {ht["best_head_hi"]:.3f} | {hr["best_head_hi"]:.3f} |
+| mean HI over all heads | {ht["mean_hi"]:.3f} | {hr["mean_hi"]:.3f} |
+| top-4 layers | {ht["top4_layers"]} | {hr["top4_layers"]} |
 
+{limitations}
 Numbers written by `mechhi toy card` (also in `metrics.json`).
 """
     path = Path(out_dir) / "README.md"
