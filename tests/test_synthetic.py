@@ -180,3 +180,19 @@ def test_build_synthetic_loads_clean_and_resumes(tmp_path):
         build_synthetic(part, n_images=12, seed=6, config=config, progress=False)
     other = build_synthetic(part, n_images=4, seed=6, config=config, progress=False, overwrite=True)
     assert len(load_dataset(other).records) == 4
+
+
+def test_textured_background_behind_colours_that_leave_little_room():
+    """Green, purple and yellow leave no base colour far enough for the full texture (this
+    once stopped the toy model's training); the texture must fade instead of failing."""
+    from mechhi.data.synthetic import COLOURS, WorldConfig, _background, render_one
+
+    record, _ = render_one(3516, seed=2000)  # the scene that raised
+    assert [o.description for o in record.objects]
+
+    colours = [COLOURS["green"], COLOURS["purple"], COLOURS["yellow"]]
+    config = WorldConfig(backgrounds=("noise",))
+    for seed in range(20):
+        pixels = _background(np.random.default_rng(seed), config, colours).reshape(-1, 3).astype(float)
+        nearest = np.linalg.norm(pixels[:, None] - np.asarray(colours, float)[None], axis=-1).min()
+        assert nearest >= config.min_contrast - 12, (seed, nearest)  # texture grain is at most ±amplitude/3

@@ -229,31 +229,41 @@ def _background(
         t = (t - t.min()) / (t.max() - t.min())
         out = a * (1 - t[..., None]) + b * t[..., None]
     else:  # low-contrast texture: coarse blotches plus fine grain around one colour
-        amplitude = 18.0
-        base = _far_colour(rng, colours, config.min_contrast + 2 * amplitude)
-        cells = int(rng.integers(4, 12))
-        coarse = rng.uniform(-amplitude, amplitude, size=(cells, cells, 3))
-        coarse = np.asarray(  # bilinear upsampling of the coarse noise, (S, S, 3)
-            Image.fromarray(((coarse + amplitude) * (255 / (2 * amplitude))).astype(np.uint8))
-            .resize((s, s), Image.BILINEAR), dtype=np.float64,
-        ) * (2 * amplitude / 255) - amplitude
-        fine = rng.uniform(-6, 6, size=(s, s, 3))
-        out = base + coarse + fine
+        # The texture needs a base colour farther from the objects; some colour triples
+        # leave no such colour, and then the texture gets fainter (down to none).
+        for amplitude in (18.0, 9.0, 0.0):
+            base = _far_colour(rng, colours, config.min_contrast + 2 * amplitude, required=amplitude == 0.0)
+            if base is not None:
+                break
+        if amplitude == 0.0:
+            out = np.broadcast_to(base, (s, s, 3)).astype(np.float64)
+        else:
+            cells = int(rng.integers(4, 12))
+            coarse = rng.uniform(-amplitude, amplitude, size=(cells, cells, 3))
+            coarse = np.asarray(  # bilinear upsampling of the coarse noise, (S, S, 3)
+                Image.fromarray(((coarse + amplitude) * (255 / (2 * amplitude))).astype(np.uint8))
+                .resize((s, s), Image.BILINEAR), dtype=np.float64,
+            ) * (2 * amplitude / 255) - amplitude
+            fine = rng.uniform(-amplitude / 3, amplitude / 3, size=(s, s, 3))
+            out = base + coarse + fine
     return np.clip(np.rint(out), BG_LOW, BG_HIGH).astype(np.uint8)
 
 
 def _far_colour(
     rng: np.random.Generator, colours: list[tuple[int, int, int]], distance: float,
-    segment_from: np.ndarray | None = None, tries: int = 1000,
-) -> np.ndarray:
+    segment_from: np.ndarray | None = None, tries: int = 1000, required: bool = True,
+) -> np.ndarray | None:
     """A background colour at least ``distance`` from every colour in ``colours``; with
-    ``segment_from``, the whole segment between the two colours is (a gradient's path)."""
+    ``segment_from``, the whole segment between the two colours is (a gradient's path).
+    None when there is none and it is not ``required``."""
     targets = np.asarray(colours, dtype=np.float64).reshape(-1, 3)
     for _ in range(tries):
         c = rng.integers(BG_LOW, BG_HIGH + 1, size=3).astype(np.float64)
         path = c[None] if segment_from is None else np.linspace(segment_from, c, 9)
         if len(targets) == 0 or np.linalg.norm(path[:, None] - targets[None], axis=-1).min() >= distance:
             return c
+    if not required:
+        return None
     raise RuntimeError(f"no background colour {distance} away from {colours}; lower min_contrast")
 
 
