@@ -40,29 +40,37 @@ def toy():
             os.environ["HF_HUB_OFFLINE"] = previous
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the shipped model is at chance on VQA: see its model card's limitations"
-)
-def test_toy_answers_fixed_questions(toy):
-    model, adapter = toy
+def _fixed_vqa_accuracy(model, adapter) -> float:
     scenes = held_out(24, ToyConfig())
     rng = np.random.default_rng(HELD_OUT_SEED)
     items = [vqa_item(record, image, rng) for record, image in scenes]
-    vqa = closed_vqa(model, adapter, items, batch_size=12)
-    assert vqa["accuracy"].mean >= VQA_TARGET - 0.05, f"VQA accuracy {vqa['accuracy']}"
+    return closed_vqa(model, adapter, items, batch_size=12)["accuracy"].mean
+
+
+def test_toy_answers_fixed_questions(toy):
+    """Four options, so chance is 0.25 (random weights: 0.27); measured: 0.71 on these 24."""
+    accuracy = _fixed_vqa_accuracy(*toy)
+    assert accuracy >= 0.55, f"VQA accuracy {accuracy:.3f}"
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model reaches 0.70, not the target: see its model card")
+def test_toy_reaches_the_vqa_target(toy):
+    accuracy = _fixed_vqa_accuracy(*toy)
+    assert accuracy >= VQA_TARGET - 0.05, f"VQA accuracy {accuracy:.3f}"
 
 
 def test_toy_describes_objects(toy):
     model, adapter = toy
     scenes = held_out(16, ToyConfig())
     _, accuracy = answer_scores(model, adapter, [im for _, im in scenes], [caption_of(r) for r, _ in scenes])
-    # Measured on 200 held-out scenes: 0.70 (random weights: 0.01).
-    assert accuracy.mean() >= 0.6, f"caption token accuracy {accuracy.mean():.3f}"
+    # Measured on 200 held-out scenes: 0.89 (random weights: 0.01); on these 16: 0.84.
+    assert accuracy.mean() >= 0.75, f"caption token accuracy {accuracy.mean():.3f}"
 
 
-def test_toy_names_the_colours_it_sees(toy):
-    """Colour words can only be right by looking at the image: the caption prefix is the
-    same for every scene, and six colours are equally likely (chance 1/6)."""
+def test_toy_names_the_colours_and_shapes_it_sees(toy):
+    """Colour and shape words can only be right by looking at the image: the caption
+    prefix is the same for every scene (chance: 1/6 for colours, 1/4 for shapes)."""
     model, adapter = toy
     words = word_accuracy(model, adapter, held_out(24, ToyConfig()))
-    assert words["colour"] >= 0.6, words  # measured on 200 held-out scenes: ~0.77
+    assert words["colour"] >= 0.6, words  # measured: 0.75 here, 0.74 on 200 scenes
+    assert words["shape"] >= 0.65, words  # measured: 0.83 here, 0.87 on 200 scenes
