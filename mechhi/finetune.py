@@ -35,6 +35,7 @@ import os
 import random
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -254,7 +255,9 @@ def attach_lora(
     """Wrap ``model`` (in place) with LoRA on q/k/v of ``layers``; check peft did exactly that."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config(adapter, layers, settings))
+    with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config(adapter, layers, settings))
     found = lora_layers_of(lora_module_names(peft_model), adapter)
     wanted = {layer: ["k", "q", "v"] for layer in sorted(set(layers))}
     if found != wanted:
