@@ -458,7 +458,7 @@ def experiment(
 @friendly_errors
 def toy_train(
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default: mechhi/zoo/toy-qwen2vl).")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default 850).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Language-phase steps (default 700; the vision phase adds 600 before them).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data.")] = 0,
 ) -> None:
     """Train the toy Qwen2-VL on the synthetic world (2 CPU cores; resumes from its checkpoint)."""
