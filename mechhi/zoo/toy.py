@@ -424,6 +424,9 @@ def write_card(metrics: dict, out_dir: Path = TOY_DIR) -> Path:
 
     tw, rw = t["caption_word_accuracy"], r["caption_word_accuracy"]
     c = metrics["training"]["config"]
+    mix = f"{c['batch_size'] - c['vqa_per_step']} captioned + {c['vqa_per_step']} VQA per step"
+    if c["caption_only_steps"]:
+        mix = f"captioning only for the first {c['caption_only_steps']} steps, then {mix}"
     limitations = ""
     if t["vqa_accuracy"]["mean"] < VQA_TARGET:
         limitations = f"""## Known limitations
@@ -460,9 +463,7 @@ on 2 CPU cores (`training_log.jsonl`):
    linear probe that classifies each object's shape and colour from its mask-weighted
    mean visual token (the probe is dropped afterwards; the shipped model is a plain
    Qwen2-VL);
-2. language phase, {c["steps"]} steps of {c["batch_size"]} scenes: captioning only for the first
-   {c["caption_only_steps"]} steps, then {c["batch_size"] - c["vqa_per_step"]} captioned + {c["vqa_per_step"]} VQA per step, the probe
-   loss kept on.
+2. language phase, {c["steps"]} steps of {c["batch_size"]} scenes: {mix}, the probe loss kept on.
 
 ## Quality on held-out scenes (world seed {metrics["held_out"]["seed"]}, {metrics["held_out"]["images"]} images; mean ± SE)
 
