@@ -70,6 +70,26 @@ def _logits(model: torch.nn.Module, batch: PreparedBatch) -> torch.Tensor:
         return model(**moved.inputs).logits.float().cpu()  # (B, T, vocab)
 
 
+def answer_predictions(
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    images: Sequence[Image.Image],
+    answers: Sequence[str],
+    *,
+    template: str = "caption",
+    batch_size: int = 8,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sample (teacher forced): log-probabilities predicting each answer token
+    (n_answer, vocab), and the answer token ids (n_answer,)."""
+    for part in _batches(len(images), batch_size):
+        batch = adapter.prepare(images[part], answers[part], template=template)
+        logp = torch.log_softmax(_logits(model, batch), dim=-1)
+        ids = batch.inputs["input_ids"]
+        for i, layout in enumerate(batch.layouts):
+            pos = torch.as_tensor(layout.query_positions)
+            yield logp[i, pos - 1], ids[i, pos]  # token t is predicted at t - 1
+
+
 def answer_scores(
     model: torch.nn.Module,
     adapter: VLMAdapter,
@@ -82,16 +102,10 @@ def answer_scores(
     """Per sample (teacher forced): mean NLL of the answer tokens, and the fraction of
     answer tokens that are the model's argmax prediction."""
     nll, accuracy = [], []
-    for part in _batches(len(images), batch_size):
-        batch = adapter.prepare(images[part], answers[part], template=template)
-        logp = torch.log_softmax(_logits(model, batch), dim=-1)
-        ids = batch.inputs["input_ids"]
-        for i, layout in enumerate(batch.layouts):
-            pos = torch.as_tensor(layout.query_positions)
-            predicted = logp[i, pos - 1]  # token t is predicted at t - 1
-            target = ids[i, pos]
-            nll.append(float(-predicted.gather(-1, target[:, None]).mean()))
-            accuracy.append(float((predicted.argmax(-1) == target).float().mean()))
+    for predicted, target in answer_predictions(model, adapter, images, answers, template=template,
+                                                batch_size=batch_size):  # fmt: skip
+        nll.append(float(-predicted.gather(-1, target[:, None]).mean()))
+        accuracy.append(float((predicted.argmax(-1) == target).float().mean()))
     return np.asarray(nll), np.asarray(accuracy)
 
 

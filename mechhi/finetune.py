@@ -308,9 +308,10 @@ def answer_labels(batch: PreparedBatch) -> torch.Tensor:
     return labels
 
 
-def answer_loss(model: torch.nn.Module, batch: PreparedBatch) -> torch.Tensor:
-    """Mean cross-entropy over the batch's answer tokens (token t is predicted at t - 1)."""
-    labels = answer_labels(batch)[:, 1:]  # (B, T-1)
+def answer_loss(model: torch.nn.Module, batch: PreparedBatch, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens (token t is predicted at t - 1); by
+    default the answer tokens, ``answer_labels``."""
+    labels = (answer_labels(batch) if labels is None else labels)[:, 1:]  # (B, T-1)
     logits = model(**batch.inputs).logits[:, :-1]  # (B, T-1, vocab)
     keep = labels != -100
     return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep])  # only (n_answer, vocab) in float

@@ -28,7 +28,8 @@ import torch
 
 from ..data.format import ImageRecord
 from ..data.synthetic import COLOURS, SHAPES, SIZES, WorldConfig, render_one
-from ..evaluate import LETTERS, VQAItem, format_options
+from ..evaluate import LETTERS, VQAItem, answer_predictions, format_options
+from ..finetune import answer_loss
 from ..models import PreparedBatch, VLMAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
 
@@ -122,14 +123,6 @@ def labels_from_answer(batch: PreparedBatch) -> torch.Tensor:
         start = int(layout.query_positions[0])
         labels[i, start:] = torch.where(valid[i, start:], ids[i, start:], -100)
     return labels
-
-
-def lm_loss(model: torch.nn.Module, batch: PreparedBatch) -> torch.Tensor:
-    labels = labels_from_answer(batch)
-    logits = model(**batch.inputs).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
 
 
 @dataclass
@@ -284,7 +277,7 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
                 batches = training_batches(adapter, config, step - config.vision_steps)
                 for name, batch in batches.items():
                     visual_tokens.clear()
-                    loss = lm_loss(model, batch.prepared)
+                    loss = answer_loss(model, batch.prepared, labels_from_answer(batch.prepared))
                     probe_loss = probe.loss(visual_tokens[0], batch)
                     ((loss + config.visual_probe_weight * probe_loss) / len(batches)).backward()
                     losses[f"{name}_loss"] = loss.item()
@@ -351,17 +344,11 @@ def word_accuracy(
     token of an object, a shape only in how its tokens fit together, so the two tell
     apart what the vision pathway has learnt."""
     hits: dict[str, list[bool]] = {"colour": [], "shape": [], "other": []}
-    for start in range(0, len(scenes), batch_size):
-        chunk = scenes[start : start + batch_size]
-        batch = adapter.prepare([im for _, im in chunk], [caption_of(r) for r, _ in chunk])
-        with torch.no_grad():
-            predicted = model(**batch.inputs).logits.argmax(-1)
-        ids = batch.inputs["input_ids"]
-        for i, layout in enumerate(batch.layouts):
-            for position in layout.query_positions:
-                word = adapter.tokenizer.convert_ids_to_tokens(int(ids[i, position]))
-                kind = "colour" if word in COLOURS else "shape" if word in SHAPES else "other"
-                hits[kind].append(bool(predicted[i, position - 1] == ids[i, position]))
+    images, captions = [im for _, im in scenes], [caption_of(r) for r, _ in scenes]
+    for predicted, target in answer_predictions(model, adapter, images, captions, batch_size=batch_size):
+        for word, hit in zip(adapter.tokenizer.convert_ids_to_tokens(target.tolist()),
+                             (predicted.argmax(-1) == target).tolist(), strict=True):  # fmt: skip
+            hits["colour" if word in COLOURS else "shape" if word in SHAPES else "other"].append(hit)
     return {kind: float(np.mean(h)) for kind, h in hits.items() if h}
 
 
