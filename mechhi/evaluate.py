@@ -13,7 +13,7 @@ forward pass and the adapter's answer-token positions. Metrics follow the paper:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,12 +101,24 @@ def answer_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per sample (teacher forced): mean NLL of the answer tokens, and the fraction of
     answer tokens that are the model's argmax prediction."""
+    return scores_of(answer_predictions(model, adapter, images, answers, template=template, batch_size=batch_size))
+
+
+def scores_of(predictions: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """`answer_scores` from already computed `answer_predictions`."""
     nll, accuracy = [], []
-    for predicted, target in answer_predictions(model, adapter, images, answers, template=template,
-                                                batch_size=batch_size):  # fmt: skip
+    for predicted, target in predictions:
         nll.append(float(-predicted.gather(-1, target[:, None]).mean()))
         accuracy.append(float((predicted.argmax(-1) == target).float().mean()))
     return np.asarray(nll), np.asarray(accuracy)
+
+
+def perplexity_of(nll: Sequence[float] | np.ndarray) -> Metric:
+    """exp of the mean over samples of the mean answer-token NLL (paper eq. 3), with the
+    delta-method SE."""
+    metric = Metric.of(nll)
+    value = math.exp(metric.mean)
+    return Metric(value, value * metric.se, metric.n)
 
 
 def perplexity(
@@ -116,10 +128,8 @@ def perplexity(
     answers: Sequence[str],
     **kwargs,
 ) -> Metric:
-    """exp of the mean over samples of the mean answer-token NLL (paper eq. 3), delta-method SE."""
-    nll = Metric.of(answer_scores(model, adapter, images, answers, **kwargs)[0])
-    value = math.exp(nll.mean)
-    return Metric(value, value * nll.se, nll.n)
+    """Perplexity over answer tokens (paper eq. 3) of a model on (image, answer) pairs."""
+    return perplexity_of(answer_scores(model, adapter, images, answers, **kwargs)[0])
 
 
 def letter_ids(adapter: VLMAdapter) -> list[int]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 from .data.format import Sample
-from .evaluate import Metric, VQAItem, answer_scores, closed_vqa
+from .evaluate import Metric, VQAItem, _logits, answer_scores, closed_vqa, perplexity_of
 from .finetune import (
     FinetuneConfig,
     LoraSettings,
@@ -51,6 +50,7 @@ from .finetune import (
     lora_module_names,
     lora_norms,
     parameter_counts,
+    prepare_samples,
     read_selection,
     resolve_dataset,
     resolve_model_id,
@@ -141,15 +141,13 @@ def evaluate_model(
     images = [s.image() for s in samples]
     nll, accuracy = answer_scores(model, adapter, images, [s.description for s in samples],
                                   template=template, batch_size=settings.batch_size)  # fmt: skip
-    nll_metric = Metric.of(nll)
-    ppl = math.exp(nll_metric.mean)
     pool = [s.description for s in dataset_split]  # distractors from the whole split, not just the limit
     items = vqa_items(samples, images, seed=settings.vqa_seed, pool=pool)
     vqa = closed_vqa(model, adapter, items, batch_size=settings.batch_size)
     result: dict[str, Any] = {
         "n": len(samples),
-        "perplexity": Metric(ppl, ppl * nll_metric.se, nll_metric.n).as_dict(),  # delta method
-        "answer_nll": nll_metric.as_dict(),
+        "perplexity": perplexity_of(nll).as_dict(),
+        "answer_nll": Metric.of(nll).as_dict(),
         "token_accuracy": Metric.of(accuracy).as_dict(),
         "vqa_accuracy": vqa["accuracy"].as_dict(),
         "ans_prob": vqa["ans_prob"].as_dict(),
@@ -165,10 +163,8 @@ def evaluate_model(
 
 def _answer_logits(model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Sample], template: str) -> torch.Tensor:
     """(n_answer_tokens_total, vocab) logits predicting each probe sample's answer tokens."""
-    batch = adapter.prepare([s.image() for s in samples], [s.description for s in samples], template=template)
-    moved = batch.to(next(model.parameters()).device, model.get_input_embeddings().weight.dtype)
-    with torch.no_grad():
-        logits = model(**moved.inputs).logits.float().cpu()  # (B, T, vocab)
+    batch = prepare_samples(adapter, samples, template)
+    logits = _logits(model, batch)  # (B, T, vocab)
     return torch.cat([logits[i, torch.as_tensor(lay.query_positions) - 1] for i, lay in enumerate(batch.layouts)])
 
 

@@ -34,7 +34,7 @@ import xarray as xr
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.format import DatasetError, Sample, load_dataset
-from .store import attention_name, grid_coords, mask_name, store_views
+from .store import attention_name, grid_coords, mask_name, store_views, unique_labels
 
 MASK_TINT = np.array([255, 0, 200], dtype=np.float32)
 ATTENTION_TINT = np.array([255, 110, 0], dtype=np.float32)
@@ -487,16 +487,6 @@ def _layer_ticks(layers: np.ndarray) -> list[float]:
 
 
 # ---------------------------------------------------------------- compare
-def _unique_labels(names: list[str]) -> list[str]:
-    """A repeated model name gets "#2", "#3", ... (as in `mechhi.store.combine`)."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return out
-
-
 def plot_compare(datasets: Sequence[xr.Dataset], out: str | Path, *, variable: str = "head_impact") -> Path:
     """Mean HI per layer against relative depth (layer / (n_layers - 1)), one line per
     store, labelled by its ``model`` attribute, so models of different depth line up.
@@ -511,7 +501,7 @@ def plot_compare(datasets: Sequence[xr.Dataset], out: str | Path, *, variable: s
             raise PlotError(f"plot_compare: store {i} ({_model_name(ds)}) has no 'depth' coordinate")
         summaries.append(layer_summary(ds, variable))
     means = np.concatenate([s["mean"].values[np.isfinite(s["mean"].values)] for s in summaries])
-    labels = _unique_labels([_model_name(ds) for ds in datasets])
+    labels = unique_labels([_model_name(ds) for ds in datasets])
     labels = [f"{label} ({s.sizes['layer']} layers)" for label, s in zip(labels, summaries)]
     legend_width = 90 + int(max(_font(13).getlength(label) for label in labels))  # swatch + text + margins
     canvas, box = _line_canvas(f"mean {variable} per layer against depth", legend_width=legend_width)

@@ -426,7 +426,7 @@ def write_scores(path: str | Path, scores: xr.Dataset) -> None:
 
 
 # ---------------------------------------------------------------- combine
-def _unique(names: list[str]) -> list[str]:
+def unique_labels(names: list[str]) -> list[str]:
     """Make model labels unique: a repeated name gets "#2", "#3", ..."""
     seen: dict[str, int] = {}
     out = []
@@ -481,7 +481,7 @@ def combine(
     if not paths:
         raise StoreError("combine: no stores given")
     stores = [_scored_part(path, variables) for path in paths]
-    labels = _unique([str(ds.attrs.get("model", Path(path).name)) for ds, path in zip(stores, paths)])
+    labels = unique_labels([str(ds.attrs.get("model", Path(path).name)) for ds, path in zip(stores, paths)])
     attrs: dict[str, Any] = {"stores": [str(p) for p in paths], "align": align}
     if align == "depth" and (bins is not None or not _same_depths(stores)):
         bins = bins if bins is not None else max(ds.sizes["layer"] for ds in stores)

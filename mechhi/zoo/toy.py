@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -315,37 +316,29 @@ def measure(
     model: torch.nn.Module, adapter: VLMAdapter, *, n_images: int = 200, config: ToyConfig = ToyConfig()
 ) -> dict[str, dict[str, float]]:
     """Caption token accuracy and perplexity, VQA accuracy and AnsProb on held-out scenes."""
-    from ..evaluate import Metric, answer_scores, closed_vqa
+    from ..evaluate import Metric, closed_vqa, perplexity_of, scores_of
 
     scenes = held_out(n_images, config)
     images = [im for _, im in scenes]
-    nll, accuracy = answer_scores(model, adapter, images, [caption_of(r) for r, _ in scenes], batch_size=16)
+    predictions = list(answer_predictions(model, adapter, images, [caption_of(r) for r, _ in scenes], batch_size=16))
+    nll, accuracy = scores_of(predictions)
     rng = np.random.default_rng(HELD_OUT_SEED)
     vqa = closed_vqa(model, adapter, [vqa_item(r, im, rng) for r, im in scenes], batch_size=16)
-    nll_metric = Metric.of(nll)
-    ppl = math.exp(nll_metric.mean)
     return {
         "caption_token_accuracy": Metric.of(accuracy).as_dict(),
-        "caption_perplexity": {"mean": ppl, "se": ppl * nll_metric.se, "n": nll_metric.n},
+        "caption_perplexity": perplexity_of(nll).as_dict(),
         "vqa_accuracy": vqa["accuracy"].as_dict(),
         "vqa_ans_prob": vqa["ans_prob"].as_dict(),
-        "caption_word_accuracy": word_accuracy(model, adapter, scenes),
+        "caption_word_accuracy": word_accuracy(adapter, predictions),
     }
 
 
-def word_accuracy(
-    model: torch.nn.Module,
-    adapter: VLMAdapter,
-    scenes: list[tuple[ImageRecord, object]],
-    *,
-    batch_size: int = 16,
-) -> dict[str, float]:
-    """Teacher-forced caption accuracy split by word kind: a colour is visible in any one
-    token of an object, a shape only in how its tokens fit together, so the two tell
-    apart what the vision pathway has learnt."""
+def word_accuracy(adapter: VLMAdapter, predictions: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Teacher-forced caption accuracy split by word kind, from `answer_predictions`: a
+    colour is visible in any one token of an object, a shape only in how its tokens fit
+    together, so the two tell apart what the vision pathway has learnt."""
     hits: dict[str, list[bool]] = {"colour": [], "shape": [], "other": []}
-    images, captions = [im for _, im in scenes], [caption_of(r) for r, _ in scenes]
-    for predicted, target in answer_predictions(model, adapter, images, captions, batch_size=batch_size):
+    for predicted, target in predictions:
         for word, hit in zip(adapter.tokenizer.convert_ids_to_tokens(target.tolist()),
                              (predicted.argmax(-1) == target).tolist(), strict=True):  # fmt: skip
             hits["colour" if word in COLOURS else "shape" if word in SHAPES else "other"].append(hit)
