@@ -124,11 +124,11 @@ def _scored(store: Path, mask_threshold: float = 0.5, keep_best: bool = True):
     rule = BinarizeRule(mask_threshold=mask_threshold, keep_best_token=keep_best)
     ds = open_store(store)
     done, total = int(ds.done.sum()), ds.sizes["sample"]
+    if done == 0:
+        raise ValueError(f"{store}: no sample has been traced yet")
     if done < total:
         err_console.print(f"[yellow]warning[/]: only {done} of {total} samples are traced; scores cover those. "
                           "Rerun the same `mechhi trace` to finish.")  # fmt: skip
-    if done == 0:
-        raise ValueError(f"{store}: no sample has been traced yet")
     stale = "head_impact" not in ds or bool(ds.head_impact.isnull().all())
     if stale or ds.attrs.get("binarize") != rule.to_dict():
         err_console.print(f"scoring the store ({rule.describe()})")
@@ -223,10 +223,12 @@ def plot(
     elif kind == "layers":
         path = plots.plot_layers(stores[0], out)
     elif kind == "overlay":
-        hi = stores[0].head_impact
-        layer = int(hi.mean("head").idxmax()) if layer is None else layer
-        head = int(hi.sel(layer=layer).idxmax()) if head is None else head
-        path = plots.plot_overlay(stores[0], out, sample=sample, layer=layer, head=head)
+        from probes.head_impact import layer_ranking
+
+        ds = stores[0] if "head_impact" in stores[0] else _scored(store[0])  # an unscored store: score it as `rank` would
+        layer = int(layer_ranking(ds).layer[0]) if layer is None else layer
+        head = int(ds.head_impact.sel(layer=layer).idxmax()) if head is None else head
+        path = plots.plot_overlay(ds, out, sample=sample, layer=layer, head=head)
     elif kind == "compare":
         path = plots.plot_compare(stores, out)
     else:

@@ -406,8 +406,9 @@ def run_experiment(
     for setup in setups:
         cache = out / "setups" / f"{setup.dirname}.json"
         key = _setup_key(replace(config, model=model_id, dataset=str(data_dir)), setup, ranking)
-        if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-            entries.append(json.loads(cache.read_text())["entry"])
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("key") == key:
+            entries.append(cached["entry"])
             continue
         if progress:
             print(f"[{len(entries) + 1}/{len(setups)}] {setup.name}")

@@ -672,7 +672,7 @@ def finetune(
         loaded = load(model_id, device=config.device, dtype=config.dtype)
     model, adapter = loaded
     if config.store:
-        selection = select_layers(config.store, config.select, seed=config.select_seed)
+        selection = select_layers(store_ds, config.select, seed=config.select_seed)  # opened once, above
     else:
         selection = selection_without_store(config.select, adapter.n_layers)
     if store_ds is not None and store_ds.sizes["layer"] != adapter.n_layers:

@@ -150,9 +150,10 @@ def _row_bias(
         return picked.float().clamp(min=neg)
     # None or 2-D padding mask: the attention function applies causality itself.
     keys = torch.arange(seq, device=device)
-    allowed = keys[None, None, :] <= rows[:, :, None]  # (B, Q, S)
-    if not causal:
-        allowed = torch.ones_like(allowed)
+    if causal:
+        allowed = keys[None, None, :] <= rows[:, :, None]  # (B, Q, S)
+    else:
+        allowed = torch.ones((*rows.shape, seq), dtype=torch.bool, device=device)
     if sliding_window is not None:
         allowed &= keys[None, None, :] > rows[:, :, None] - sliding_window
     if mask is not None:
