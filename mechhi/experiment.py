@@ -280,7 +280,7 @@ def parameter_counts_loaded(model: torch.nn.Module) -> dict[str, float]:
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Defaults of `mechhi experiment`: the paper's Table 4 / 5 comparison on the bundled toy
-    model, sized to finish in about 10-15 minutes on 2 CPU cores."""
+    model, sized to finish in about 5 minutes on 2 CPU cores."""
 
     store: str = "stores/toy.zarr"  # scored store whose Head Impact ranking picks the layers
     model: str | None = None  # base model (default: the store's `model` attr)

@@ -199,7 +199,7 @@ def test_phrases_boxes_and_masks_reach_the_dataset(models, images_dir, tmp_path,
 
     # a.png: caption -> two phrases; b.png: same caption, same answer
     assert report.images_processed == 2 and report.captions_generated == 2
-    assert report.objects_kept == 4 and report.dropped == dict.fromkeys(report.dropped, 0)
+    assert report.objects_kept == 4 and report.dropped == {"no_phrase": 0, "low_score": 0, "empty_mask": 0, "duplicate_phrase": 0}
     # <MORE_DETAILED_CAPTION> by default, not <CAPTION>
     assert sum(p.startswith("What does the image describe") for p in fake.prompts) == 0
     assert sum(p.startswith("Describe with a paragraph") for p in fake.prompts) == 2

@@ -79,7 +79,8 @@ def test_vqa_items_are_seeded_and_never_offer_a_second_true_option(env):
         assert len(set(item.options)) == 4 and not present & set(others)
     again = vqa_items(samples, images, seed=1)
     assert [(i.options, i.answer) for i in again] == [(i.options, i.answer) for i in items]
-    assert {i.answer for i in items} == {0, 1, 2, 3} or len(items) < 8  # the true letter moves
+    assert len(items) >= 8
+    assert {i.answer for i in items} == {0, 1, 2, 3}  # the true letter moves
 
 
 # ----------------------------------------------------------------------------- audit

@@ -48,7 +48,8 @@ def _fixed_vqa_accuracy(model, adapter) -> float:
 
 
 def test_toy_answers_fixed_questions(toy):
-    """Four options, so chance is 0.25 (random weights: 0.27); measured: 0.71 on these 24."""
+    """Four options, so chance is 0.25 (random weights: 0.265 on 200 held-out
+    scenes, metrics.json); measured: 0.71 on these 24."""
     accuracy = _fixed_vqa_accuracy(*toy)
     assert accuracy >= 0.55, f"VQA accuracy {accuracy:.3f}"
 

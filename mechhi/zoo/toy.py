@@ -415,8 +415,9 @@ Closed-ended VQA accuracy is {t["vqa_accuracy"]["mean"]:.2f}, below the {VQA_TAR
 chance plateau (ln 4 / 3 per answer token) only a few hundred steps into the language
 phase and was still falling when the 30-minute budget ran out (`training_log.jsonl`).
 Seeing shapes is the hard part: through the language loss alone, a from-scratch ViT
-learnt colours but not shapes in the budget (an earlier 850-step run without the vision
-phase ended with shape words and VQA at chance), hence the vision phase.
+learnt colours but not shapes in the budget (the earlier 850-step model without the vision
+phase, git commit f7aa657, had shape words and VQA at chance: see its metrics.json), hence
+the vision phase.
 
 Head Impact does separate the trained model from random weights (table above), which is
 what the tracing demo and the fine-tuning experiment need.
