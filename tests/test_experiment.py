@@ -134,10 +134,17 @@ def test_experiment_end_to_end(env):
     assert t5["full"]["trainable"] == 6 * per_layer
     assert t5["full"]["trainable_pct"] == pytest.approx(100 * 6 * per_layer / t5["full"]["total"])
     # Table 4: one cell per column, random-1 aggregated over its two seeds, a largest shift named
+    by_name = {e["name"]: e["metrics"] for e in report["setups"]}
     for row in report["table4"]:
-        assert list(row["cells"]) == ["original", "top-1", "bottom-1", "random-1", "full"]
-        assert row["cells"]["random-1"]["n_seeds"] == 2 and row["cells"]["original"]["shift"] == 0
-        assert row["largest_shift"] in ("top-1", "bottom-1", "random-1", "full")
+        cells, metric = row["cells"], row["metric"]
+        assert list(cells) == ["original", "top-1", "bottom-1", "random-1", "full"]
+        assert cells["random-1"]["n_seeds"] == 2 and cells["original"]["shift"] == 0
+        seeds = [by_name[f"random-1 (seed {k})"][metric]["mean"] for k in (0, 1)]
+        assert cells["random-1"]["mean"] == pytest.approx(np.mean(seeds))
+        assert cells["random-1"]["spread_sd"] == pytest.approx(np.std(seeds, ddof=1))
+        base = by_name["original"][metric]["mean"]
+        expected = {g: abs(cells[g]["mean"] - base) for g in cells if g != "original"}
+        assert row["largest_shift"] == max(expected, key=expected.get)
     assert report["flagged"] == {}  # every adapter trained and active
     for row in report["audit"]:
         assert row["lora_B_norm"] > 0 and row["probe_shift"] > 0 and row["steps"] == 2
