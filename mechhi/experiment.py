@@ -256,15 +256,27 @@ def run_evaluate(
     if config.adapter is None:
         result["metrics"] = evaluate_model(model, adapter, split, settings=config.eval, template=config.template)
         return result
-    peft_model = load_adapter(model, config.adapter)
+    result.update(evaluate_adapter(model, adapter, config.adapter, split, settings=config.eval, template=config.template,
+                                   expected_layers=meta["selection"]["layers"]))  # fmt: skip
+    return result
+
+
+def evaluate_adapter(
+    model: torch.nn.Module, adapter: VLMAdapter, adapter_dir: str | Path, split: Any, *, settings: EvalSettings,
+    template: str, expected_layers: Sequence[int],
+) -> dict[str, Any]:
+    """Metrics, audit and parameter counts of ``model`` carrying the saved adapter; the
+    adapter is unloaded again afterwards, so ``model`` is left as it was given."""
+    peft_model = load_adapter(model, adapter_dir)
     try:
-        result["metrics"] = evaluate_model(peft_model, adapter, split, settings=config.eval, template=config.template)
-        result["audit"] = audit_adapter(peft_model, adapter, split.samples[: config.eval.probe_size],
-                                        expected_layers=meta["selection"]["layers"], template=config.template)  # fmt: skip
-        result["params"] = parameter_counts_loaded(peft_model)
+        return {
+            "metrics": evaluate_model(peft_model, adapter, split, settings=settings, template=template),
+            "audit": audit_adapter(peft_model, adapter, split.samples[: settings.probe_size],
+                                   expected_layers=expected_layers, template=template),
+            "params": parameter_counts_loaded(peft_model),
+        }  # fmt: skip
     finally:
         peft_model.unload()
-    return result
 
 
 def parameter_counts_loaded(model: torch.nn.Module) -> dict[str, float]:
@@ -364,13 +376,9 @@ def _run_setup(config: ExperimentConfig, setup: Setup, loaded, model_id: str, da
                            "val_curve": [(r["step"], r["loss"]) for r in result.history.val],
                            "best_step": result.history.best_step, "best_val_loss": result.history.best_loss,
                            "stopped_early": result.history.stopped_early, "seconds": result.history.seconds})  # fmt: skip
-    peft_model = load_adapter(model, out)
-    try:
-        entry["metrics"] = evaluate_model(peft_model, adapter, test, settings=config.eval, template=config.template)
-        entry["audit"] = audit_adapter(peft_model, adapter, test.samples[: config.eval.probe_size],
-                                       expected_layers=result.selection.layers, template=config.template)  # fmt: skip
-    finally:
-        peft_model.unload()
+    evaluated = evaluate_adapter(model, adapter, out, test, settings=config.eval, template=config.template,
+                                 expected_layers=result.selection.layers)  # fmt: skip
+    entry.update(metrics=evaluated["metrics"], audit=evaluated["audit"])  # params: from training, above
     entry["seconds"] = time.time() - began
     return entry
 

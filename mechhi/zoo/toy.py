@@ -144,7 +144,7 @@ def with_object_labels(batch: PreparedBatch, records: list[ImageRecord]) -> Trai
     for layout, record in zip(batch.layouts, records, strict=True):
         (view,) = layout.views
         for obj in record.objects:
-            *_, colour, shape = obj.description.split()
+            colour, shape = obj.attributes["colour"], obj.attributes["shape"]
             cover = view.coverage(obj.mask()).ravel()
             weights = np.zeros(n_tokens, dtype=np.float32)
             weights[start : start + len(cover)] = cover / cover.sum()
@@ -381,6 +381,10 @@ def card_metrics(out_dir: Path = TOY_DIR, *, n_images: int = 200, hi_images: int
     model, adapter = load(out_dir, device="cpu", dtype="float32")
     random_model, random_adapter = build(config)
     log = [json.loads(line) for line in (Path(out_dir) / "training_log.jsonl").read_text().splitlines()]
+
+    def last(key: str) -> float | None:  # the phases log different losses; a short run may lack some
+        return next((entry[key] for entry in reversed(log) if key in entry), None)
+
     with tempfile.TemporaryDirectory() as tmp:
         metrics = {
             "trained": measure(model, adapter, n_images=n_images, config=config),
@@ -390,7 +394,7 @@ def card_metrics(out_dir: Path = TOY_DIR, *, n_images: int = 200, hi_images: int
                                                       name="random"),
         }  # fmt: skip
     metrics["training"] = {"config": asdict(config), "minutes": round(log[-1]["seconds"] / 60, 1),
-                           "final_caption_loss": log[-1]["caption_loss"], "final_vqa_loss": log[-1]["vqa_loss"]}  # fmt: skip
+                           "final_caption_loss": last("caption_loss"), "final_vqa_loss": last("vqa_loss")}  # fmt: skip
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     metrics["held_out"] = {"seed": HELD_OUT_SEED, "images": n_images, "hi_images": hi_images}
     return metrics
