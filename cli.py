@@ -116,12 +116,10 @@ MaskThresholdOpt = Annotated[float, typer.Option(help="Binarised mask: token cov
 KeepBestOpt = Annotated[bool, typer.Option(help="An object below the threshold keeps its best-covered token.")]
 
 
-def _scored(store: Path, mask_threshold: float = 0.5, keep_best: bool = True):
-    """The store with head_impact under the asked binarisation rule, scored now if needed (and said so)."""
+def _open_traced(store: Path):
+    """The store, refused if nothing is traced yet and warned about if only part is."""
     from mechhi.store import open_store
-    from probes.head_impact import BinarizeRule, score_store
 
-    rule = BinarizeRule(mask_threshold=mask_threshold, keep_best_token=keep_best)
     ds = open_store(store)
     done, total = int(ds.done.sum()), ds.sizes["sample"]
     if done == 0:
@@ -129,47 +127,88 @@ def _scored(store: Path, mask_threshold: float = 0.5, keep_best: bool = True):
     if done < total:
         err_console.print(f"[yellow]warning[/]: only {done} of {total} samples are traced; scores cover those. "
                           "Rerun the same `mechhi trace` to finish.")  # fmt: skip
-    stale = "head_impact" not in ds or bool(ds.head_impact.isnull().all())
-    if stale or ds.attrs.get("binarize") != rule.to_dict():
-        err_console.print(f"scoring the store ({rule.describe()})")
-        score_store(store, rule)
-        ds = open_store(store)
     return ds
+
+
+def _scored(store: Path, mask_threshold: float = 0.5, keep_best: bool = True):
+    """The store with head_impact under the asked binarisation rule.
+
+    An unscored store is scored and the scores saved in it (said so). A store scored under
+    another rule is rescored in memory only: rank and stats read, they do not replace the
+    scores that other commands and users rely on (`probes.head_impact.score_store` does).
+    """
+    from mechhi.store import write_scores
+    from probes.head_impact import BinarizeRule, score
+
+    rule = BinarizeRule(mask_threshold=mask_threshold, keep_best_token=keep_best)
+    ds = _open_traced(store)
+    scored = "head_impact" in ds and not bool(ds.head_impact.isnull().all())
+    if scored and ds.attrs.get("binarize") == rule.to_dict():
+        return ds
+    scores = score(ds, rule)
+    if scored:
+        err_console.print(f"scoring in memory ({rule.describe()}); the store keeps its own scores")
+    else:
+        err_console.print(f"scoring the store ({rule.describe()}) and saving the scores in it")
+        write_scores(store, scores)
+    merged = ds.drop_vars([name for name in scores.data_vars if name in ds]).merge(scores)
+    merged.attrs = {**ds.attrs, **scores.attrs}
+    return merged
+
+
+PROBES = ("head-impact", "attention-mass")
 
 
 @app.command()
 @friendly_errors
 def rank(
     store: StoreOpt,
-    probe: Annotated[str, typer.Option(help="Scoring probe.")] = "head-impact",
+    probe: Annotated[str, typer.Option(help="Scoring probe: head-impact, or attention-mass (soft baselines: "
+                                            "layers by the object's share of image attention over its area share).")] = "head-impact",
     top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers.")] = None,
     mask_threshold: MaskThresholdOpt = 0.5,
     keep_best: KeepBestOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rank layers by mean Head Impact over heads (best first)."""
-    from probes.head_impact import layer_ranking
+    """Rank layers by mean Head Impact over heads (best first), or by an attention-mass baseline."""
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe {probe!r}; available: {', '.join(PROBES)}")
+    if probe == "head-impact":
+        from probes.head_impact import layer_ranking
 
-    if probe != "head-impact":
-        raise ValueError(f"unknown probe {probe!r}; available: head-impact")
-    ds = _scored(store, mask_threshold, keep_best)
-    ranking = layer_ranking(ds)
+        ds = _scored(store, mask_threshold, keep_best)
+        ranking = layer_ranking(ds)
+        columns = {"mean_hi": ranking}
+        extra = {"binarize": ds.attrs.get("binarize")}
+        title = "Head Impact"
+    else:
+        from probes.attention_mass import MEASURES, attention_mass, head_means
+        from probes.attention_mass import layer_ranking as mass_ranking
+
+        ds = _open_traced(store)
+        mass = attention_mass(ds)
+        ranking = mass_ranking(mass)
+        per_layer = head_means(mass).mean("head", skipna=True)
+        columns = {f"mean_{m}": per_layer[m].sel(layer=ranking.layer) for m in reversed(MEASURES)}
+        extra, title = {}, "Attention mass (object lift = object share / object area share)"
     rows = [
-        {"rank": i + 1, "layer": int(layer), "depth": float(ranking.depth[i]), "mean_hi": _finite(ranking[i])}
+        {"rank": i + 1, "layer": int(layer), "depth": float(ranking.depth[i]),
+         **{name: _finite(values[i]) for name, values in columns.items()}}
         for i, layer in enumerate(ranking.layer.values)
-    ]
+    ]  # fmt: skip
     shown = rows[:top] if top else rows
     if as_json:
-        print_json({"store": str(store), "model": ds.attrs.get("model"), "probe": probe,
-                    "binarize": ds.attrs.get("binarize"), "samples_done": int(ds.done.sum()),
-                    "n_layers": len(rows), "layers": shown})  # fmt: skip
+        print_json({"store": str(store), "model": ds.attrs.get("model"), "probe": probe, **extra,
+                    "samples_done": int(ds.done.sum()), "n_layers": len(rows), "layers": shown})  # fmt: skip
         return
-    table = Table(title=f"Head Impact by layer: {ds.attrs.get('model')}")
-    for column in ("rank", "layer", "depth", "mean HI"):
+    table = Table(title=f"{title} by layer: {ds.attrs.get('model')}")
+    headers = {"mean_hi": "mean HI", "mean_object_lift": "object lift", "mean_object_share": "object share",
+               "mean_visual_mass": "visual mass"}  # fmt: skip
+    for column in ("rank", "layer", "depth", *(headers[name] for name in columns)):
         table.add_column(column, justify="right")
     for row in shown:
-        hi = "n/a" if row["mean_hi"] is None else f"{row['mean_hi']:.4f}"
-        table.add_row(str(row["rank"]), str(row["layer"]), f"{row['depth']:.2f}", hi)
+        values = ["n/a" if row[name] is None else f"{row[name]:.4f}" for name in columns]
+        table.add_row(str(row["rank"]), str(row["layer"]), f"{row['depth']:.2f}", *values)
     console.print(table)
 
 

@@ -4,4 +4,7 @@ and are labelled once at the edge.
 
 - ``probes.head_impact``: binarised-attention IoU, Head Impact, layer ranking,
   Kruskal-Wallis tests (Sergeev & Kotelnikov 2025).
+- ``probes.attention_mass``: threshold-free baselines beside it: attention on the
+  image, the object's share of it, and that share over the object's area share.
+- ``probes.maps``: reading a store's maps sample by sample for any per-sample kernel.
 """

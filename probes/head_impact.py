@@ -10,7 +10,7 @@ are pooled: one attention mean over all of them, intersection and union summed.
 
 Kernels work on plain numpy arrays with visual tokens on the last axis (``V``), every
 view flattened and concatenated; ``score`` labels them once, reading the store one
-block of samples at a time so a large attention cube is never loaded whole.
+block of samples at a time (``probes.maps``) so a large attention cube is never loaded whole.
 
 >>> ds = score(open_store("stores/toy.zarr"))  # doctest: +SKIP
 >>> layer_ranking(ds).isel(layer=slice(0, 4))  # doctest: +SKIP
@@ -27,20 +27,9 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from mechhi.store import (
-    MAIN_VIEW,
-    attention_name,
-    grid_dims,
-    json_attrs,
-    mask_name,
-    open_store,
-    store_views,
-    write_scores,
-)
+from mechhi.store import MAIN_VIEW, attention_name, json_attrs, open_store, write_scores
 
-# Samples' attention maps are read in blocks of about this many bytes.
-BLOCK_BYTES = 64 * 2**20
-
+from .maps import done_samples, for_each_sample, labels, mean_over, pool_views, rank_layers
 
 @dataclass(frozen=True)
 class BinarizeRule:
@@ -121,20 +110,6 @@ def iou(attention_bin: np.ndarray, mask_bin: np.ndarray) -> np.ndarray | float:
     return float(out) if out.ndim == 0 else out
 
 
-def _pool_views(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Flatten and concatenate every view: -> (L, H, V) attention, (V,) coverage."""
-    if sorted(attention) != sorted(coverage):
-        raise ValueError(f"sample_iou: attention views {sorted(attention)} != coverage views {sorted(coverage)}")
-    att, cov = [], []
-    for view in sorted(coverage):
-        a, c = np.asarray(attention[view]), np.asarray(coverage[view])
-        if a.ndim != 4 or a.shape[-2:] != c.shape:
-            raise ValueError(f"sample_iou: view '{view}' attention {a.shape} should be (L, H) + coverage grid {c.shape}")
-        att.append(a.reshape(a.shape[:2] + (-1,)))  # (L, H, rows*cols)
-        cov.append(c.reshape(-1))  # (rows*cols,)
-    return np.concatenate(att, axis=-1), np.concatenate(cov)
-
-
 def sample_iou(
     attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray], rule: BinarizeRule = BinarizeRule()
 ) -> np.ndarray:
@@ -144,40 +119,15 @@ def sample_iou(
     the sample's grid (the coverage NaN pattern defines the valid tokens). All views are
     pooled: one attention mean over all valid tokens, intersection and union summed.
     """
-    att, cov = _pool_views(attention, coverage)  # (L, H, V), (V,)
+    att, cov = pool_views(attention, coverage)  # (L, H, V), (V,)
     valid = np.isfinite(cov)  # (V,)
     return iou(binarize_attention(att, valid), binarize_mask(cov, rule))  # (L, H)
 
 
 # ---------------------------------------------------------------- labelled edge
-def _labels(ds: xr.Dataset) -> dict[str, Any]:
-    coords = {d: ds[d].values for d in ("sample", "layer", "head") if d in ds.coords}
-    if "depth" in ds.coords:
-        coords["depth"] = ("layer", ds["depth"].values)
-    return coords
-
-
 def _iou_from_maps(ds: xr.Dataset, done: np.ndarray, rule: BinarizeRule) -> np.ndarray:
-    """(sample, layer, head) IoU of the done samples (NaN elsewhere), read block by block."""
-    views = store_views(ds)
-    n_layers, n_heads = ds.sizes["layer"], ds.sizes["head"]
-    out = np.full((ds.sizes["sample"], n_layers, n_heads), np.nan)
-    per_sample = sum(ds[attention_name(v)].isel(sample=0).size * ds[attention_name(v)].dtype.itemsize for v in views)
-    block = max(1, BLOCK_BYTES // max(per_sample, 1))
-    todo = np.flatnonzero(done)
-    for start in range(0, todo.size, block):
-        sel = todo[start : start + block]
-        att = {
-            v: ds[attention_name(v)].isel(sample=sel).transpose("sample", "layer", "head", *grid_dims(v)).values
-            for v in views
-        }  # view -> (b, L, H, rows, cols)
-        cov = {v: ds[mask_name(v)].isel(sample=sel).transpose("sample", *grid_dims(v)).values for v in views}
-        for j, s in enumerate(sel):
-            try:
-                out[s] = sample_iou({v: att[v][j] for v in views}, {v: cov[v][j] for v in views}, rule)
-            except ValueError as err:
-                raise ValueError(f"sample {int(ds['sample'].values[s])}: {err}") from None
-    return out
+    """(sample, layer, head) IoU of the done samples (NaN elsewhere)."""
+    return for_each_sample(ds, done, lambda attention, coverage: sample_iou(attention, coverage, rule))[:, 0]
 
 
 def _traced_iou(ds: xr.Dataset, done: np.ndarray, rule: BinarizeRule) -> tuple[np.ndarray, Any]:
@@ -197,25 +147,20 @@ def score(ds: xr.Dataset, rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:
     Only samples flagged ``done`` count (others get NaN). A store traced with --no-maps
     has no attention maps: its traced ``iou`` is used and only HI is recomputed.
     """
-    if "done" not in ds.variables:
-        raise ValueError("score: dataset has no 'done' variable (is it a mechhi store?)")
-    done = ds["done"].values.astype(bool)
+    done = done_samples(ds, "score")
     if attention_name(MAIN_VIEW) in ds.data_vars:
         values, binarize = _iou_from_maps(ds, done, rule), rule.to_dict()
     elif "iou" in ds.data_vars:
         values, binarize = _traced_iou(ds, done, rule)
     else:
         raise ValueError("score: dataset has neither attention maps nor iou")
-    iou_da = xr.DataArray(values, dims=("sample", "layer", "head"), coords=_labels(ds), name="iou")
+    iou_da = xr.DataArray(values, dims=("sample", "layer", "head"), coords=labels(ds), name="iou")
     return xr.Dataset({"iou": iou_da, "head_impact": head_impact_from_iou(iou_da)}, attrs={"binarize": binarize})
 
 
 def head_impact_from_iou(iou: xr.DataArray) -> xr.DataArray:
     """HI(layer, head) = mean IoU over samples, NaN samples skipped (NaN if all are)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN heads: NaN is the answer
-        hi = iou.mean("sample", skipna=True)
-    return hi.rename("head_impact")
+    return mean_over(iou, "sample").rename("head_impact")
 
 
 def _head_impact(ds: xr.Dataset) -> xr.DataArray:
@@ -232,10 +177,7 @@ def layer_ranking(ds: xr.Dataset) -> xr.DataArray:
     Keeps the ``layer`` dim (so ``.sel(layer=3)`` works) with ``rank`` (1 = best) and
     ``depth`` coords.
     """
-    per_layer = _head_impact(ds).mean("head", skipna=True).compute()  # (layer,)
-    order = np.argsort(-per_layer.values, kind="stable")  # NaN sorts last
-    ranked = per_layer.isel(layer=order)
-    return ranked.assign_coords(rank=("layer", np.arange(1, order.size + 1))).rename("mean_head_impact")
+    return rank_layers(mean_over(_head_impact(ds), "head"), "mean_head_impact")
 
 
 # ---------------------------------------------------------------- statistics

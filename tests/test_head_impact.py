@@ -11,7 +11,9 @@ import xarray as xr
 import zarr
 from scipy import stats
 
-from mechhi.store import SampleMeta, create_store, open_store, pad_grid, write_batch
+from tests.conftest import GRIDS, H, L
+
+from mechhi.store import SampleMeta, create_store, open_store, write_batch
 from probes.head_impact import (
     BinarizeRule,
     binarize_attention,
@@ -184,27 +186,6 @@ def test_layer_ranking_sorted_with_rank_and_depth():
 
 
 # ---------------------------------------------------------------- score() on a store
-L, H = 3, 2
-GRIDS = [
-    {"image": (2, 3), "global": (1, 2)},
-    {"image": (3, 3), "global": (2, 2)},
-    {"image": (1, 2), "global": (2, 1)},
-    {"image": (3, 1), "global": (1, 1)},
-    {"image": (2, 2), "global": (2, 2)},
-]
-MAX = {"image": (3, 3), "global": (2, 2)}
-
-
-def synthetic(seed: int) -> tuple[dict, dict]:
-    """Per sample and view, own-grid attention (L, H, r, c) and coverage (r, c)."""
-    rng = np.random.default_rng(seed)
-    att = {(s, v): rng.random((L, H) + g) for s, grids in enumerate(GRIDS) for v, g in grids.items()}
-    cov = {(s, v): rng.choice([0.0, 0.1, 0.3, 0.5, 0.9], size=g) for s, grids in enumerate(GRIDS) for v, g in grids.items()}
-    cov[(3, "image")][:] = 0.2  # a small object: keep-best claims every tied token
-    cov[(3, "global")][:] = 0.1
-    return att, cov
-
-
 def slow_iou(att: dict, cov: dict, s: int, rule: BinarizeRule) -> np.ndarray:
     """One sample, plain loops over the sample's own tokens of every view."""
     tokens = [(v, r, c) for v, g in GRIDS[s].items() for r in range(g[0]) for c in range(g[1])]
@@ -224,32 +205,13 @@ def slow_iou(att: dict, cov: dict, s: int, rule: BinarizeRule) -> np.ndarray:
     return out
 
 
-@pytest.fixture
-def traced(tmp_path: Path) -> tuple[Path, dict, dict]:
-    att, cov = synthetic(seed=3)
-    path = tmp_path / "t.zarr"
-    samples = [SampleMeta(f"i{s}", f"o{s}", f"d{s}", g) for s, g in enumerate(GRIDS)]
-    attrs = {"model": "m", "model_revision": "r", "dtype": "float32", "prompt_template": "p", "dataset": "d"}
-    create_store(path, samples=samples, n_layers=L, n_heads=H, attrs=attrs)
-    for batch in ([0, 1], [4, 3], [2]):
-        write_batch(
-            path,
-            batch,
-            attention={v: np.stack([pad_grid(att[(s, v)], *MAX[v]) for s in batch]) for v in MAX},
-            mask={v: np.stack([pad_grid(cov[(s, v)], *MAX[v]) for s in batch]) for v in MAX},
-        )
-    # Sample 2 as after a kill between its data write and its done flag: data there, not done.
-    zarr.open_array(str(path / "done"), mode="r+")[2] = False
-    return path, att, cov
-
-
 @pytest.mark.parametrize("rule", [BinarizeRule(), BinarizeRule(mask_threshold=0.3, keep_best_token=False)])
-def test_score_matches_slow_loop(traced, rule, monkeypatch):
-    path, att, cov = traced
+def test_score_matches_slow_loop(multiview_store, rule, monkeypatch):
+    path, att, cov = multiview_store
     # Store values are float32: feed the slow loop the same numbers.
     att = {k: v.astype(np.float32).astype(np.float64) for k, v in att.items()}
     cov = {k: v.astype(np.float32).astype(np.float64) for k, v in cov.items()}
-    monkeypatch.setattr("probes.head_impact.BLOCK_BYTES", 1)  # force one sample per block
+    monkeypatch.setattr("probes.maps.BLOCK_BYTES", 1)  # force one sample per block
     got = score(open_store(path), rule)
     rows = [slow_iou(att, cov, s, rule) if s != 2 else np.full((L, H), nan) for s in range(len(GRIDS))]
     expected_iou = xr.DataArray(
@@ -264,8 +226,8 @@ def test_score_matches_slow_loop(traced, rule, monkeypatch):
     assert got.attrs["binarize"] == rule.to_dict()
 
 
-def test_score_store_writes_back(traced):
-    path, _, _ = traced
+def test_score_store_writes_back(multiview_store):
+    path, _, _ = multiview_store
     scores = score_store(path, BinarizeRule(mask_threshold=0.3))
     ds = open_store(path)
     xr.testing.assert_allclose(ds["head_impact"].compute(), scores["head_impact"])

@@ -15,6 +15,7 @@ from mechhi.data.format import DatasetWriter, ImageRecord, KeyObject
 from mechhi.models.qwen2_vl import Qwen2VLAdapter
 from mechhi.runner import TraceConfig, trace_dataset
 from mechhi.store import open_store
+from probes.head_impact import BinarizeRule, layer_ranking, score
 from tests.conftest import WORDS
 
 SIZES = [(112, 140), (84, 84), (140, 112), (112, 112), (56, 168), (84, 112), (112, 84)]
@@ -123,6 +124,28 @@ def test_cli_trace_rank_stats(tiny_model_dir, dataset_dir, tmp_path):
     assert {(t["across"], t["on"]) for t in tests} == {("layer", "head_impact"), ("head", "head_impact"),
                                                        ("layer", "iou"), ("head", "iou")}  # fmt: skip
     assert all(0.0 <= t["p_value"] <= 1.0 and t["df"] >= 1 for t in tests)
+
+
+def test_rank_with_another_rule_scores_in_memory_and_leaves_the_store(tiny_model_dir, dataset_dir, tmp_path):
+    store = trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "s.zarr"), progress=False)
+    runner = CliRunner()
+    first = runner.invoke(app, ["rank", "--store", str(store), "--json"])
+    assert first.exit_code == 0 and "saving the scores" in first.stderr, first.output
+    saved = open_store(store)
+    assert saved.attrs["binarize"] == BinarizeRule().to_dict()
+    default_hi = saved.head_impact.values.copy()
+
+    other = runner.invoke(app, ["rank", "--store", str(store), "--json", "--mask-threshold", "0.3", "--no-keep-best"])
+    assert other.exit_code == 0 and "scoring in memory" in other.stderr, other.output
+    rule = BinarizeRule(mask_threshold=0.3, keep_best_token=False)
+    expected = layer_ranking(score(open_store(store), rule))
+    payload = json.loads(other.stdout)
+    assert payload["binarize"] == rule.to_dict()
+    assert [r["layer"] for r in payload["layers"]] == expected.layer.values.tolist()
+    assert [r["mean_hi"] for r in payload["layers"]] == pytest.approx(expected.values.tolist())
+    kept = open_store(store)
+    assert kept.attrs["binarize"] == BinarizeRule().to_dict()
+    np.testing.assert_array_equal(kept.head_impact.values, default_hi)
 
 
 def test_cli_reports_bad_dataset_in_one_line(tiny_model_dir, tmp_path):

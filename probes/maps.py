@@ -1,0 +1,95 @@
+"""Reading a store's attention maps and object coverage, one sample at a time, for any
+probe whose kernel works on one sample's maps.
+
+Kernels see plain numpy: ``attention[view]`` (L, H, rows, cols) and ``coverage[view]``
+(rows, cols), NaN outside the sample's grid. The store is read in blocks of samples
+of about ``BLOCK_BYTES``, so a large attention cube is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from mechhi.store import attention_name, grid_dims, mask_name, store_views
+
+# Samples' attention maps are read in blocks of about this many bytes.
+BLOCK_BYTES = 64 * 2**20
+
+SampleKernel = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], np.ndarray]
+
+
+def pool_views(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten and concatenate every view: -> (L, H, V) attention, (V,) coverage.
+
+    Why pool: a model that sees an image twice (tile mosaic + global view) looks at the
+    object in either, and a probe should count both."""
+    if sorted(attention) != sorted(coverage):
+        raise ValueError(f"attention views {sorted(attention)} != coverage views {sorted(coverage)}")
+    att, cov = [], []
+    for view in sorted(coverage):
+        a, c = np.asarray(attention[view]), np.asarray(coverage[view])
+        if a.ndim != 4 or a.shape[-2:] != c.shape:
+            raise ValueError(f"view '{view}' attention {a.shape} should be (L, H) + coverage grid {c.shape}")
+        att.append(a.reshape(a.shape[:2] + (-1,)))  # (L, H, rows*cols)
+        cov.append(c.reshape(-1))  # (rows*cols,)
+    return np.concatenate(att, axis=-1), np.concatenate(cov)
+
+
+def labels(ds: xr.Dataset) -> dict[str, Any]:
+    """The (sample, layer, head) coordinates of a store, depth included, for labelling results."""
+    coords = {d: ds[d].values for d in ("sample", "layer", "head") if d in ds.coords}
+    if "depth" in ds.coords:
+        coords["depth"] = ("layer", ds["depth"].values)
+    return coords
+
+
+def for_each_sample(ds: xr.Dataset, done: np.ndarray, kernel: SampleKernel, outputs: int = 1) -> np.ndarray:
+    """Apply ``kernel`` to every done sample -> (sample, outputs, layer, head), NaN for
+    samples not done. ``kernel`` returns (L, H) when ``outputs`` is 1, else (outputs, L, H)."""
+    views = store_views(ds)
+    n_layers, n_heads = ds.sizes["layer"], ds.sizes["head"]
+    out = np.full((ds.sizes["sample"], outputs, n_layers, n_heads), np.nan)
+    per_sample = sum(ds[attention_name(v)].isel(sample=0).size * ds[attention_name(v)].dtype.itemsize for v in views)
+    block = max(1, BLOCK_BYTES // max(per_sample, 1))
+    todo = np.flatnonzero(done)
+    for start in range(0, todo.size, block):
+        sel = todo[start : start + block]
+        att = {
+            v: ds[attention_name(v)].isel(sample=sel).transpose("sample", "layer", "head", *grid_dims(v)).values
+            for v in views
+        }  # view -> (b, L, H, rows, cols)
+        cov = {v: ds[mask_name(v)].isel(sample=sel).transpose("sample", *grid_dims(v)).values for v in views}
+        for j, s in enumerate(sel):
+            try:
+                result = kernel({v: att[v][j] for v in views}, {v: cov[v][j] for v in views})
+            except ValueError as err:
+                raise ValueError(f"sample {int(ds['sample'].values[s])}: {err}") from None
+            out[s] = np.reshape(result, (outputs, n_layers, n_heads))
+    return out
+
+
+def done_samples(ds: xr.Dataset, probe: str) -> np.ndarray:
+    if "done" not in ds.variables:
+        raise ValueError(f"{probe}: dataset has no 'done' variable (is it a mechhi store?)")
+    return ds["done"].values.astype(bool)
+
+
+def mean_over(values: xr.DataArray | xr.Dataset, dim: str):
+    """Mean along ``dim`` with NaN skipped; all-NaN gives NaN without a warning (it is the answer)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return values.mean(dim, skipna=True)
+
+
+def rank_layers(per_layer: xr.DataArray, name: str) -> xr.DataArray:
+    """A per-layer score sorted best first (NaN last, ties by layer), keeping the
+    ``layer`` dim (so ``.sel(layer=3)`` works) with a ``rank`` coord (1 = best)."""
+    per_layer = per_layer.compute()
+    order = np.argsort(-per_layer.values, kind="stable")  # NaN sorts last
+    ranked = per_layer.isel(layer=order)
+    return ranked.assign_coords(rank=("layer", np.arange(1, order.size + 1))).rename(name)
