@@ -214,6 +214,54 @@ def rank(
 
 @app.command()
 @friendly_errors
+def pursuit(
+    model: Annotated[Optional[str], typer.Option(help="HF model id or local directory (default: the bundled toy model).")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="Dataset directory (default: the bundled synthetic set).")] = None,
+    words: Annotated[Optional[str], typer.Option(help="The concept: comma-separated single-token words (default: the toy world's colours).")] = None,
+    k: Annotated[int, typer.Option(min=1, help="SOMP steps: concept atoms per head (at most the number of words).")] = 3,
+    positions: Annotated[str, typer.Option(help="Average each head's write over the image tokens, or the answer (description) tokens.")] = "image",
+    limit: Annotated[Optional[int], typer.Option(min=2, help="Use only the first N samples.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per forward pass.")] = 4,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    split: Annotated[str, typer.Option(help="auto: the 'trace' split when the dataset has one, else all; all; or a split name.")] = "auto",
+    top: Annotated[int, typer.Option(min=1, help="Show the K heads whose writes the concept explains best.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Head Pursuit (Basile et al. 2025): heads ranked by how much of their residual-stream
+    write a few of the concept words' unembedding directions explain (SOMP)."""
+    from mechhi.pursuit import PursuitConfig, run_pursuit
+    from probes.head_pursuit import head_ranking
+
+    defaults = PursuitConfig()
+    config = PursuitConfig(
+        model=model or defaults.model, dataset=str(dataset) if dataset else defaults.dataset,
+        words=tuple(w.strip() for w in words.split(",") if w.strip()) if words else defaults.words, k=k, positions=positions, limit=limit,
+        batch_size=batch_size, device=device, dtype=dtype, split=split,
+    )  # fmt: skip
+    result = run_pursuit(config, progress=not as_json)
+    ranking = head_ranking(result)
+    rows = [
+        {"rank": i + 1, "layer": int(ranking["layer"][i]), "head": int(ranking["head"][i]),
+         "explained": _finite(ranking[i]),
+         "top_word": str(result.top_word.sel(layer=int(ranking["layer"][i]), head=int(ranking["head"][i])).values)}
+        for i in range(ranking.sizes["unit"])
+    ]  # fmt: skip
+    if as_json:
+        print_json({"model": config.model, "dataset": config.dataset, "words": list(config.words), "k": config.k,
+                    "positions": config.positions, "samples": result.attrs["samples"], "heads": rows[:top]})  # fmt: skip
+        return
+    table = Table(title=f"Head Pursuit of {', '.join(config.words)} (k={config.k}, {config.positions} tokens)")
+    for column in ("rank", "layer", "head", "explained variance", "top word"):
+        table.add_column(column, justify="right")
+    for row in rows[:top]:
+        shown = "n/a" if row["explained"] is None else f"{row['explained']:.3f}"
+        table.add_row(str(row["rank"]), str(row["layer"]), str(row["head"]), shown, row["top_word"])
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
 def stats(
     store: StoreOpt, mask_threshold: MaskThresholdOpt = 0.5, keep_best: KeepBestOpt = True, as_json: JsonOpt = False
 ) -> None:

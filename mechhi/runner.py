@@ -72,7 +72,7 @@ def trace_dataset(
     model, adapter = loaded or load(
         config.model, device=config.device, dtype=config.dtype, revision=config.revision
     )
-    dataset = _load_dataset(config, adapter)
+    dataset = load_samples(config, adapter)
     samples = dataset.samples[: config.limit] if config.limit else dataset.samples
     if not samples:
         raise ValueError(f"no samples to trace in {config.dataset} (split {config.split!r})")
@@ -93,7 +93,7 @@ def trace_dataset(
     return path
 
 
-def _load_dataset(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
+def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
     """The samples to trace. By default only the "trace" split, when the dataset has one:
     layers must be chosen on images that the fine-tuning evaluation never sees."""
     tokenizer = adapter.tokenizer

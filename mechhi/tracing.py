@@ -163,12 +163,8 @@ def _row_bias(
     return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, neg)[:, None]
 
 
-class AttentionTracer:
-    """Runs batches through an nnsight-wrapped model and returns description attention.
-
-    >>> tracer = AttentionTracer(model, adapter)
-    >>> scores = tracer.trace(adapter.prepare(images, descriptions))  # (B, L, H, V) numpy
-    """
+class _DecoderTracer:
+    """An nnsight-wrapped model and its decoder layers' envoys, in forward order."""
 
     def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
         self.model = model
@@ -176,9 +172,6 @@ class AttentionTracer:
         self.nn = NNsight(model)
         layers = _resolve(self.nn, adapter.decoder_layers)
         self.layers = [layers[i] for i in range(len(layers._module))]
-        self.call_labels = [
-            find_attention_call(_resolve(layer, adapter.attention)) for layer in self.layers
-        ]
 
     @property
     def device(self) -> torch.device:
@@ -187,6 +180,20 @@ class AttentionTracer:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+class AttentionTracer(_DecoderTracer):
+    """Runs batches through an nnsight-wrapped model and returns description attention.
+
+    >>> tracer = AttentionTracer(model, adapter)
+    >>> scores = tracer.trace(adapter.prepare(images, descriptions))  # (B, L, H, V) numpy
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
+        super().__init__(model, adapter)
+        self.call_labels = [
+            find_attention_call(_resolve(layer, adapter.attention)) for layer in self.layers
+        ]
 
     def trace(self, batch: PreparedBatch) -> np.ndarray:
         """(B, L, H, V) float32 attention of the description rows on the visual tokens."""
@@ -210,6 +217,54 @@ class AttentionTracer:
                 )  # fmt: skip
             tracer.stop()
         return torch.stack(list(per_layer), dim=1).numpy()  # (B, L, H, V)
+
+
+class HeadOutputTracer(_DecoderTracer):
+    """Each head's write into the residual stream, averaged over chosen token positions
+    (the signal of Head Pursuit, ``probes.head_pursuit``).
+
+    Where: the input of each attention module's output projection ``o_proj`` is the
+    heads' outputs side by side (B, T, heads * head_dim), so head h's write is its slice
+    times W_O's matching columns. Averaging is linear, so the slice is averaged over the
+    positions inside the trace (only (B, heads * head_dim) per layer leaves it) and
+    multiplied by W_O after. The model stops after the last layer's projection input.
+
+    >>> tracer = HeadOutputTracer(model, adapter)
+    >>> writes = tracer.trace(batch, positions="image")  # (B, L, H, hidden) numpy
+    """
+
+    POSITIONS = ("image", "answer")
+
+    def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
+        super().__init__(model, adapter)
+        self.projections = [_resolve(layer, adapter.attention).o_proj for layer in self.layers]
+        # (hidden, heads, head_dim) per layer, float32 on the model's device
+        self.w_o = [
+            envoy._module.weight.detach().float().reshape(envoy._module.weight.shape[0], adapter.n_heads, -1)
+            for envoy in self.projections
+        ]
+
+    def trace(self, batch: PreparedBatch, positions: str = "image") -> np.ndarray:
+        """(B, L, H, hidden) float32: per head, its write averaged over the sample's visual
+        tokens (``image``, all views) or over its description tokens (``answer``)."""
+        if positions not in self.POSITIONS:
+            raise ValueError(f"positions={positions!r}: choose from {', '.join(self.POSITIONS)}")
+        batch = batch.to(self.device, self.dtype)
+        index = BatchIndex.from_batch(batch, self.device)
+        where, valid = (index.visual, index.visual_valid) if positions == "image" else (index.query, index.query_valid)
+        weights = (valid.float() / valid.sum(1, keepdim=True))[..., None]  # (B, P, 1): a mean over valid positions
+        with torch.inference_mode(), self.nn.trace(**batch.inputs) as tracer:
+            per_layer = nnsight.save([])
+            for projection in self.projections:
+                heads_out = projection.input  # (B, T, heads * head_dim)
+                picked = heads_out.gather(1, where[..., None].expand(-1, -1, heads_out.shape[-1]))
+                per_layer.append((picked.float() * weights).sum(1).cpu())  # (B, heads * head_dim)
+            tracer.stop()
+        writes = []
+        for mean_out, w_o in zip(per_layer, self.w_o):
+            per_head = mean_out.to(w_o.device).reshape(mean_out.shape[0], self.adapter.n_heads, -1)  # (B, H, hd)
+            writes.append(torch.einsum("bhk,dhk->bhd", per_head, w_o).cpu())
+        return torch.stack(writes, dim=1).numpy()  # (B, L, H, hidden)
 
 
 def _resolve(envoy: Any, dotted: str) -> Any:

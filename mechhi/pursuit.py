@@ -1,0 +1,123 @@
+"""Head Pursuit over a dataset: the `mechhi pursuit` job.
+
+Runs the model on the dataset's samples (the same samples and prompt `mechhi trace`
+uses), collects every head's write into the residual stream averaged over the image
+tokens (or the description tokens), and ranks heads by how much of that signal a few
+of the concept's unembedding directions explain (``probes.head_pursuit``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .data.synthetic import COLOURS
+from .models import VLMAdapter
+from .models.loading import load
+from .runner import BUNDLED_DATASET, BUNDLED_MODEL, TraceConfig, load_samples
+from .tracing import HeadOutputTracer
+
+
+@dataclass(frozen=True)
+class PursuitConfig:
+    model: str = str(BUNDLED_MODEL)
+    dataset: str = str(BUNDLED_DATASET)
+    words: tuple[str, ...] = field(default_factory=lambda: tuple(COLOURS))  # the concept: the toy world's colours
+    k: int = 3  # SOMP steps (atoms per head); at most len(words)
+    positions: str = "image"  # average each head's write over the image tokens, or "answer"
+    limit: int | None = None
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    template: str = "caption"
+    split: str = "auto"
+
+    def __post_init__(self) -> None:
+        if len(set(self.words)) < 2:
+            raise ValueError("pursuit needs at least two distinct concept words")
+        if not 1 <= self.k <= len(self.words):
+            raise ValueError(f"pursuit: k={self.k} must be between 1 and the number of words ({len(self.words)})")
+        if self.positions not in HeadOutputTracer.POSITIONS:
+            raise ValueError(f"positions={self.positions!r}: choose from {', '.join(HeadOutputTracer.POSITIONS)}")
+
+
+def single_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
+    """The token id of each word as it appears inside text (with a leading space for
+    BPE vocabularies, bare for word-level ones). Head Pursuit's atoms are single tokens:
+    a word that splits is refused by name rather than silently reduced to a piece."""
+    ids, split = [], []
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    for word in words:
+        found = None
+        for variant in (" " + word, word):
+            pieces = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if len(pieces) == 1 and pieces[0] != unknown:  # a word-level vocabulary maps strangers to <unk>
+                found = int(pieces[0])
+                break
+        if found is None:
+            split.append(word)
+        else:
+            ids.append(found)
+    if split:
+        raise ValueError(f"not single tokens for this tokenizer (split or unknown): {', '.join(split)}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("two concept words map to the same token")
+    return ids
+
+
+def concept_dictionary(model: torch.nn.Module, adapter: VLMAdapter, words: Sequence[str]) -> np.ndarray:
+    """(len(words), hidden): the unembedding rows of the concept's tokens."""
+    unembedding = model.get_output_embeddings().weight
+    return unembedding[single_token_ids(adapter.tokenizer, words)].detach().float().cpu().numpy()
+
+
+def head_signals(
+    model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Any], *, positions: str, batch_size: int,
+    template: str = "caption", progress: bool = True,
+) -> xr.DataArray:  # fmt: skip
+    """(sample, layer, head, hidden) per-head writes, averaged over ``positions``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tracer = HeadOutputTracer(model, adapter)
+    chunks = []
+    columns = (TextColumn("head outputs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("pursuit", total=len(samples))
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            batch = adapter.prepare([s.image() for s in chunk], [s.description for s in chunk], template=template)
+            chunks.append(tracer.trace(batch, positions=positions))
+            bar.advance(task, len(chunk))
+    values = np.concatenate(chunks)
+    n_layers = values.shape[1]
+    return xr.DataArray(
+        values,
+        dims=("sample", "layer", "head", "hidden"),
+        coords={"sample": np.arange(len(samples)), "layer": np.arange(n_layers), "head": np.arange(values.shape[2]),
+                "depth": ("layer", np.arange(n_layers) / max(n_layers - 1, 1))},  # fmt: skip
+        name="head_write",
+    )
+
+
+def run_pursuit(config: PursuitConfig = PursuitConfig(), *, progress: bool = True,
+                loaded: tuple[Any, VLMAdapter] | None = None) -> xr.Dataset:  # fmt: skip
+    """Head Pursuit of ``config.words`` on every head; see ``probes.head_pursuit.pursue_heads``."""
+    from probes.head_pursuit import pursue_heads
+
+    model, adapter = loaded or load(config.model, device=config.device, dtype=config.dtype)
+    dictionary = concept_dictionary(model, adapter, config.words)  # fails fast on a bad word
+    dataset = load_samples(TraceConfig(model=config.model, dataset=config.dataset, split=config.split), adapter)
+    samples = dataset.samples[: config.limit] if config.limit else dataset.samples
+    if len(samples) < 2:
+        raise ValueError(f"pursuit needs at least 2 samples, {config.dataset} has {len(samples)}")
+    signals = head_signals(model, adapter, samples, positions=config.positions, batch_size=config.batch_size,
+                           template=config.template, progress=progress)  # fmt: skip
+    result = pursue_heads(signals, dictionary, list(config.words), config.k)
+    result.attrs.update({"model": config.model, "dataset": config.dataset, "positions": config.positions,
+                         "samples": len(samples)})  # fmt: skip
+    return result
