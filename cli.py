@@ -279,6 +279,8 @@ def stats(
     for t in tests:
         statistic, p = t["statistic"], t["p_value"]
         shown_p = "n/a" if p is None else (f"[bold green]{p:.3g}[/]" if p < 0.001 else f"{p:.3g}")
+        if p == 0.0:
+            shown_p = "[bold green]< 1e-300[/]"  # below float range, not zero
         shown_stat = "n/a" if statistic is None else f"{statistic:.2f}"
         table.add_row(t["across"], t["on"], shown_stat, str(t["df"]), shown_p)
     console.print(table)

@@ -21,6 +21,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from ..data.format import ImageRecord
-from ..data.synthetic import COLOURS, SHAPES, SIZES, WorldConfig, render_one
+from ..data.synthetic import COLOURS, SHAPES, SIZES, WorldConfig, all_descriptions, describe, render_one
 from ..evaluate import LETTERS, VQAItem, answer_predictions, format_options
 from ..finetune import answer_loss
 from ..models import PreparedBatch, VLMAdapter
@@ -66,16 +67,46 @@ class ToyConfig:
     # Phase 2: the whole model on captioning and VQA; the probe loss stays on so that
     # the vision tower keeps the shape information the language loss cannot yet use.
     steps: int = 700
-    batch_size: int = 32
-    vqa_per_step: int = 24  # of batch_size; the rest are captioned
+    batch_size: int = 20
+    vqa_per_step: int = 16  # of batch_size; the rest are captioned
     caption_only_steps: int = 100  # first learn to read the image, then to answer
+    # Share of training-question distractors that are lures: a present object with its
+    # colour or its shape changed. With distractors drawn at random, colour alone answers
+    # most questions, and a model trained so learnt only colour (it failed exactly when a
+    # distractor had a present object's colour: 0.44 there, 1.00 elsewhere). With lures
+    # from the start, VQA stayed on its chance plateau for 460 steps (the easy colour
+    # cue is the way off it), so lures come in on a ramp over language steps
+    # [lure_ramp[0], lure_ramp[1]], from where VQA leaves the plateau.
+    lure_share: float = 0.75
+    lure_ramp: tuple[int, int] = (200, 450)
     lr: float = 2e-3
     warmup: int = 40
+    # Warm-up, constant, then cosine decay over this last share of the language phase.
+    # 1.0: a cosine over the whole phase (held at 2e-3 longer, the caption loss stalled).
+    decay_share: float = 1.0
     weight_decay: float = 0.01
     visual_probe_weight: float = 1.0
+    # A logistic probe on the output of decoder layer ``option_probe_layer`` at each VQA
+    # option's last word, trained to say whether that option is in the image (dropped
+    # afterwards). The letter loss alone reaches the matching only through the whole
+    # circuit (match each option, then copy the matching option's letter), and sat on a
+    # chance plateau for hundreds of steps; the probe supervises the first half directly,
+    # four labels per question, and leaves the layers above it to the second half.
+    option_probe_weight: float = 1.0
+    option_probe_layer: int = 5
     seed: int = 0
     checkpoint_every: int = 100
     threads: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.option_probe_layer < self.layers:
+            raise ValueError(f"ToyConfig.option_probe_layer={self.option_probe_layer} is not one of {self.layers} layers")
+
+    @classmethod
+    def read(cls, path: Path) -> ToyConfig:
+        """The config a model was trained with (JSON turns tuples into lists: back again)."""
+        raw = json.loads(Path(path).read_text())
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in raw.items()})
 
 
 def vocabulary() -> list[str]:
@@ -111,8 +142,41 @@ def caption_of(record: ImageRecord) -> str:
 
 
 def vqa_item(record: ImageRecord, image, rng: np.random.Generator) -> VQAItem:
+    """One of the world's own questions (distractors drawn at random): what evaluation asks."""
     question = record.questions[int(rng.integers(len(record.questions)))]
     return VQAItem(image=image, options=tuple(question["options"]), answer=int(question["answer"]))
+
+
+def lures(record: ImageRecord, world: WorldConfig) -> dict[str, list[str]]:
+    """Absent descriptions one attribute away from a present object: its shape changed
+    (colour alone cannot rule these out) or its colour changed (shape alone cannot)."""
+    present = {(o.attributes["colour"], o.attributes["shape"]) for o in record.objects}
+    same_colour = {(colour, s) for colour, _ in present for s in world.shapes}
+    same_shape = {(c, shape) for _, shape in present for c in world.colours}
+    return {
+        "same colour": sorted(describe(c, s) for c, s in same_colour - present),
+        "same shape": sorted(describe(c, s) for c, s in same_shape - present),
+    }
+
+
+def training_question(
+    record: ImageRecord, image, rng: np.random.Generator, *, lure_share: float, world: WorldConfig
+) -> VQAItem:
+    """A question about a random object; each distractor is, with probability
+    ``lure_share``, a lure of either kind (even odds), otherwise any absent description."""
+    target = record.objects[int(rng.integers(len(record.objects)))]
+    present = {o.description for o in record.objects}
+    kinds = [pool for pool in lures(record, world).values() if pool]
+    anything = [d for d in all_descriptions(world) if d not in present]
+    distractors: list[str] = []
+    while len(distractors) < 3:
+        pool = kinds[int(rng.integers(len(kinds)))] if kinds and rng.random() < lure_share else anything
+        pick = pool[int(rng.integers(len(pool)))]
+        if pick not in distractors:
+            distractors.append(pick)
+    options = [target.description, *distractors]
+    order = rng.permutation(4)
+    return VQAItem(image=image, options=tuple(options[i] for i in order), answer=int(np.flatnonzero(order == 0)[0]))
 
 
 def labels_from_answer(batch: PreparedBatch) -> torch.Tensor:
@@ -134,6 +198,9 @@ class TrainBatch:
     object_weights: torch.Tensor  # (n_objects, n_visual_tokens): coverage, each row sums to 1
     object_shape: torch.Tensor  # (n_objects,) index into SHAPES
     object_colour: torch.Tensor  # (n_objects,) index into COLOURS
+    # VQA batches only: (sample, position) of each option's last word, and whether it is present
+    option_index: torch.Tensor | None = None  # (n_options, 2) long
+    option_present: torch.Tensor | None = None  # (n_options,) float 0/1
 
 
 def with_object_labels(batch: PreparedBatch, records: list[ImageRecord]) -> TrainBatch:
@@ -172,6 +239,37 @@ class VisualProbe(torch.nn.Module):
         return ce(self.shape(pooled).float(), batch.object_shape) + ce(self.colour(pooled).float(), batch.object_colour)
 
 
+def option_last_words(adapter: VLMAdapter, batch: PreparedBatch) -> np.ndarray:
+    """(B, 4) position of each option's last word in each VQA prompt.
+
+    An option runs from its letter ("A" then ")") to the token before the next letter,
+    or, for the last one, before the end of the user turn."""
+    tokenizer = adapter.tokenizer
+    letters = tokenizer.convert_tokens_to_ids(list(LETTERS))
+    close, end = tokenizer.convert_tokens_to_ids([")", "<|im_end|>"])
+    out = np.zeros((len(batch.layouts), len(LETTERS)), dtype=np.int64)
+    for i, layout in enumerate(batch.layouts):
+        ids = batch.inputs["input_ids"][i, : int(layout.query_positions[0])].numpy()
+        starts = [int(np.flatnonzero((ids[:-1] == letter) & (ids[1:] == close))[-1]) for letter in letters]
+        turn_ends = np.flatnonzero(ids == end)
+        ends = [*starts[1:], int(turn_ends[turn_ends > starts[-1]][0])]
+        out[i] = np.asarray(ends) - 1
+    return out
+
+
+class OptionProbe(torch.nn.Module):
+    """Logistic "is this option in the image?" on a middle layer's state at each option's last word."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.present = torch.nn.Linear(hidden, 1)
+
+    def loss(self, hidden_states: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        picked = hidden_states[batch.option_index[:, 0], batch.option_index[:, 1]]  # (n_options, hidden)
+        logits = self.present(picked).float().squeeze(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.option_present)
+
+
 def _captions(adapter: VLMAdapter, scenes: list) -> TrainBatch:
     prepared = adapter.prepare([im for _, im in scenes], [caption_of(r) for r, _ in scenes])
     return with_object_labels(prepared, [r for r, _ in scenes])
@@ -198,28 +296,40 @@ def training_batches(adapter: VLMAdapter, config: ToyConfig, step: int) -> dict[
         return {"caption": _captions(adapter, drawn[:half]), "caption_2": _captions(adapter, drawn[half:])}
     n_caption = config.batch_size - config.vqa_per_step
     asked = drawn[n_caption:]
-    questions = [vqa_item(r, im, rng) for r, im in asked]
+    share = lure_share_at(step, config)
+    questions = [training_question(r, im, rng, lure_share=share, world=world) for r, im in asked]
     vqa = adapter.prepare(
         [q.image for q in questions],
         [LETTERS[q.answer] for q in questions],
         template="vqa",
         fields=[{"options": format_options(q.options)} for q in questions],
     )
-    return {"caption": _captions(adapter, drawn[:n_caption]), "vqa": with_object_labels(vqa, [r for r, _ in asked])}
+    labelled = with_object_labels(vqa, [r for r, _ in asked])
+    positions = option_last_words(adapter, vqa)  # (B, 4)
+    labelled.option_index = torch.tensor([(i, int(pos)) for i, row in enumerate(positions) for pos in row])
+    labelled.option_present = torch.tensor([float(k == q.answer) for q in questions for k in range(len(LETTERS))])
+    return {"caption": _captions(adapter, drawn[:n_caption]), "vqa": labelled}
+
+
+def lure_share_at(step: int, config: ToyConfig) -> float:
+    """The lure share at a language step: 0 before the ramp, ``lure_share`` after it, linear between."""
+    start, end = config.lure_ramp
+    return config.lure_share * min(1.0, max(0.0, (step - start) / max(1, end - start)))
 
 
 # ----------------------------------------------------------------------------- training
 
 
 def _lr(step: int, config: ToyConfig) -> float:
-    """Learning rate at a global step: warm-up then constant in the vision phase, warm-up
-    then cosine in the language phase."""
+    """Learning rate at a global step: warm-up then constant in the vision phase; in the
+    language phase warm-up, constant, then cosine to zero over its last ``decay_share``."""
     if step < config.vision_steps:
         return config.vision_lr * min(1.0, (step + 1) / config.warmup)
     step -= config.vision_steps
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    decay_steps = max(1, round(config.decay_share * config.steps))
+    progress = max(0.0, (step - (config.steps - decay_steps)) / decay_steps)
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -235,9 +345,13 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
     model, adapter = build(config)
     model.train()
     probe = VisualProbe(model.config.text_config.hidden_size)
+    option_probe = OptionProbe(model.config.text_config.hidden_size)
     visual_tokens: list[torch.Tensor] = []  # the vision tower's output in the current forward
     model.model.visual.register_forward_hook(lambda _m, _i, out: visual_tokens.append(out.pooler_output))
-    trained = [*model.parameters(), *probe.parameters()]
+    probed: list[torch.Tensor] = []  # decoder layer option_probe_layer's output in the current forward
+    model.model.language_model.layers[config.option_probe_layer].register_forward_hook(
+        lambda _m, _i, out: probed.append(out[0] if isinstance(out, tuple) else out))
+    trained = [*model.parameters(), *probe.parameters(), *option_probe.parameters()]
     # One optimizer for both phases: in the vision phase the language model has no
     # gradients, and AdamW leaves parameters without gradients untouched.
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
@@ -249,6 +363,7 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
             raise ValueError(f"{checkpoint} was written with another ToyConfig; delete it to start over")
         model.load_state_dict(state["model"])
         probe.load_state_dict(state["probe"])
+        option_probe.load_state_dict(state["option_probe"])
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed = state["step"], state.get("seconds", 0.0)
         # Steps after the checkpoint are done again: drop their log lines.
@@ -259,15 +374,29 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                TimeRemainingColumn())  # fmt: skip
     began = time.time() - elapsed  # wall time across resumes
-    with Progress(*columns, disable=not progress) as bar, open(log_path, "a") as log:
+
+    def batches_of(step: int) -> TrainBatch | dict[str, TrainBatch]:
+        if step < config.vision_steps:
+            return vision_batch(adapter, config, step)
+        return training_batches(adapter, config, step - config.vision_steps)
+
+    # Scenes for the next step are drawn and prepared in a thread while this step computes
+    # (~8% of wall time; rendering and the processor release the GIL for much of it).
+    # Batches are a pure function of the step, so this changes no number.
+    with Progress(*columns, disable=not progress) as bar, open(log_path, "a") as log, \
+            ThreadPoolExecutor(max_workers=1) as prefetch:  # fmt: skip
         task = bar.add_task("train", total=total, completed=start, loss="")
+        upcoming = prefetch.submit(batches_of, start)
         for step in range(start, total):
+            prepared = upcoming.result()
+            if step + 1 < total:
+                upcoming = prefetch.submit(batches_of, step + 1)
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, config)
             optimizer.zero_grad(set_to_none=True)
             losses = {}
-            if step < config.vision_steps:
-                batch = vision_batch(adapter, config, step)
+            if isinstance(prepared, TrainBatch):  # vision phase
+                batch = prepared
                 inputs = batch.prepared.inputs
                 tokens = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
                 visual_tokens.clear()
@@ -275,12 +404,18 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
                 loss.backward()
                 losses["visual_probe_loss"] = loss.item()
             else:
-                batches = training_batches(adapter, config, step - config.vision_steps)
+                batches = prepared
                 for name, batch in batches.items():
                     visual_tokens.clear()
+                    probed.clear()
                     loss = answer_loss(model, batch.prepared, labels_from_answer(batch.prepared))
                     probe_loss = probe.loss(visual_tokens[0], batch)
-                    ((loss + config.visual_probe_weight * probe_loss) / len(batches)).backward()
+                    total_loss = loss + config.visual_probe_weight * probe_loss
+                    if batch.option_index is not None:
+                        option_loss = option_probe.loss(probed[0], batch)
+                        total_loss = total_loss + config.option_probe_weight * option_loss
+                        losses[f"{name}_option_probe_loss"] = option_loss.item()
+                    (total_loss / len(batches)).backward()
                     losses[f"{name}_loss"] = loss.item()
                     losses[f"{name}_visual_probe_loss"] = probe_loss.item()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -293,7 +428,7 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
             bar.update(task, advance=1, loss=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
                 staging = checkpoint.with_suffix(".tmp")  # write then rename: a kill never leaves half a file
-                torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "optimizer": optimizer.state_dict(),
+                torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "option_probe": option_probe.state_dict(), "optimizer": optimizer.state_dict(),
                             "step": step + 1, "seconds": time.time() - began, "config": asdict(config)}, staging)  # fmt: skip
                 os.replace(staging, checkpoint)
     model.eval()
@@ -323,12 +458,19 @@ def measure(
     predictions = list(answer_predictions(model, adapter, images, [caption_of(r) for r, _ in scenes], batch_size=16))
     nll, accuracy = scores_of(predictions)
     rng = np.random.default_rng(HELD_OUT_SEED)
-    vqa = closed_vqa(model, adapter, [vqa_item(r, im, rng) for r, im in scenes], batch_size=16)
+    items = [vqa_item(r, im, rng) for r, im in scenes]
+    vqa = closed_vqa(model, adapter, items, batch_size=16)
+    # The questions colour alone cannot answer: a distractor has a present object's colour.
+    world = WorldConfig(image_size=config.image_size)
+    lured = [item for item, (record, _) in zip(items, scenes, strict=True)
+             if set(item.options) & set(lures(record, world)["same colour"])]  # fmt: skip
     return {
         "caption_token_accuracy": Metric.of(accuracy).as_dict(),
         "caption_perplexity": perplexity_of(nll).as_dict(),
         "vqa_accuracy": vqa["accuracy"].as_dict(),
         "vqa_ans_prob": vqa["ans_prob"].as_dict(),
+        "vqa_accuracy_same_colour_lure": closed_vqa(model, adapter, lured, batch_size=16)["accuracy"].as_dict(),
+        "vqa_questions_same_colour_lure": len(lured),
         "caption_word_accuracy": word_accuracy(adapter, predictions),
     }
 
@@ -377,7 +519,7 @@ def card_metrics(out_dir: Path = TOY_DIR, *, n_images: int = 200, hi_images: int
 
     from ..models.loading import load
 
-    config = ToyConfig(**json.loads((Path(out_dir) / "toy_config.json").read_text()))
+    config = ToyConfig.read(Path(out_dir) / "toy_config.json")
     model, adapter = load(out_dir, device="cpu", dtype="float32")
     random_model, random_adapter = build(config)
     log = [json.loads(line) for line in (Path(out_dir) / "training_log.jsonl").read_text().splitlines()]
@@ -415,16 +557,10 @@ def write_card(metrics: dict, out_dir: Path = TOY_DIR) -> Path:
     if t["vqa_accuracy"]["mean"] < VQA_TARGET:
         limitations = f"""## Known limitations
 
-Closed-ended VQA accuracy is {t["vqa_accuracy"]["mean"]:.2f}, below the {VQA_TARGET:.0%} target. Its loss leaves the
-chance plateau (ln 4 / 3 per answer token) only a few hundred steps into the language
-phase and was still falling when the 30-minute budget ran out (`training_log.jsonl`).
-Seeing shapes is the hard part: through the language loss alone, a from-scratch ViT
-learnt colours but not shapes in the budget (the earlier 850-step model without the vision
-phase, git commit f7aa657, had shape words and VQA at chance: see its metrics.json), hence
-the vision phase.
-
-Head Impact does separate the trained model from random weights (table above), which is
-what the tracing demo and the fine-tuning experiment need.
+Closed-ended VQA accuracy is {t["vqa_accuracy"]["mean"]:.2f}, below the {VQA_TARGET:.0%} target. The misses
+concentrate on questions where a distractor has the colour of an object in the image
+(accuracy {t["vqa_accuracy_same_colour_lure"]["mean"]:.2f} there): telling shapes apart is what the 30-minute CPU budget
+leaves least trained.
 
 """
 
@@ -449,6 +585,14 @@ on 2 CPU cores (`training_log.jsonl`):
    mean visual token (the probe is dropped afterwards; the shipped model is a plain
    Qwen2-VL);
 2. language phase, {c["steps"]} steps of {c["batch_size"]} scenes: {mix}, the probe loss kept on.
+   Training questions draw each distractor, with a probability rising from 0 to {c["lure_share"]} over
+   language steps {c["lure_ramp"][0]}-{c["lure_ramp"][1]}, from the lures of the scene (a present object with its
+   shape or its colour changed), so that colour alone cannot answer them; evaluation asks
+   the world's own questions (distractors at random). A second probe, also dropped
+   afterwards, reads decoder layer {c["option_probe_layer"]} at each option's last word and is trained to say
+   whether that option is in the image. In two runs otherwise alike (24 questions per
+   step), VQA left its chance plateau after about 190 language steps with this probe and
+   after about 450 without it.
 
 ## Quality on held-out scenes (world seed {metrics["held_out"]["seed"]}, {metrics["held_out"]["images"]} images; mean ± SE)
 
@@ -457,6 +601,7 @@ on 2 CPU cores (`training_log.jsonl`):
 | caption answer-token accuracy | {fmt(t["caption_token_accuracy"])} | {fmt(r["caption_token_accuracy"])} |
 | caption perplexity (answer tokens) | {fmt(t["caption_perplexity"], 2)} | {fmt(r["caption_perplexity"], 2)} |
 | closed-ended VQA accuracy | {fmt(t["vqa_accuracy"])} | {fmt(r["vqa_accuracy"])} |
+| VQA accuracy, questions with a same-colour lure ({t["vqa_questions_same_colour_lure"]}) | {fmt(t["vqa_accuracy_same_colour_lure"])} | {fmt(r["vqa_accuracy_same_colour_lure"])} |
 | VQA AnsProb | {fmt(t["vqa_ans_prob"])} | {fmt(r["vqa_ans_prob"])} |
 | caption colour-word accuracy | {tw["colour"]:.3f} | {rw["colour"]:.3f} |
 | caption shape-word accuracy (chance 0.25) | {tw["shape"]:.3f} | {rw["shape"]:.3f} |
@@ -470,7 +615,15 @@ on 2 CPU cores (`training_log.jsonl`):
 | mean HI over all heads | {ht["mean_hi"]:.3f} | {hr["mean_hi"]:.3f} |
 | top-4 layers | {ht["top4_layers"]} | {hr["top4_layers"]} |
 
-{limitations}
+{limitations}## How it got here
+
+Earlier versions of this model, kept in git for comparison: trained on the language loss
+alone (commit f7aa657), it never learnt shapes and answered VQA at chance; with the
+vision phase but on the world's own questions (commit c65e1c2), it reached 0.70 VQA
+accuracy by colour alone (0.44 on questions with a same-colour lure, 0.99 or more on the
+rest). The lures and the option probe above are the two changes since, with smaller
+steps (20 scenes instead of 32) so that the same 700 steps fit the budget with room.
+
 Numbers written by `mechhi toy card` (also in `metrics.json`).
 """
     path = Path(out_dir) / "README.md"
