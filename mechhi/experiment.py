@@ -51,6 +51,7 @@ from .finetune import (
     lora_norms,
     parameter_counts,
     prepare_samples,
+    quiet_peft,
     read_selection,
     resolve_dataset,
     resolve_model_id,
@@ -213,7 +214,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> Any:
     from peft import PeftModel
 
     read_selection(adapter_dir)  # fails clearly on a directory mechhi did not write
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
 
 
 # ============================================================================ `mechhi evaluate`

@@ -249,14 +249,22 @@ def lora_layers_of(names: Sequence[str], adapter: VLMAdapter) -> dict[int, list[
     return {layer: sorted(p) for layer, p in sorted(found.items())}
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft reads `is_gradient_checkpointing`, which transformers 5 deprecates: a warning per
+    wrapped model that says nothing to the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def attach_lora(
     model: torch.nn.Module, adapter: VLMAdapter, layers: Sequence[int], settings: LoraSettings = LoraSettings()
 ) -> Any:
     """Wrap ``model`` (in place) with LoRA on q/k/v of ``layers``; check peft did exactly that."""
     from peft import get_peft_model
 
-    with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         peft_model = get_peft_model(model, lora_config(adapter, layers, settings))
     found = lora_layers_of(lora_module_names(peft_model), adapter)
     wanted = {layer: ["k", "q", "v"] for layer in sorted(set(layers))}
