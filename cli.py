@@ -241,23 +241,24 @@ def pursuit(
     )  # fmt: skip
     result = run_pursuit(config, progress=not as_json)
     ranking = head_ranking(result)
-    rows = [
-        {"rank": i + 1, "layer": int(ranking["layer"][i]), "head": int(ranking["head"][i]),
-         "explained": _finite(ranking[i]),
-         "top_word": str(result.top_word.sel(layer=int(ranking["layer"][i]), head=int(ranking["head"][i])).values)}
-        for i in range(ranking.sizes["unit"])
-    ]  # fmt: skip
+    rows = []
+    for i in range(ranking.sizes["unit"]):
+        layer, head = int(ranking["layer"][i]), int(ranking["head"][i])
+        at = result.sel(layer=layer, head=head)
+        rows.append({"rank": i + 1, "layer": layer, "head": head, "explained": _finite(at.explained),
+                     "explained_random": _finite(at.explained_random), "top_word": str(at.top_word.values)})  # fmt: skip
     if as_json:
         print_json({"model": config.model, "dataset": config.dataset, "words": list(config.words), "k": config.k,
                     "positions": config.positions, "samples": result.attrs["samples"], "heads": rows[:top]})  # fmt: skip
         return
     table = Table(title=f"Head Pursuit of {', '.join(config.words)} (k={config.k}, {config.positions} tokens)")
-    for column in ("rank", "layer", "head", "explained variance", "top word"):
+    for column in ("rank", "layer", "head", "explained variance", "by random atoms", "top word"):
         table.add_column(column, justify="right")
     for row in rows[:top]:
-        shown = "n/a" if row["explained"] is None else f"{row['explained']:.3f}"
-        table.add_row(str(row["rank"]), str(row["layer"]), str(row["head"]), shown, row["top_word"])
+        shown = ["n/a" if row[key] is None else f"{row[key]:.3f}" for key in ("explained", "explained_random")]
+        table.add_row(str(row["rank"]), str(row["layer"]), str(row["head"]), *shown, row["top_word"])
     console.print(table)
+    console.print("by random atoms: the same pursuit on as many random directions, the chance reference.")
 
 
 @app.command()

@@ -72,35 +72,49 @@ def somp(signal: np.ndarray, dictionary: np.ndarray, k: int) -> Pursuit:
     return Pursuit(np.asarray(support), coefficients, np.asarray(explained))
 
 
-def pursue_heads(signals: xr.DataArray, dictionary: np.ndarray, words: list[str], k: int) -> xr.Dataset:
+def random_dictionary(like: np.ndarray, seed: int) -> np.ndarray:
+    """Gaussian atoms of the dictionary's shape: the chance reference for its explained variance."""
+    return np.random.default_rng(seed).normal(size=np.shape(like))
+
+
+def pursue_heads(
+    signals: xr.DataArray, dictionary: np.ndarray, words: list[str], k: int, *, control_seed: int = 0
+) -> xr.Dataset:
     """SOMP for every (layer, head) of ``signals`` (sample, layer, head, hidden) on the
     concept ``dictionary`` (len(words), hidden).
 
-    Returns per (layer, head): ``explained`` (variance ratio after k atoms) and
-    ``top_word`` (the support atom of largest weight); ``explained_curve`` along ``step``.
+    Returns per (layer, head): ``explained`` (variance ratio after k atoms), ``top_word``
+    (the support atom of largest weight) and ``explained_random``, the same pursuit on as
+    many random directions (seeded): k atoms explain some variance of any signal, more of a
+    low-rank one, so a head's score means something only against this; and
+    ``explained_curve`` along ``step``.
     """
     if len(words) != len(dictionary):
         raise ValueError(f"pursue_heads: {len(words)} words for {len(dictionary)} atoms")
     values = signals.transpose("sample", "layer", "head", "hidden").values
     n_layers, n_heads = values.shape[1:3]
+    control = random_dictionary(dictionary, control_seed)
     curve = np.full((n_layers, n_heads, k), np.nan)
+    chance = np.full((n_layers, n_heads), np.nan)
     top = np.empty((n_layers, n_heads), dtype=object)
     for layer in range(n_layers):
         for head in range(n_heads):
             result = somp(values[:, layer, head], dictionary, k)
             curve[layer, head] = result.explained
             top[layer, head] = words[int(result.ranked_atoms()[0])]
+            chance[layer, head] = somp(values[:, layer, head], control, k).explained[-1]
     coords = {name: signals[name].values for name in ("layer", "head") if name in signals.coords}
     if "depth" in signals.coords:
         coords["depth"] = ("layer", signals["depth"].values)
     return xr.Dataset(
         {
             "explained": (("layer", "head"), curve[..., -1]),
+            "explained_random": (("layer", "head"), chance),
             "explained_curve": (("layer", "head", "step"), curve),
             "top_word": (("layer", "head"), top.astype(str)),
         },
         coords={**coords, "step": np.arange(1, k + 1)},
-        attrs={"probe": "head-pursuit", "k": k, "words": list(words)},
+        attrs={"probe": "head-pursuit", "k": k, "words": list(words), "control_seed": control_seed},
     )
 
 

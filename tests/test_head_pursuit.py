@@ -66,6 +66,13 @@ def test_pursue_heads_labels_every_head_and_ranks_them():
     assert result.explained.dims == ("layer", "head") and result.explained_curve.sizes["step"] == 2
     assert str(result.top_word.sel(layer=1, head=2).values) == "green"
     assert float(result.explained.sel(layer=1, head=2)) > 0.99
+    # the chance reference: as many random directions explain far less of the planted head,
+    # and about as much of a noise head as the concept does
+    assert float(result.explained_random.sel(layer=1, head=2)) < 0.5
+    noise = result.sel(layer=0, head=0)
+    assert 0.05 < float(noise.explained_random) < 0.6 and abs(float(noise.explained - noise.explained_random)) < 0.3
+    again = pursue_heads(signals, dictionary, words, k=2)
+    np.testing.assert_array_equal(again.explained_random.values, result.explained_random.values)  # seeded
     ranking = head_ranking(result)
     assert (int(ranking["layer"][0]), int(ranking["head"][0])) == (1, 2)
     assert np.all(np.diff(ranking.values) <= 0)

@@ -74,5 +74,6 @@ def test_cli_pursuit_json_and_errors():
     heads = payload["heads"]
     assert len(heads) == 5 and [h["rank"] for h in heads] == [1, 2, 3, 4, 5]
     assert all(a["explained"] >= b["explained"] for a, b in zip(heads, heads[1:]))
+    assert all(0.0 <= h["explained_random"] <= 1.0 for h in heads)
     bad = runner.invoke(app, ["pursuit", "--limit", "2", "--words", "red,chartreuse,blue", "--k", "2", "--device", "cpu"])
     assert bad.exit_code == 1 and "chartreuse" in bad.output and "Traceback" not in bad.output
