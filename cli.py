@@ -33,6 +33,12 @@ err_console = Console(stderr=True)
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Path of a mechhi zarr store.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Samples per forward pass.")]
+ToyModelOpt = Annotated[Optional[str], typer.Option(help="HF model id or local directory (default: the bundled toy model).")]
+ToyDatasetOpt = Annotated[Optional[Path], typer.Option(help="Dataset directory (default: the bundled synthetic set).")]
+TraceSplitOpt = Annotated[str, typer.Option(help="auto: the 'trace' split when the dataset has one, else all; all; or a split name.")]
 
 
 def friendly_errors(command: Callable) -> Callable:
@@ -78,16 +84,16 @@ def print_json(payload: Any) -> None:
 @app.command()
 @friendly_errors
 def trace(
-    model: Annotated[Optional[str], typer.Option(help="HF model id or local directory (default: the bundled toy model).")] = None,
-    dataset: Annotated[Optional[Path], typer.Option(help="Dataset directory (default: the bundled synthetic set).")] = None,
+    model: ToyModelOpt = None,
+    dataset: ToyDatasetOpt = None,
     store: Annotated[Optional[Path], typer.Option(help="Output store (default: stores/<dataset>.zarr).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Trace only the first N samples.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Samples per forward pass.")] = 4,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    batch_size: BatchSizeOpt = 4,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     no_maps: Annotated[bool, typer.Option("--no-maps", help="Keep masks and IoU only, not the attention cube.")] = False,
     template: Annotated[str, typer.Option(help="Prompt template: caption | vqa.")] = "caption",
-    split: Annotated[str, typer.Option(help="auto: the 'trace' split when the dataset has one, else all; all; or a split name.")] = "auto",
+    split: TraceSplitOpt = "auto",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid records (listed in the store attrs).")] = False,
 ) -> None:
     """Trace description-to-image attention of every head into a zarr store, then score it."""
@@ -182,13 +188,12 @@ def rank(
         extra = {"binarize": ds.attrs.get("binarize")}
         title = "Head Impact"
     else:
-        from probes.attention_mass import MEASURES, attention_mass, head_means
+        from probes.attention_mass import MEASURES, attention_mass, layer_means
         from probes.attention_mass import layer_ranking as mass_ranking
 
         ds = _open_traced(store)
         mass = attention_mass(ds)
-        ranking = mass_ranking(mass)
-        per_layer = head_means(mass).mean("head", skipna=True)
+        ranking, per_layer = mass_ranking(mass), layer_means(mass)  # means of an (S, L, H) array: cheap twice
         columns = {f"mean_{m}": per_layer[m].sel(layer=ranking.layer) for m in reversed(MEASURES)}
         extra, title = {}, "Attention mass (object lift = object share / object area share)"
     rows = [
@@ -215,16 +220,16 @@ def rank(
 @app.command()
 @friendly_errors
 def pursuit(
-    model: Annotated[Optional[str], typer.Option(help="HF model id or local directory (default: the bundled toy model).")] = None,
-    dataset: Annotated[Optional[Path], typer.Option(help="Dataset directory (default: the bundled synthetic set).")] = None,
+    model: ToyModelOpt = None,
+    dataset: ToyDatasetOpt = None,
     words: Annotated[Optional[str], typer.Option(help="The concept: comma-separated single-token words (default: the toy world's colours).")] = None,
     k: Annotated[int, typer.Option(min=1, help="SOMP steps: concept atoms per head (at most the number of words).")] = 3,
     positions: Annotated[str, typer.Option(help="Average each head's write over the image tokens, or the answer (description) tokens.")] = "image",
     limit: Annotated[Optional[int], typer.Option(min=2, help="Use only the first N samples.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Samples per forward pass.")] = 4,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
-    split: Annotated[str, typer.Option(help="auto: the 'trace' split when the dataset has one, else all; all; or a split name.")] = "auto",
+    batch_size: BatchSizeOpt = 4,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    split: TraceSplitOpt = "auto",
     top: Annotated[int, typer.Option(min=1, help="Show the K heads whose writes the concept explains best.")] = 10,
     as_json: JsonOpt = False,
 ) -> None:
@@ -463,8 +468,8 @@ def finetune(
     model: Annotated[Optional[str], typer.Option(help="Base model (default: the store's model).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random-K draw.")] = 0,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Train LoRA (r=8, alpha=16, q/k/v) on the decoder layers chosen from the store's ranking."""
@@ -494,8 +499,8 @@ def evaluate(
     dataset: Annotated[Optional[Path], typer.Option(help="Dataset (default: toy fine-tuning set).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most N samples.")] = 200,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity over answer tokens, closed-ended VQA accuracy and AnsProb, with standard errors."""
@@ -530,8 +535,8 @@ def experiment(
     k: Annotated[int, typer.Option(min=1, help="Layers per setup (top-K, bottom-K, random-K).")] = 3,
     seeds: Annotated[int, typer.Option(min=1, help="Random-K draws (mean and spread).")] = 3,
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("experiments/toy"),
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """The paper's comparison: original / top-K / bottom-K / random-K / full (Tables 4 and 5)."""
     from mechhi.experiment import ExperimentConfig, run_experiment

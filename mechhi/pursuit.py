@@ -20,6 +20,7 @@ from .data.synthetic import COLOURS
 from .models import VLMAdapter
 from .models.loading import load
 from .runner import BUNDLED_DATASET, BUNDLED_MODEL, TraceConfig, load_samples
+from .store import relative_depth
 from .tracing import HeadOutputTracer
 
 
@@ -99,7 +100,7 @@ def head_signals(
         values,
         dims=("sample", "layer", "head", "hidden"),
         coords={"sample": np.arange(len(samples)), "layer": np.arange(n_layers), "head": np.arange(values.shape[2]),
-                "depth": ("layer", np.arange(n_layers) / max(n_layers - 1, 1))},  # fmt: skip
+                "depth": ("layer", relative_depth(n_layers))},  # fmt: skip
         name="head_write",
     )
 

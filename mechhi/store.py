@@ -205,7 +205,7 @@ def _skeleton(samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: 
         "description": ("sample", np.array([s.description for s in samples], dtype=object)),
         "layer": np.arange(n_layers),
         "head": np.arange(n_heads),
-        "depth": ("layer", np.arange(n_layers) / (n_layers - 1) if n_layers > 1 else np.zeros(1)),
+        "depth": ("layer", relative_depth(n_layers)),
     }
     data: dict[str, Any] = {}
     for view in views:
@@ -532,6 +532,11 @@ def _on_exact_depth(part: xr.Dataset) -> xr.Dataset:
     part = part.swap_dims(layer="depth").reset_coords("layer")
     part["layer"] = part["layer"].astype(float)  # float so a missing depth can be NaN
     return part
+
+
+def relative_depth(n_layers: int) -> np.ndarray:
+    """layer / (n_layers - 1): 0 for the first layer, 1 for the last (0 for a one-layer model)."""
+    return np.arange(n_layers) / max(n_layers - 1, 1)
 
 
 def depth_bins(n_layers: int, bins: int) -> np.ndarray:

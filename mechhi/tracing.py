@@ -238,11 +238,6 @@ class HeadOutputTracer(_DecoderTracer):
     def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
         super().__init__(model, adapter)
         self.projections = [_resolve(layer, adapter.attention).o_proj for layer in self.layers]
-        # (hidden, heads, head_dim) per layer, float32 on the model's device
-        self.w_o = [
-            envoy._module.weight.detach().float().reshape(envoy._module.weight.shape[0], adapter.n_heads, -1)
-            for envoy in self.projections
-        ]
 
     def trace(self, batch: PreparedBatch, positions: str = "image") -> np.ndarray:
         """(B, L, H, hidden) float32: per head, its write averaged over the sample's visual
@@ -261,7 +256,11 @@ class HeadOutputTracer(_DecoderTracer):
                 per_layer.append((picked.float() * weights).sum(1).cpu())  # (B, heads * head_dim)
             tracer.stop()
         writes = []
-        for mean_out, w_o in zip(per_layer, self.w_o):
+        for mean_out, projection in zip(per_layer, self.projections):
+            # W_O in float32 one layer at a time: a copy of every layer's would cost a
+            # 7B model about 1.4 GB for the tracer's whole life
+            weight = projection._module.weight.detach()
+            w_o = weight.float().reshape(weight.shape[0], self.adapter.n_heads, -1)  # (hidden, H, hd)
             per_head = mean_out.to(w_o.device).reshape(mean_out.shape[0], self.adapter.n_heads, -1)  # (B, H, hd)
             writes.append(torch.einsum("bhk,dhk->bhd", per_head, w_o).cpu())
         return torch.stack(writes, dim=1).numpy()  # (B, L, H, hidden)

@@ -13,8 +13,9 @@ read the same store and keep the probabilities:
   the share a head that spreads its attention evenly would get. 1 = no preference for
   the object; a head that looks only at a quarter-image object gets 4.
 
-Per sample, per (layer, head); ``head_means`` averages them over samples and
-``layer_ranking`` ranks layers by mean lift over heads, as Head Impact's ranking does.
+Per sample, per (layer, head); ``head_means`` averages them over samples,
+``layer_means`` also over heads, and ``layer_ranking`` ranks layers by mean lift, as Head
+Impact's ranking does.
 
 >>> mass = attention_mass(open_store("stores/toy.zarr"))  # doctest: +SKIP
 >>> head_means(mass).object_lift.mean("head").sortby(...)  # doctest: +SKIP
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
+
+from mechhi.store import MAIN_VIEW, attention_name
 
 from .maps import done_samples, for_each_sample, labels, mean_over, pool_views, rank_layers
 
@@ -53,8 +56,6 @@ def sample_mass(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray
 def attention_mass(ds: xr.Dataset) -> xr.Dataset:
     """visual_mass, object_share and object_lift per (sample, layer, head) of a store
     with attention maps; NaN for samples not yet traced."""
-    from mechhi.store import MAIN_VIEW, attention_name
-
     done = done_samples(ds, "attention_mass")
     if attention_name(MAIN_VIEW) not in ds.data_vars:
         raise ValueError("attention_mass: the store has no attention maps (traced with --no-maps?)")
@@ -72,9 +73,14 @@ def head_means(mass: xr.Dataset) -> xr.Dataset:
     return mean_over(mass[list(MEASURES)], "sample")
 
 
+def layer_means(mass: xr.Dataset) -> xr.Dataset:
+    """Each measure's head means averaged over heads -> (layer,)."""
+    return mean_over(head_means(mass), "head")
+
+
 def layer_ranking(mass: xr.Dataset, measure: str = "object_lift") -> xr.DataArray:
-    """Mean over heads of a measure's head means per layer, best first (NaN last), with
-    ``rank`` and ``depth`` coords like ``probes.head_impact.layer_ranking``."""
+    """Layers by a measure's ``layer_means``, best first (NaN last), with ``rank`` and
+    ``depth`` coords like ``probes.head_impact.layer_ranking``."""
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; choose from {', '.join(MEASURES)}")
-    return rank_layers(mean_over(head_means(mass)[measure], "head"), f"mean_{measure}")
+    return rank_layers(layer_means(mass)[measure], f"mean_{measure}")

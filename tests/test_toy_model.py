@@ -59,7 +59,7 @@ def test_toy_answers_fixed_questions_at_the_target(toy):
 
 def test_toy_is_not_fooled_by_a_distractor_of_a_present_colour(toy):
     """The questions colour alone cannot answer (a distractor has the colour of an object
-    in the image): the earlier model got 0.44 of them; this one 0.95 of these 20."""
+    in the image): the earlier model got 0.41 of the card's 100; this one 0.95 of these 20."""
     world = WorldConfig()
     lured = [item for item, record in _held_out_questions(40)
              if set(item.options) & set(lures(record, world)["same colour"])]  # fmt: skip
