@@ -97,7 +97,7 @@ def trace(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid records (listed in the store attrs).")] = False,
 ) -> None:
     """Trace description-to-image attention of every head into a zarr store, then score it."""
-    from mechhi.runner import TraceConfig, trace_dataset
+    from mechhi.trace.job import TraceConfig, trace_dataset
     from probes.head_impact import layer_ranking, score_store
 
     defaults = TraceConfig()
@@ -235,7 +235,7 @@ def pursuit(
 ) -> None:
     """Head Pursuit (Basile et al. 2025): heads ranked by how much of their residual-stream
     write a few of the concept words' unembedding directions explain (SOMP)."""
-    from mechhi.pursuit import PursuitConfig, run_pursuit
+    from mechhi.trace.pursuit_job import PursuitConfig, run_pursuit
     from probes.head_pursuit import head_ranking
 
     defaults = PursuitConfig()

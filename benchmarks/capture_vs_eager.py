@@ -23,7 +23,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from mechhi.models.qwen2_vl import Qwen2VLAdapter
-    from mechhi.tracing import AttentionTracer
+    from mechhi.trace import AttentionTracer
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -635,7 +635,7 @@ class FinetuneResult:
 
 
 def resolve_model_id(model: str | None, store_ds: xr.Dataset | None) -> str:
-    from .runner import BUNDLED_MODEL
+    from .bundled import BUNDLED_MODEL
 
     if model:
         return model

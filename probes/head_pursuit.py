@@ -9,7 +9,7 @@ score for the concept; the chosen atoms, ordered by weight, are what the head "s
 
 Where the signal is read: the input of each attention module's output projection
 (``o_proj``), which is the concatenation of the heads' outputs, so the split by head is
-exact. Capturing it is the tracer's job (``mechhi.tracing.HeadOutputTracer``); this
+exact. Capturing it is the tracer's job (``mechhi.trace.HeadOutputTracer``); this
 module is the math, on plain arrays, labelled at the edge.
 
 Atoms are scaled to unit norm before pursuit, as usual for matching pursuit: otherwise

@@ -17,7 +17,7 @@ from mechhi.models import AdapterError, adapter_for
 from mechhi.models._common import box_coverage
 from mechhi.models.gemma3 import Gemma3Adapter
 from mechhi.models.llava import LlavaAdapter, crop_box
-from mechhi.tracing import AttentionTracer
+from mechhi.trace import AttentionTracer
 from tests.conftest import WORDS, noise_image, tiny
 
 DESCRIPTIONS = ["a red circle", "blue square", "a small green star"]

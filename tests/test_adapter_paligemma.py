@@ -14,7 +14,7 @@ from PIL import Image
 
 from mechhi.models import AdapterError, adapter_for
 from mechhi.models.paligemma import PaliGemmaAdapter
-from mechhi.tracing import AttentionTracer
+from mechhi.trace import AttentionTracer
 from tests.conftest import WORDS, noise_image, tiny
 
 DESCRIPTIONS = ["a red circle", "blue square", "a small green star"]

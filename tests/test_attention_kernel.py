@@ -13,7 +13,7 @@ import torch
 
 from mechhi.models import SampleLayout, VisualView
 from mechhi.models._common import PreparedBatch
-from mechhi.tracing import BatchIndex, TracingError, description_attention
+from mechhi.trace import BatchIndex, TracingError, description_attention
 
 B, H, HKV, T, D = 2, 4, 2, 12, 8
 QUERY_ROWS = [np.array([8, 9, 10]), np.array([6, 7])]

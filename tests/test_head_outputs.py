@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechhi.tracing import HeadOutputTracer
+from mechhi.trace import HeadOutputTracer
 from tests.conftest import noise_image
 from tests.test_tracing import DESCRIPTIONS, SIZES
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from mechhi.models.loading import load
-from mechhi.pursuit import PursuitConfig, concept_dictionary, run_pursuit, single_token_ids
-from mechhi.runner import BUNDLED_MODEL
+from mechhi.trace.pursuit_job import PursuitConfig, concept_dictionary, run_pursuit, single_token_ids
+from mechhi.bundled import BUNDLED_MODEL
 from probes.head_pursuit import somp
 from tests.conftest import tiny
 
@@ -56,8 +56,8 @@ def test_pursuit_on_the_bundled_model_ranks_every_head(toy_model):
     curve = result.explained_curve.values
     assert np.all(np.diff(curve, axis=-1) >= -1e-9), "explained variance cannot fall as atoms are added"
     # one head against SOMP on signals collected here, independently of the job
-    from mechhi.pursuit import head_signals
-    from mechhi.runner import TraceConfig, load_samples
+    from mechhi.trace.pursuit_job import head_signals
+    from mechhi.trace.job import TraceConfig, load_samples
 
     samples = load_samples(TraceConfig(), adapter).samples[:8]
     signals = head_signals(model, adapter, samples, positions="image", batch_size=3, progress=False)

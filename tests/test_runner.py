@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cli import app
 from mechhi.data.format import DatasetWriter, ImageRecord, KeyObject
 from mechhi.models.qwen2_vl import Qwen2VLAdapter
-from mechhi.runner import TraceConfig, trace_dataset
+from mechhi.trace.job import TraceConfig, trace_dataset
 from mechhi.store import open_store
 from probes.head_impact import BinarizeRule, layer_ranking, score
 from tests.conftest import WORDS

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechhi.tracing import AttentionTracer, find_attention_call
+from mechhi.trace import AttentionTracer, find_attention_call
 from tests.conftest import noise_image
 
 DESCRIPTIONS = ["a red circle", "blue square", "a small green star"]

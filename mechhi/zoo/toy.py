@@ -494,7 +494,7 @@ def head_impact_summary(
     from probes.head_impact import layer_ranking, score_store
 
     from ..data.synthetic import build_synthetic
-    from ..runner import TraceConfig, trace_dataset
+    from ..trace.job import TraceConfig, trace_dataset
 
     data = workdir / "held-out"
     if not (data / "annotations.jsonl").exists():

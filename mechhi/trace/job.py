@@ -16,17 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .data.format import KeyObjectDataset, Sample, load_dataset
-from .models import SampleLayout, VLMAdapter
-from .models.loading import load
-from .store import SampleMeta, create_store, done_mask, pad_grid, write_batch
-from .tracing import AttentionTracer
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-BUNDLED_MODEL = PACKAGE_DIR / "zoo" / "toy-qwen2vl"
-BUNDLED_DATASET = PACKAGE_DIR / "data" / "bundled" / "toy-trace"
-DEFAULT_STORE_DIR = Path("stores")
+from .. import __version__
+from ..bundled import BUNDLED_DATASET, BUNDLED_MODEL, DEFAULT_STORE_DIR
+from ..data.format import KeyObjectDataset, Sample, load_dataset
+from ..models import SampleLayout, VLMAdapter
+from ..models.loading import load
+from ..store import SampleMeta, create_store, done_mask, pad_grid, write_batch
+from .attention import AttentionTracer
 
 
 @dataclass(frozen=True)

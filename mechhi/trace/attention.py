@@ -18,45 +18,15 @@ tokens (padded), D head dim.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any
 
 import nnsight
 import numpy as np
 import torch
-from nnsight import NNsight
 
-from .models import PreparedBatch, VLMAdapter
+from ..models import PreparedBatch, VLMAdapter
+from .sites import DecoderTracer, TracingError, find_attention_call, resolve
 
-ATTENTION_CALL = re.compile(r"\battention_interface\s*\(")
-
-
-class TracingError(RuntimeError):
-    """The model's attention forward does not look as the tracer expects."""
-
-
-def find_attention_call(attention_envoy: Any) -> str:
-    """The nnsight ``.source`` label of the attention-function call in one attention module.
-
-    Labels are generated and differ across nnsight/transformers versions
-    (``attention_interface_0``, ``_1``, ``_2``), so the label is looked up: the operation
-    whose source line calls ``attention_interface(``.
-    """
-    source = attention_envoy.source
-    lines = source.compiled.source.splitlines()
-    calls = [
-        name
-        for name in source.names
-        if name.startswith("attention_interface_")
-        and ATTENTION_CALL.search(lines[source.compiled.lines[name] - 1])
-    ]
-    if len(calls) != 1:
-        raise TracingError(
-            f"expected one attention_interface(...) call in {type(attention_envoy._module).__name__}"
-            f".forward, found {calls}; operations: {list(source.names)}"
-        )
-    return calls[0]
 
 
 @dataclass(frozen=True)
@@ -163,26 +133,7 @@ def _row_bias(
     return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, neg)[:, None]
 
 
-class _DecoderTracer:
-    """An nnsight-wrapped model and its decoder layers' envoys, in forward order."""
-
-    def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
-        self.model = model
-        self.adapter = adapter
-        self.nn = NNsight(model)
-        layers = _resolve(self.nn, adapter.decoder_layers)
-        self.layers = [layers[i] for i in range(len(layers._module))]
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-
-class AttentionTracer(_DecoderTracer):
+class AttentionTracer(DecoderTracer):
     """Runs batches through an nnsight-wrapped model and returns description attention.
 
     >>> tracer = AttentionTracer(model, adapter)
@@ -192,7 +143,7 @@ class AttentionTracer(_DecoderTracer):
     def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
         super().__init__(model, adapter)
         self.call_labels = [
-            find_attention_call(_resolve(layer, adapter.attention)) for layer in self.layers
+            find_attention_call(resolve(layer, adapter.attention)) for layer in self.layers
         ]
 
     def trace(self, batch: PreparedBatch) -> np.ndarray:
@@ -202,7 +153,7 @@ class AttentionTracer(_DecoderTracer):
         with torch.inference_mode(), self.nn.trace(**batch.inputs) as tracer:
             per_layer = nnsight.save([])
             for layer, label in zip(self.layers, self.call_labels):
-                attention = _resolve(layer, self.adapter.attention)
+                attention = resolve(layer, self.adapter.attention)
                 args, kwargs = getattr(attention.source, label).inputs
                 module, query, key = args[0], args[1], args[2]
                 mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
@@ -219,54 +170,3 @@ class AttentionTracer(_DecoderTracer):
         return torch.stack(list(per_layer), dim=1).numpy()  # (B, L, H, V)
 
 
-class HeadOutputTracer(_DecoderTracer):
-    """Each head's write into the residual stream, averaged over chosen token positions
-    (the signal of Head Pursuit, ``probes.head_pursuit``).
-
-    Where: the input of each attention module's output projection ``o_proj`` is the
-    heads' outputs side by side (B, T, heads * head_dim), so head h's write is its slice
-    times W_O's matching columns. Averaging is linear, so the slice is averaged over the
-    positions inside the trace (only (B, heads * head_dim) per layer leaves it) and
-    multiplied by W_O after. The model stops after the last layer's projection input.
-
-    >>> tracer = HeadOutputTracer(model, adapter)
-    >>> writes = tracer.trace(batch, positions="image")  # (B, L, H, hidden) numpy
-    """
-
-    POSITIONS = ("image", "answer")
-
-    def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
-        super().__init__(model, adapter)
-        self.projections = [_resolve(layer, adapter.attention).o_proj for layer in self.layers]
-
-    def trace(self, batch: PreparedBatch, positions: str = "image") -> np.ndarray:
-        """(B, L, H, hidden) float32: per head, its write averaged over the sample's visual
-        tokens (``image``, all views) or over its description tokens (``answer``)."""
-        if positions not in self.POSITIONS:
-            raise ValueError(f"positions={positions!r}: choose from {', '.join(self.POSITIONS)}")
-        batch = batch.to(self.device, self.dtype)
-        index = BatchIndex.from_batch(batch, self.device)
-        where, valid = (index.visual, index.visual_valid) if positions == "image" else (index.query, index.query_valid)
-        weights = (valid.float() / valid.sum(1, keepdim=True))[..., None]  # (B, P, 1): a mean over valid positions
-        with torch.inference_mode(), self.nn.trace(**batch.inputs) as tracer:
-            per_layer = nnsight.save([])
-            for projection in self.projections:
-                heads_out = projection.input  # (B, T, heads * head_dim)
-                picked = heads_out.gather(1, where[..., None].expand(-1, -1, heads_out.shape[-1]))
-                per_layer.append((picked.float() * weights).sum(1).cpu())  # (B, heads * head_dim)
-            tracer.stop()
-        writes = []
-        for mean_out, projection in zip(per_layer, self.projections):
-            # W_O in float32 one layer at a time: a copy of every layer's would cost a
-            # 7B model about 1.4 GB for the tracer's whole life
-            weight = projection._module.weight.detach()
-            w_o = weight.float().reshape(weight.shape[0], self.adapter.n_heads, -1)  # (hidden, H, hd)
-            per_head = mean_out.to(w_o.device).reshape(mean_out.shape[0], self.adapter.n_heads, -1)  # (B, H, hd)
-            writes.append(torch.einsum("bhk,dhk->bhd", per_head, w_o).cpu())
-        return torch.stack(writes, dim=1).numpy()  # (B, L, H, hidden)
-
-
-def _resolve(envoy: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return envoy

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .data.synthetic import COLOURS
-from .models import VLMAdapter
-from .models.loading import load
-from .runner import BUNDLED_DATASET, BUNDLED_MODEL, TraceConfig, load_samples
-from .store import relative_depth
-from .tracing import HeadOutputTracer
+from ..bundled import BUNDLED_DATASET, BUNDLED_MODEL
+from ..data.synthetic import COLOURS
+from ..models import VLMAdapter
+from ..models.loading import load
+from ..store import relative_depth
+from .head_outputs import HeadOutputTracer
+from .job import TraceConfig, load_samples
 
 
 @dataclass(frozen=True)

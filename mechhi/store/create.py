@@ -1,0 +1,137 @@
+"""Creating a store: every variable allocated up front (NaN, ``done`` False), or an
+existing store for the same run kept as it is, which is how a killed run resumes."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .read import open_store
+from .schema import (
+    COMPATIBLE_ATTRS, MAIN_VIEW, REQUIRED_ATTRS, SCHEMA_VERSION, SampleMeta, StoreError, _mechhi_version,
+    attention_name, grid_coords, grid_dims, json_attrs, mask_name, relative_depth,
+)  # fmt: skip
+
+
+def _store_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise StoreError(f"create_store: attrs lack {', '.join(missing)} (required: {', '.join(REQUIRED_ATTRS)})")
+    out = {"binarize": None, **attrs}
+    out["schema_version"] = SCHEMA_VERSION
+    out["mechhi_version"] = _mechhi_version()
+    out["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return json_attrs(out)
+
+
+
+def _views_of(samples: Sequence[SampleMeta]) -> list[str]:
+    if not samples:
+        raise StoreError("create_store: no samples")
+    views = set(samples[0].grids)
+    if MAIN_VIEW not in views:
+        raise StoreError(f"create_store: sample 0 has no '{MAIN_VIEW}' grid (views: {sorted(views)})")
+    for i, s in enumerate(samples):
+        if set(s.grids) != views:
+            raise StoreError(f"create_store: sample {i} has views {sorted(s.grids)}, sample 0 has {sorted(views)}")
+    return [MAIN_VIEW] + sorted(views - {MAIN_VIEW})
+
+
+def _nan(shape: tuple[int, ...], chunks: tuple[int, ...]) -> da.Array:
+    # Lazy: to_zarr(compute=False) writes only metadata; unwritten chunks read as NaN.
+    return da.full(shape, np.nan, dtype="float32", chunks=chunks)
+
+
+def _skeleton(samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: bool) -> xr.Dataset:
+    """The whole store as a lazy dataset: coords filled, data all NaN / False."""
+    n, views = len(samples), _views_of(samples)
+    coords: dict[str, Any] = {
+        "sample": np.arange(n),
+        "image_id": ("sample", np.array([s.image_id for s in samples], dtype=object)),
+        "object_id": ("sample", np.array([s.object_id for s in samples], dtype=object)),
+        "description": ("sample", np.array([s.description for s in samples], dtype=object)),
+        "layer": np.arange(n_layers),
+        "head": np.arange(n_heads),
+        "depth": ("layer", relative_depth(n_layers)),
+    }
+    data: dict[str, Any] = {}
+    for view in views:
+        sizes = np.array([s.grids[view] for s in samples], dtype=np.int64)  # (sample, 2)
+        if (sizes < 1).any():
+            raise StoreError(f"create_store: view '{view}' has an empty grid in sample {int(np.argmin(sizes.min(1)))}")
+        rows, cols = (int(x) for x in sizes.max(0))
+        rdim, cdim = grid_dims(view)
+        rname, cname = grid_coords(view)
+        coords.update({rdim: np.arange(rows), cdim: np.arange(cols)})
+        coords.update({rname: ("sample", sizes[:, 0]), cname: ("sample", sizes[:, 1])})
+        data[mask_name(view)] = (("sample", rdim, cdim), _nan((n, rows, cols), (1, rows, cols)))
+        if maps:
+            shape = (n, n_layers, n_heads, rows, cols)
+            data[attention_name(view)] = (("sample", "layer", "head", rdim, cdim), _nan(shape, (1,) + shape[1:]))
+    data["iou"] = (("sample", "layer", "head"), _nan((n, n_layers, n_heads), (1, n_layers, n_heads)))
+    data["done"] = (("sample",), da.zeros(n, dtype=bool, chunks=1))
+    return xr.Dataset(data, coords=coords)
+
+
+def create_store(
+    path: str | Path,
+    *,
+    samples: Sequence[SampleMeta],
+    n_layers: int,
+    n_heads: int,
+    attrs: dict[str, Any],
+    maps: bool = True,
+) -> None:
+    """Create the store with every variable allocated (NaN) and ``done`` False.
+
+    If `path` already exists and was made for the same model, dataset, prompt template,
+    dtype, n_layers, n_heads, sample descriptions (and with/without maps), it is kept
+    untouched: this is how a killed run resumes. Otherwise a StoreError names what differs.
+    ``maps=False`` allocates no attention variables (``mechhi trace --no-maps``).
+    """
+    path = Path(path)
+    if n_layers < 1 or n_heads < 1:
+        raise StoreError(f"create_store: n_layers={n_layers}, n_heads={n_heads} must be >= 1")
+    full_attrs = _store_attrs(attrs)
+    skeleton = _skeleton(samples, n_layers, n_heads, maps)
+    if path.exists():
+        _check_compatible(path, skeleton, full_attrs)
+        return
+    skeleton.attrs = full_attrs
+    # Build beside the target and rename: a kill during creation leaves no half store.
+    staging = path.with_name(f".{path.name}.creating")
+    if staging.exists():
+        shutil.rmtree(staging)
+    skeleton.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False)
+    os.replace(staging, path)
+
+
+def _check_compatible(path: Path, wanted: xr.Dataset, attrs: dict[str, Any]) -> None:
+    have = open_store(path)
+    diffs = [
+        f"{key}: store has {have.attrs.get(key)!r}, wanted {attrs[key]!r}"
+        for key in COMPATIBLE_ATTRS
+        if json_attrs({key: have.attrs.get(key)}) != json_attrs({key: attrs[key]})
+    ]
+    for dim, size in wanted.sizes.items():
+        if have.sizes.get(dim) != size:
+            label = f"n_{dim}s" if dim in ("layer", "head", "sample") else f"grid dim '{dim}'"
+            diffs.append(f"{label}: store has {have.sizes.get(dim)}, wanted {size}")
+    if have.sizes.get("sample") == wanted.sizes["sample"]:
+        bad = np.flatnonzero(have["description"].values.astype(str) != wanted["description"].values.astype(str))
+        if bad.size:
+            diffs.append(f"description of sample {int(bad[0])} differs ({bad.size} samples differ)")
+    have_vars, wanted_vars = sorted(map(str, have.data_vars)), sorted(map(str, wanted.data_vars))
+    if have_vars != wanted_vars:
+        diffs.append(f"variables: store has {have_vars}, wanted {wanted_vars} (traced with/without maps?)")
+    if diffs:
+        raise StoreError(f"store {path} exists for a different run: " + "; ".join(diffs))
+

@@ -1,0 +1,119 @@
+"""Writing into a store: a batch of traced samples as chunk-aligned regions (then their
+``done`` flags), and probe results as new variables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .read import open_store
+from .schema import MAIN_VIEW, StoreError, attention_name, json_attrs, mask_name, store_views
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open [start, stop) positions into sorted `indices` of each contiguous run."""
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    edges = np.concatenate([[0], breaks, [len(indices)]])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _region_write(path: Path, indices: np.ndarray, arrays: dict[str, tuple[tuple[str, ...], np.ndarray]]) -> None:
+    """Write arrays (first dim = sample, ordered like sorted `indices`) one contiguous run
+    at a time; each run is a chunk-aligned region, so only those samples' chunks change."""
+    for a, b in _runs(indices):
+        part = xr.Dataset({name: (dims, arr[a:b]) for name, (dims, arr) in arrays.items()})
+        region = {"sample": slice(int(indices[a]), int(indices[b - 1]) + 1)}
+        part.to_zarr(path, region=region, mode="r+", consolidated=False, zarr_format=3)
+
+
+def _check_batch_arrays(ds: xr.Dataset, n: int, attention: dict | None, mask: dict) -> dict[str, tuple]:
+    """Validate the batch against the store; return name -> (dims, array)."""
+    views = store_views(ds)
+    has_maps = attention_name(MAIN_VIEW) in ds.data_vars
+    if sorted(mask) != sorted(views):
+        raise StoreError(f"write_batch: mask views {sorted(mask)} != store views {sorted(views)}")
+    if has_maps and (attention is None or sorted(attention) != sorted(views)):
+        got = None if attention is None else sorted(attention)
+        raise StoreError(f"write_batch: store has attention maps for views {sorted(views)}, got {got}")
+    if not has_maps and attention is not None:
+        raise StoreError("write_batch: store was created with maps=False, got attention maps")
+    out = {}
+    for view in views:
+        names = [mask_name(view)] + ([attention_name(view)] if has_maps else [])
+        for name, array in zip(names, [mask[view]] + ([attention[view]] if has_maps else [])):
+            dims = ds[name].dims
+            want = (n,) + tuple(ds.sizes[d] for d in dims[1:])
+            array = np.asarray(array, dtype="float32")
+            if array.shape != want:
+                raise StoreError(f"write_batch: {name} has shape {array.shape}, store wants {want} {dims} (use pad_grid)")
+            out[name] = (dims, array)
+    return out
+
+
+def write_batch(
+    path: str | Path,
+    samples: Sequence[int],
+    *,
+    attention: dict[str, np.ndarray] | None,
+    mask: dict[str, np.ndarray],
+    iou: np.ndarray | None = None,
+) -> None:
+    """Write one batch of samples into their regions, then flag them done.
+
+    attention[view]: (b, L, H, rows, cols), mask[view]: (b, rows, cols), iou: (b, L, H),
+    each sample padded with NaN (``pad_grid``) to the store's grid of that view; b
+    follows `samples`, which may be in any order and non-contiguous. ``done`` is
+    written in a second, separate write, so a kill mid-batch never leaves a sample
+    flagged done with missing data.
+    """
+    path = Path(path)
+    ds = open_store(path)
+    idx = np.asarray(samples, dtype=np.int64)
+    n_total = ds.sizes["sample"]
+    if idx.ndim != 1 or idx.size == 0:
+        raise StoreError(f"write_batch: samples must be a non-empty list of indices, got {samples!r}")
+    if idx.min() < 0 or idx.max() >= n_total or np.unique(idx).size != idx.size:
+        raise StoreError(f"write_batch: samples {idx.tolist()} must be distinct indices in 0..{n_total - 1}")
+    arrays = _check_batch_arrays(ds, idx.size, attention, mask)
+    if iou is not None:
+        want = (idx.size, ds.sizes["layer"], ds.sizes["head"])
+        if np.shape(iou) != want:
+            raise StoreError(f"write_batch: iou has shape {np.shape(iou)}, store wants {want} (sample, layer, head)")
+        arrays["iou"] = (("sample", "layer", "head"), np.asarray(iou, dtype="float32"))
+    order = np.argsort(idx)
+    idx = idx[order]
+    arrays = {name: (dims, arr[order]) for name, (dims, arr) in arrays.items()}
+    _region_write(path, idx, arrays)
+    _region_write(path, idx, {"done": (("sample",), np.ones(idx.size, dtype=bool))})
+
+
+def write_scores(path: str | Path, scores: xr.Dataset) -> None:
+    """Write probe results (e.g. ``iou``, ``head_impact``) into the store, replacing
+    variables of the same name, and merge ``scores.attrs`` into the store attrs.
+
+    Results must use the store's own dims; coords they carry must equal the store's.
+    """
+    path = Path(path)
+    store = open_store(path)
+    for dim in scores.dims:
+        if dim not in store.dims:
+            raise StoreError(f"write_scores: dim '{dim}' is not in the store (store dims: {sorted(map(str, store.dims))})")
+        if scores.sizes[dim] != store.sizes[dim]:
+            raise StoreError(f"write_scores: dim '{dim}' has size {scores.sizes[dim]}, store has {store.sizes[dim]}")
+        if dim in scores.coords and dim in store.coords and not np.array_equal(scores[dim].values, store[dim].values):
+            raise StoreError(f"write_scores: '{dim}' coordinate differs from the store's")
+    protected = {"done"} | {n for n in store.data_vars if str(n).startswith(("attention", "mask"))}
+    clash = protected & set(map(str, scores.data_vars))
+    if clash:
+        raise StoreError(f"write_scores: refusing to overwrite traced variables {sorted(clash)}")
+    plain = xr.Dataset({name: (var.dims, np.asarray(var.values)) for name, var in scores.data_vars.items()})
+    for name, var in plain.variables.items():
+        if name not in store.data_vars and "sample" in var.dims:  # one sample per chunk, as everywhere
+            var.encoding["chunks"] = tuple(1 if d == "sample" else plain.sizes[d] for d in var.dims)
+    # mode="a" replaces the group attrs with the written dataset's: give it the merged set.
+    plain.attrs = {**store.attrs, **json_attrs(dict(scores.attrs))}
+    plain.to_zarr(path, mode="a", consolidated=False, zarr_format=3)
+
