@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from mechhi.cli import app
 from mechhi.store import open_store
 from probes.attention_mass import attention_mass, head_means, layer_ranking, sample_mass
 from tests.conftest import GRIDS, H, L

@@ -9,7 +9,7 @@ import scipy.sparse
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from mechhi.cli import app
 from mechhi.data import load_dataset
 from tests.test_data_paper import SOURCE, needs_source
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mechhi.evaluate import LETTERS, VQAItem, closed_vqa, format_options, letter_ids
+from mechhi.evaluate.metrics import LETTERS, VQAItem, closed_vqa, format_options, letter_ids
 from tests.conftest import noise_image, tiny
 
 OPTIONS = [("a red circle", "a blue star", "a green square", "a yellow star"),

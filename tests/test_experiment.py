@@ -13,16 +13,10 @@ import pytest
 import torch
 
 from mechhi.data.format import load_dataset
-from mechhi.experiment import (
-    EvalSettings,
-    EvaluateConfig,
-    ExperimentConfig,
-    audit_adapter,
-    evaluate_model,
-    run_evaluate,
-    run_experiment,
-    vqa_items,
-)
+from mechhi.evaluate.audit import audit_adapter
+from mechhi.evaluate.experiment import ExperimentConfig, run_experiment
+from mechhi.evaluate.job import EvalSettings, EvaluateConfig, evaluate_model, run_evaluate
+from mechhi.evaluate.vqa import vqa_items
 from mechhi.finetune import TrainSettings, attach_lora
 from tests.test_finetune import scored_store, tiny_dataset, toy_tiny
 

@@ -13,7 +13,7 @@ import torch
 import xarray as xr
 from safetensors.torch import load_file
 
-from mechhi.data.synthetic import WorldConfig, build_synthetic
+from mechhi.toyworld.world import WorldConfig, build_synthetic
 from mechhi.finetune import (
     SELECTION_FILE,
     FinetuneConfig,
@@ -29,7 +29,7 @@ from mechhi.finetune import (
 from mechhi.models import FAMILIES
 from mechhi.models.qwen2_vl import Qwen2VLAdapter
 from mechhi.store import SampleMeta, create_store, write_scores
-from mechhi.zoo.toy import vocabulary
+from mechhi.toyworld.model import vocabulary
 from tests.conftest import tiny
 
 # ----------------------------------------------------------------------------- helpers

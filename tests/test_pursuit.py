@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from mechhi.cli import app
 from mechhi.models.loading import load
 from mechhi.trace.pursuit_job import PursuitConfig, concept_dictionary, run_pursuit, single_token_ids
 from mechhi.bundled import BUNDLED_MODEL

@@ -10,7 +10,7 @@ import xarray as xr
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from cli import app
+from mechhi.cli import app
 from mechhi.data.format import DatasetWriter, ImageRecord, KeyObject
 from mechhi.models.qwen2_vl import Qwen2VLAdapter
 from mechhi.trace.job import TraceConfig, trace_dataset

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mechhi.data.format import DatasetError, load_dataset, record_to_json
-from mechhi.data.synthetic import (
+from mechhi.toyworld.world import (
     BG_HIGH,
     BG_LOW,
     COLOURS,
@@ -185,7 +185,7 @@ def test_build_synthetic_loads_clean_and_resumes(tmp_path):
 def test_textured_background_behind_colours_that_leave_little_room():
     """Green, purple and yellow leave no base colour far enough for the full texture (this
     once stopped the toy model's training); the texture must fade instead of failing."""
-    from mechhi.data.synthetic import COLOURS, WorldConfig, _background, render_one
+    from mechhi.toyworld.world import COLOURS, WorldConfig, _background, render_one
 
     record, _ = render_one(3516, seed=2000)  # the scene that raised
     assert [o.description for o in record.objects]

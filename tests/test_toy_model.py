@@ -11,19 +11,11 @@ import numpy as np
 import pytest
 
 from mechhi.data.format import ImageRecord
-from mechhi.data.synthetic import WorldConfig
-from mechhi.evaluate import VQAItem, answer_predictions, answer_scores, closed_vqa
-from mechhi.zoo.toy import (
-    HELD_OUT_SEED,
-    TOY_DIR,
-    VQA_TARGET,
-    ToyConfig,
-    caption_of,
-    held_out,
-    lures,
-    vqa_item,
-    word_accuracy,
-)
+from mechhi.toyworld.world import WorldConfig
+from mechhi.evaluate.metrics import VQAItem, answer_predictions, answer_scores, closed_vqa
+from mechhi.toyworld.card import held_out, word_accuracy
+from mechhi.toyworld.curriculum import caption_of, lures, vqa_item
+from mechhi.toyworld.model import HELD_OUT_SEED, TOY_DIR, VQA_TARGET, ToyConfig
 
 pytestmark = pytest.mark.skipif(not (TOY_DIR / "model.safetensors").exists(), reason="toy model not trained")
 

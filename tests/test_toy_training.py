@@ -11,10 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mechhi.data.synthetic import COLOURS, SHAPES, WorldConfig, render_one
+from mechhi.toyworld.world import COLOURS, SHAPES, WorldConfig, render_one
 from mechhi.models.loading import load
-from mechhi.zoo import toy
-from mechhi.zoo.toy import ToyConfig, caption_of, train, with_object_labels
+from mechhi.toyworld import curriculum
+from mechhi.toyworld import train as toy_train
+from mechhi.toyworld.curriculum import caption_of, with_object_labels
+from mechhi.toyworld.model import ToyConfig, build
+from mechhi.toyworld.train import train
 
 TINY = ToyConfig(
     layers=2, vision_steps=2, steps=3, caption_only_steps=1, batch_size=4, vqa_per_step=2,
@@ -23,7 +26,7 @@ TINY = ToyConfig(
 
 
 def test_object_labels_cover_exactly_the_tokens_the_mask_touches():
-    _, adapter = toy.build(replace(TINY, layers=1, option_probe_layer=0))
+    _, adapter = build(replace(TINY, layers=1, option_probe_layer=0))
     scenes = [render_one(i, seed=5, config=WorldConfig()) for i in range(3)]
     batch = with_object_labels(adapter.prepare([im for _, im in scenes], [caption_of(r) for r, _ in scenes]),
                                [r for r, _ in scenes])  # fmt: skip
@@ -48,7 +51,7 @@ def test_vision_phase_leaves_the_language_model_alone(tmp_path):
     config = replace(TINY, steps=0)
     train(config, out_dir=tmp_path, progress=False)
     trained = load(tmp_path, device="cpu", dtype="float32")[0].state_dict()
-    initial = toy.build(config)[0].state_dict()
+    initial = build(config)[0].state_dict()
     changed = {name for name, value in trained.items() if not torch.equal(value, initial[name])}
     assert changed, "the vision phase trained nothing"
     assert all(".visual." in name for name in changed), sorted(changed)[:5]
@@ -58,18 +61,18 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     straight = train(TINY, out_dir=tmp_path / "straight", progress=False)
 
     resumed = tmp_path / "resumed"
-    real_batches = toy.training_batches
+    real_batches = curriculum.training_batches
 
     def dies_at_language_step_2(adapter, config, step):
         if step == 2:
             raise KeyboardInterrupt
         return real_batches(adapter, config, step)
 
-    monkeypatch.setattr(toy, "training_batches", dies_at_language_step_2)
+    monkeypatch.setattr(toy_train, "training_batches", dies_at_language_step_2)
     with pytest.raises(KeyboardInterrupt):
         train(TINY, out_dir=resumed, progress=False)
     assert (resumed / "checkpoint.pt").exists()
-    monkeypatch.setattr(toy, "training_batches", real_batches)
+    monkeypatch.setattr(toy_train, "training_batches", real_batches)
     train(TINY, out_dir=resumed, progress=False)
 
     assert not (resumed / "checkpoint.pt").exists()
@@ -81,7 +84,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_another_config(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "training_batches", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(toy_train, "training_batches", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         train(TINY, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="another ToyConfig"):
@@ -98,7 +101,7 @@ def test_lures_are_absent_objects_one_attribute_from_a_present_one():
     for index in range(20):
         record, _ = render_one(index, seed=3, config=world)
         present = {_attributes(o.description) for o in record.objects}
-        found = toy.lures(record, world)
+        found = curriculum.lures(record, world)
         # by hand: every (colour, shape) of the world, sorted into the two kinds
         same_colour = {(c, s) for c in world.colours for s in world.shapes
                        if (c, s) not in present and any(c == pc for pc, _ in present)}  # fmt: skip
@@ -116,11 +119,11 @@ def test_training_questions_have_one_true_option_and_lures_at_the_asked_share():
         rng = np.random.default_rng(0)
         lured = 0
         for record, image in scenes:
-            question = toy.training_question(record, image, rng, lure_share=share, world=world)
+            question = curriculum.training_question(record, image, rng, lure_share=share, world=world)
             present = {o.description for o in record.objects}
             assert len(set(question.options)) == 4
             assert [o in present for o in question.options] == [k == question.answer for k in range(4)]
-            near = set().union(*toy.lures(record, world).values())
+            near = set().union(*curriculum.lures(record, world).values())
             lured += sum(o in near for o in question.options)
         return lured / (3 * len(scenes))
 
@@ -132,7 +135,7 @@ def test_training_questions_have_one_true_option_and_lures_at_the_asked_share():
 
 def test_language_learning_rate_holds_then_decays_to_zero():
     config = ToyConfig(vision_steps=10, steps=100, warmup=10, decay_share=0.3, lr=1e-3)
-    language = [toy._lr(10 + step, config) for step in range(100)]
+    language = [toy_train._lr(10 + step, config) for step in range(100)]
     assert language[0] == pytest.approx(1e-4)
     assert language[9:70] == [pytest.approx(1e-3)] * 61
     assert all(a >= b for a, b in zip(language[70:], language[71:], strict=False))
@@ -141,13 +144,13 @@ def test_language_learning_rate_holds_then_decays_to_zero():
 
 def test_lures_come_in_on_a_ramp_after_the_plateau():
     config = ToyConfig(lure_share=0.6, lure_ramp=(100, 300))
-    assert [toy.lure_share_at(step, config) for step in (0, 100, 200, 300, 900)] == pytest.approx([0, 0, 0.3, 0.6, 0.6])
+    assert [curriculum.lure_share_at(step, config) for step in (0, 100, 200, 300, 900)] == pytest.approx([0, 0, 0.3, 0.6, 0.6])
 
 
 def test_option_probe_reads_each_option_last_word_and_knows_the_true_one():
-    _, adapter = toy.build(replace(TINY, layers=1, option_probe_layer=0))
+    _, adapter = build(replace(TINY, layers=1, option_probe_layer=0))
     config = replace(TINY, caption_only_steps=0, batch_size=6, vqa_per_step=5)
-    vqa = toy.training_batches(adapter, config, step=0)["vqa"]
+    vqa = curriculum.training_batches(adapter, config, step=0)["vqa"]
     tokens = [adapter.tokenizer.convert_ids_to_tokens(row.tolist()) for row in vqa.prepared.inputs["input_ids"]]
     words = [tokens[int(i)][int(p)] for i, p in vqa.option_index]
     assert len(words) == 5 * 4 and all(w in SHAPES for w in words)

@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 from ..bundled import BUNDLED_DATASET, BUNDLED_MODEL
-from ..data.synthetic import COLOURS
+from ..toyworld.world import COLOURS
 from ..models import VLMAdapter
 from ..models.loading import load
 from ..store import relative_depth

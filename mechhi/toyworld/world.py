@@ -365,6 +365,11 @@ def assign_splits(n_images: int, *, seed: int, splits: dict[str, float] | None =
     return [labels[i] for i in order]
 
 
+# The generator's name in every build's synthetic.json (from when the world lived in
+# mechhi.data): kept, so that builds made before the move still resume.
+GENERATOR = "mechhi.data.synthetic"
+
+
 def build_synthetic(
     out_dir: str | os.PathLike,
     *,
@@ -382,7 +387,7 @@ def build_synthetic(
     """
     out = Path(out_dir)
     labels = assign_splits(n_images, seed=seed, splits=splits)
-    meta = {"generator": "mechhi.data.synthetic", "n_images": n_images, "seed": seed,
+    meta = {"generator": GENERATOR, "n_images": n_images, "seed": seed,
             "splits": dict(DEFAULT_SPLITS if splits is None else splits),
             "config": dataclasses.asdict(config)}
     meta = json.loads(json.dumps(meta))  # tuples -> lists, as they read back

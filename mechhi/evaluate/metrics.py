@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .models import PreparedBatch, VLMAdapter
+from ..models import PreparedBatch, VLMAdapter
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -134,7 +134,7 @@ def perplexity(
 
 def letter_ids(adapter: VLMAdapter) -> list[int]:
     """Token id of each option letter as it appears in the VQA answer slot."""
-    from .models._common import answer_token_ids
+    from ..models._common import answer_token_ids
 
     ids = []
     for letter in LETTERS:

@@ -1,0 +1,107 @@
+"""What every command shares: the consoles (stdout for results, stderr for everything
+else), the option types, the error boundary and JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Path of a mechhi zarr store.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Samples per forward pass.")]
+ToyModelOpt = Annotated[Optional[str], typer.Option(help="HF model id or local directory (default: the bundled toy model).")]
+ToyDatasetOpt = Annotated[Optional[Path], typer.Option(help="Dataset directory (default: the bundled synthetic set).")]
+TraceSplitOpt = Annotated[str, typer.Option(help="auto: the 'trace' split when the dataset has one, else all; all; or a split name.")]
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Turn errors into a one-line message and exit code 1 (MECHHI_DEBUG=1 shows the traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to resume")
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the CLI boundary: report, never a traceback
+            if os.environ.get("MECHHI_DEBUG"):
+                raise
+            text = str(error).strip()
+            message = text.splitlines()[0] if text else type(error).__name__
+            expected = isinstance(error, (ValueError, KeyError, FileNotFoundError, OSError))
+            hint = "" if expected else f" ({type(error).__name__}; set MECHHI_DEBUG=1 for the traceback)"
+            err_console.print(f"[red]error[/]: {message}{hint}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _finite(value: Any) -> float | None:
+    """A float for JSON, or None where it is NaN (JSON has no NaN)."""
+    number = float(value)
+    return None if number != number else number
+
+
+def print_json(payload: Any) -> None:
+    from mechhi.store import json_default
+
+    sys.stdout.write(json.dumps(payload, indent=2, default=json_default) + "\n")
+
+
+MaskThresholdOpt = Annotated[float, typer.Option(help="Binarised mask: token coverage >= this.")]
+KeepBestOpt = Annotated[bool, typer.Option(help="An object below the threshold keeps its best-covered token.")]
+
+
+def open_traced(store: Path):
+    """The store, refused if nothing is traced yet and warned about if only part is."""
+    from mechhi.store import open_store
+
+    ds = open_store(store)
+    done, total = int(ds.done.sum()), ds.sizes["sample"]
+    if done == 0:
+        raise ValueError(f"{store}: no sample has been traced yet")
+    if done < total:
+        err_console.print(f"[yellow]warning[/]: only {done} of {total} samples are traced; scores cover those. "
+                          "Rerun the same `mechhi trace` to finish.")  # fmt: skip
+    return ds
+
+
+def scored(store: Path, mask_threshold: float = 0.5, keep_best: bool = True):
+    """The store with head_impact under the asked binarisation rule.
+
+    An unscored store is scored and the scores saved in it (said so). A store scored under
+    another rule is rescored in memory only: rank and stats read, they do not replace the
+    scores that other commands and users rely on (`probes.head_impact.score_store` does).
+    """
+    from mechhi.store import write_scores
+    from probes.head_impact import BinarizeRule, score
+
+    rule = BinarizeRule(mask_threshold=mask_threshold, keep_best_token=keep_best)
+    ds = open_traced(store)
+    scored = "head_impact" in ds and not bool(ds.head_impact.isnull().all())
+    if scored and ds.attrs.get("binarize") == rule.to_dict():
+        return ds
+    scores = score(ds, rule)
+    if scored:
+        err_console.print(f"scoring in memory ({rule.describe()}); the store keeps its own scores")
+    else:
+        err_console.print(f"scoring the store ({rule.describe()}) and saving the scores in it")
+        write_scores(store, scores)
+    merged = ds.drop_vars([name for name in scores.data_vars if name in ds]).merge(scores)
+    merged.attrs = {**ds.attrs, **scores.attrs}
+    return merged

@@ -1,0 +1,55 @@
+"""`mechhi trace`: the trace stage's command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app
+from .common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ToyDatasetOpt,
+    ToyModelOpt,
+    TraceSplitOpt,
+    console,
+    friendly_errors,
+)  # fmt: skip
+
+
+@app.command()
+@friendly_errors
+def trace(
+    model: ToyModelOpt = None,
+    dataset: ToyDatasetOpt = None,
+    store: Annotated[Optional[Path], typer.Option(help="Output store (default: stores/<dataset>.zarr).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Trace only the first N samples.")] = None,
+    batch_size: BatchSizeOpt = 4,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    no_maps: Annotated[bool, typer.Option("--no-maps", help="Keep masks and IoU only, not the attention cube.")] = False,
+    template: Annotated[str, typer.Option(help="Prompt template: caption | vqa.")] = "caption",
+    split: TraceSplitOpt = "auto",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid records (listed in the store attrs).")] = False,
+) -> None:
+    """Trace description-to-image attention of every head into a zarr store, then score it."""
+    from mechhi.trace.job import TraceConfig, trace_dataset
+    from probes.head_impact import layer_ranking, score_store
+
+    defaults = TraceConfig()
+    config = TraceConfig(
+        model=model or defaults.model,
+        dataset=str(dataset) if dataset else defaults.dataset,
+        store=str(store) if store else None,
+        limit=limit, batch_size=batch_size, device=device, dtype=dtype, maps=not no_maps,
+        template=template, split=split, skip_bad=skip_bad,
+    )  # fmt: skip
+    path = trace_dataset(config, progress=True)
+    scored = score_store(path)
+    ranking = layer_ranking(scored)
+    console.print(f"store: [bold]{path}[/]  samples: {scored.sizes['sample']}  "
+                  f"best layer: {int(ranking.layer[0])} (mean HI {float(ranking[0]):.3f})")  # fmt: skip
+

@@ -1,0 +1,9 @@
+"""Stage 5b, evaluate: the same metrics for a base model, an adapter-carrying model or a
+model under a head intervention, and the paper's whole comparison.
+
+- ``metrics``: perplexity over answer tokens, closed-ended VQA accuracy and AnsProb, with SEs;
+- ``vqa``: the four-option questions; ``generate``: greedy captions;
+- ``audit``: does the evaluated model really carry its trained adapter?
+- ``job``: `mechhi evaluate`; ``experiment``: `mechhi experiment` (Tables 4 and 5);
+- ``tables``: the experiment's tables as JSON, CSV and text.
+"""

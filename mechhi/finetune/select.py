@@ -1,0 +1,153 @@
+"""Which decoder layers get adapters: read from a store's Head Impact ranking, never
+recomputed on the side, with the provenance of the choice (store, model, dataset, a
+fingerprint of the head_impact values).
+
+>>> select_layers("stores/toy.zarr", "top-4").layers        # doctest: +SKIP
+(3, 5, 6, 9)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+
+class SelectionError(ValueError):
+    """A layer-selection spec or store that cannot give the layers asked for."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen decoder layers and where the choice came from."""
+
+    spec: str
+    layers: tuple[int, ...]  # ascending
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "layers": list(self.layers), "provenance": self.provenance}
+
+
+_SPEC = re.compile(r"^(?:(top|bottom|random)-(\d+)|full|layers=(\d+(?:,\d+)*))$")
+
+
+def parse_spec(spec: str) -> tuple[str, int | tuple[int, ...] | None]:
+    """'top-4' -> ('top', 4); 'full' -> ('full', None); 'layers=3,7' -> ('layers', (3, 7))."""
+    match = _SPEC.match(spec.replace(" ", ""))
+    if not match:
+        raise SelectionError(f"layer selection {spec!r}: use top-K, bottom-K, random-K, full or layers=3,7")
+    kind, k, listed = match.groups()
+    if kind:
+        if int(k) < 1:
+            raise SelectionError(f"layer selection {spec!r}: K must be at least 1")
+        return kind, int(k)
+    if listed:
+        return "layers", tuple(sorted({int(x) for x in listed.split(",")}))
+    return "full", None
+
+
+def head_impact_fingerprint(head_impact: xr.DataArray) -> str:
+    """sha256 (16 hex) of the (layer, head) values: says which ranking an adapter came from."""
+    values = np.ascontiguousarray(head_impact.transpose("layer", "head").values, dtype=np.float64)
+    digest = hashlib.sha256(repr(values.shape).encode() + values.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _store_provenance(ds: xr.Dataset, source: str | os.PathLike | None) -> dict[str, Any]:
+    source = source or ds.encoding.get("source")  # xarray records the path it opened
+    return {
+        "store": str(Path(source).resolve()) if source else None,
+        "model": ds.attrs.get("model"),
+        "dataset": ds.attrs.get("dataset"),
+    }
+
+
+def _ranked_layers(ds: xr.Dataset) -> tuple[list[int], list[float], str]:
+    """Finite-ranked layers (best first), their mean HI, and the values' fingerprint."""
+    if "head_impact" not in ds.data_vars:
+        raise SelectionError(
+            "the store has no head_impact variable: score it first (`mechhi rank --store S` or "
+            "`mechhi stats --store S` writes it); mechhi does not re-score a store silently"
+        )
+    from probes.head_impact import layer_ranking
+
+    hi = ds["head_impact"].compute()
+    ranking = layer_ranking(xr.Dataset({"head_impact": hi}))
+    finite = np.isfinite(ranking.values)
+    layers = [int(x) for x in ranking.layer.values[finite]]
+    return layers, [float(x) for x in ranking.values[finite]], head_impact_fingerprint(hi)
+
+
+def _open(store: xr.Dataset | str | os.PathLike) -> tuple[xr.Dataset, str | None]:
+    """(dataset, the path it came from when known)."""
+    if isinstance(store, xr.Dataset):
+        return store, None
+    from ..store import open_store
+
+    return open_store(store), str(store)
+
+
+def select_layers(store_ds: xr.Dataset | str | os.PathLike, spec: str, *, seed: int = 0) -> Selection:
+    """The decoder layers a spec picks from a store's Head Impact ranking.
+
+    ``top-K`` / ``bottom-K``: the K layers of highest / lowest mean HI over heads (ties
+    keep the lower layer index on top); ``random-K``: K layers drawn (seeded) from the
+    layers in neither top-K nor bottom-K; ``full``: every layer; ``layers=3,7``: those.
+    Layers whose mean HI is NaN are never ranked.
+
+    >>> select_layers("stores/toy.zarr", "top-4").layers        # doctest: +SKIP
+    (3, 5, 6, 9)
+    """
+    ds, source = _open(store_ds)
+    kind, arg = parse_spec(spec)
+    all_layers = [int(x) for x in ds["layer"].values]
+    provenance = _store_provenance(ds, source)
+    if kind in ("full", "layers"):
+        layers = all_layers if kind == "full" else list(arg)  # type: ignore[arg-type]
+        missing = sorted(set(layers) - set(all_layers))
+        if missing:
+            raise SelectionError(f"layer selection {spec!r}: layers {missing} not in the store (0..{max(all_layers)})")
+        if "head_impact" in ds.data_vars:
+            provenance["head_impact_fingerprint"] = head_impact_fingerprint(ds["head_impact"].compute())
+        return Selection(spec, tuple(sorted(layers)), provenance)
+    ranked, scores, fingerprint = _ranked_layers(ds)
+    k = int(arg)  # type: ignore[arg-type]
+    need = 3 * k if kind == "random" else k
+    if len(ranked) < need:
+        what = "top-K, bottom-K and random-K disjoint" if kind == "random" else "them"
+        raise SelectionError(
+            f"layer selection {spec!r} needs {need} ranked layers to keep {what}; the store ranks {len(ranked)}"
+        )
+    top, bottom = ranked[:k], ranked[-k:]
+    if kind == "top":
+        layers = top
+    elif kind == "bottom":
+        layers = bottom
+    else:
+        pool = sorted(set(ranked) - set(top) - set(bottom))  # (len(ranked) - 2k,)
+        layers = [int(x) for x in np.random.default_rng(seed).choice(pool, size=k, replace=False)]
+        provenance["random_seed"] = seed
+    provenance.update(
+        head_impact_fingerprint=fingerprint,
+        ranking=[{"layer": layer, "mean_head_impact": s} for layer, s in zip(ranked, scores)],
+    )
+    return Selection(spec, tuple(sorted(layers)), provenance)
+
+
+def selection_without_store(spec: str, n_layers: int) -> Selection:
+    """``full`` or ``layers=...`` for a model without a store (no ranking needed)."""
+    kind, arg = parse_spec(spec)
+    if kind not in ("full", "layers"):
+        raise SelectionError(f"layer selection {spec!r} ranks layers: give a scored store (--store S)")
+    layers = list(range(n_layers)) if kind == "full" else list(arg)  # type: ignore[arg-type]
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise SelectionError(f"layer selection {spec!r}: layers {bad} outside the model's 0..{n_layers - 1}")
+    return Selection(spec, tuple(sorted(layers)), {"store": None})
