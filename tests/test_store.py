@@ -167,7 +167,7 @@ def test_create_resumes_compatible_store(store: Path):
     att, mask, iou = batch([2])
     write_batch(store, [2], attention=att, mask=mask, iou=iou)
     created = open_store(store).attrs["created"]
-    create_store(store, samples=metas(), n_layers=L, n_heads=H, attrs=attrs(model_revision="other"))
+    create_store(store, samples=metas(), n_layers=L, n_heads=H, attrs=attrs(prompt="another rendering"))
     ds = open_store(store)
     np.testing.assert_array_equal(ds["done"].values, [False, False, True, False])
     np.testing.assert_array_equal(ds["mask"].sel(sample=2).values[:1, :1], own(2, "image", 0)[1])
@@ -178,6 +178,7 @@ def test_create_resumes_compatible_store(store: Path):
     "kwargs, message",
     [
         ({"attrs": attrs(model="other/model")}, "model"),
+        ({"attrs": attrs(model_revision="other")}, "model_revision"),
         ({"attrs": attrs(dataset={"path": "data/toy", "fingerprint": "beef"})}, "dataset"),
         ({"attrs": attrs(dtype="bfloat16")}, "dtype"),
         ({"n_layers": 5}, "n_layers"),
@@ -413,3 +414,121 @@ def test_kill_during_creation_leaves_no_half_store(tmp_path, monkeypatch):
     monkeypatch.undo()
     create_store(target, samples=meta, n_layers=2, n_heads=2, attrs=attrs)  # a rerun creates it cleanly
     assert target.exists()
+
+
+# ---------------------------------------------------------------- concurrent creation and writers (issue 10, item 2)
+def test_a_creator_that_loses_the_race_keeps_the_winners_store(tmp_path: Path, monkeypatch):
+    """Another process creates the store while this one writes its staging copy: both
+    finish, with one store, and no staging copy is left."""
+    target = tmp_path / "s.zarr"
+    real = xr.Dataset.to_zarr
+
+    def racing(self, store, *args, **kwargs):
+        out = real(self, store, *args, **kwargs)
+        if ".creating." in str(store) and not target.exists():
+            monkeypatch.setattr(xr.Dataset, "to_zarr", real)
+            assert create_store(target, samples=metas(), n_layers=L, n_heads=H, attrs=attrs())  # the winner
+        return out
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", racing)
+    assert create_store(target, samples=metas(), n_layers=L, n_heads=H, attrs=attrs()) is False  # the loser
+    assert open_store(target).sizes["sample"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+def _create_in_child(target: str, barrier) -> None:
+    barrier.wait()
+    create_store(target, samples=metas(), n_layers=L, n_heads=H, attrs=attrs())
+
+
+@pytest.mark.slow  # spawned interpreters import xarray and zarr: about 20 s per attempt on 2 cores
+def test_processes_creating_one_store_at_once_all_succeed(tmp_path: Path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # fork would copy zarr's event-loop thread's locks
+    for attempt in range(3):
+        target = tmp_path / f"s{attempt}.zarr"
+        barrier = context.Barrier(3)
+        children = [context.Process(target=_create_in_child, args=(str(target), barrier)) for _ in range(3)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(120)
+        assert [child.exitcode for child in children] == [0, 0, 0]
+        assert open_store(target).sizes["sample"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s0.zarr", "s1.zarr", "s2.zarr"]
+
+
+def test_leftovers_of_killed_creators_are_cleaned_up(tmp_path: Path):
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    target = tmp_path / "s.zarr"
+    target.mkdir()  # an empty directory, as an interrupted older mechhi left it
+    (tmp_path / ".s.zarr.creating").mkdir()  # older mechhi's single staging name
+    (tmp_path / f".s.zarr.creating.{socket.gethostname()}.{gone.pid}.abcd1234").mkdir()
+    (tmp_path / ".s.zarr.creating.otherhost.1.abcd1234").mkdir()  # another host's: not ours to judge
+    assert create_store(target, samples=metas(), n_layers=L, n_heads=H, attrs=attrs())
+    assert open_store(target).sizes["sample"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.zarr.creating.otherhost.1.abcd1234", "s.zarr"]
+
+
+def test_writer_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path):
+    import os
+    import socket
+
+    from mechhi.store import StoreLocked, WriterLock, lock_path
+
+    store = tmp_path / "s.zarr"
+    with WriterLock(store):
+        assert lock_path(store).read_text().splitlines()[:2] == [str(os.getpid()), socket.gethostname()]
+        with pytest.raises(StoreLocked, match=f"being written by pid {os.getpid()} on host"):
+            WriterLock(store).acquire()
+    assert not lock_path(store).exists()
+    lock_path(store).write_text("1\nelsewhere\n")  # a holder on another host cannot be probed
+    with pytest.raises(StoreLocked, match="if that process is gone, delete"):
+        WriterLock(store).acquire()
+
+
+# ---------------------------------------------------------------- probe scores are not the run (item 1)
+def test_probe_scores_do_not_make_a_store_incompatible(store: Path):
+    hi = xr.DataArray(np.ones((L, H)), dims=("layer", "head"))
+    write_scores(store, xr.Dataset({"head_impact": hi, "object_lift": hi * 2}))
+    assert create_store(store, samples=metas(), n_layers=L, n_heads=H, attrs=attrs()) is False  # resumes
+    with pytest.raises(StoreError, match="names of traced variables"):
+        write_scores(store, xr.Dataset({"attention_mean": hi}))  # would read as a traced variable
+
+
+# ---------------------------------------------------------------- lost data (item 5) and damaged stores (item 12)
+def test_missing_data_names_done_samples_without_their_chunks(store: Path):
+    from mechhi.store import damaged_samples, missing_data
+
+    att, mask, iou = batch([0, 1, 2])
+    write_batch(store, [0, 1, 2], attention=att, mask=mask, iou=iou)
+    assert missing_data(store) == []
+    (store / "mask" / "c" / "1" / "0" / "0").unlink()
+    (store / "attention_global" / "c" / "2" / "0" / "0" / "0" / "0").unlink()
+    (store / "attention" / "c" / "3").mkdir(exist_ok=True)  # sample 3 is not done: nothing is expected
+    assert [(d.sample, d.variable) for d in missing_data(store)] == [(1, "mask"), (2, "attention_global")]
+    (store / "iou" / "c" / "0" / "0" / "0").write_bytes(b"garbage")
+    deep = damaged_samples(store, deep=True)
+    assert [(d.sample, d.variable) for d in deep] == [(0, "iou"), (1, "mask"), (2, "attention_global")]
+    assert "unreadable" in deep[0].problem
+
+
+def test_an_all_nan_iou_of_a_done_sample_is_still_on_disk(store: Path):
+    from mechhi.store import missing_data
+
+    att, mask, _ = batch([0])
+    write_batch(store, [0], attention=att, mask=mask, iou=np.full((1, L, H), np.nan))
+    assert (store / "iou" / "c" / "0" / "0" / "0").is_file() and missing_data(store) == []
+
+
+def test_a_store_without_done_is_reported_as_damaged(store: Path):
+    import shutil
+
+    shutil.rmtree(store / "done")
+    with pytest.raises(StoreError, match="damaged mechhi store: it has no 'done' variable"):
+        open_store(store)

@@ -6,21 +6,27 @@ written through xarray. The dim vocabulary and the variables are defined once, i
 - ``create``: allocate a store (or keep one of the same run, to resume);
 - ``read``: open lazily;
 - ``write``: a traced batch as regions, probe scores as variables;
+- ``lock``: one writer per store (a lock file naming its holder);
+- ``verify``: done samples whose data is lost;
 - ``combine``: several models' stores on one depth axis.
 """
 
 from .combine import ALIGNS, combine, depth_bins, unique_labels
 from .create import create_store
+from .lock import StoreLocked, WriterLock, lock_path
 from .read import done_mask, open_store
 from .schema import (
     COMPATIBLE_ATTRS, MAIN_VIEW, REQUIRED_ATTRS, SCHEMA_VERSION, SampleMeta, StoreError, attention_name,
-    grid_coords, grid_dims, json_attrs, json_default, mask_name, pad_grid, relative_depth, store_views,
+    grid_coords, grid_dims, is_traced_variable, json_attrs, json_default, mask_name, pad_grid, relative_depth,
+    store_views,
 )  # fmt: skip
-from .write import write_batch, write_scores
+from .verify import Damage, damaged_samples, describe, missing_data
+from .write import unflag, write_batch, write_scores
 
 __all__ = [
-    "ALIGNS", "COMPATIBLE_ATTRS", "MAIN_VIEW", "REQUIRED_ATTRS", "SCHEMA_VERSION", "SampleMeta", "StoreError",
-    "attention_name", "combine", "create_store", "depth_bins", "done_mask", "grid_coords", "grid_dims",
-    "json_attrs", "json_default", "mask_name", "open_store", "pad_grid", "relative_depth", "store_views",
-    "unique_labels", "write_batch", "write_scores",
+    "ALIGNS", "COMPATIBLE_ATTRS", "MAIN_VIEW", "REQUIRED_ATTRS", "SCHEMA_VERSION", "Damage", "SampleMeta",
+    "StoreError", "StoreLocked", "WriterLock", "attention_name", "combine", "create_store", "damaged_samples",
+    "depth_bins", "describe", "done_mask", "grid_coords", "grid_dims", "is_traced_variable", "json_attrs",
+    "json_default", "lock_path", "mask_name", "missing_data", "open_store", "pad_grid", "relative_depth",
+    "store_views", "unflag", "unique_labels", "write_batch", "write_scores",
 ]  # fmt: skip

@@ -1,10 +1,14 @@
 """Creating a store: every variable allocated up front (NaN, ``done`` False), or an
-existing store for the same run kept as it is, which is how a killed run resumes."""
+existing store for the same run kept as it is, which is how a killed run resumes.
+
+Creation is staged under a per-process name and renamed into place, so a kill leaves
+no half store and concurrent creators never see each other's half-written copy."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
+import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +18,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from .lock import process_alive, this_host
 from .read import open_store
 from .schema import (
     COMPATIBLE_ATTRS, MAIN_VIEW, REQUIRED_ATTRS, SCHEMA_VERSION, SampleMeta, StoreError, _mechhi_version,
-    attention_name, grid_coords, grid_dims, json_attrs, mask_name, relative_depth,
+    attention_name, grid_coords, grid_dims, is_traced_variable, json_attrs, mask_name, relative_depth,
 )  # fmt: skip
 
 
@@ -89,32 +94,77 @@ def create_store(
     n_heads: int,
     attrs: dict[str, Any],
     maps: bool = True,
-) -> None:
-    """Create the store with every variable allocated (NaN) and ``done`` False.
+) -> bool:
+    """Create the store with every variable allocated (NaN) and ``done`` False; True if
+    this call created it.
 
-    If `path` already exists and was made for the same model, dataset, prompt template,
-    dtype, n_layers, n_heads, sample descriptions (and with/without maps), it is kept
-    untouched: this is how a killed run resumes. Otherwise a StoreError names what differs.
-    ``maps=False`` allocates no attention variables (``mechhi trace --no-maps``).
+    If `path` already holds a store made for the same run (model, revision, dataset,
+    prompt template, dtype, n_layers, n_heads, sample descriptions, with/without maps),
+    it is kept untouched and False returned: this is how a killed run resumes. Scores
+    that probes wrote into it (``head_impact``, ...) are not part of the run. Otherwise
+    a StoreError names what differs. ``maps=False`` allocates no attention variables
+    (``mechhi trace --no-maps``).
+
+    Creation is atomic per process: the store is written under a staging name of this
+    process's own and renamed onto `path` in one step. If another process's rename got
+    there first, this one drops its copy and checks the winner's store instead, so
+    concurrent creators all end with one valid store (or a clear incompatibility).
     """
     path = Path(path)
     if n_layers < 1 or n_heads < 1:
         raise StoreError(f"create_store: n_layers={n_layers}, n_heads={n_heads} must be >= 1")
     full_attrs = _store_attrs(attrs)
     skeleton = _skeleton(samples, n_layers, n_heads, maps)
-    if path.exists():
-        _check_compatible(path, skeleton, full_attrs)
-        return
+    if _holds_store(path):
+        check_compatible(path, skeleton, full_attrs)
+        return False
     skeleton.attrs = full_attrs
-    # Build beside the target and rename: a kill during creation leaves no half store.
-    staging = path.with_name(f".{path.name}.creating")
-    if staging.exists():
-        shutil.rmtree(staging)
-    skeleton.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False)
-    os.replace(staging, path)
+    _remove_stale_staging(path)
+    staging = path.with_name(f"{_staging_prefix(path)}{this_host()}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        skeleton.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False)
+        os.rename(staging, path)  # atomic; replaces an empty directory, fails onto a store
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not _holds_store(path):
+            raise StoreError(f"cannot create store {path}: {error}") from None
+        check_compatible(path, skeleton, full_attrs)  # another process created it first
+        return False
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return True
 
 
-def _check_compatible(path: Path, wanted: xr.Dataset, attrs: dict[str, Any]) -> None:
+def _holds_store(path: Path) -> bool:
+    """Something is at `path` that is not an empty directory (an empty one is what a
+    crashed older version could leave; it is replaced)."""
+    if not path.exists():
+        return False
+    return not path.is_dir() or any(path.iterdir())
+
+
+def _staging_prefix(path: Path) -> str:
+    return f".{path.name}.creating."
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove staging copies left by killed creators: ``.<name>.creating.<host>.<pid>.<token>``
+    of a pid that no longer runs on this host, and the single ``.<name>.creating`` of
+    mechhi versions before per-process staging."""
+    prefix = _staging_prefix(path)
+    for candidate in path.parent.glob(f".{path.name}.creating*"):
+        if candidate.name == prefix[:-1]:
+            shutil.rmtree(candidate, ignore_errors=True)
+            continue
+        host, _, rest = candidate.name[len(prefix):].rpartition(".")[0].rpartition(".")
+        if host == this_host() and rest.isdigit() and not process_alive(int(rest)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def check_compatible(path: Path, wanted: xr.Dataset, attrs: dict[str, Any]) -> None:
+    """StoreError naming every difference between the store at `path` and the run that
+    `wanted` (a skeleton) and `attrs` describe; probe-written variables are ignored."""
     have = open_store(path)
     diffs = [
         f"{key}: store has {have.attrs.get(key)!r}, wanted {attrs[key]!r}"
@@ -129,9 +179,9 @@ def _check_compatible(path: Path, wanted: xr.Dataset, attrs: dict[str, Any]) -> 
         bad = np.flatnonzero(have["description"].values.astype(str) != wanted["description"].values.astype(str))
         if bad.size:
             diffs.append(f"description of sample {int(bad[0])} differs ({bad.size} samples differ)")
-    have_vars, wanted_vars = sorted(map(str, have.data_vars)), sorted(map(str, wanted.data_vars))
+    have_vars = sorted(str(n) for n in have.data_vars if is_traced_variable(str(n)))
+    wanted_vars = sorted(map(str, wanted.data_vars))
     if have_vars != wanted_vars:
-        diffs.append(f"variables: store has {have_vars}, wanted {wanted_vars} (traced with/without maps?)")
+        diffs.append(f"traced variables: store has {have_vars}, wanted {wanted_vars} (traced with/without maps?)")
     if diffs:
         raise StoreError(f"store {path} exists for a different run: " + "; ".join(diffs))
-

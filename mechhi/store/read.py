@@ -9,6 +9,9 @@ import xarray as xr
 
 from .schema import SCHEMA_VERSION, StoreError
 
+# Every store create_store makes has these; a store without them cannot say what is traced.
+REQUIRED_VARIABLES = ("done", "mask")
+
 
 def open_store(path: str | Path) -> xr.Dataset:
     """Open a store lazily (dask-backed), checking it is a mechhi store we can read.
@@ -28,6 +31,10 @@ def open_store(path: str | Path) -> xr.Dataset:
         raise StoreError(f"{path} is not a mechhi store (no schema_version attribute)")
     if version > SCHEMA_VERSION:
         raise StoreError(f"{path} has schema_version {version}; this mechhi reads up to {SCHEMA_VERSION}: upgrade mechhi")
+    missing = [name for name in REQUIRED_VARIABLES if name not in ds.variables]
+    if missing:
+        raise StoreError(f"{path} is a damaged mechhi store: it has no {', '.join(map(repr, missing))} variable "
+                         "(trace into a new --store)")  # fmt: skip
     return _plain_strings(ds)
 
 

@@ -30,7 +30,10 @@ Dim vocabulary (every mechhi array uses only these names):
 
 Variables: ``attention`` (sample, layer, head, row, col), ``mask`` (sample, row, col),
 ``attention_<view>`` / ``mask_<view>`` for other views, ``iou`` (sample, layer, head),
-``head_impact`` (layer, head, written by probes), ``done`` (sample).
+``done`` (sample): these are the traced variables (:func:`is_traced_variable`), the run
+itself. Probes add scores such as ``head_impact`` (layer, head) and rewrite ``iou``;
+scores record ``scored_samples`` (how many samples were done when they were computed),
+so a score of a half-traced store is recognisably stale once more samples are done.
 
 Every per-sample variable is chunked by one sample, so any region write of any batch
 (even non-contiguous sample indices after a resume) is chunk-aligned: it touches only
@@ -59,7 +62,7 @@ MAIN_VIEW = "image"
 # only known once a probe scores the store, or when tracing with --no-maps).
 REQUIRED_ATTRS = ("model", "model_revision", "dtype", "prompt_template", "dataset")
 # What must match for create_store to resume an existing store instead of failing.
-COMPATIBLE_ATTRS = ("model", "dataset", "prompt_template", "dtype")
+COMPATIBLE_ATTRS = ("model", "model_revision", "dataset", "prompt_template", "dtype")
 
 
 class StoreError(ValueError):
@@ -99,6 +102,13 @@ def grid_dims(view: str) -> tuple[str, str]:
 def grid_coords(view: str) -> tuple[str, str]:
     """Per-sample grid-size coords of a view: ``grid_rows``/``grid_cols`` (+ ``_<view>``)."""
     return ("grid_rows", "grid_cols") if view == MAIN_VIEW else (f"grid_rows_{view}", f"grid_cols_{view}")
+
+
+def is_traced_variable(name: str) -> bool:
+    """Whether a variable is written by the tracer (``attention*``, ``mask*``, ``iou``,
+    ``done``) rather than by a probe. Only traced variables decide whether a store fits a
+    run; probes may add any other name (``write_scores`` refuses the traced prefixes)."""
+    return name in ("iou", "done") or name.startswith(("attention", "mask"))
 
 
 def store_views(ds: xr.Dataset) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 from .read import open_store
-from .schema import MAIN_VIEW, StoreError, attention_name, json_attrs, mask_name, store_views
+from .schema import MAIN_VIEW, StoreError, attention_name, is_traced_variable, json_attrs, mask_name, store_views
 
 
 def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
@@ -26,7 +26,9 @@ def _region_write(path: Path, indices: np.ndarray, arrays: dict[str, tuple[tuple
     for a, b in _runs(indices):
         part = xr.Dataset({name: (dims, arr[a:b]) for name, (dims, arr) in arrays.items()})
         region = {"sample": slice(int(indices[a]), int(indices[b - 1]) + 1)}
-        part.to_zarr(path, region=region, mode="r+", consolidated=False, zarr_format=3)
+        # write_empty_chunks: a done sample's chunk is on disk even if all NaN (an iou
+        # with empty unions), so a missing chunk always means lost data (store.verify).
+        part.to_zarr(path, region=region, mode="r+", consolidated=False, zarr_format=3, write_empty_chunks=True)
 
 
 def _check_batch_arrays(ds: xr.Dataset, n: int, attention: dict | None, mask: dict) -> dict[str, tuple]:
@@ -64,8 +66,8 @@ def write_batch(
     """Write one batch of samples into their regions, then flag them done.
 
     attention[view]: (b, L, H, rows, cols), mask[view]: (b, rows, cols), iou: (b, L, H),
-    each sample padded with NaN (``pad_grid``) to the store's grid of that view; b
-    follows `samples`, which may be in any order and non-contiguous. ``done`` is
+    each sample padded with NaN (``pad_grid``) to the store's grid of that view (no
+    ``iou``: NaN, for a probe to compute); b follows `samples`, which may be in any order and non-contiguous. ``done`` is
     written in a second, separate write, so a kill mid-batch never leaves a sample
     flagged done with missing data.
     """
@@ -78,11 +80,12 @@ def write_batch(
     if idx.min() < 0 or idx.max() >= n_total or np.unique(idx).size != idx.size:
         raise StoreError(f"write_batch: samples {idx.tolist()} must be distinct indices in 0..{n_total - 1}")
     arrays = _check_batch_arrays(ds, idx.size, attention, mask)
-    if iou is not None:
-        want = (idx.size, ds.sizes["layer"], ds.sizes["head"])
-        if np.shape(iou) != want:
-            raise StoreError(f"write_batch: iou has shape {np.shape(iou)}, store wants {want} (sample, layer, head)")
-        arrays["iou"] = (("sample", "layer", "head"), np.asarray(iou, dtype="float32"))
+    want = (idx.size, ds.sizes["layer"], ds.sizes["head"])
+    if iou is None:  # not computed: NaN, still written, so every traced chunk of a done sample exists
+        iou = np.full(want, np.nan)
+    if np.shape(iou) != want:
+        raise StoreError(f"write_batch: iou has shape {np.shape(iou)}, store wants {want} (sample, layer, head)")
+    arrays["iou"] = (("sample", "layer", "head"), np.asarray(iou, dtype="float32"))
     order = np.argsort(idx)
     idx = idx[order]
     arrays = {name: (dims, arr[order]) for name, (dims, arr) in arrays.items()}
@@ -105,15 +108,22 @@ def write_scores(path: str | Path, scores: xr.Dataset) -> None:
             raise StoreError(f"write_scores: dim '{dim}' has size {scores.sizes[dim]}, store has {store.sizes[dim]}")
         if dim in scores.coords and dim in store.coords and not np.array_equal(scores[dim].values, store[dim].values):
             raise StoreError(f"write_scores: '{dim}' coordinate differs from the store's")
-    protected = {"done"} | {n for n in store.data_vars if str(n).startswith(("attention", "mask"))}
-    clash = protected & set(map(str, scores.data_vars))
+    clash = sorted(str(n) for n in scores.data_vars if is_traced_variable(str(n)) and n != "iou")
     if clash:
-        raise StoreError(f"write_scores: refusing to overwrite traced variables {sorted(clash)}")
+        raise StoreError(f"write_scores: {clash} are names of traced variables (attention*, mask*, done); "
+                         "give scores another name")  # fmt: skip
     plain = xr.Dataset({name: (var.dims, np.asarray(var.values)) for name, var in scores.data_vars.items()})
     for name, var in plain.variables.items():
         if name not in store.data_vars and "sample" in var.dims:  # one sample per chunk, as everywhere
             var.encoding["chunks"] = tuple(1 if d == "sample" else plain.sizes[d] for d in var.dims)
     # mode="a" replaces the group attrs with the written dataset's: give it the merged set.
     plain.attrs = {**store.attrs, **json_attrs(dict(scores.attrs))}
-    plain.to_zarr(path, mode="a", consolidated=False, zarr_format=3)
+    plain.to_zarr(path, mode="a", consolidated=False, zarr_format=3, write_empty_chunks=True)
 
+
+
+def unflag(path: str | Path, samples: Sequence[int]) -> None:
+    """Mark samples not done (their data was found lost), so the next trace redoes them."""
+    idx = np.unique(np.asarray(samples, dtype=np.int64))
+    if idx.size:
+        _region_write(Path(path), idx, {"done": (("sample",), np.zeros(idx.size, dtype=bool))})
