@@ -10,6 +10,7 @@ from mechhi.data.format import (
     SPLITS,
     DatasetError,
     DatasetWriter,
+    ImageProblem,
     ImageRecord,
     KeyObject,
     KeyObjectDataset,
@@ -18,7 +19,9 @@ from mechhi.data.format import (
     check_dataset,
     decode_mask,
     encode_mask,
+    image_size,
     load_dataset,
+    open_image,
     record_to_json,
 )
 
@@ -27,6 +30,7 @@ __all__ = [
     "SPLITS",
     "DatasetError",
     "DatasetWriter",
+    "ImageProblem",
     "ImageRecord",
     "KeyObject",
     "KeyObjectDataset",
@@ -35,6 +39,8 @@ __all__ = [
     "check_dataset",
     "decode_mask",
     "encode_mask",
+    "image_size",
     "load_dataset",
+    "open_image",
     "record_to_json",
 ]

@@ -35,7 +35,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from rich.progress import track
 
-from mechhi.data.format import DatasetError, DatasetWriter, ImageRecord, KeyObject, decode_mask
+from mechhi.data.format import DatasetError, DatasetWriter, ImageRecord, KeyObject, decode_mask, image_size
 from mechhi.data.paper import BuildReport
 
 Instances = Literal["largest", "unique"]
@@ -299,8 +299,7 @@ def _image_file_problem(path: Path, width: int, height: int) -> str | None:
     if not path.is_file():
         return "missing image"
     try:
-        with Image.open(path) as im:  # header only
-            size = im.size
+        size = image_size(path)  # header only, EXIF orientation applied
     except (OSError, Image.DecompressionBombError):
         return "unreadable image"
     if size != (width, height):

@@ -24,6 +24,12 @@ Layout::
 compressed RLE (column-major, ``size`` is ``[height, width]``), the same encoding that
 pycocotools and most segmentation tools produce.
 
+Images are used as displayed: decoded in full, turned upright by their EXIF orientation
+tag (``ImageOps.exif_transpose``, as COCO tools do), 16-bit pixels scaled to 8 bits.
+``width``, ``height`` and every mask are in that upright orientation; `check_dataset`
+notes each image that carries an orientation tag. `open_image` is the one place that
+reads an image, for validation, tracing, training and figures alike.
+
 The unit that is traced is a `Sample`: one (image, key object) pair. Sizes in messages
 are written height x width (``HxW``), the order of ``mask.size`` and of numpy arrays.
 """
@@ -42,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as coco_mask
 
 ANNOTATIONS = "annotations.jsonl"
@@ -153,6 +159,59 @@ def decode_mask(rle: dict) -> np.ndarray:
         return coco_mask.decode(coded).astype(bool)  # (H, W)
 
 
+# ----------------------------------------------------------------------------- images
+
+ORIENTATION = 0x0112  # the EXIF tag; values 5-8 turn the image by 90 degrees
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # one channel of 16 (or 32) bits
+
+
+class ImageProblem(ValueError):
+    """An image file that cannot be used; the message says why."""
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """The image as every consumer uses it: decoded in full (a truncated file fails here,
+    not inside the model), upright by its EXIF orientation, 8-bit RGB.
+
+    A 16-bit single-channel image (e.g. a 16-bit grey PNG, mode ``I;16``) is scaled to
+    8 bits (v / 257); Pillow's own conversion would clip it to white. Floating-point
+    pixels are refused: their range is unknown.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _rgb8(ImageOps.exif_transpose(im))
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ImageProblem(f"cannot be decoded ({_one_line(error)})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), from the header only."""
+    with Image.open(path) as im:
+        return _upright_size(im)
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1 = upright, also when there is no tag)."""
+    return int(im.getexif().get(ORIENTATION, 1) or 1)
+
+
+def _upright_size(im: Image.Image) -> tuple[int, int]:
+    width, height = im.size
+    return (height, width) if orientation(im) in (5, 6, 7, 8) else (width, height)
+
+
+def _rgb8(im: Image.Image) -> Image.Image:
+    if im.mode == "F":
+        raise ImageProblem("has floating-point pixels (mode F); save it as an 8- or 16-bit image")
+    if im.mode in HIGH_BIT_MODES:
+        values = np.asarray(im)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageProblem(f"has {im.mode} pixels outside 0..65535; save it as an 8- or 16-bit image")
+        im = Image.fromarray(np.rint(values.astype(np.float64) / 257.0).astype(np.uint8))
+    return im.convert("RGB")
+
+
 # ----------------------------------------------------------------------------- records
 
 
@@ -235,11 +294,14 @@ class Sample:
     obj: KeyObject = field(repr=False)
 
     def image(self) -> Image.Image:
-        """The image as RGB (loaded on each call: samples stay cheap to hold)."""
+        """The image as `open_image` reads it: upright 8-bit RGB (loaded on each call:
+        samples stay cheap to hold)."""
         if not self.image_path.is_file():
             raise DatasetError(f"image {self.image_id!r}: file {self.image_path} does not exist")
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
+        try:
+            return open_image(self.image_path)
+        except ImageProblem as problem:
+            raise DatasetError(f"image {self.image_id!r}: file {self.image_path} {problem}") from None
 
     def mask(self) -> np.ndarray:
         """bool (height, width) object mask, same size as `image`."""
@@ -278,7 +340,8 @@ class KeyObjectDataset(Sequence[Sample]):
     """The loaded, validated samples of a dataset directory.
 
     ``fingerprint`` identifies the content (annotations bytes and image file sizes) so a
-    store can tell whether it was traced on the same data.
+    store can tell whether it was traced on the same data. ``notes`` are records that are
+    used but deserve a look (an image with an EXIF orientation tag).
     """
 
     def __init__(
@@ -288,10 +351,12 @@ class KeyObjectDataset(Sequence[Sample]):
         skipped: list[Skipped],
         fingerprint: str,
         split_name: str | None = None,
+        notes: list[Skipped] | None = None,
     ) -> None:
         self.root = root
         self.records = records
         self.skipped = skipped
+        self.notes = notes or []
         self.fingerprint = fingerprint
         self.split_name = split_name
         pairs = [(r, o) for r in records for o in r.objects]
@@ -321,7 +386,7 @@ class KeyObjectDataset(Sequence[Sample]):
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; splits are {', '.join(SPLITS)}")
         records = [r for r in self.records if r.split == name]
-        return KeyObjectDataset(self.root, records, self.skipped, self.fingerprint, name)
+        return KeyObjectDataset(self.root, records, self.skipped, self.fingerprint, name, self.notes)
 
     def split_counts(self) -> dict[str | None, int]:
         """Number of images per split (None for records without one)."""
@@ -338,6 +403,7 @@ class _Checks:
     check_images: bool
     count_tokens: Callable[[str], int] | None
     max_description_tokens: int | None
+    notes: list[Skipped] = field(default_factory=list)
 
 
 class _Bad(Exception):
@@ -362,8 +428,8 @@ def load_dataset(
     is dropped (a bad image drops all its objects), recorded in ``skipped``, and loading
     goes on. ``check_images=False`` does not touch image files at all (for annotations
     whose images are not present, e.g. the paper's published masks).
-    ``count_tokens`` with ``max_description_tokens`` rejects descriptions that do not fit
-    the model's context.
+    ``count_tokens`` with ``max_description_tokens`` rejects descriptions longer than that
+    many tokens. An annotations file without a single record is an error.
 
     >>> ds = load_dataset("data/toy", split="trace")          # doctest: +SKIP
     >>> ds[0].description, ds[0].mask().shape                   # doctest: +SKIP
@@ -400,7 +466,9 @@ def load_dataset(
         skipped.extend(problems)
         if record is not None:
             records.append(record)
-    ds = KeyObjectDataset(root, records, skipped, _fingerprint(root, data, files))
+    if not data.strip():
+        raise DatasetError(f"{ann} has no records (the file is empty)")
+    ds = KeyObjectDataset(root, records, skipped, _fingerprint(root, data, files), notes=checks.notes)
     return ds.split(split) if split is not None else ds
 
 
@@ -458,7 +526,10 @@ def _read_line(
         files.append(obj["file"])
     width, height = _image_fields(obj, lambda r: bad(r, image_id))
     if checks.check_images:
-        _check_image_file(root, obj["file"], width, height, lambda r: bad(r, image_id))
+        tag = _check_image_file(root, obj["file"], width, height, lambda r: bad(r, image_id))
+        if tag != 1:
+            checks.notes.append(Skipped(line, image_id, None, f"image file {obj['file']} has EXIF orientation {tag}: "
+                                        "it is used upright, so width, height and masks must be as displayed"))  # fmt: skip
 
     objects = []
     object_ids: set[str] = set()
@@ -506,17 +577,24 @@ def _image_fields(obj: dict, bad: Callable[[str], _Bad]) -> tuple[int, int]:
 
 def _check_image_file(
     root: Path, file: str, width: int, height: int, bad: Callable[[str], _Bad]
-) -> None:
+) -> int:
+    """Check that the image decodes in full (as `open_image` reads it) at the record's
+    size as displayed; return its EXIF orientation."""
     path = root / file
     if not path.is_file():
         raise bad(f"image file {file} does not exist")
     try:
-        with Image.open(path) as im:  # reads the header only
-            w, h = im.size
+        with Image.open(path) as im:
+            (w, h), tag = _upright_size(im), orientation(im)
+        open_image(path)
     except (OSError, Image.DecompressionBombError) as e:
         raise bad(f"image file {file} cannot be read ({_one_line(e)})") from None
+    except ImageProblem as problem:
+        raise bad(f"image file {file} {problem}") from None
     if (w, h) != (width, height):
-        raise bad(f"image file {file} is {h}x{w} but the record says {height}x{width} (HxW)")
+        upright = " upright (EXIF orientation applied)" if tag in (5, 6, 7, 8) else ""
+        raise bad(f"image file {file} is {h}x{w}{upright} but the record says {height}x{width} (HxW)")
+    return tag
 
 
 def _read_object(
@@ -683,7 +761,7 @@ def _resume(path: Path) -> set[str]:
         except (ValueError, KeyError, TypeError):
             raise DatasetError(
                 f"{ANNOTATIONS} line {line_no}: cannot resume writing {path}, the line is "
-                "not a record (fix it or pass overwrite=True)"
+                "not a record (fix it, or start over with --overwrite; overwrite=True in Python)"
             ) from None
     return done
 
@@ -691,8 +769,7 @@ def _resume(path: Path) -> set[str]:
 def _image_size(path: Path) -> tuple[int, int]:
     if not path.is_file():
         raise DatasetError(f"image file {path} does not exist")
-    with Image.open(path) as im:
-        return im.size
+    return image_size(path)
 
 
 def _check_record_sizes(record: ImageRecord, size: tuple[int, int]) -> None:

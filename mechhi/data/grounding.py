@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mechhi.data.format import DatasetError, DatasetWriter, ImageRecord, KeyObject
+from mechhi.data.format import DatasetError, DatasetWriter, ImageProblem, ImageRecord, KeyObject, open_image
 
 GROUNDING_TASK = "<CAPTION_TO_PHRASE_GROUNDING>"
 CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
@@ -465,7 +465,6 @@ def _build_batch(
 
 def _open_rgb(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as error:
-        raise DatasetError(f"image {path} cannot be read ({error})") from None
+        return open_image(path)
+    except ImageProblem as problem:
+        raise DatasetError(f"image {path} {problem}") from None

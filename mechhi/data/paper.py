@@ -40,7 +40,7 @@ import scipy.sparse
 from PIL import Image
 from rich.progress import track
 
-from mechhi.data.format import DatasetError, DatasetWriter, ImageRecord, KeyObject
+from mechhi.data.format import DatasetError, DatasetWriter, ImageRecord, KeyObject, image_size
 
 Duplicates = Literal["merge", "first", "separate", "drop"]
 DUPLICATE_POLICIES = ("merge", "first", "separate", "drop")
@@ -306,8 +306,7 @@ def _image_size(path: Path) -> tuple[int, int] | str:
     if not path.is_file():
         return "missing image"
     try:
-        with Image.open(path) as im:
-            return im.size
+        return image_size(path)  # EXIF orientation applied, as the dataset format uses images
     except (OSError, Image.DecompressionBombError):
         return "unreadable image"
 

@@ -409,7 +409,7 @@ def _check_meta(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
         if (out / "annotations.jsonl").is_file():
             raise DatasetError(
                 f"{out} holds a dataset that is not a synthetic build; "
-                "pass overwrite=True or another directory"
+                "build into another --out, or start over with --overwrite (overwrite=True in Python)"
             )
         return
     old = json.loads(path.read_text())
@@ -417,7 +417,7 @@ def _check_meta(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
         diff = sorted(k for k in meta if old.get(k) != meta[k])
         raise DatasetError(
             f"{out} holds a synthetic build with different {', '.join(diff)}; "
-            "pass overwrite=True (or another directory) to rebuild"
+            "build into another --out, or rebuild with --overwrite (overwrite=True in Python)"
         )
 
 
