@@ -1,11 +1,64 @@
 """Where the bundled toy model and the bundled synthetic trace set live inside the
-package, and where stores go by default: the defaults of every command."""
+package, how stores name them, and where stores go by default: the defaults of every
+command.
+
+The bundled model and dataset have names that do not depend on where mechhi is
+installed (``mechhi/zoo/toy-qwen2vl``, ``mechhi/data/bundled/toy-trace``): a store
+records these, not an absolute path of one machine, and every command accepts them as
+``--model`` / ``--dataset``. Two slashes keep them apart from any HF hub id (owner/name).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_MODEL = PACKAGE_DIR / "zoo" / "toy-qwen2vl"  # trained by `mechhi toy train`
 BUNDLED_DATASET = PACKAGE_DIR / "data" / "bundled" / "toy-trace"
+BUNDLED_MODEL_ID = "mechhi/zoo/toy-qwen2vl"
+BUNDLED_DATASET_ID = "mechhi/data/bundled/toy-trace"
 DEFAULT_STORE_DIR = Path("stores")
+DEMO_STORE = DEFAULT_STORE_DIR / "toy.zarr"  # the bundled model on the bundled set (`make demo`)
+
+_BUNDLED = {BUNDLED_MODEL_ID: BUNDLED_MODEL, BUNDLED_DATASET_ID: BUNDLED_DATASET}
+
+
+def local_path(name: str | os.PathLike) -> str:
+    """Where a model or dataset name points: a bundled name -> its directory in the
+    package; anything else (an HF id, a path) unchanged.
+
+    >>> local_path("Qwen/Qwen2-VL-2B-Instruct")
+    'Qwen/Qwen2-VL-2B-Instruct'
+    """
+    return str(_BUNDLED.get(str(name), name))
+
+
+def recorded_name(name: str | os.PathLike) -> str:
+    """The name a store records: the bundled name for the bundled model or dataset
+    (however it was given), else the id or path as given (``data/toy/`` as ``data/toy``).
+
+    >>> recorded_name(BUNDLED_MODEL)
+    'mechhi/zoo/toy-qwen2vl'
+    """
+    for label, directory in _BUNDLED.items():
+        if str(name) == label or (Path(name).exists() and Path(name).resolve() == directory):
+            return label
+    return os.path.normpath(str(name))
+
+
+def default_store(model: str | os.PathLike, dataset: str | os.PathLike) -> Path:
+    """``stores/<model>__<dataset>.zarr``, named by the last part of each name (the demo's
+    bundled pair is ``stores/toy.zarr``), so two models or two datasets never share one.
+
+    >>> default_store("Qwen/Qwen2-VL-2B-Instruct", "data/coco")
+    PosixPath('stores/Qwen2-VL-2B-Instruct__coco.zarr')
+    """
+    model, dataset = recorded_name(model), recorded_name(dataset)
+    if (model, dataset) == (BUNDLED_MODEL_ID, BUNDLED_DATASET_ID):
+        return DEMO_STORE
+    return DEFAULT_STORE_DIR / f"{_short(model)}__{_short(dataset)}.zarr"
+
+
+def _short(name: str) -> str:
+    return Path(name).name or Path(name).resolve().name

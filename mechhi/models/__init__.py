@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._common import AdapterError, PreparedBatch, SampleLayout, VisualView, VLMAdapter
+from ._common import TEMPLATE_NAMES, AdapterError, PreparedBatch, SampleLayout, VisualView, VLMAdapter
 from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
 from .llava import LlavaAdapter
@@ -47,6 +47,6 @@ def family_named(name: str) -> type[VLMAdapter]:
 
 
 __all__ = [
-    "FAMILIES", "AdapterError", "PreparedBatch", "SampleLayout", "VisualView", "VLMAdapter",
+    "FAMILIES", "TEMPLATE_NAMES", "AdapterError", "PreparedBatch", "SampleLayout", "VisualView", "VLMAdapter",
     "adapter_class", "adapter_for", "family_named",
 ]  # fmt: skip

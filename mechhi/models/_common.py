@@ -128,13 +128,15 @@ class RenderedPrompt:
     processor_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. PaliGemma's suffix
 
 
-# The paper's Appendix prompts. Families trained on other formats override them.
+# The paper's Appendix prompts. Families trained on other formats override them, under
+# the same names. "vqa" needs the field ``options`` (the "A) ... B) ..." line).
 CHAT_TEMPLATES: dict[str, PromptTemplate] = {
     "caption": PromptTemplate("What is this photo?", "This is a photo of {answer}."),
     "vqa": PromptTemplate(
         "What is shown in this photo?\nChoose one of the options:\n{options}", "{answer}."
     ),
 }
+TEMPLATE_NAMES: tuple[str, ...] = tuple(CHAT_TEMPLATES)
 
 
 # ----------------------------------------------------------------------------- coverage
@@ -273,9 +275,23 @@ class VLMAdapter:
         return rf"(.*\.)?{path}\.({indices})\.{re.escape(self.attention)}\.(q|k|v)_proj"
 
     # -- prompts ----------------------------------------------------------------------
+    def template(self, name: str) -> PromptTemplate:
+        """The prompt template called ``name``; an unknown name lists the choices."""
+        if name not in self.templates:
+            raise AdapterError(f"unknown prompt template {name!r}; choose {' or '.join(self.templates)}")
+        return self.templates[name]
+
+    def prompt_text(self, template: str) -> str:
+        """The whole prompt as the model's tokenizer sees it, with ``{description}`` (and
+        ``{options}``) where each sample's text goes: what a store records as ``prompt``."""
+        return self.render(template, "{description}", options="{options}").text
+
     def render(self, template: str, answer: str, **fields: str) -> RenderedPrompt:
         """Apply the processor's chat template to (image + user text, assistant answer)."""
-        tpl = self.templates[template]
+        tpl = self.template(template)
+        missing = sorted(set(re.findall(r"{(\w+)}", tpl.user)) - set(fields))
+        if missing:
+            raise AdapterError(f"prompt template {template!r} needs the field(s) {', '.join(missing)}")
         before, answer, after = tpl.assistant_parts(answer)
         messages = [
             {

@@ -1,26 +1,51 @@
-"""Load a model and its processor by HF id or local directory, and pick its adapter.
+"""Load a model and its processor by HF id or local directory, pick its adapter, and say
+what a store must record about it.
 
 The family is found from the config (``model_type``), never from the name, so a
-fine-tuned or renamed checkpoint of a supported architecture just works.
+fine-tuned or renamed checkpoint of a supported architecture just works. `provenance`
+names what was loaded so a store can be traced back to it: the id or path as given, the
+hub commit (or a hash of the local weights), the attention implementation the model runs
+with, and the versions of the libraries that computed the numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..bundled import local_path, recorded_name
 from . import adapter_class
 from ._common import AdapterError, VLMAdapter
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+# Local weights up to this size are hashed whole; larger ones by name, size and their
+# first and last MiB (a 16 GB checkpoint is not read on every run).
+FULL_HASH_BYTES = 2**30
+VERSIONED = ("mechhi", "torch", "transformers", "nnsight")
+
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA if available, else CPU; otherwise cpu, cuda, cuda:N or mps, checked."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AdapterError(f"--device {device} asked for, but no CUDA device is available")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise AdapterError(f"unknown --device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdapterError(f"--device {device} asked for, but no CUDA device is available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise AdapterError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise AdapterError(f"--device {device} asked for, but MPS is not available")
+    return parsed
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -43,24 +68,80 @@ def load(
     revision: str | None = None,
     attn_implementation: str | None = None,
 ) -> tuple[Any, VLMAdapter]:
-    """(model in eval mode on ``device``, its adapter).
+    """(model in eval mode on ``device``, its adapter). ``model_id``: an HF id, a local
+    directory, or the bundled model's name ``mechhi/zoo/toy-qwen2vl``.
 
     >>> model, adapter = load("Qwen/Qwen2-VL-2B-Instruct")            # doctest: +SKIP
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    source = str(model_id)
+    source = local_path(model_id)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as error:
         hint = "" if Path(source).exists() else " (not a local directory; hub downloads need network access)"
-        raise AdapterError(f"cannot load model config from {source!r}{hint}: {error}".splitlines()[0]) from None
+        raise AdapterError(f"cannot load model config from {str(model_id)!r}{hint}: {error}".splitlines()[0]) from None
     family = adapter_class(config)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     processor = AutoProcessor.from_pretrained(source, revision=revision)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).to(torch_device).eval()
     return model, family(model.config, processor)
+
+
+def provenance(model_id: str | Path, model: Any) -> dict[str, Any]:
+    """What a store records about a loaded model.
+
+    ``model``: the id or path as given (the bundled model by its name); ``model_revision``:
+    the hub commit the files came from, else a hash of a local directory's weights
+    (``sha256:...`` of the whole files, ``sha256-sampled:...`` of large ones, see
+    `weights_fingerprint`), else ""; ``attn_implementation``: what the model runs with
+    (sdpa, eager, flash_attention_2, ...); ``versions``: mechhi, torch, transformers, nnsight.
+    """
+    commit = getattr(model.config, "_commit_hash", None)
+    directory = Path(local_path(model_id))
+    revision = commit or (weights_fingerprint(directory) if directory.is_dir() else "")
+    return {
+        "model": recorded_name(model_id),
+        "model_revision": revision,
+        "attn_implementation": str(getattr(model.config, "_attn_implementation", None) or ""),
+        "versions": library_versions(),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries whose code computes a store's numbers."""
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed as a package"
+    return out
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """A content hash of a local model directory: config.json and every weight file.
+
+    Whole files when they total at most ``FULL_HASH_BYTES`` (``sha256:<hex>``); beyond
+    that each file's name, size and first and last MiB (``sha256-sampled:<hex>``), which
+    tells checkpoints apart in practice without reading gigabytes on every run.
+    """
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json"))  # fmt: skip
+    whole = sum(p.stat().st_size for p in files) <= FULL_HASH_BYTES
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\t{size}\n".encode())
+        with path.open("rb") as fh:
+            if whole:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+            else:
+                digest.update(fh.read(2**20))
+                fh.seek(max(0, size - 2**20))
+                digest.update(fh.read())
+    return f"{'sha256' if whole else 'sha256-sampled'}:{digest.hexdigest()[:16]}"
