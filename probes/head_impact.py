@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from mechhi.store import MAIN_VIEW, attention_name, json_attrs, open_store, write_scores
+from mechhi.store import MAIN_VIEW, StoreLocked, WriterLock, attention_name, json_attrs, open_store, write_scores
 
 from .maps import done_samples, for_each_sample, labels, mean_over, pool_views, rank_layers
 
@@ -144,8 +144,10 @@ def _traced_iou(ds: xr.Dataset, done: np.ndarray, rule: BinarizeRule) -> tuple[n
 def score(ds: xr.Dataset, rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:
     """Per-sample ``iou`` (sample, layer, head) and ``head_impact`` (layer, head) of a store.
 
-    Only samples flagged ``done`` count (others get NaN). A store traced with --no-maps
-    has no attention maps: its traced ``iou`` is used and only HI is recomputed.
+    Only samples flagged ``done`` count (others get NaN); attrs ``scored_samples`` says
+    how many, so scores of a half-traced store are recognisably stale later
+    (`scores_current`). A store traced with --no-maps has no attention maps: its traced
+    ``iou`` is used and only HI is recomputed.
     """
     done = done_samples(ds, "score")
     if attention_name(MAIN_VIEW) in ds.data_vars:
@@ -155,7 +157,8 @@ def score(ds: xr.Dataset, rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:
     else:
         raise ValueError("score: dataset has neither attention maps nor iou")
     iou_da = xr.DataArray(values, dims=("sample", "layer", "head"), coords=labels(ds), name="iou")
-    return xr.Dataset({"iou": iou_da, "head_impact": head_impact_from_iou(iou_da)}, attrs={"binarize": binarize})
+    attrs = {"binarize": binarize, "scored_samples": int(done.sum())}
+    return xr.Dataset({"iou": iou_da, "head_impact": head_impact_from_iou(iou_da)}, attrs=attrs)
 
 
 def head_impact_from_iou(iou: xr.DataArray) -> xr.DataArray:
@@ -257,7 +260,68 @@ def kruskal_records(result: xr.Dataset) -> list[dict[str, Any]]:
 
 
 def score_store(path: str | Path, rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:
-    """Open a store, score it, write ``iou``/``head_impact``/``binarize`` back, return the scores."""
+    """Open a store, score it, write ``iou``/``head_impact``/``binarize``/``scored_samples``
+    back, return the scores. Scores of a half-traced store are written as such (their
+    ``scored_samples`` is below the sample count); `ensure_scored` never writes them."""
     scores = score(open_store(path), rule)
     write_scores(path, scores)
     return scores
+
+
+# ---------------------------------------------------------------- scores kept in a store
+def store_rule(ds: xr.Dataset) -> BinarizeRule:
+    """The rule the store's own scores follow: the one recorded in it (default if none)."""
+    recorded = ds.attrs.get("binarize")
+    return BinarizeRule.from_dict(recorded) if recorded else BinarizeRule()
+
+
+def scores_current(ds: xr.Dataset, rule: BinarizeRule | None = None) -> bool:
+    """Whether the store's ``head_impact`` covers every sample now done (under ``rule``,
+    default: the store's own rule). False for scores of a store that was half traced
+    when they were computed, or written by a mechhi that did not record ``scored_samples``."""
+    if "head_impact" not in ds.data_vars or ds.attrs.get("scored_samples") != int(ds["done"].sum()):
+        return False
+    return rule is None or json_attrs({"r": ds.attrs.get("binarize")}) == json_attrs({"r": rule.to_dict()})
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A store with ``iou`` and ``head_impact`` under the asked rule, and what was done
+    to get them (``note``: one line for stderr; None when the stored scores were used)."""
+
+    ds: xr.Dataset
+    note: str | None
+
+
+def ensure_scored(path: str | Path, rule: BinarizeRule | None = None) -> Scored:
+    """The store's scores under ``rule`` (default: the store's own), computing what is missing.
+
+    The store keeps scores of its own rule only, and only of a complete trace: a complete
+    store whose scores are missing or stale is scored and saved (under its writer lock;
+    if another process holds it, in memory). A half-traced store is scored in memory and
+    never written, so its scores cannot outlive the trace. Another rule than the store's
+    is scored in memory: the store keeps the scores other commands rely on.
+    """
+    path = Path(path)
+    ds = open_store(path)
+    own = store_rule(ds)
+    rule = rule or own
+    done, total = int(ds["done"].sum()), ds.sizes["sample"]
+    note = None
+    if done == total and not scores_current(ds, own):
+        try:
+            with WriterLock(path):
+                score_store(path, own)
+            ds, note = open_store(path), f"scoring the store ({own.describe()}) and saving the scores in it"
+        except StoreLocked:
+            note = "scoring in memory: another process is writing the store"
+    if scores_current(ds, rule):
+        return Scored(ds, note)
+    scores = score(ds, rule)
+    if done < total:
+        note = f"scoring in memory ({rule.describe()}): only {done} of {total} samples are traced, so nothing is saved"
+    elif note is None:
+        note = f"scoring in memory ({rule.describe()}); the store keeps its own scores"
+    merged = ds.drop_vars([name for name in scores.data_vars if name in ds]).assign(scores.data_vars)
+    merged.attrs = {**ds.attrs, **scores.attrs}
+    return Scored(merged, note)

@@ -59,11 +59,7 @@ def for_each_sample(ds: xr.Dataset, done: np.ndarray, kernel: SampleKernel, outp
     todo = np.flatnonzero(done)
     for start in range(0, todo.size, block):
         sel = todo[start : start + block]
-        att = {
-            v: ds[attention_name(v)].isel(sample=sel).transpose("sample", "layer", "head", *grid_dims(v)).values
-            for v in views
-        }  # view -> (b, L, H, rows, cols)
-        cov = {v: ds[mask_name(v)].isel(sample=sel).transpose("sample", *grid_dims(v)).values for v in views}
+        att, cov = _read_block(ds, views, sel)
         for j, s in enumerate(sel):
             try:
                 result = kernel({v: att[v][j] for v in views}, {v: cov[v][j] for v in views})
@@ -71,6 +67,28 @@ def for_each_sample(ds: xr.Dataset, done: np.ndarray, kernel: SampleKernel, outp
                 raise ValueError(f"sample {int(ds['sample'].values[s])}: {err}") from None
             out[s] = np.reshape(result, (outputs, n_layers, n_heads))
     return out
+
+
+def _read_block(ds: xr.Dataset, views: list[str], sel: np.ndarray) -> tuple[dict, dict]:
+    """Attention (view -> (b, L, H, rows, cols)) and coverage (view -> (b, rows, cols)) of
+    samples ``sel``; a chunk that does not decode is named by its sample."""
+
+    def read(part: np.ndarray) -> tuple[dict, dict]:
+        att = {v: ds[attention_name(v)].isel(sample=part).transpose("sample", "layer", "head", *grid_dims(v)).values
+               for v in views}  # fmt: skip
+        cov = {v: ds[mask_name(v)].isel(sample=part).transpose("sample", *grid_dims(v)).values for v in views}
+        return att, cov
+
+    try:
+        return read(sel)
+    except (RuntimeError, OSError, ValueError):
+        for s in sel:  # which sample's chunk is it?
+            try:
+                read(np.array([s]))
+            except (RuntimeError, OSError, ValueError) as err:
+                raise ValueError(f"sample {int(ds['sample'].values[s])}: its stored data cannot be read ({err}); "
+                                 "run `mechhi store verify --deep --repair`, then rerun `mechhi trace`") from None
+        raise
 
 
 def done_samples(ds: xr.Dataset, probe: str) -> np.ndarray:
