@@ -1,4 +1,5 @@
-"""The trace job end to end: store contents, resume after a kill, and the CLI contract."""
+"""The trace job end to end: store contents, resume after a kill, reruns, one writer at a
+time, lost chunks, provenance, and the CLI contract."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from mechhi.trace.job import TraceConfig, trace_dataset
 from mechhi.store import open_store
 from probes.head_impact import BinarizeRule, layer_ranking, score
 from tests.conftest import WORDS
+from tests.helpers import invoke, invoke_json, one_line_error
 
 SIZES = [(112, 140), (84, 84), (140, 112), (112, 112), (56, 168), (84, 112), (112, 84)]
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -178,3 +180,326 @@ def test_rank_warns_on_an_unfinished_store(tiny_model_dir, dataset_dir, tmp_path
     assert result.exit_code == 0, result.output
     assert "only 3 of 10 samples are traced" in result.stderr
     assert json.loads(result.stdout)["samples_done"] == 3
+
+
+# ---------------------------------------------------------------- reruns and partial scores (issue 10, item 1)
+def cli_trace(model_dir, data, store, *extra, exit_code=0):
+    return invoke(["trace", "--model", model_dir, "--dataset", data, "--store", store, "--device", "cpu",
+                   "--batch-size", "3", *extra], exit_code=exit_code)  # fmt: skip
+
+
+def test_rerunning_a_finished_trace_is_a_no_op(tiny_model_dir, dataset_dir, tmp_path):
+    store = tmp_path / "s.zarr"
+    first = cli_trace(tiny_model_dir, dataset_dir, store)
+    before = open_store(store).load()
+    again = cli_trace(tiny_model_dir, dataset_dir, store)
+    assert "nothing to trace" in again.stderr
+    assert again.stdout == first.stdout  # the same result line, and only that, on stdout
+    assert len(again.stdout.splitlines()) == 1
+    xr.testing.assert_identical(open_store(store).load().drop_attrs(), before.drop_attrs())
+
+
+def test_rank_on_a_half_traced_store_saves_nothing_and_the_resume_completes(tiny_model_dir, dataset_dir, tmp_path):
+    store = tmp_path / "s.zarr"
+    with pytest.raises(Killed):
+        trace_dataset(config(tiny_model_dir, dataset_dir, store), progress=False, on_batch=kill_at(0))
+    partial = invoke_json(["rank", "--store", store])
+    assert partial["samples_done"] == 3
+    assert "head_impact" not in open_store(store)  # a score of 3 of 10 samples is not kept
+    cli_trace(tiny_model_dir, dataset_dir, store)  # the resume is accepted and finishes
+    ds = open_store(store)
+    assert bool(ds.done.all()) and ds.attrs["scored_samples"] == 10
+    expected = score(ds.drop_vars("head_impact"))  # independent of what was stored
+    np.testing.assert_allclose(ds.head_impact.values, expected.head_impact.values)
+    assert invoke_json(["rank", "--store", store])["layers"][0]["mean_hi"] == pytest.approx(
+        float(layer_ranking(expected)[0]))
+
+
+def test_partial_scores_written_by_an_older_run_are_replaced(tiny_model_dir, dataset_dir, tmp_path):
+    """A store scored half-traced (by `score_store`, or by a mechhi before this check) resumes,
+    and its stale head_impact is rescored on the complete trace."""
+    from probes.head_impact import score_store
+
+    store = tmp_path / "s.zarr"
+    with pytest.raises(Killed):
+        trace_dataset(config(tiny_model_dir, dataset_dir, store), progress=False, on_batch=kill_at(0))
+    stale = score_store(store).head_impact.values
+    cli_trace(tiny_model_dir, dataset_dir, store)
+    ds = open_store(store)
+    assert ds.attrs["scored_samples"] == 10
+    assert not np.allclose(ds.head_impact.values, stale)
+    np.testing.assert_allclose(ds.head_impact.values, score(ds).head_impact.values)
+
+
+def kill_at(batch_number):
+    def kill(number, indices):
+        if number == batch_number:
+            raise Killed
+
+    return kill
+
+
+# ---------------------------------------------------------------- one writer (item 2)
+def test_a_second_writer_is_refused_naming_the_holder(tiny_model_dir, dataset_dir, tmp_path):
+    import os
+    import socket
+
+    from mechhi.store import WriterLock
+
+    store = tmp_path / "s.zarr"
+    with WriterLock(store):  # another trace holds the store
+        refused = cli_trace(tiny_model_dir, dataset_dir, store, exit_code=1)
+    message = one_line_error(refused)
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in message and "s.zarr.lock" in message
+    assert not store.exists()
+    cli_trace(tiny_model_dir, dataset_dir, store)  # released: the next run works
+    assert bool(open_store(store).done.all()) and not (tmp_path / "s.zarr.lock").exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_model_dir, dataset_dir, tmp_path):
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "s.zarr.lock").write_text(f"{gone.pid}\n{socket.gethostname()}\n")
+    result = cli_trace(tiny_model_dir, dataset_dir, tmp_path / "s.zarr")
+    assert f"stale lock" in result.stderr and str(gone.pid) in result.stderr
+
+
+@pytest.mark.slow  # two real processes each load torch and transformers: about a minute on 2 cores
+def test_two_traces_started_together_make_one_store(tiny_model_dir, dataset_dir, tmp_path):
+    """Two real processes on one new store: one traces it, the other is refused cleanly
+    (or, started after, finds it finished); the store is complete and nothing is left over."""
+    import os
+    import subprocess
+    import sys
+
+    store = tmp_path / "s.zarr"
+    command = [sys.executable, "-m", "mechhi", "trace", "--model", str(tiny_model_dir), "--dataset",
+               str(dataset_dir), "--store", str(store), "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]  # fmt: skip
+    outcomes = [(run.wait(), *run.communicate()) for run in runs]
+    assert any(code == 0 for code, _, _ in outcomes), outcomes
+    for code, out, err in outcomes:
+        assert code in (0, 1) and "Traceback" not in err, err
+        if code == 1:
+            assert "is being written by pid" in err and not out
+    assert bool(open_store(store).done.all())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no lock, no staging copy
+
+
+# ---------------------------------------------------------------- lost chunks (item 5)
+def test_a_deleted_chunk_of_a_done_sample_is_found_and_retraced(tiny_model_dir, dataset_dir, tmp_path):
+    store = tmp_path / "s.zarr"
+    cli_trace(tiny_model_dir, dataset_dir, store)
+    original = open_store(store).load()
+    (store / "attention" / "c" / "4" / "0" / "0" / "0" / "0").unlink()
+    refused = one_line_error(invoke(["rank", "--store", store], exit_code=1))
+    assert "sample 4" in refused or ": 4 " in refused
+    report = invoke_json(["store", "verify", store], exit_code=1)
+    assert [(d["sample"], d["variable"]) for d in report["damaged"]] == [(4, "attention")]
+    again = cli_trace(tiny_model_dir, dataset_dir, store)
+    assert "tracing them again" in again.stderr
+    retraced = open_store(store).load()
+    for name in ("mask", "done"):
+        xr.testing.assert_identical(retraced[name], original[name])
+    # sample 4 alone now, in a padded batch of 3 before: equal to float tolerance
+    xr.testing.assert_allclose(retraced["attention"], original["attention"], rtol=1e-4, atol=1e-6)
+    assert invoke_json(["store", "verify", store])["damaged"] == []
+
+
+def test_an_unreadable_chunk_is_found_by_a_deep_verify_and_repaired(tiny_model_dir, dataset_dir, tmp_path):
+    store = tmp_path / "s.zarr"
+    cli_trace(tiny_model_dir, dataset_dir, store)
+    original = open_store(store).load()
+    (store / "mask" / "c" / "7" / "0" / "0").write_bytes(b"not a zstd frame")
+    assert invoke_json(["store", "verify", store])["damaged"] == []  # the file is there
+    deep = invoke_json(["store", "verify", store, "--deep"], exit_code=1)
+    assert [(d["sample"], d["variable"]) for d in deep["damaged"]] == [(7, "mask")]
+    assert "unreadable" in deep["damaged"][0]["problem"]
+    invoke_json(["store", "verify", store, "--deep", "--repair"])
+    assert not bool(open_store(store).done[7])
+    cli_trace(tiny_model_dir, dataset_dir, store)
+    xr.testing.assert_identical(open_store(store)["mask"].load(), original["mask"])
+
+
+# ---------------------------------------------------------------- stdout is the result (item 6)
+def test_trace_prints_only_its_result_on_stdout(tiny_model_dir, dataset_dir, tmp_path):
+    result = cli_trace(tiny_model_dir, dataset_dir, tmp_path / "s.zarr")
+    assert result.stdout.splitlines() == [line for line in result.stdout.splitlines() if line.startswith("store: ")]
+    assert len(result.stdout.splitlines()) == 1
+    assert "tracing" in result.stderr  # the progress bar went to stderr
+
+
+def test_every_score_command_prints_json_only(tiny_model_dir, dataset_dir, tmp_path):
+    store = tmp_path / "s.zarr"
+    cli_trace(tiny_model_dir, dataset_dir, store)
+    assert invoke_json(["rank", "--store", store])["probe"] == "head-impact"
+    assert invoke_json(["rank", "--store", store, "--probe", "attention-mass"])["layers"]
+    assert invoke_json(["rank", "--store", store, "--mask-threshold", "0.3"])["binarize"]["mask_threshold"] == 0.3
+    assert len(invoke_json(["stats", "--store", store])["kruskal_wallis"]) == 4
+    assert invoke_json(["store", "verify", store])["done"] == 10
+    pursuit = invoke_json(["pursuit", "--model", tiny_model_dir, "--dataset", dataset_dir, "--device", "cpu",
+                           "--words", "red,green,blue", "--k", "2", "--top", "3"])  # fmt: skip
+    assert len(pursuit["heads"]) == 3
+
+
+# ---------------------------------------------------------------- templates and devices (item 7)
+def test_trace_with_the_vqa_template_draws_options_as_evaluation_does(tiny_model_dir, dataset_dir, tmp_path):
+    from mechhi.evaluate.metrics import format_options
+    from mechhi.evaluate.vqa import vqa_items
+    from mechhi.models.loading import load
+    from mechhi.trace.attention import AttentionTracer
+
+    from mechhi.toyworld.world import build_synthetic
+
+    data = build_synthetic(tmp_path / "data", n_images=4, seed=0, progress=False)  # enough distinct descriptions
+    store = tmp_path / "vqa.zarr"
+    cli_trace(tiny_model_dir, data, store, "--template", "vqa", "--split", "all")
+    ds = open_store(store)
+    assert ds.attrs["prompt_template"] == "vqa" and "Choose one of the options" in ds.attrs["prompt"]
+    # independent reference: evaluation's own option draw, traced by hand for sample 0
+    model, adapter = load(str(tiny_model_dir), device="cpu", dtype="float32")
+    from mechhi.data.format import load_dataset
+
+    samples = load_dataset(data).samples
+    options = format_options(vqa_items(samples, [None] * len(samples), seed=0)[0].options)
+    batch = adapter.prepare([samples[0].image()], [samples[0].description], template="vqa",
+                            fields=[{"options": options}])  # fmt: skip
+    cube = AttentionTracer(model, adapter).trace(batch)[0]  # (L, H, V)
+    rows, cols = int(ds.grid_rows[0]), int(ds.grid_cols[0])
+    stored = ds.attention.isel(sample=0).values[:, :, :rows, :cols].reshape(cube.shape[0], cube.shape[1], -1)
+    np.testing.assert_allclose(stored, cube[..., : rows * cols], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--template", "nonsense", "choose caption or vqa"),
+    ("--device", "nonsense", "choose auto, cpu, cuda"),
+])  # fmt: skip
+def test_a_wrong_choice_lists_the_choices(tiny_model_dir, dataset_dir, tmp_path, option, value, fragment):
+    message = one_line_error(cli_trace(tiny_model_dir, dataset_dir, tmp_path / "s.zarr", option, value, exit_code=1))
+    assert fragment in message and repr(value) in message
+    assert "RuntimeError" not in message and "MECHHI_DEBUG" not in message
+
+
+# ---------------------------------------------------------------- default store names (item 8)
+def test_default_stores_are_named_by_model_and_dataset():
+    from mechhi.bundled import BUNDLED_DATASET, BUNDLED_MODEL
+
+    demo = TraceConfig().store_path()
+    assert demo == TraceConfig(model=str(BUNDLED_MODEL), dataset=str(BUNDLED_DATASET)).store_path()
+    mine = TraceConfig(dataset="data/toy").store_path()
+    other_model = TraceConfig(model="Qwen/Qwen2-VL-2B-Instruct", dataset="data/toy").store_path()
+    assert len({demo, mine, other_model}) == 3
+    assert other_model.name == "Qwen2-VL-2B-Instruct__toy.zarr" and mine.name == "toy-qwen2vl__toy.zarr"
+
+
+# ---------------------------------------------------------------- provenance (item 10)
+def test_the_store_records_where_its_numbers_come_from(tiny_model_dir, dataset_dir, tmp_path):
+    import hashlib
+    from importlib.metadata import version
+
+    from mechhi.models.loading import load
+
+    ds = open_store(trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "s.zarr"), progress=False))
+    assert ds.attrs["model"] == str(tiny_model_dir)  # as given, not resolved
+    assert ds.attrs["model_revision"].startswith("sha256:")
+    assert ds.attrs["versions"] == {name: version(name) for name in ("mechhi", "torch", "transformers", "nnsight")}
+    model, adapter = load(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert ds.attrs["attn_implementation"] == model.config._attn_implementation == "sdpa"
+    assert ds.attrs["prompt"].endswith("This is a photo of {description}.<|im_end|>\n")
+    assert "PromptTemplate" not in ds.attrs["prompt"]
+    # the revision follows the weights' content: a changed byte gives another hash
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in tiny_model_dir.iterdir():
+        copy.joinpath(f.name).write_bytes(f.read_bytes())
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    other = open_store(trace_dataset(config(copy, dataset_dir, tmp_path / "t.zarr"), progress=False))
+    assert other.attrs["model_revision"] != ds.attrs["model_revision"]
+    assert hashlib.sha256(bytes(data)).hexdigest() != hashlib.sha256(weights.read_bytes() + b"x").hexdigest()
+
+
+def test_the_bundled_model_is_recorded_by_its_name_and_a_hub_model_by_its_commit(monkeypatch):
+    from mechhi.bundled import BUNDLED_MODEL
+    from mechhi.models.loading import provenance
+
+    class Config:
+        _attn_implementation = "eager"
+
+    class Model:
+        config = Config()
+
+    assert provenance(str(BUNDLED_MODEL), Model())["model"] == "mechhi/zoo/toy-qwen2vl"
+    Config._commit_hash = "a" * 40
+    hub = provenance("Qwen/Qwen2-VL-2B-Instruct", Model())
+    assert hub == {**hub, "model": "Qwen/Qwen2-VL-2B-Instruct", "model_revision": "a" * 40,
+                   "attn_implementation": "eager"}  # fmt: skip
+
+
+# ---------------------------------------------------------------- long descriptions and memory (item 11)
+def test_descriptions_over_the_token_limit_are_bad_records(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    write_toy_dataset(data, n_images=3)
+    lines = (data / "annotations.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["objects"][0]["description"] = " ".join(["red"] * 300)
+    lines[1] = json.dumps(record)
+    (data / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    message = one_line_error(cli_trace(tiny_model_dir, data, tmp_path / "a.zarr", exit_code=1))
+    assert "line 2" in message and "img001" in message and "300 tokens" in message and "128" in message
+    cli_trace(tiny_model_dir, data, tmp_path / "b.zarr", "--skip-bad")
+    assert open_store(tmp_path / "b.zarr").sizes["sample"] == 3  # 4 objects, the long one skipped
+    cli_trace(tiny_model_dir, data, tmp_path / "c.zarr", "--max-description-tokens", "400")
+    assert open_store(tmp_path / "c.zarr").sizes["sample"] == 4
+
+
+def test_out_of_memory_names_the_batch_and_suggests_a_smaller_batch(tiny_model_dir, dataset_dir, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    import torch
+
+    from mechhi.trace.attention import AttentionTracer
+
+    calls = []
+
+    def fail_second(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.40 GiB")
+        return original(self, batch)
+
+    original = AttentionTracer.trace
+    monkeypatch.setattr(AttentionTracer, "trace", fail_second)
+    message = one_line_error(cli_trace(tiny_model_dir, dataset_dir, tmp_path / "s.zarr", exit_code=1))
+    assert "out of memory in batch 2" in message and "samples 3-5" in message and "--batch-size" in message
+    assert int(open_store(tmp_path / "s.zarr").done.sum()) == 3  # the first batch is kept
+
+
+# ---------------------------------------------------------------- small things (item 12)
+def test_rank_under_another_rule_leaks_no_library_warning(tiny_model_dir, dataset_dir, tmp_path):
+    import warnings
+
+    store = tmp_path / "s.zarr"
+    cli_trace(tiny_model_dir, dataset_dir, store)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = invoke(["rank", "--store", store, "--mask-threshold", "0.3"])
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+            and "xarray" in w.filename + str(w.message)] == []  # fmt: skip
+    assert "Warning" not in result.stderr
+
+
+def test_a_store_without_done_gives_one_line(tiny_model_dir, dataset_dir, tmp_path):
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    cli_trace(tiny_model_dir, dataset_dir, store)
+    shutil.rmtree(store / "done")
+    message = one_line_error(invoke(["rank", "--store", store], exit_code=1))
+    assert "has no 'done' variable" in message and "AttributeError" not in message

@@ -1,5 +1,11 @@
 """What every command shares: the consoles (stdout for results, stderr for everything
-else), the option types, the error boundary and JSON output."""
+else), the option types, the error boundary and JSON output.
+
+stdout carries only a command's result, printed through ``console`` (a table or a line)
+or `print_json`. Everything else goes to stderr: ``err_console`` for messages, and rich's
+global console, which every progress bar of the engine uses by default, is pointed at
+stderr here, once for all commands.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,17 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
+import rich
 import typer
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+rich.reconfigure(stderr=True, soft_wrap=True)  # progress bars and stray rich output: stderr
+console = Console(soft_wrap=True)  # results; one message line stays one line
+err_console = Console(stderr=True, soft_wrap=True)
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Path of a mechhi zarr store.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")]
 DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16")]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Samples per forward pass.")]
 ToyModelOpt = Annotated[Optional[str], typer.Option(help="HF model id or local directory (default: the bundled toy model).")]
@@ -43,7 +51,7 @@ def friendly_errors(command: Callable) -> Callable:
                 raise
             text = str(error).strip()
             message = text.splitlines()[0] if text else type(error).__name__
-            expected = isinstance(error, (ValueError, KeyError, FileNotFoundError, OSError))
+            expected = isinstance(error, (ValueError, KeyError, FileNotFoundError, OSError, MemoryError))
             hint = "" if expected else f" ({type(error).__name__}; set MECHHI_DEBUG=1 for the traceback)"
             err_console.print(f"[red]error[/]: {message}{hint}", highlight=False)
             raise typer.Exit(1) from None
@@ -68,13 +76,17 @@ KeepBestOpt = Annotated[bool, typer.Option(help="An object below the threshold k
 
 
 def open_traced(store: Path):
-    """The store, refused if nothing is traced yet and warned about if only part is."""
-    from mechhi.store import open_store
+    """The store, refused if nothing is traced yet or traced data is lost, and warned
+    about if only part is traced."""
+    from mechhi.store import describe, missing_data, open_store
 
     ds = open_store(store)
     done, total = int(ds.done.sum()), ds.sizes["sample"]
     if done == 0:
         raise ValueError(f"{store}: no sample has been traced yet")
+    lost = missing_data(store)
+    if lost:
+        raise ValueError(f"{store}: {describe(lost)}; rerun the same `mechhi trace` to trace them again")
     if done < total:
         err_console.print(f"[yellow]warning[/]: only {done} of {total} samples are traced; scores cover those. "
                           "Rerun the same `mechhi trace` to finish.")  # fmt: skip
@@ -82,26 +94,12 @@ def open_traced(store: Path):
 
 
 def scored(store: Path, mask_threshold: float = 0.5, keep_best: bool = True):
-    """The store with head_impact under the asked binarisation rule.
+    """The store with head_impact under the asked binarisation rule (`ensure_scored`:
+    saved in the store only for its own rule and a complete trace), saying what it did."""
+    from probes.head_impact import BinarizeRule, ensure_scored
 
-    An unscored store is scored and the scores saved in it (said so). A store scored under
-    another rule is rescored in memory only: rank and stats read, they do not replace the
-    scores that other commands and users rely on (`probes.head_impact.score_store` does).
-    """
-    from mechhi.store import write_scores
-    from probes.head_impact import BinarizeRule, score
-
-    rule = BinarizeRule(mask_threshold=mask_threshold, keep_best_token=keep_best)
-    ds = open_traced(store)
-    scored = "head_impact" in ds and not bool(ds.head_impact.isnull().all())
-    if scored and ds.attrs.get("binarize") == rule.to_dict():
-        return ds
-    scores = score(ds, rule)
-    if scored:
-        err_console.print(f"scoring in memory ({rule.describe()}); the store keeps its own scores")
-    else:
-        err_console.print(f"scoring the store ({rule.describe()}) and saving the scores in it")
-        write_scores(store, scores)
-    merged = ds.drop_vars([name for name in scores.data_vars if name in ds]).merge(scores)
-    merged.attrs = {**ds.attrs, **scores.attrs}
-    return merged
+    open_traced(store)
+    result = ensure_scored(store, BinarizeRule(mask_threshold=mask_threshold, keep_best_token=keep_best))
+    if result.note:
+        err_console.print(result.note, highlight=False)
+    return result.ds

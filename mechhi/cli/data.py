@@ -92,17 +92,21 @@ def _required(value: Optional[Path], flag: str) -> Path:
 @dataset_app.command("check")
 @friendly_errors
 def dataset_check(directory: Annotated[Path, typer.Argument(help="Dataset directory.")], as_json: JsonOpt = False) -> None:
-    """Validate a dataset; list every bad record; exit 1 if there is any."""
-    from mechhi.data.format import check_dataset, load_dataset
+    """Validate a dataset (every image decoded); list every bad record and every note
+    (e.g. an EXIF-rotated image); exit 1 if any record is bad."""
+    from mechhi.data.format import load_dataset
 
-    problems = check_dataset(directory)
+    ds = load_dataset(directory, skip_bad=True)
+    problems, notes = ds.skipped, ds.notes
     if as_json:
-        print_json({"dataset": str(directory), "problems": [p.message for p in problems]})
+        print_json({"dataset": str(directory), "images": len(ds.records), "samples": len(ds.samples),
+                    "problems": [p.message for p in problems], "notes": [n.message for n in notes]})  # fmt: skip
     else:
-        ds = load_dataset(directory, skip_bad=True)
         console.print(f"{ds.root}: {len(ds.records)} images, {len(ds.samples)} usable objects")
         for problem in problems:
             console.print(f"[red]bad[/] {problem.message}", highlight=False)
+        for note in notes:
+            console.print(f"[yellow]note[/] {note.message}", highlight=False)
         console.print("[green]no problems[/]" if not problems else f"[red]{len(problems)} problem(s)[/]")
     if problems:
         raise typer.Exit(1)

@@ -109,7 +109,7 @@ def pursuit(
         words=tuple(w.strip() for w in words.split(",") if w.strip()) if words else defaults.words, k=k, positions=positions, limit=limit,
         batch_size=batch_size, device=device, dtype=dtype, split=split,
     )  # fmt: skip
-    result = run_pursuit(config, progress=not as_json)
+    result = run_pursuit(config, progress=True)  # the bar is on stderr: --json stays clean
     ranking = head_ranking(result)
     rows = []
     for i in range(ranking.sizes["unit"]):

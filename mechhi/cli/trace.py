@@ -16,6 +16,7 @@ from .common import (
     ToyModelOpt,
     TraceSplitOpt,
     console,
+    err_console,
     friendly_errors,
 )  # fmt: skip
 
@@ -25,19 +26,26 @@ from .common import (
 def trace(
     model: ToyModelOpt = None,
     dataset: ToyDatasetOpt = None,
-    store: Annotated[Optional[Path], typer.Option(help="Output store (default: stores/<dataset>.zarr).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Output store (default: stores/<model>__<dataset>.zarr; "
+                                                       "stores/toy.zarr for the bundled model and set).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Trace only the first N samples.")] = None,
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     no_maps: Annotated[bool, typer.Option("--no-maps", help="Keep masks and IoU only, not the attention cube.")] = False,
-    template: Annotated[str, typer.Option(help="Prompt template: caption | vqa.")] = "caption",
+    template: Annotated[str, typer.Option(help="Prompt template: caption, or vqa (the closed-ended question "
+                                               "with options A-D drawn as in `mechhi evaluate`).")] = "caption",
     split: TraceSplitOpt = "auto",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid records (listed in the store attrs).")] = False,
+    max_description_tokens: Annotated[int, typer.Option(min=1, help="Longer descriptions are invalid records "
+                                                                    "(each token is a traced query row).")] = 128,
 ) -> None:
-    """Trace description-to-image attention of every head into a zarr store, then score it."""
+    """Trace description-to-image attention of every head into a zarr store, then score it.
+
+    Rerunning the same command resumes an interrupted trace, and does nothing on a
+    finished one."""
     from mechhi.trace.job import TraceConfig, trace_dataset
-    from probes.head_impact import layer_ranking, score_store
+    from probes.head_impact import ensure_scored, layer_ranking
 
     defaults = TraceConfig()
     config = TraceConfig(
@@ -45,11 +53,12 @@ def trace(
         dataset=str(dataset) if dataset else defaults.dataset,
         store=str(store) if store else None,
         limit=limit, batch_size=batch_size, device=device, dtype=dtype, maps=not no_maps,
-        template=template, split=split, skip_bad=skip_bad,
+        template=template, split=split, skip_bad=skip_bad, max_description_tokens=max_description_tokens,
     )  # fmt: skip
     path = trace_dataset(config, progress=True)
-    scored = score_store(path)
-    ranking = layer_ranking(scored)
-    console.print(f"store: [bold]{path}[/]  samples: {scored.sizes['sample']}  "
+    result = ensure_scored(path)
+    if result.note:
+        err_console.print(result.note, highlight=False)
+    ranking = layer_ranking(result.ds)
+    console.print(f"store: [bold]{path}[/]  samples: {result.ds.sizes['sample']}  "
                   f"best layer: {int(ranking.layer[0])} (mean HI {float(ranking[0]):.3f})")  # fmt: skip
-

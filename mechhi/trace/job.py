@@ -2,54 +2,81 @@
 
 The job is resumable by construction: the store is created once with every sample's
 slot, each batch is written as one region and flagged done only after the write, and a
-rerun of the same command traces only the samples not yet done. Nothing already flagged
-is recomputed or lost.
+rerun of the same command traces only the samples not yet done (and done samples whose
+data was found lost). Nothing already flagged is recomputed or lost; on a finished store
+the rerun does nothing.
+
+One writer at a time: the job holds the store's writer lock (``mechhi.store.lock``) from
+before the store is created until its last batch is written, so a second `mechhi trace`
+on the same store is refused instead of tracing every pending sample again.
+
+Each batch goes through three separable steps, so that a data loader or several ranks
+can take over one of them: ``prepare`` (images and prompts -> model inputs and layouts),
+``forward`` (the traced forward pass -> (B, L, H, V) attention on the visual tokens) and
+``write`` (per-sample grids, masks and IoU into the batch's region of the store).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from .. import __version__
-from ..bundled import BUNDLED_DATASET, BUNDLED_MODEL, DEFAULT_STORE_DIR
+from ..bundled import BUNDLED_DATASET_ID, BUNDLED_MODEL_ID, default_store, local_path, recorded_name
 from ..data.format import KeyObjectDataset, Sample, load_dataset
-from ..models import SampleLayout, VLMAdapter
-from ..models.loading import load
-from ..store import SampleMeta, create_store, done_mask, pad_grid, write_batch
+from ..models import TEMPLATE_NAMES, PreparedBatch, SampleLayout, VLMAdapter
+from ..models.loading import load, provenance
+from ..store import (
+    SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, pad_grid, write_batch,
+)  # fmt: skip
 from .attention import AttentionTracer
+
+# Descriptions are object descriptions (a few words to a caption); each description token
+# is a query row whose attention over the whole sequence is computed in every layer.
+DEFAULT_MAX_DESCRIPTION_TOKENS = 128
 
 
 @dataclass(frozen=True)
 class TraceConfig:
     """Defaults of `mechhi trace`: the bundled toy model on the bundled synthetic dataset."""
 
-    model: str = str(BUNDLED_MODEL)  # HF id or local directory
-    dataset: str = str(BUNDLED_DATASET)  # directory in mechhi's dataset format
-    store: str | None = None  # default: stores/<dataset name>.zarr ("toy" for the bundled one)
+    model: str = BUNDLED_MODEL_ID  # HF id, local directory, or the bundled model's name
+    dataset: str = BUNDLED_DATASET_ID  # directory in mechhi's dataset format, or the bundled set's name
+    store: str | None = None  # default: stores/<model>__<dataset>.zarr (stores/toy.zarr for the bundled pair)
     limit: int | None = None  # trace only the first N samples
     batch_size: int = 4
     device: str = "auto"
     dtype: str = "auto"
     maps: bool = True  # False: keep only masks and IoU, not the attention cube
-    template: str = "caption"
+    template: str = "caption"  # "vqa": the closed-ended question, options drawn as in evaluation
     split: str = "auto"  # "auto": the "trace" split if the dataset has one, else all; "all"; or a split name
     skip_bad: bool = False  # skip invalid records (recorded in the store) instead of failing
     revision: str | None = None
+    max_description_tokens: int = DEFAULT_MAX_DESCRIPTION_TOKENS  # longer descriptions are bad records
+    vqa_seed: int = 0  # draws the vqa template's distractor options and the true option's place
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATE_NAMES:
+            raise ValueError(f"unknown --template {self.template!r}; choose {' or '.join(TEMPLATE_NAMES)}")
+        if self.batch_size < 1 or self.max_description_tokens < 1:
+            raise ValueError("--batch-size and --max-description-tokens must be at least 1")
 
     def store_path(self) -> Path:
-        if self.store:
-            return Path(self.store)
-        name = "toy" if Path(self.dataset) == BUNDLED_DATASET else Path(self.dataset).name
-        return DEFAULT_STORE_DIR / f"{name}.zarr"
+        return Path(self.store) if self.store else default_store(self.model, self.dataset)
 
 
 BatchCallback = Callable[[int, Sequence[int]], None]
+
+
+class TraceOutOfMemory(MemoryError):
+    """A batch did not fit in memory; the message names it and what to change."""
 
 
 def trace_dataset(
@@ -58,47 +85,57 @@ def trace_dataset(
     progress: bool = True,
     on_batch: BatchCallback | None = None,
     loaded: tuple[Any, VLMAdapter] | None = None,
+    lock: AbstractContextManager | None = None,
 ) -> Path:
     """Trace every pending sample of the dataset into the store; return the store path.
 
     ``on_batch(batch_number, sample_indices)`` runs after each batch is flagged done
     (tests use it to simulate a kill). ``loaded`` passes an already loaded
-    (model, adapter) pair instead of loading ``config.model``.
+    (model, adapter) pair instead of loading ``config.model``. ``lock``: what guards the
+    store while this runs, by default its `WriterLock` (a second process is refused);
+    cooperating ranks of one job, whose rank 0 holds the writer lock for all, pass
+    ``contextlib.nullcontext()``.
     """
-    model, adapter = loaded or load(
-        config.model, device=config.device, dtype=config.dtype, revision=config.revision
-    )
-    dataset = load_samples(config, adapter)
-    samples = dataset.samples[: config.limit] if config.limit else dataset.samples
-    if not samples:
-        raise ValueError(f"no samples to trace in {config.dataset} (split {config.split!r})")
-    layouts = _layouts(adapter, samples, config.template, config.batch_size)
     path = config.store_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    create_store(
-        path,
-        samples=[_meta(s, lay) for s, lay in zip(samples, layouts)],
-        n_layers=adapter.n_layers,
-        n_heads=adapter.n_heads,
-        attrs=_attrs(config, model, adapter, dataset),
-        maps=config.maps,
-    )
-    pending = np.flatnonzero(~done_mask(path))
-    if len(pending):
-        _trace_pending(path, config, model, adapter, samples, pending, _max_grids(layouts), progress, on_batch)
+    with lock if lock is not None else WriterLock(path):
+        model, adapter = loaded or load(config.model, device=config.device, dtype=config.dtype,
+                                        revision=config.revision)  # fmt: skip
+        dataset = load_samples(config, adapter)
+        samples = dataset.samples[: config.limit] if config.limit else dataset.samples
+        if not samples:
+            raise ValueError(f"no samples to trace in {config.dataset} (split {config.split!r})")
+        fields = prompt_fields(config, samples)
+        layouts = _layouts(adapter, samples, fields, config)
+        create_store(
+            path,
+            samples=[_meta(s, lay) for s, lay in zip(samples, layouts)],
+            n_layers=adapter.n_layers,
+            n_heads=adapter.n_heads,
+            attrs=_attrs(config, model, adapter, dataset),
+            maps=config.maps,
+        )
+        pending = pending_samples(path)
+        if len(pending):
+            _trace_pending(path, config, model, adapter, samples, fields, pending, _max_grids(layouts), progress,
+                           on_batch)  # fmt: skip
+        else:
+            print(f"{path}: all {len(samples)} samples are traced already; nothing to trace", file=sys.stderr)
     return path
 
 
 def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
     """The samples to trace. By default only the "trace" split, when the dataset has one:
-    layers must be chosen on images that the fine-tuning evaluation never sees."""
+    layers must be chosen on images that the fine-tuning evaluation never sees.
+    Descriptions longer than ``config.max_description_tokens`` (or the context) are bad
+    records: refused, or skipped with ``skip_bad``."""
     tokenizer = adapter.tokenizer
     context = getattr(adapter.text_config, "max_position_embeddings", None)
     dataset = load_dataset(
-        config.dataset,
+        local_path(config.dataset),
         skip_bad=config.skip_bad,
         count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-        max_description_tokens=context,
+        max_description_tokens=min(config.max_description_tokens, context or config.max_description_tokens),
     )
     if config.split == "all":
         return dataset
@@ -107,15 +144,38 @@ def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
     return dataset.split(config.split)
 
 
+def prompt_fields(config: TraceConfig, samples: Sequence[Sample]) -> list[dict[str, str]]:
+    """Each sample's template fields. ``vqa``: the paper's closed-ended question with
+    options A-D, the true description and three others drawn (seeded) from the traced
+    samples' descriptions exactly as `mechhi evaluate` draws them; the answer slot holds
+    the true description, so the traced rows are still the description's tokens."""
+    if config.template != "vqa":
+        return [{} for _ in samples]
+    from ..evaluate.metrics import format_options
+    from ..evaluate.vqa import vqa_items
+
+    items = vqa_items(samples, [None] * len(samples), seed=config.vqa_seed)  # images are not needed to draw
+    return [{"options": format_options(item.options)} for item in items]
+
+
+def pending_samples(path: Path) -> np.ndarray:
+    """Samples to trace: those not done, and done ones whose data is lost (said so)."""
+    done = done_mask(path)
+    lost = missing_data(path)
+    if lost:
+        print(f"{path}: {describe(lost)}; tracing them again", file=sys.stderr)
+        done[[d.sample for d in lost]] = False
+    return np.flatnonzero(~done)
+
+
 def _layouts(
-    adapter: VLMAdapter, samples: Sequence[Sample], template: str, batch_size: int
+    adapter: VLMAdapter, samples: Sequence[Sample], fields: Sequence[dict[str, str]], config: TraceConfig
 ) -> list[SampleLayout]:
     """Every sample's token layout, needed up front to size the store's grids."""
     layouts: list[SampleLayout] = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        batch = adapter.prepare([s.image() for s in chunk], [s.description for s in chunk], template=template)
-        layouts.extend(batch.layouts)
+    for start in range(0, len(samples), config.batch_size):
+        part = slice(start, start + config.batch_size)
+        layouts.extend(prepare(adapter, samples[part], fields[part], config.template).layouts)
     return layouts
 
 
@@ -139,22 +199,89 @@ def _meta(sample: Sample, layout: SampleLayout) -> SampleMeta:
 
 
 def _attrs(config: TraceConfig, model: Any, adapter: VLMAdapter, dataset: KeyObjectDataset) -> dict:
+    """The store's provenance (see docs/design.md, "Store schema")."""
     from probes.head_impact import BinarizeRule
 
-    return {
-        "mechhi_version": __version__,
-        "model": config.model,
-        "model_revision": config.revision or getattr(model.config, "_commit_hash", None) or "",
+    attrs = {
+        **provenance(config.model, model),  # model, model_revision, attn_implementation, versions
         "family": adapter.family,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "prompt_template": config.template,
-        "prompt": repr(adapter.templates[config.template]),
-        "dataset": f"{Path(config.dataset).resolve()}#{dataset.fingerprint}",
+        "prompt": adapter.prompt_text(config.template),
+        "dataset": f"{recorded_name(config.dataset)}#{dataset.fingerprint}",
         "split": dataset.split_name or "all",
+        "max_description_tokens": config.max_description_tokens,
         "binarize": asdict(BinarizeRule()),
         "skipped": [asdict(s) for s in dataset.skipped],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if config.template == "vqa":
+        attrs["vqa_seed"] = config.vqa_seed
+    return attrs
+
+
+# ---------------------------------------------------------------- one batch: prepare, forward, write
+def prepare(
+    adapter: VLMAdapter, chunk: Sequence[Sample], fields: Sequence[dict[str, str]], template: str
+) -> PreparedBatch:
+    """Model inputs and token layouts of a batch of samples."""
+    return adapter.prepare([s.image() for s in chunk], [s.description for s in chunk], template=template,
+                           fields=list(fields))  # fmt: skip
+
+
+def forward(tracer: AttentionTracer, batch: PreparedBatch, number: int, indices: Sequence[int],
+            batch_size: int) -> np.ndarray:  # fmt: skip
+    """(B, L, H, V) attention of the description rows on the visual tokens; an allocation
+    failure becomes `TraceOutOfMemory` naming the batch and what to change."""
+    try:
+        return tracer.trace(batch)
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        raise _out_of_memory(batch, number, indices, batch_size, error) from None
+    except RuntimeError as error:  # the CPU allocator's failure is a plain RuntimeError
+        if "can't allocate memory" not in str(error) and "out of memory" not in str(error).lower():
+            raise
+        raise _out_of_memory(batch, number, indices, batch_size, error) from None
+
+
+def _out_of_memory(batch: PreparedBatch, number: int, indices: Sequence[int], batch_size: int,
+                   error: BaseException) -> TraceOutOfMemory:  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    longest = max(len(layout.query_positions) for layout in batch.layouts)
+    tokens = int(batch.inputs["input_ids"].shape[-1])
+    smaller = "--batch-size 1 or a lower --max-description-tokens" if batch_size == 1 else \
+        f"a smaller --batch-size (this run: {batch_size})"  # fmt: skip
+    reason = " ".join(str(error).split())[:120]
+    return TraceOutOfMemory(
+        f"out of memory in batch {number + 1} (samples {min(indices)}-{max(indices)}: {len(indices)} samples of up to "
+        f"{tokens} tokens, descriptions up to {longest}): rerun with {smaller}; the traced batches are kept ({reason})"
+    )  # fmt: skip
+
+
+def write(path: Path, chunk: Sequence[Sample], indices: Sequence[int], batch: PreparedBatch, cube: np.ndarray,
+          max_grid: dict[str, tuple[int, int]], maps: bool) -> None:  # fmt: skip
+    """Each sample's attention grids, mask coverage and IoU, padded to the store's grids,
+    into the batch's region; the samples are flagged done after the write."""
+    from probes.head_impact import BinarizeRule, sample_iou
+
+    rule = BinarizeRule()
+    attention: dict[str, list[np.ndarray]] = {}
+    masks: dict[str, list[np.ndarray]] = {}
+    ious = []
+    for sample, layout, values in zip(chunk, batch.layouts, cube):
+        grids = layout.split_views(values[..., : sum(len(v.positions) for v in layout.views)])
+        coverage = layout.coverage(sample.mask())
+        ious.append(sample_iou(grids, coverage, rule))
+        for view, grid in grids.items():
+            attention.setdefault(view, []).append(pad_grid(grid, *max_grid[view]))
+            masks.setdefault(view, []).append(pad_grid(coverage[view], *max_grid[view]))
+    write_batch(
+        path,
+        indices,
+        attention={v: np.stack(a) for v, a in attention.items()} if maps else None,
+        mask={v: np.stack(m) for v, m in masks.items()},
+        iou=np.stack(ious),
+    )
 
 
 def _trace_pending(
@@ -163,6 +290,7 @@ def _trace_pending(
     model: Any,
     adapter: VLMAdapter,
     samples: Sequence[Sample],
+    fields: Sequence[dict[str, str]],
     pending: np.ndarray,
     max_grid: dict[str, tuple[int, int]],
     progress: bool,
@@ -170,34 +298,16 @@ def _trace_pending(
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from probes.head_impact import BinarizeRule, sample_iou
     tracer = AttentionTracer(model, adapter)
-    rule = BinarizeRule()
     columns = (TextColumn("tracing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not progress, transient=False) as bar:  # the CLI's default console is stderr
         task = bar.add_task("trace", total=len(samples), completed=len(samples) - len(pending))
         for number, start in enumerate(range(0, len(pending), config.batch_size)):
             indices = [int(i) for i in pending[start : start + config.batch_size]]
             chunk = [samples[i] for i in indices]
-            batch = adapter.prepare([s.image() for s in chunk], [s.description for s in chunk], template=config.template)
-            cube = tracer.trace(batch)  # (B, L, H, V)
-            attention: dict[str, list[np.ndarray]] = {}
-            masks: dict[str, list[np.ndarray]] = {}
-            ious = []
-            for sample, layout, values in zip(chunk, batch.layouts, cube):
-                grids = layout.split_views(values[..., : sum(len(v.positions) for v in layout.views)])
-                coverage = layout.coverage(sample.mask())
-                ious.append(sample_iou(grids, coverage, rule))
-                for view, grid in grids.items():
-                    attention.setdefault(view, []).append(pad_grid(grid, *max_grid[view]))
-                    masks.setdefault(view, []).append(pad_grid(coverage[view], *max_grid[view]))
-            write_batch(
-                path,
-                indices,
-                attention={v: np.stack(a) for v, a in attention.items()} if config.maps else None,
-                mask={v: np.stack(m) for v, m in masks.items()},
-                iou=np.stack(ious),
-            )
+            batch = prepare(adapter, chunk, [fields[i] for i in indices], config.template)
+            cube = forward(tracer, batch, number, indices, config.batch_size)
+            write(path, chunk, indices, batch, cube, max_grid, config.maps)
             bar.advance(task, len(indices))
             if on_batch is not None:
                 on_batch(number, indices)

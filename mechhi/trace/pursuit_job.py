@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..bundled import BUNDLED_DATASET, BUNDLED_MODEL
+from ..bundled import BUNDLED_DATASET_ID, BUNDLED_MODEL_ID
 from ..toyworld.world import COLOURS
 from ..models import VLMAdapter
 from ..models.loading import load
@@ -27,8 +27,8 @@ from .job import TraceConfig, load_samples
 
 @dataclass(frozen=True)
 class PursuitConfig:
-    model: str = str(BUNDLED_MODEL)
-    dataset: str = str(BUNDLED_DATASET)
+    model: str = BUNDLED_MODEL_ID
+    dataset: str = BUNDLED_DATASET_ID
     words: tuple[str, ...] = field(default_factory=lambda: tuple(COLOURS))  # the concept: the toy world's colours
     k: int = 3  # SOMP steps (atoms per head); at most len(words)
     positions: str = "image"  # average each head's write over the image tokens, or "answer"
