@@ -47,17 +47,22 @@ def recorded_name(name: str | os.PathLike) -> str:
     return os.path.normpath(str(name))
 
 
-def default_store(model: str | os.PathLike, dataset: str | os.PathLike) -> Path:
+def default_store(model: str | os.PathLike, dataset: str | os.PathLike, template: str = "caption") -> Path:
     """``stores/<model>__<dataset>.zarr``, named by the last part of each name (the demo's
-    bundled pair is ``stores/toy.zarr``), so two models or two datasets never share one.
+    bundled pair is ``stores/toy.zarr``), with ``__<template>`` for a prompt template other
+    than the default caption: one store per model x dataset x template, never shared.
 
     >>> default_store("Qwen/Qwen2-VL-2B-Instruct", "data/coco")
     PosixPath('stores/Qwen2-VL-2B-Instruct__coco.zarr')
+    >>> default_store(BUNDLED_MODEL_ID, BUNDLED_DATASET_ID, "vqa")
+    PosixPath('stores/toy__vqa.zarr')
     """
     model, dataset = recorded_name(model), recorded_name(dataset)
     if (model, dataset) == (BUNDLED_MODEL_ID, BUNDLED_DATASET_ID):
-        return DEMO_STORE
-    return DEFAULT_STORE_DIR / f"{_short(model)}__{_short(dataset)}.zarr"
+        base = DEMO_STORE.stem
+    else:
+        base = f"{_short(model)}__{_short(dataset)}"
+    return DEFAULT_STORE_DIR / (f"{base}.zarr" if template == "caption" else f"{base}__{template}.zarr")
 
 
 def _short(name: str) -> str:

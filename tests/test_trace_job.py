@@ -395,6 +395,7 @@ def test_default_stores_are_named_by_model_and_dataset():
     other_model = TraceConfig(model="Qwen/Qwen2-VL-2B-Instruct", dataset="data/toy").store_path()
     assert len({demo, mine, other_model}) == 3
     assert other_model.name == "Qwen2-VL-2B-Instruct__toy.zarr" and mine.name == "toy-qwen2vl__toy.zarr"
+    assert TraceConfig(template="vqa").store_path() == demo.with_name("toy__vqa.zarr")  # one store per template
 
 
 # ---------------------------------------------------------------- provenance (item 10)

@@ -26,7 +26,8 @@ from .common import (
 def trace(
     model: ToyModelOpt = None,
     dataset: ToyDatasetOpt = None,
-    store: Annotated[Optional[Path], typer.Option(help="Output store (default: stores/<model>__<dataset>.zarr; "
+    store: Annotated[Optional[Path], typer.Option(help="Output store (default: stores/<model>__<dataset>.zarr, "
+                                                       "__<template> added for another template than caption; "
                                                        "stores/toy.zarr for the bundled model and set).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Trace only the first N samples.")] = None,
     batch_size: BatchSizeOpt = 4,

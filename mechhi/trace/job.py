@@ -49,7 +49,7 @@ class TraceConfig:
 
     model: str = BUNDLED_MODEL_ID  # HF id, local directory, or the bundled model's name
     dataset: str = BUNDLED_DATASET_ID  # directory in mechhi's dataset format, or the bundled set's name
-    store: str | None = None  # default: stores/<model>__<dataset>.zarr (stores/toy.zarr for the bundled pair)
+    store: str | None = None  # default: stores/<model>__<dataset>[__<template>].zarr (bundled pair: stores/toy.zarr)
     limit: int | None = None  # trace only the first N samples
     batch_size: int = 4
     device: str = "auto"
@@ -69,7 +69,7 @@ class TraceConfig:
             raise ValueError("--batch-size and --max-description-tokens must be at least 1")
 
     def store_path(self) -> Path:
-        return Path(self.store) if self.store else default_store(self.model, self.dataset)
+        return Path(self.store) if self.store else default_store(self.model, self.dataset, self.template)
 
 
 BatchCallback = Callable[[int, Sequence[int]], None]
