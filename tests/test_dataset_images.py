@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mechhi.data.format import DatasetError, check_dataset, load_dataset, open_image
+from mechhi.data.format import DatasetError, check_dataset, load_dataset
 from tests.helpers import invoke, invoke_json, one_line_error
 from tests.test_dataset_format import SIZES, box_mask, good_lines, rle_json, write_dataset
 
@@ -76,6 +76,8 @@ def test_trace_skip_bad_skips_a_truncated_image(tmp_path):
 
 # ----------------------------------------------------------------------------- item 4: 16-bit pixels
 def test_a_16_bit_grey_image_is_scaled_to_8_bits(tmp_path):
+    from mechhi.data.format import open_image
+
     ramp = (np.arange(24 * 16).reshape(24, 16) * 171).astype(np.uint16)  # 0 .. 65493
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     with Image.open(tmp_path / "g16.png") as im:
