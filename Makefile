@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow test-readme demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Every block of README.md, slow ones included, in order (tests/test_readme.py).
+test-readme: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow" tests/test_readme.py -k "not make_demo"
+
+# Safe to repeat: a finished trace is not traced again (it says so), scores are kept.
 demo: $(STAMP)
 	$(VENV)/bin/mechhi trace
 	$(VENV)/bin/mechhi rank --store stores/toy.zarr --top 4
@@ -29,4 +34,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/capture_vs_eager.py
 
 clean:
-	rm -rf $(VENV) stores/*.zarr
+	rm -rf $(VENV) stores/*.zarr stores/*.zarr.lock
