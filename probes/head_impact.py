@@ -315,6 +315,8 @@ def ensure_scored(path: str | Path, rule: BinarizeRule | None = None) -> Scored:
             ds, note = open_store(path), f"scoring the store ({own.describe()}) and saving the scores in it"
         except StoreLocked:
             note = "scoring in memory: another process is writing the store"
+        except OSError as error:  # e.g. a store on a read-only file system
+            note = f"scoring in memory: the scores cannot be saved in the store ({error})"
     if scores_current(ds, rule):
         return Scored(ds, note)
     scores = score(ds, rule)

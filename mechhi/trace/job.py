@@ -91,7 +91,8 @@ def trace_dataset(
 
     ``on_batch(batch_number, sample_indices)`` runs after each batch is flagged done
     (tests use it to simulate a kill). ``loaded`` passes an already loaded
-    (model, adapter) pair instead of loading ``config.model``. ``lock``: what guards the
+    (model, adapter) pair instead of loading ``config.model``; it must be that model, since
+    the store records ``config.model``'s name and revision. ``lock``: what guards the
     store while this runs, by default its `WriterLock` (a second process is refused);
     cooperating ranks of one job, whose rank 0 holds the writer lock for all, pass
     ``contextlib.nullcontext()``.
