@@ -231,6 +231,22 @@ def test_partial_scores_written_by_an_older_run_are_replaced(tiny_model_dir, dat
     np.testing.assert_allclose(ds.head_impact.values, score(ds).head_impact.values)
 
 
+def test_a_store_that_cannot_be_written_is_scored_in_memory(tiny_model_dir, dataset_dir, tmp_path, monkeypatch):
+    from mechhi.store import WriterLock
+
+    store = trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "s.zarr"), progress=False)
+
+    def read_only(self):
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(WriterLock, "acquire", read_only)
+    result = invoke(["rank", "--store", store, "--json"])
+    assert "scoring in memory: the scores cannot be saved" in result.stderr
+    assert "head_impact" not in open_store(store)
+    assert json.loads(result.stdout)["layers"][0]["mean_hi"] == pytest.approx(
+        float(layer_ranking(score(open_store(store)))[0]))
+
+
 def kill_at(batch_number):
     def kill(number, indices):
         if number == batch_number:
