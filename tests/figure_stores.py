@@ -82,3 +82,37 @@ def store_with_images(tmp_path: Path, *, n: int = 5, n_layers: int = 4, n_heads:
     coverage = [object_mask(k).reshape(4, 16, 4, 16).mean(axis=(1, 3)) for k in range(n)]
     return make_store(tmp_path / "s.zarr", n_layers=n_layers, n_heads=n_heads, grids=[(4, 4)] * n, seed=seed,
                       model=model, dataset=dataset, coverage=coverage)  # fmt: skip
+
+
+# ---------------------------------------------------------------- an experiment's results.json
+def fake_entries() -> list[dict]:
+    """Setups as `mechhi experiment` records them: original, top-3, random-3 over 3 seeds."""
+
+    def entry(name: str, group: str, mean: float, se: float, seed: int = 0, layers=(0, 1, 2)) -> dict:
+        metrics = {m: {"mean": mean + i, "se": se} for i, m in enumerate(("vqa_accuracy", "ans_prob", "perplexity"))}
+        trained = group != "original"
+        return {"name": name, "group": group, "spec": group if trained else None, "seed": seed, "metrics": metrics,
+                "layers": list(layers) if trained else [],
+                "params": {"total": 1000, "trainable": 15 if trained else 0, "trainable_pct": 1.5 if trained else 0.0},
+                "training": {"loss_curve": [(0, 2.0), (10, 0.5)], "best_step": 10, "best_val_loss": 0.6,
+                             "stopped_early": False},
+                "audit": {"lora_B_norm": 2.5, "probe_max_abs_logit_shift": 6.0, "flags": []}}  # fmt: skip
+
+    return [entry("original", "original", 0.6, 0.03), entry("top-3", "top-3", 0.4, 0.02),
+            *(entry(f"random-3 (seed {s})", "random-3", 0.3 + 0.1 * s, 0.01, s, (3 + s, 5, 7)) for s in range(3))]  # fmt: skip
+
+
+def fake_experiment(out: Path) -> dict:
+    """A results.json written by the experiment's own writer, from `fake_entries`."""
+    from dataclasses import dataclass
+
+    from mechhi.evaluate.tables import build_report, write_report
+
+    @dataclass
+    class Config:
+        k: int = 3
+        random_seeds: tuple = (0, 1, 2)
+
+    report = build_report(Config(), "/abs/zoo/toy", "/abs/data/toy-finetune", fake_entries())
+    write_report(report, out)
+    return report

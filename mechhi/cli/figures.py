@@ -1,12 +1,12 @@
-"""`mechhi plot`: figures of stores and experiments.
+"""`mechhi plot` (figures of stores and experiments) and `mechhi report` (one HTML page).
 
-It prints only the written path on stdout; scoring messages go to stderr.
+Both print only the written path on stdout; scoring messages go to stderr.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,12 +16,12 @@ from .common import friendly_errors, scored
 KINDS = ("heatmap", "layers", "overlay", "compare", "results")
 OVERLAY_ONLY = ("sample", "layer", "head", "top")
 
-StoresOpt = Annotated[Optional[list[Path]], typer.Option("--store", "-s", help="Store(s); heatmap, layers and compare take several.")]
-ExperimentOpt = Annotated[Optional[Path], typer.Option(help="A `mechhi experiment` output folder (its results.json).")]
+StoresOpt = Annotated[list[Path] | None, typer.Option("--store", "-s", help="Store(s); heatmap, layers and compare take several.")]
+ExperimentOpt = Annotated[Path | None, typer.Option(help="A `mechhi experiment` output folder (its results.json).")]
 DpiOpt = Annotated[int, typer.Option(min=10, max=1200, help="Dots per inch (PNG; raster parts of SVG/PDF).")]
 
 
-def _check_options(kind: str, stores: list[Path], experiment: Optional[Path], given: dict[str, object]) -> None:
+def _check_options(kind: str, stores: list[Path], experiment: Path | None, given: dict[str, object]) -> None:
     """Refuse options that the figure kind does not take, in one line naming them."""
     if kind not in KINDS:
         raise ValueError(f"unknown plot {kind!r}; choose {', '.join(KINDS)}")
@@ -42,7 +42,7 @@ def _check_options(kind: str, stores: list[Path], experiment: Optional[Path], gi
         raise ValueError("plot compare takes two or more --store")
 
 
-def _overlay(ds, sample: Optional[int], layer: Optional[int], head: Optional[int], top: Optional[int]):
+def _overlay(ds, sample: int | None, layer: int | None, head: int | None, top: int | None):
     from mechhi import figures
 
     sample = 0 if sample is None else sample
@@ -70,10 +70,10 @@ def plot(
     store: StoresOpt = None,
     experiment: ExperimentOpt = None,
     dpi: DpiOpt = 150,
-    sample: Annotated[Optional[int], typer.Option(help="overlay: sample index (default 0).")] = None,
-    layer: Annotated[Optional[int], typer.Option(help="overlay: layer (default: the best by mean HI).")] = None,
-    head: Annotated[Optional[int], typer.Option(help="overlay: head (default: the best in that layer).")] = None,
-    top: Annotated[Optional[int], typer.Option(min=1, help="overlay: draw the N heads of highest HI as a grid.")] = None,
+    sample: Annotated[int | None, typer.Option(help="overlay: sample index (default 0).")] = None,
+    layer: Annotated[int | None, typer.Option(help="overlay: layer (default: the best by mean HI).")] = None,
+    head: Annotated[int | None, typer.Option(help="overlay: head (default: the best in that layer).")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="overlay: draw the N heads of highest HI as a grid.")] = None,
 ) -> None:
     """Figures: HI heatmap (Fig. 4), HI per layer and head (Fig. 5), a head's attention over its image,
     models compared by relative depth, an experiment's metrics per setup."""
@@ -89,3 +89,29 @@ def plot(
         draw = {"heatmap": figures.heatmap_figure, "layers": figures.layers_figure, "compare": figures.compare_figure}
         fig = _overlay(datasets[0], sample, layer, head, top) if kind == "overlay" else draw[kind](datasets)
     typer.echo(str(figures.save(fig, out, dpi=dpi)))
+
+
+@app.command()
+@friendly_errors
+def report(
+    out: Annotated[Path, typer.Option(help="Output folder; the page is written as OUT/index.html.")],
+    store: StoresOpt = None,
+    experiment: ExperimentOpt = None,
+    pursuit: Annotated[Path | None, typer.Option(help="Head Pursuit result: the output of `mechhi pursuit --json`.")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Gallery: samples (spread over the store).")] = 6,
+    heads: Annotated[int, typer.Option(min=1, help="Gallery: heads of highest HI per sample.")] = 4,
+) -> None:
+    """One self-contained HTML page: provenance, ranking, statistics, probes, figures, gallery, experiment."""
+    import json
+
+    from mechhi.figures import model_labels
+    from mechhi.report import ReportInput, StoreEntry, build_report
+
+    if not store:
+        raise ValueError("report needs --store (one or more)")
+    datasets = _scored(store)
+    entries = [StoreEntry(label, path, ds) for label, path, ds in zip(model_labels(datasets), store, datasets)]
+    pursued = json.loads(pursuit.read_text()) if pursuit else None
+    page = build_report(ReportInput(entries, experiment=experiment, pursuit=pursued, gallery_samples=samples,
+                                    gallery_heads=heads), out)  # fmt: skip
+    typer.echo(str(page))

@@ -33,7 +33,16 @@ from PIL import Image
 
 from ..data.format import DatasetError, load_dataset
 from ..store import attention_name, grid_coords, mask_name, store_views
-from .style import ATTENTION_CMAP, PlotError, caption, dataset_name, model_labels, new_figure, rule_text, styled
+from .style import (
+    ATTENTION_CMAP,
+    PlotError,
+    caption,
+    dataset_name,
+    model_labels,
+    new_figure,
+    rule_text,
+    styled,
+)
 from .summaries import scores, top_heads
 
 ALPHA_LOW, ALPHA_HIGH = 0.05, 0.65  # opacity of the attention map at the lowest and highest score
@@ -93,7 +102,12 @@ def _own_grid(ds: xr.Dataset, view: str, sample: int, layer: int, head: int) -> 
 
 def overlay_maps(ds: xr.Dataset, *, sample: int, layer: int, head: int) -> OverlayMaps:
     """Attention, coverage and their binarised token sets for one (sample, layer, head)."""
-    from probes.head_impact import BinarizeRule, binarize_attention, binarize_mask, iou  # probes sit above mechhi
+    from probes.head_impact import (  # probes sit above mechhi
+        BinarizeRule,
+        binarize_attention,
+        binarize_mask,
+        iou,
+    )
 
     if "attention" not in ds.data_vars:
         raise PlotError("store has no attention maps (it was traced with --no-maps)")
@@ -178,8 +192,16 @@ def show_image(ax: Axes, image: Image.Image) -> None:
         side.set_visible(False)
 
 
-def draw_overlay(ax: Axes, picture: Picture, maps: OverlayMaps, norm: Normalize):
-    """Image, attention map, object outline, binarised attention: returns the map (for a colour bar)."""
+def own_scale(maps: Sequence[OverlayMaps]) -> Normalize:
+    """One colour scale from the lowest to the highest score of these maps."""
+    finite = np.concatenate([m.attention[np.isfinite(m.attention)] for m in maps])
+    return Normalize(float(finite.min()), float(finite.max()))
+
+
+def draw_overlay(ax: Axes, picture: Picture, maps: OverlayMaps, norm: Normalize | None = None):
+    """Image, attention map (on `norm`, default its own range), object outline, binarised
+    attention; returns the map (for a colour bar)."""
+    norm = norm or own_scale([maps])
     show_image(ax, picture.image)
     heat = ax.imshow(maps.attention, cmap=attention_cmap(), norm=norm, extent=_extent(picture.image),
                      interpolation="nearest")  # fmt: skip
@@ -234,8 +256,7 @@ def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, pictur
     contour_mask(left, picture.mask, OBJECT_STYLE)
     contour_cells(left, maps.mask_bin, picture.image, TOKEN_MASK_STYLE)
     left.set_title("image and object")
-    finite = maps.attention[np.isfinite(maps.attention)]
-    heat = draw_overlay(right, picture, maps, Normalize(float(finite.min()), float(finite.max())))
+    heat = draw_overlay(right, picture, maps)
     right.set_title(f"layer {layer} head {head}: IoU {maps.iou:.2f}")
     fig.colorbar(heat, ax=right, label=COLOUR_BAR_LABEL, shrink=0.85)
     fig.suptitle(_description(ds, sample))
@@ -255,8 +276,7 @@ def top_heads_figure(ds: xr.Dataset, *, sample: int, n: int, columns: int = 4,
     rows, cols = grid_shape(len(heads), columns)
     fig = new_figure(2.3 * cols + 1.0, 2.45 * rows + 1.0)
     axes, holder = _panels(fig, rows, cols)
-    finite = np.concatenate([m.attention[np.isfinite(m.attention)] for m in maps])
-    norm = Normalize(float(finite.min()), float(finite.max()))
+    norm = own_scale(maps)
     for ax, (layer, head, hi), m in zip(axes, heads, maps):
         heat = draw_overlay(ax, picture, m, norm)
         ax.set_title(f"L{layer} H{head}: HI {hi:.2f}, IoU {m.iou:.2f}", fontsize=8.5)

@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from .style import COLOURS, PlotError, caption, new_figure, styled
 
-LOG_METRICS = {"perplexity"}  # drawn on a log axis by the experiment adapter (87 vs 2.3 on the toy)
+LOG_METRICS = {"perplexity"}  # may be drawn on a log axis by the experiment adapter (87 vs 2.3 on the toy)
+LOG_SPAN = 3.0  # a log metric's axis is logarithmic when its largest value is this many times its smallest
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class Cell:
 
 @dataclass(frozen=True)
 class Metric:
+    """A panel: ``label`` is its title; with ``log``, values spanning more than LOG_SPAN x are
+    drawn on a log axis (perplexity 87 beside 2.3)."""
+
     name: str
     label: str
     higher_is_better: bool | None = None
@@ -141,6 +146,12 @@ def load_results(path: str | Path) -> ResultTable:
     return from_experiment(data) if "table4" in data else ResultTable.from_dict(data)
 
 
+def _two_and_five(value: float, _position: int) -> str:
+    """Minor log ticks labelled at 2 and 5 times a power of ten only."""
+    lead = round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:g}" if lead in (2, 5) else ""
+
+
 def _panel(ax, table: ResultTable, metric: Metric) -> None:
     """One metric: a point ± SE per setup, the seed spread behind it, the baseline dashed."""
     by_setup = table.cells.get(metric.name, {})
@@ -155,8 +166,11 @@ def _panel(ax, table: ResultTable, metric: Metric) -> None:
                     va="center", fontsize=7.5)  # fmt: skip
     if table.baseline in by_setup:
         ax.axhline(by_setup[table.baseline].mean, color="0.5", linestyle="--", linewidth=1, zorder=0)
-    if metric.log:
+    values = [by_setup[s].mean for s in shown]
+    if metric.log and min(values) > 0 and max(values) > LOG_SPAN * min(values):
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 10, not 10^1
+        ax.yaxis.set_minor_formatter(FuncFormatter(_two_and_five))
     ax.set_xticks(x, shown, rotation=30, ha="right")
     ax.set_xlim(-0.5, len(shown) - 0.3)
     ax.set_title(metric.label)
