@@ -7,7 +7,7 @@ Every request is routed: the page itself is served, anything else is recorded an
 aborted inside the browser, so a page that would fetch from the network is caught
 without a single packet leaving the machine.
 
-    python -m tests.browser reports/toy/index.html docs/figures/report.png
+    python -m tests.browser build/report/index.html docs/figures/report.png [SECTION_ID]
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ class PageFacts:
         return [i for i in self.images if not (i["complete"] and i["width"] > 0)]
 
 
-def open_page(page_path: Path, screenshot: Path | None = None, *, full_page: bool = False) -> PageFacts:
-    """Load `page_path` in headless Chromium and read back what it shows."""
+def open_page(page_path: Path, screenshot: Path | None = None, *, full_page: bool = False,
+              section: str | None = None) -> PageFacts:  # fmt: skip
+    """Load `page_path` in headless Chromium and read back what it shows; the screenshot
+    shows the whole page, or the window scrolled to `section` (an element id), or its top."""
     from playwright.sync_api import sync_playwright
 
     executable = chromium()
@@ -68,6 +70,8 @@ def open_page(page_path: Path, screenshot: Path | None = None, *, full_page: boo
                 title=page.title(),
             )  # fmt: skip
             if screenshot is not None:
+                if section:
+                    page.evaluate("id => document.getElementById(id).scrollIntoView()", section)
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(screenshot), full_page=full_page)
         finally:
@@ -76,6 +80,7 @@ def open_page(page_path: Path, screenshot: Path | None = None, *, full_page: boo
 
 
 if __name__ == "__main__":  # pragma: no cover - a developer's screenshot tool
-    facts = open_page(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    shot, at = (Path(sys.argv[2]) if len(sys.argv) > 2 else None), (sys.argv[3] if len(sys.argv) > 3 else None)
+    facts = open_page(Path(sys.argv[1]), shot, section=at)
     print(f"{facts.title}: {facts.ranking_rows} ranking rows, {len(facts.images)} images "
           f"({len(facts.broken_images)} broken), {len(facts.outside_requests)} outside requests")  # fmt: skip

@@ -10,6 +10,7 @@ to read it; NaN (a head never scored) is light grey.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -18,7 +19,7 @@ import xarray as xr
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from .style import PlotError, caption, model_labels, new_figure, provenance_line, styled
+from .style import PlotError, caption, model_labels, new_figure, provenance_notes, styled
 from .summaries import scores
 
 NAN_COLOUR = "0.85"
@@ -42,10 +43,10 @@ def _annotate(ax, values: np.ndarray, norm: Normalize, cmap) -> None:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
 
 
-def _panel(ax, hi: xr.DataArray, norm: Normalize, cmap, title: str):
+def _panel(ax, hi: xr.DataArray, norm: Normalize, cmap, title: str, width: float):
     values = hi.values  # (layer, head)
     image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, max(12, int(width * 72 / (10 * 0.58))), break_on_hyphens=False))  # 10 pt
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(values.shape[1]), [str(h) for h in hi["head"].values])
@@ -73,11 +74,10 @@ def heatmap_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact
     fig = new_figure(width, height + 0.6)
     axes = fig.subplots(1, len(grids), width_ratios=widths, squeeze=False)[0]
     labels = model_labels(stores)
-    images = [_panel(ax, g, norm, cmap, label) for ax, g, label in zip(axes, grids, labels)]
+    images = [_panel(ax, g, norm, cmap, label, w) for ax, g, label, w in zip(axes, grids, labels, widths)]
     fig.colorbar(images[0], ax=list(axes), label=COLOUR_BAR_LABEL.get(variable, variable), fraction=0.08)
     fig.suptitle("Head Impact per head" if variable == "head_impact" else variable)
-    notes = [provenance_line(ds) if len(stores) == 1 else f"{label}: {provenance_line(ds)}"
-             for label, ds in zip(labels, stores)]  # fmt: skip
+    notes = provenance_notes(stores, labels)
     if any(np.isnan(g.values).any() for g in grids):
         notes.append("grey: head not scored")
     caption(fig, notes, width=width)

@@ -27,22 +27,13 @@ import xarray as xr
 from matplotlib import patheffects
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap, Normalize
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from matplotlib.lines import Line2D
 from PIL import Image
 
 from ..data.format import DatasetError, load_dataset
 from ..store import attention_name, grid_coords, mask_name, store_views
-from .style import (
-    ATTENTION_CMAP,
-    PlotError,
-    caption,
-    dataset_name,
-    model_labels,
-    new_figure,
-    rule_text,
-    styled,
-)
+from .style import ATTENTION_CMAP, PlotError, caption, model_labels, new_figure, provenance_line, styled
 from .summaries import scores, top_heads
 
 ALPHA_LOW, ALPHA_HIGH = 0.05, 0.65  # opacity of the attention map at the lowest and highest score
@@ -212,23 +203,25 @@ def draw_overlay(ax: Axes, picture: Picture, maps: OverlayMaps, norm: Normalize 
     return heat
 
 
-def _panels(fig: Figure, rows: int, cols: int) -> tuple[list[Axes], Axes]:
-    """A (rows x cols) grid of image axes and, below it, a thin row for the legend."""
-    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.0] * rows + [0.1 * rows])
-    panels = [fig.add_subplot(grid[r, c]) for r in range(rows) for c in range(cols)]
-    holder = fig.add_subplot(grid[rows, :])
-    holder.axis("off")
-    return panels, holder
+FOOTER = 0.62  # inches under the panels: the legend and the caption
 
 
-def _legend(holder: Axes, threshold: float, token_mask: bool) -> None:
-    """What the outlines mean, in the legend row."""
+def _panels(fig: Figure, rows: int, cols: int) -> tuple[SubFigure, list[Axes], SubFigure]:
+    """Panels (rows x cols) in a top part, and a footer part for the legend and the caption;
+    each part lays itself out, so the colour bar and its label keep their room."""
+    height = fig.get_figheight()
+    top, footer = fig.subfigures(2, 1, height_ratios=[height - FOOTER, FOOTER])
+    return top, list(top.subplots(rows, cols, squeeze=False).ravel()), footer
+
+
+def _legend(footer: SubFigure, threshold: float, token_mask: bool) -> None:
+    """What the outlines mean, at the top of the footer."""
     entries = [("object", OBJECT_STYLE, "-"), ("attention > mean", ATTENTION_BIN_STYLE, "--")]
     if token_mask:
         entries.insert(1, (f"token mask (coverage ≥ {threshold:g})", TOKEN_MASK_STYLE, ":"))
     handles = [Line2D([], [], color=s["colors"], linestyle=ls, linewidth=2, path_effects=STROKE, label=name)
                for name, s, ls in entries]  # fmt: skip
-    holder.legend(handles=handles, loc="center", ncols=len(handles), facecolor="0.55", frameon=True)
+    footer.legend(handles=handles, loc="upper center", ncols=len(handles), facecolor="0.55", frameon=True)
 
 
 def _threshold(ds: xr.Dataset) -> float:
@@ -242,7 +235,7 @@ def _description(ds: xr.Dataset, sample: int) -> str:
 
 def _notes(ds: xr.Dataset, maps: OverlayMaps) -> list[str]:
     rows, cols = maps.attention.shape
-    return [f"{model_labels([ds])[0]}; {dataset_name(ds.attrs)}; token grid {rows}×{cols}; {rule_text(ds.attrs)}"]
+    return [f"{model_labels([ds])[0]}, token grid {rows}×{cols}; HI over {provenance_line(ds)}"]
 
 
 @styled
@@ -251,17 +244,17 @@ def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, pictur
     maps = overlay_maps(ds, sample=sample, layer=layer, head=head)
     picture = picture or sample_picture(ds, sample)
     fig = new_figure(7.0, 4.2)
-    (left, right), holder = _panels(fig, 1, 2)
+    top, (left, right), footer = _panels(fig, 1, 2)
     show_image(left, picture.image)
     contour_mask(left, picture.mask, OBJECT_STYLE)
     contour_cells(left, maps.mask_bin, picture.image, TOKEN_MASK_STYLE)
     left.set_title("image and object")
     heat = draw_overlay(right, picture, maps)
     right.set_title(f"layer {layer} head {head}: IoU {maps.iou:.2f}")
-    fig.colorbar(heat, ax=right, label=COLOUR_BAR_LABEL, shrink=0.85)
-    fig.suptitle(_description(ds, sample))
-    _legend(holder, _threshold(ds), token_mask=True)
-    caption(fig, _notes(ds, maps), width=7.0)
+    top.colorbar(heat, ax=right, label=COLOUR_BAR_LABEL, shrink=0.85)
+    top.suptitle(_description(ds, sample))
+    _legend(footer, _threshold(ds), token_mask=True)
+    caption(footer, _notes(ds, maps), width=7.0)
     return fig
 
 
@@ -275,17 +268,17 @@ def top_heads_figure(ds: xr.Dataset, *, sample: int, n: int, columns: int = 4,
     picture = picture or sample_picture(ds, sample)
     rows, cols = grid_shape(len(heads), columns)
     fig = new_figure(2.3 * cols + 1.0, 2.45 * rows + 1.0)
-    axes, holder = _panels(fig, rows, cols)
+    top, axes, footer = _panels(fig, rows, cols)
     norm = own_scale(maps)
     for ax, (layer, head, hi), m in zip(axes, heads, maps):
         heat = draw_overlay(ax, picture, m, norm)
         ax.set_title(f"L{layer} H{head}: HI {hi:.2f}, IoU {m.iou:.2f}", fontsize=8.5)
     for ax in axes[len(heads):]:
         ax.set_visible(False)
-    fig.colorbar(heat, ax=list(axes), label=COLOUR_BAR_LABEL, shrink=0.8)
-    fig.suptitle(f"{_description(ds, sample)}: the {len(heads)} heads of highest Head Impact")
-    _legend(holder, _threshold(ds), token_mask=False)
-    caption(fig, _notes(ds, maps[0]), width=2.3 * cols + 1.0)
+    top.colorbar(heat, ax=axes, label=COLOUR_BAR_LABEL, shrink=0.8)
+    top.suptitle(f"{_description(ds, sample)}: the {len(heads)} heads of highest Head Impact")
+    _legend(footer, _threshold(ds), token_mask=False)
+    caption(footer, _notes(ds, maps[0]), width=2.3 * cols + 1.0)
     return fig
 
 

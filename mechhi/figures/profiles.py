@@ -18,7 +18,7 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .style import COLOURS, PlotError, caption, model_labels, new_figure, provenance_line, styled
+from .style import COLOURS, PlotError, caption, model_labels, new_figure, provenance_notes, styled
 from .summaries import profile
 
 BAND_ALPHA = 0.22
@@ -70,14 +70,6 @@ def _check(stores: Sequence[xr.Dataset]) -> None:
         raise PlotError("no stores given")
 
 
-def _notes(stores: Sequence[xr.Dataset], labels: Sequence[str]) -> list[str]:
-    """One provenance line when every store shares it, else one per store."""
-    lines = [provenance_line(ds) for ds in stores]
-    if len(set(lines)) == 1:
-        return lines[:1]
-    return [f"{label}: {line}" for label, line in zip(labels, lines)]
-
-
 @styled
 def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact") -> Figure:
     """Figure 5: mean per layer (top) and per head (bottom), bands and regression lines."""
@@ -92,7 +84,7 @@ def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact"
     top.set_title(f"{name} per layer")
     bottom.set_title(f"{name} per head")
     fig.suptitle(textwrap.shorten(f"Mean {name}: {', '.join(labels)}", 90))
-    caption(fig, _notes(stores, labels), width=6.4)
+    caption(fig, provenance_notes(stores, labels), width=6.4)
     return fig
 
 
@@ -107,5 +99,5 @@ def compare_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact
     _profile_panel(ax, stores, counts, along="layer", on_depth=True, variable=variable, fit=False)
     ax.set_xlim(-0.03, 1.03)
     ax.set_title(f"Mean {NAMES.get(variable, variable)} per layer, models by relative depth")
-    caption(fig, _notes(stores, labels), width=6.4)
+    caption(fig, provenance_notes(stores, labels), width=6.4)
     return fig

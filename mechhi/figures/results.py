@@ -129,8 +129,14 @@ def from_experiment(report: Mapping[str, Any]) -> ResultTable:
         metrics=metrics,
         cells=cells,
         baseline="original" if "original" in setups else None,
-        notes=("mean ± SE over test items; light bars: ± sd of the per-seed means (random setups)",),
+        notes=_notes(cells),
     )
+
+
+def _notes(cells: Mapping[str, Mapping[str, Cell]]) -> tuple[str, ...]:
+    seeded = any(c.spread_sd is not None for by in cells.values() for c in by.values())
+    spread = "; light bars: ± sd of the per-seed means" if seeded else ""
+    return (f"mean ± SE over test items{spread}",)
 
 
 def load_results(path: str | Path) -> ResultTable:

@@ -15,7 +15,9 @@ from matplotlib.figure import Figure
 
 from ..data.format import Sample
 from .overlay import OBJECT_STYLE, Picture, contour_mask, grid_shape, show_image
-from .style import DEFAULT_DPI, PlotError, new_figure, save, styled
+from .style import PlotError, new_figure, save, styled
+
+SHEET_DPI = 90  # a preview: 180 px a sample
 
 
 @styled
@@ -38,6 +40,7 @@ def sheet_figure(samples: Sequence[Sample], *, columns: int = 4, title: str | No
     return fig
 
 
-def sample_sheet(samples: Sequence[Sample], out: str | Path, *, columns: int = 4, dpi: int = DEFAULT_DPI) -> Path:
-    """Write the contact sheet of `samples` to `out` (PNG, SVG or PDF by extension)."""
+def sample_sheet(samples: Sequence[Sample], out: str | Path, *, columns: int = 4, dpi: int = SHEET_DPI) -> Path:
+    """Write the contact sheet of `samples` to `out` (PNG, SVG or PDF by extension; images of
+    photographs make large PNGs, hence the modest default DPI)."""
     return save(sheet_figure(samples, columns=columns), out, dpi=dpi)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import matplotlib
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 DEFAULT_DPI = 150
@@ -183,7 +183,15 @@ def provenance_line(ds: Any) -> str:
     return f"{dataset_name(ds.attrs)}, {sample_count(ds)} samples; {rule_text(ds.attrs)}"
 
 
-def caption(fig: Figure, lines: Sequence[str], *, width: float) -> None:
+def provenance_notes(stores: Sequence[Any], labels: Sequence[str]) -> list[str]:
+    """One provenance line when every store shares it, else one per store after its label."""
+    lines = [provenance_line(ds) for ds in stores]
+    if len(set(lines)) == 1:
+        return lines[:1]
+    return [f"{label}: {line}" for label, line in zip(labels, lines)]
+
+
+def caption(fig: Figure | SubFigure, lines: Sequence[str], *, width: float) -> None:
     """Small grey lines under the figure (provenance), wrapped to the figure's `width` in inches."""
     import textwrap
 

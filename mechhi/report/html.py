@@ -109,10 +109,11 @@ nav { padding: 8px 32px; background: #eef1f6; position: sticky; top: 0; }
 nav a { margin-right: 16px; color: #23395d; text-decoration: none; }
 main { padding: 0 32px 48px; max-width: 1200px; }
 h2 { border-bottom: 2px solid #23395d; padding-bottom: 4px; margin-top: 32px; }
+section { scroll-margin-top: 40px; }  /* anchors clear the sticky nav */
 table.data { border-collapse: collapse; margin: 8px 0 16px; font-size: 13.5px; }
 table.data th, table.data td { border: 1px solid #d5d9e0; padding: 3px 9px; text-align: right; }
 table.data th { background: #eef1f6; } table.data td:first-child, table.data th:first-child { text-align: left; }
-table.provenance td { text-align: left; }
+table.provenance td, table.provenance th { text-align: left; }
 table.data caption { text-align: left; font-weight: 600; padding: 4px 0; }
 .columns { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
 img.figure { max-width: 100%; height: auto; border: 1px solid #eee; margin: 6px 0; }

@@ -48,30 +48,47 @@ class ReportInput:
     notes: list[str] = field(default_factory=list)  # what a section could not show, for the page's end
 
 
-def _per_store(report: ReportInput, build: Callable[[StoreEntry], Markup]) -> Markup:
-    """Each store's part under its label (no label heading when there is one store)."""
+def _per_store(report: ReportInput, build: Callable[[int, StoreEntry], Markup]) -> Markup:
+    """Each store's part, side by side under its label (no label when there is one store)."""
     if len(report.stores) == 1:
-        return build(report.stores[0])
-    return join(join([heading(e.label), build(e)]) for e in report.stores)
+        return build(0, report.stores[0])
+    blocks = (render("<div>{{ h }}{{ b }}</div>", h=heading(e.label), b=build(i, e)) for i, e in enumerate(report.stores))
+    return render("<div class='columns'>{{ blocks }}</div>", blocks=join(blocks))
+
+
+# ---------------------------------------------------------------- summary
+def _summary_line(entry: StoreEntry) -> str:
+    from probes.head_impact import layer_ranking
+
+    ranking = layer_ranking(entry.ds)
+    (layer, head, hi), = figures.top_heads(entry.ds, 1)
+    return (f"{entry.label}: best layer {int(ranking.layer[0])} (mean HI {float(ranking[0]):.3f}), best head "
+            f"L{layer} H{head} (HI {hi:.3f}); {provenance_line(entry.ds)}.")  # fmt: skip
+
+
+def summary(report: ReportInput) -> Section:
+    return Section("summary", "Summary", join(paragraph(_summary_line(e)) for e in report.stores))
 
 
 # ---------------------------------------------------------------- provenance
-def _provenance_rows(entry: StoreEntry) -> list[tuple[str, Any]]:
-    a = entry.ds.attrs
-    done, total = sample_count(entry.ds), entry.ds.sizes["sample"]
-    return [
-        ("store", str(entry.path)), ("model (as recorded)", a.get("model")), ("model revision", a.get("model_revision") or "-"),
-        ("family", a.get("family", "-")), ("dtype", a.get("dtype")), ("prompt template", a.get("prompt_template")),
-        ("prompt", a.get("prompt", "-")), ("dataset", a.get("dataset")), ("split", a.get("split", "-")),
-        ("samples traced", f"{done} of {total}"), ("records skipped", len(a.get("skipped") or [])),
-        ("binarisation", rule_text(a)), ("layers x heads", f"{entry.ds.sizes['layer']} x {entry.ds.sizes['head']}"),
-        ("created", a.get("created", "-")), ("mechhi version", a.get("mechhi_version", "-")),
-        ("schema version", a.get("schema_version")),
-    ]  # fmt: skip
+PROVENANCE_FIELDS = (
+    ("store", lambda e: str(e.path)), ("model (as recorded)", lambda e: e.ds.attrs.get("model")),
+    ("model revision", lambda e: e.ds.attrs.get("model_revision") or "-"),
+    ("family", lambda e: e.ds.attrs.get("family", "-")), ("dtype", lambda e: e.ds.attrs.get("dtype")),
+    ("prompt template", lambda e: e.ds.attrs.get("prompt_template")), ("prompt", lambda e: e.ds.attrs.get("prompt", "-")),
+    ("dataset", lambda e: e.ds.attrs.get("dataset")), ("split", lambda e: e.ds.attrs.get("split", "-")),
+    ("samples traced", lambda e: f"{sample_count(e.ds)} of {e.ds.sizes['sample']}"),
+    ("records skipped", lambda e: len(e.ds.attrs.get("skipped") or [])), ("binarisation", lambda e: rule_text(e.ds.attrs)),
+    ("layers x heads", lambda e: f"{e.ds.sizes['layer']} x {e.ds.sizes['head']}"),
+    ("created", lambda e: e.ds.attrs.get("created", "-")), ("mechhi version", lambda e: e.ds.attrs.get("mechhi_version", "-")),
+    ("schema version", lambda e: e.ds.attrs.get("schema_version")),
+)  # fmt: skip
 
 
 def provenance(report: ReportInput) -> Section:
-    body = _per_store(report, lambda e: table(["", "value"], _provenance_rows(e), cls="data provenance"))
+    """One row per recorded attribute, one column per store: what each was made from."""
+    rows = [[name, *(get(e) for e in report.stores)] for name, get in PROVENANCE_FIELDS]
+    body = table(["", *(e.label for e in report.stores)], rows, cls="data provenance")
     return Section("provenance", "Provenance", body)
 
 
@@ -98,17 +115,17 @@ def ranking(report: ReportInput) -> Section:
     columns = ["rank", "layer", "depth", "mean HI", "SE over heads", "best head", "its HI"]
 
     def one(i: int, entry: StoreEntry) -> Markup:
-        caption = f"{entry.label}: layers by mean Head Impact over heads ({provenance_line(entry.ds)})"
-        return table(columns, ranking_rows(entry.ds), id=f"ranking-{i}", cls="data ranking", caption=caption)
+        return table(columns, ranking_rows(entry.ds), id=f"ranking-{i}", cls="data ranking",
+                     caption="layers by mean Head Impact over heads")  # fmt: skip
 
-    return Section("ranking", "Layer ranking", join(one(i, e) for i, e in enumerate(report.stores)))
+    return Section("ranking", "Layer ranking", _per_store(report, one))
 
 
 # ---------------------------------------------------------------- statistics
 def statistics(report: ReportInput) -> Section:
     from probes.head_impact import kruskal_records, kruskal_wallis
 
-    def one(entry: StoreEntry) -> Markup:
+    def one(_: int, entry: StoreEntry) -> Markup:
         rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), t["n_values"]]
                 for t in kruskal_records(kruskal_wallis(entry.ds))]  # fmt: skip
         return table(["Kruskal–Wallis", "H", "df", "p-value", "values"], rows, cls="data statistics")
@@ -152,7 +169,7 @@ def _pursuit_table(pursuit: Mapping[str, Any], ds: xr.Dataset) -> Markup:
 
 
 def probes(report: ReportInput) -> Section:
-    def one(entry: StoreEntry) -> Markup:
+    def one(_: int, entry: StoreEntry) -> Markup:
         if "attention" not in entry.ds.data_vars:
             return paragraph("attention-mass needs attention maps; this store was traced with --no-maps", "note")
         rows, rho = probe_rows(entry.ds)
@@ -295,5 +312,5 @@ def experiment(report: ReportInput) -> Section | None:
 
 
 SECTIONS: list[Callable[[ReportInput], Section | None]] = [
-    provenance, ranking, statistics, probes, figures_section, gallery, experiment,
+    summary, provenance, ranking, statistics, probes, figures_section, gallery, experiment,
 ]  # fmt: skip
