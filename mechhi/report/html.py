@@ -109,7 +109,7 @@ nav { padding: 8px 32px; background: #eef1f6; position: sticky; top: 0; }
 nav a { margin-right: 16px; color: #23395d; text-decoration: none; }
 main { padding: 0 32px 48px; max-width: 1200px; }
 h2 { border-bottom: 2px solid #23395d; padding-bottom: 4px; margin-top: 32px; }
-section { scroll-margin-top: 40px; }  /* anchors clear the sticky nav */
+section { scroll-margin-top: 44px; padding-top: 1px; }  /* anchors clear the sticky nav */
 table.data { border-collapse: collapse; margin: 8px 0 16px; font-size: 13.5px; }
 table.data th, table.data td { border: 1px solid #d5d9e0; padding: 3px 9px; text-align: right; }
 table.data th { background: #eef1f6; } table.data td:first-child, table.data th:first-child { text-align: left; }
