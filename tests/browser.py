@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-headless-shell", "chromium-browser")
-VIEWPORT = {"width": 1280, "height": 1000}
+VIEWPORT = {"width": 1280, "height": 900}
 
 
 def chromium() -> str | None:
