@@ -124,7 +124,7 @@ def dataset_show(
     import numpy as np
 
     from mechhi.data.format import load_dataset
-    from mechhi.plots import sample_sheet
+    from mechhi.figures import sample_sheet
 
     ds = load_dataset(directory, skip_bad=True)
     console.print(f"{ds.root}: {len(ds.records)} images, {len(ds.samples)} objects, {len(ds.skipped)} skipped")

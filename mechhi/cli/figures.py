@@ -1,51 +1,117 @@
-"""`mechhi plot`: figures of stores."""
+"""`mechhi plot` (figures of stores and experiments) and `mechhi report` (one HTML page).
+
+Both print only the written path on stdout; scoring messages go to stderr.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from .app import app
-from .common import (
-    console,
-    friendly_errors,
-    scored,
-)  # fmt: skip
+from .common import friendly_errors, scored
+
+KINDS = ("heatmap", "layers", "overlay", "compare", "results")
+OVERLAY_ONLY = ("sample", "layer", "head", "top")
+
+StoresOpt = Annotated[list[Path] | None, typer.Option("--store", "-s", help="Store(s); heatmap, layers and compare take several.")]
+ExperimentOpt = Annotated[Path | None, typer.Option(help="A `mechhi experiment` output folder (its results.json).")]
+DpiOpt = Annotated[int, typer.Option(min=10, max=1200, help="Dots per inch (PNG; raster parts of SVG/PDF).")]
+
+
+def _check_options(kind: str, stores: list[Path], experiment: Path | None, given: dict[str, object]) -> None:
+    """Refuse options that the figure kind does not take, in one line naming them."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown plot {kind!r}; choose {', '.join(KINDS)}")
+    stray = [f"--{name}" for name in OVERLAY_ONLY if given[name] is not None and kind != "overlay"]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} {'applies' if len(stray) == 1 else 'apply'} to `plot overlay` only")
+    if kind == "results":
+        if experiment is None or stores:
+            raise ValueError("plot results takes --experiment DIR and no --store")
+        return
+    if experiment is not None:
+        raise ValueError("--experiment applies to `plot results` only")
+    if not stores:
+        raise ValueError(f"plot {kind} needs --store")
+    if kind == "overlay" and len(stores) != 1:
+        raise ValueError("plot overlay takes one --store")
+    if kind == "compare" and len(stores) < 2:
+        raise ValueError("plot compare takes two or more --store")
+
+
+def _overlay(ds, sample: int | None, layer: int | None, head: int | None, top: int | None):
+    from mechhi import figures
+
+    sample = 0 if sample is None else sample
+    if top is None:
+        layer, head = figures.choose_head(ds, layer, head)
+        return figures.overlay_figure(ds, sample=sample, layer=layer, head=head)
+    if layer is not None or head is not None:
+        raise ValueError("--top draws the best heads itself: give it without --layer/--head")
+    return figures.top_heads_figure(ds, sample=sample, n=top)
+
+
+def _scored(stores: list[Path]) -> list:
+    """Each store scored (as `rank` would), keeping where it came from for its label."""
+    datasets = [scored(s) for s in stores]
+    for ds, path in zip(datasets, stores):
+        ds.encoding.setdefault("source", str(path))
+    return datasets
 
 
 @app.command()
 @friendly_errors
 def plot(
-    kind: Annotated[str, typer.Argument(help="heatmap | layers | overlay | compare")],
-    store: Annotated[list[Path], typer.Option("--store", "-s", help="Store(s); compare takes several.")],
-    out: Annotated[Path, typer.Option(help="Output PNG.")],
-    sample: Annotated[int, typer.Option(help="overlay: sample index.")] = 0,
-    layer: Annotated[Optional[int], typer.Option(help="overlay: layer (default: the best by mean HI).")] = None,
-    head: Annotated[Optional[int], typer.Option(help="overlay: head (default: the best in that layer).")] = None,
+    kind: Annotated[str, typer.Argument(help="heatmap | layers | overlay | compare | results")],
+    out: Annotated[Path, typer.Option(help="Output file: .png, .svg or .pdf.")],
+    store: StoresOpt = None,
+    experiment: ExperimentOpt = None,
+    dpi: DpiOpt = 150,
+    sample: Annotated[int | None, typer.Option(help="overlay: sample index (default 0).")] = None,
+    layer: Annotated[int | None, typer.Option(help="overlay: layer (default: the best by mean HI).")] = None,
+    head: Annotated[int | None, typer.Option(help="overlay: head (default: the best in that layer).")] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="overlay: draw the N heads of highest HI as a grid.")] = None,
 ) -> None:
-    """Figures: HI heatmap, HI by layer, one head's map over its image, models compared by depth."""
-    from mechhi import plots
-    from mechhi.store import open_store
+    """Figures: HI heatmap (Fig. 4), HI per layer and head (Fig. 5), a head's attention over its image,
+    models compared by relative depth, an experiment's metrics per setup."""
+    from mechhi import figures
 
-    stores = [open_store(s) for s in store]
-    if kind != "compare" and len(stores) != 1:
-        raise ValueError(f"plot {kind} takes one --store")
-    if kind == "heatmap":
-        path = plots.plot_heatmap(stores[0], out)
-    elif kind == "layers":
-        path = plots.plot_layers(stores[0], out)
-    elif kind == "overlay":
-        from probes.head_impact import layer_ranking
-
-        ds = stores[0] if "head_impact" in stores[0] else scored(store[0])  # an unscored store: score it as `rank` would
-        layer = int(layer_ranking(ds).layer[0]) if layer is None else layer
-        head = int(ds.head_impact.sel(layer=layer).idxmax()) if head is None else head
-        path = plots.plot_overlay(ds, out, sample=sample, layer=layer, head=head)
-    elif kind == "compare":
-        path = plots.plot_compare(stores, out)
+    stores = list(store or [])
+    _check_options(kind, stores, experiment, {"sample": sample, "layer": layer, "head": head, "top": top})
+    figures.style.figure_format(out)  # a bad extension fails before any work
+    if kind == "results":
+        fig = figures.results_figure(figures.load_results(experiment))
     else:
-        raise ValueError(f"unknown plot {kind!r}; choose heatmap, layers, overlay or compare")
-    console.print(f"figure written to {path}")
+        datasets = _scored(stores)
+        draw = {"heatmap": figures.heatmap_figure, "layers": figures.layers_figure, "compare": figures.compare_figure}
+        fig = _overlay(datasets[0], sample, layer, head, top) if kind == "overlay" else draw[kind](datasets)
+    typer.echo(str(figures.save(fig, out, dpi=dpi)))
 
+
+@app.command()
+@friendly_errors
+def report(
+    out: Annotated[Path, typer.Option(help="Output folder; the page is written as OUT/index.html.")],
+    store: StoresOpt = None,
+    experiment: ExperimentOpt = None,
+    pursuit: Annotated[Path | None, typer.Option(help="Head Pursuit result: the output of `mechhi pursuit --json`.")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Gallery: samples (spread over the store).")] = 6,
+    heads: Annotated[int, typer.Option(min=1, help="Gallery: heads of highest HI per sample.")] = 4,
+) -> None:
+    """One self-contained HTML page: provenance, ranking, statistics, probes, figures, gallery, experiment."""
+    import json
+
+    from mechhi.figures import model_labels
+    from mechhi.report import ReportInput, StoreEntry, build_report
+
+    if not store:
+        raise ValueError("report needs --store (one or more)")
+    datasets = _scored(store)
+    entries = [StoreEntry(label, path, ds) for label, path, ds in zip(model_labels(datasets), store, datasets)]
+    pursued = json.loads(pursuit.read_text()) if pursuit else None
+    page = build_report(ReportInput(entries, experiment=experiment, pursuit=pursued, gallery_samples=samples,
+                                    gallery_heads=heads), out)  # fmt: skip
+    typer.echo(str(page))

@@ -1,0 +1,200 @@
+"""One look for every mechhi figure, and one way to write it.
+
+Researchers put these figures in papers, so they share one style (`STYLE`, applied by
+`styled`), name models and datasets by short labels (`short_name`, `dataset_name`,
+`model_labels`: an HF id as it is, a path by its last component, never an absolute
+path), say in a caption what was measured on what (`provenance_line`: dataset, sample
+count, binarisation rule), and are written as PNG, SVG or PDF by the output's extension
+(`save`). Figures are `matplotlib.figure.Figure` objects drawn without pyplot, so no
+display and no global figure state are involved: rendering is matplotlib's Agg (PNG),
+SVG and PDF backends.
+
+>>> short_name({"model": "/home/me/zoo/toy-qwen2vl"})
+'toy-qwen2vl'
+>>> short_name({"model": "Qwen/Qwen2-VL-2B-Instruct"})
+'Qwen/Qwen2-VL-2B-Instruct'
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import matplotlib
+from matplotlib.figure import Figure, SubFigure
+
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+DEFAULT_DPI = 150
+# Perceptually uniform, readable in grey and by colour-blind readers.
+SCORE_CMAP = "viridis"  # Head Impact and other scores
+ATTENTION_CMAP = "inferno"  # a head's attention map over an image
+# Line colours, in order: matplotlib's tab10 (distinct at a glance).
+COLOURS = matplotlib.colormaps["tab10"].colors
+STYLE: dict[str, Any] = {
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "figure.titlesize": 11,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": False,
+    "grid.color": "0.9",
+    "lines.linewidth": 1.6,
+    "lines.markersize": 4,
+    "image.cmap": SCORE_CMAP,
+    "svg.fonttype": "path",  # the SVG looks the same without the font installed
+    "svg.hashsalt": "mechhi",  # stable ids: the same figure gives the same file
+    "pdf.fonttype": 42,  # TrueType in PDF, editable in a paper's tooling
+}
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PlotError(ValueError):
+    """A figure that cannot be drawn from what it was given (missing variable, bad selection)."""
+
+
+def styled(draw: F) -> F:
+    """Run a figure-building function inside the mechhi style (rcParams read at creation)."""
+
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context(STYLE):
+            return draw(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A blank figure of (width, height) inches with constrained layout (nothing clipped)."""
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def figure_format(out: str | Path) -> str:
+    """'png' | 'svg' | 'pdf' from the output's extension; anything else is refused."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise PlotError(f"cannot write {Path(out).name!r}: the extension must be one of {', '.join(FORMATS)}")
+    return FORMATS[suffix]
+
+
+def save(fig: Figure, out: str | Path, *, dpi: int = DEFAULT_DPI) -> Path:
+    """Write `fig` to `out` in the format its extension names, at `dpi` (raster parts of
+    SVG/PDF too); parent folders are created. Dates are left out so reruns give the same file."""
+    out = Path(out)
+    fmt = figure_format(out)
+    if dpi < 10 or dpi > 1200:
+        raise PlotError(f"--dpi {dpi}: choose between 10 and 1200")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]
+    with matplotlib.rc_context(STYLE):
+        fig.savefig(out, format=fmt, dpi=dpi, metadata=metadata, facecolor="white")
+    return out
+
+
+# ---------------------------------------------------------------- names
+def _last_component(text: str) -> str:
+    return Path(text.rstrip("/\\")).name or text
+
+
+def short_name(attrs: Mapping[str, Any], source: str | Path | None = None) -> str:
+    """The model's label: an HF id as it is; a path (absolute, relative with several parts,
+    or an existing folder) by its last component; without a model, the store's file stem.
+
+    >>> short_name({"model": "mechhi/zoo/toy-qwen2vl"})
+    'toy-qwen2vl'
+    >>> short_name({}, "stores/qwen2vl.zarr")
+    'qwen2vl'
+    """
+    model = str(attrs.get("model") or "").strip()
+    if model:
+        looks_like_path = Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
+        if looks_like_path or not HF_ID.match(model) or Path(model).is_dir():
+            return _last_component(model)
+        return model
+    return Path(str(source)).stem if source else "unknown model"
+
+
+def dataset_name(attrs: Mapping[str, Any]) -> str:
+    """The dataset's label: the last component of the path recorded in the store (the
+    ``#fingerprint`` dropped).
+
+    >>> dataset_name({"dataset": "/data/bundled/toy-trace#8af9dab4"})
+    'toy-trace'
+    """
+    recorded = str(attrs.get("dataset") or "")
+    path = recorded.rpartition("#")[0] if "#" in recorded else recorded
+    return _last_component(path) if path else "unknown dataset"
+
+
+def _store_stem(ds: Any) -> str:
+    return Path(str(ds.encoding.get("source", ""))).stem
+
+
+def model_labels(stores: Sequence[Any]) -> list[str]:
+    """One label per store (an ``xr.Dataset``): its short model name; stores that share it
+    get, in brackets, the first of dataset, prompt template or file stem that tells them apart.
+
+    Identical stores keep identical labels: a suffix like "#2" would claim a difference.
+    """
+    names = [short_name(ds.attrs, ds.encoding.get("source")) for ds in stores]
+    labels = list(names)
+    tellers = (lambda ds: dataset_name(ds.attrs), lambda ds: str(ds.attrs.get("prompt_template", "")), _store_stem)
+    for name in set(names):
+        group = [i for i, n in enumerate(names) if n == name]
+        for teller in tellers if len(group) > 1 else ():
+            values = [teller(stores[i]) for i in group]
+            if len(set(values)) > 1:
+                for i, value in zip(group, values):
+                    labels[i] = f"{name} ({value})"
+                break
+    return labels
+
+
+def rule_text(attrs: Mapping[str, Any]) -> str:
+    """The binarisation rule recorded in the store, in a few words.
+
+    >>> rule_text({"binarize": {"attention": "mean", "mask_threshold": 0.5, "keep_best_token": True}})
+    'attention > mean, mask coverage ≥ 0.5 (keep best token)'
+    """
+    rule = attrs.get("binarize")
+    if not isinstance(rule, Mapping):
+        return "binarisation rule not recorded"
+    keep = " (keep best token)" if rule.get("keep_best_token") else ""
+    return f"attention > {rule.get('attention', 'mean')}, mask coverage ≥ {rule.get('mask_threshold', 0.5):g}{keep}"
+
+
+def sample_count(ds: Any) -> int:
+    """Samples traced (flagged ``done``), or all samples of a store without the flag."""
+    return int(ds["done"].sum()) if "done" in ds.data_vars else int(ds.sizes["sample"])
+
+
+def provenance_line(ds: Any) -> str:
+    """'dataset, N samples, rule': what every store figure says it was measured on."""
+    return f"{dataset_name(ds.attrs)}, {sample_count(ds)} samples; {rule_text(ds.attrs)}"
+
+
+def provenance_notes(stores: Sequence[Any], labels: Sequence[str]) -> list[str]:
+    """One provenance line when every store shares it, else one per store after its label."""
+    lines = [provenance_line(ds) for ds in stores]
+    if len(set(lines)) == 1:
+        return lines[:1]
+    return [f"{label}: {line}" for label, line in zip(labels, lines)]
+
+
+def caption(fig: Figure | SubFigure, lines: Sequence[str], *, width: float) -> None:
+    """Small grey lines under the figure (provenance), wrapped to the figure's `width` in inches."""
+    import textwrap
+
+    per_line = max(20, int(width * 72 / (7.5 * 0.55)))  # characters that fit at 7.5 pt
+    wrapped = [piece for line in lines for piece in textwrap.wrap(line, per_line)]
+    fig.supxlabel("\n".join(wrapped), fontsize=7.5, color="0.35")

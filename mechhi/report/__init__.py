@@ -1,0 +1,15 @@
+"""`mechhi report`: one self-contained HTML page about one or more stores (and an
+experiment): provenance, the layer ranking, statistics, probes side by side, figures, a
+gallery of samples x top heads, and the experiment's Tables 4 and 5 with its audit.
+
+The page needs nothing but itself: figures are embedded as data URIs, there is no
+script and nothing is fetched (the browser test checks that no request leaves it).
+Sections are small functions (`sections.SECTIONS`), so new ones are one function each.
+
+>>> build_report(ReportInput([StoreEntry("toy", Path("stores/toy.zarr"), ds)]), "reports/toy")  # doctest: +SKIP
+"""
+
+from .page import build_report
+from .sections import SECTIONS, ReportInput, StoreEntry
+
+__all__ = ["SECTIONS", "ReportInput", "StoreEntry", "build_report"]

@@ -1,0 +1,137 @@
+"""The report's HTML pieces: sections, tables, embedded figures and the page around them.
+
+Everything the page shows travels inside it: figures are data URIs (SVG for plots, PNG
+for images), styles are inline, there is no script and no font, stylesheet or image
+fetched from anywhere. Values are escaped by Jinja2's autoescape; a section's body is
+`Markup` built here, so nothing else writes raw HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+from matplotlib.figure import Figure
+
+from ..figures.style import STYLE
+
+_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the page: an anchor id, a heading, its HTML body."""
+
+    id: str
+    title: str
+    body: Markup
+
+
+def render(template: str, **values: Any) -> Markup:
+    """A small Jinja2 template string, autoescaped, as Markup."""
+    return Markup(_ENV.from_string(template).render(**values))
+
+
+def join(parts: Iterable[Markup | str]) -> Markup:
+    """Concatenate pieces, escaping any plain string."""
+    return Markup("").join(parts)
+
+
+def paragraph(text: str, cls: str = "") -> Markup:
+    return render("<p{% if cls %} class='{{ cls }}'{% endif %}>{{ text }}</p>", text=text, cls=cls)
+
+
+def heading(text: str) -> Markup:
+    return render("<h3>{{ text }}</h3>", text=text)
+
+
+_TABLE = """<table{% if id %} id="{{ id }}"{% endif %} class="{{ cls }}">
+{% if caption %}<caption>{{ caption }}</caption>{% endif %}
+<thead><tr>{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for row in rows %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>"""
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, id: str = "", caption: str = "",
+          cls: str = "data") -> Markup:  # fmt: skip
+    """An HTML table; cells may be plain values (escaped) or Markup (kept)."""
+    return render(_TABLE, columns=columns, rows=[list(r) for r in rows], id=id, caption=caption, cls=cls)
+
+
+def number(value: Any, digits: int = 3) -> str:
+    """A table number: `digits` significant digits, 'n/a' for None or NaN."""
+    if value is None:
+        return "n/a"
+    value = float(value)
+    return "n/a" if math.isnan(value) else f"{value:.{digits}g}"
+
+
+def p_value(value: Any) -> Markup:
+    """A p-value, bold below 0.001 (as the paper highlights them)."""
+    text = "< 1e-300" if value == 0 else number(value)  # below float range, not zero
+    return render("<b>{{ t }}</b>", t=text) if value is not None and float(value) < 0.001 else Markup.escape(text)
+
+
+def figure_uri(fig: Figure, fmt: str = "svg", dpi: int = 110) -> str:
+    """The figure as a data URI (it never touches the disk)."""
+    import matplotlib
+
+    buffer = io.BytesIO()
+    with matplotlib.rc_context(STYLE):
+        fig.savefig(buffer, format=fmt, dpi=dpi, facecolor="white", metadata={"svg": {"Date": None}}.get(fmt))
+    mime = {"svg": "image/svg+xml", "png": "image/png"}[fmt]
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def image(fig: Figure, alt: str, *, fmt: str = "svg", dpi: int = 110, cls: str = "figure") -> Markup:
+    """An <img> of the figure, embedded, shown `dpi` pixels per inch of figure (SVG too)."""
+    width = round(fig.get_figwidth() * dpi)
+    return render('<img class="{{ cls }}" alt="{{ alt }}" width="{{ width }}" src="{{ src }}">', cls=cls, alt=alt,
+                  width=width, src=figure_uri(fig, fmt, dpi))  # fmt: skip
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title>
+<style>
+body { font: 15px/1.45 system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 0; color: #222; }
+header { background: #23395d; color: white; padding: 18px 32px; }
+header h1 { margin: 0 0 4px; font-size: 22px; } header p { margin: 0; opacity: .85; }
+nav { padding: 8px 32px; background: #eef1f6; position: sticky; top: 0; }
+nav a { margin-right: 16px; color: #23395d; text-decoration: none; }
+main { padding: 0 32px 48px; max-width: 1200px; }
+h2 { border-bottom: 2px solid #23395d; padding-bottom: 4px; margin-top: 32px; }
+section { scroll-margin-top: 44px; padding-top: 1px; }  /* anchors clear the sticky nav */
+table.data { border-collapse: collapse; margin: 8px 0 16px; font-size: 13.5px; }
+table.data th, table.data td { border: 1px solid #d5d9e0; padding: 3px 9px; text-align: right; }
+table.data th { background: #eef1f6; } table.data td:first-child, table.data th:first-child { text-align: left; }
+table.provenance td, table.provenance th { text-align: left; }
+table.data caption { text-align: left; font-weight: 600; padding: 4px 0; }
+.columns { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
+img.figure { max-width: 100%; height: auto; border: 1px solid #eee; margin: 6px 0; }
+table.gallery td { vertical-align: top; text-align: center; font-size: 12.5px; }
+table.gallery img { width: 150px; height: auto; display: block; }
+.note { color: #666; font-size: 13px; }
+</style></head>
+<body>
+<header><h1>{{ title }}</h1><p>{{ subtitle }}</p></header>
+<nav>{% for s in sections %}<a href="#{{ s.id }}">{{ s.title }}</a>{% endfor %}</nav>
+<main>
+{% for s in sections %}<section id="{{ s.id }}"><h2>{{ s.title }}</h2>
+{{ s.body }}
+</section>
+{% endfor %}</main></body></html>
+"""
+
+
+def page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
+    """The whole self-contained page."""
+    return str(render(_PAGE, title=title, subtitle=subtitle, sections=sections))
