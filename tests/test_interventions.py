@@ -170,3 +170,40 @@ def test_bad_edits_are_refused_by_name():
     with pytest.raises(ValueError, match=r"replacement for \(0, 1\) has shape \(3,\), expected \(16,\)"):
         with editor.edited(HeadEdit(replace={(0, 1): np.zeros(3)})):
             pass
+
+
+class _Sample:
+    def __init__(self, image, description):
+        self._image, self.description = image, description
+
+    def image(self):
+        return self._image
+
+
+def test_head_means_average_every_real_token_of_the_reference_set(tiny_case):
+    from mechhi.intervene.reference import head_means
+
+    model, adapter = tiny_case
+    sizes = SIZES if adapter.variable_image_size else [(224, 224)] * 3
+    samples = [_Sample(noise_image(h, w, seed=i), d) for i, ((h, w), d) in enumerate(zip(sizes, DESCRIPTIONS))]
+    means = head_means(model, adapter, samples, batch_size=2)  # two batches: sums must pool across them
+    seen = []
+    handles = [p.register_forward_hook(lambda _m, args, _o, i=i: seen.append((i, args[0].detach())))
+               for i, p in enumerate(_projections(model, adapter))]  # fmt: skip
+    try:
+        rows: dict[int, list[torch.Tensor]] = {}
+        for sample in samples:  # one at a time: no padding, every token is real
+            seen.clear()
+            logits(model, adapter.prepare([sample.image()], [sample.description]))
+            for layer, x in seen:
+                rows.setdefault(layer, []).append(x[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    hd = _head_dim(model, adapter)
+    for layer in (0, adapter.n_layers - 1):
+        pooled = torch.cat(rows[layer]).double().mean(0)  # (heads * head_dim,)
+        for head in range(adapter.n_heads):
+            np.testing.assert_allclose(means.sel(layer=layer, head=head).values,
+                                       pooled[head * hd : (head + 1) * hd].numpy(), rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert means.attrs["tokens"] == sum(len(r) for r in rows[0])
