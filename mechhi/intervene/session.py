@@ -80,18 +80,18 @@ class Session:
     @cached_property
     def reference_means(self) -> xr.DataArray:
         """Each head's mean output over the store's own samples (mean ablation's reference)."""
-        from ..trace.job import TraceConfig, load_samples
-        from ..trace.probe_scores import store_source
+        from ..trace.probe_scores import store_samples, store_source
         from .reference import head_means
 
-        path, split, template = store_source(self.ds)
         model, adapter = self.model
-        samples = load_samples(TraceConfig(model=self.model_name, dataset=path, split=split), adapter).samples
-        return head_means(model, adapter, samples, template=template)
+        return head_means(model, adapter, store_samples(self.ds, adapter), template=store_source(self.ds)[2])
 
     def reference_fields(self, mode: str) -> dict[str, Any]:
-        return {"reference": self.ds.attrs.get("dataset"), "template": self.ds.attrs.get("prompt_template")} \
-            if mode == "mean" else {}  # fmt: skip
+        """What the mean-ablation reference depends on (nothing for zero ablation)."""
+        if mode != "mean":
+            return {}
+        return {"reference": self.ds.attrs.get("dataset"), "template": self.ds.attrs.get("prompt_template"),
+                "reference_samples": self.ds.sizes["sample"]}  # fmt: skip
 
     def ablation(self, heads: tuple[Head, ...], mode: str) -> HeadEdit:
         """``heads`` zeroed or replaced by their reference means."""

@@ -60,6 +60,23 @@ def store_source(ds: xr.Dataset) -> tuple[str, str, str]:
     return path, str(ds.attrs.get("split") or "all"), str(ds.attrs.get("prompt_template") or "caption")
 
 
+def store_samples(ds: xr.Dataset, adapter: VLMAdapter) -> list[Any]:
+    """The dataset samples the store holds, in its order (a store traced with --limit holds
+    the first N), checked against the store's image ids and descriptions."""
+    from ..data.format import load_dataset
+    from .job import TraceConfig, load_samples
+
+    path, split, _ = store_source(ds)
+    recorded = str(ds.attrs["dataset"]).rsplit("#", 1)
+    if len(recorded) == 2 and load_dataset(path).fingerprint != recorded[1]:
+        raise ValueError(f"the store's dataset {path} changed since it was traced (fingerprint differs): retrace it")
+    samples = load_samples(TraceConfig(dataset=path, split=split), adapter).samples[: ds.sizes["sample"]]
+    ids = [(s.image_id, s.description) for s in samples]
+    if ids != list(zip(ds["image_id"].values.tolist(), ds["description"].values.tolist())):
+        raise ValueError(f"the store's samples are not the first {ds.sizes['sample']} of {path} (split {split})")
+    return samples
+
+
 def _store_scores(ds: xr.Dataset, probes: Sequence[str]) -> dict[str, xr.DataArray]:
     out: dict[str, xr.DataArray] = {}
     if "head-impact" in probes:
@@ -81,19 +98,16 @@ def _model_scores(ds: xr.Dataset, probes: Sequence[str], settings: ModelProbeSet
     from probes.head_pursuit import pursue_heads
     from probes.logit_lens import logit_lens
 
-    from ..data.format import load_dataset
+    from ..models.loading import load
     from .pursuit_job import PursuitConfig, pursuit_inputs
 
     path, split, template = store_source(ds)
-    recorded = str(ds.attrs["dataset"]).rsplit("#", 1)
-    if len(recorded) == 2 and load_dataset(path).fingerprint != recorded[1]:
-        raise ValueError(f"the store's dataset {path} changed since it was traced (fingerprint differs): retrace it")
+    loaded = loaded or load(str(ds.attrs.get("model")), device=settings.device, dtype=settings.dtype)
+    store_samples(ds, loaded[1])  # the store's samples are still the dataset's first N
     config = PursuitConfig(model=str(ds.attrs.get("model")), dataset=path, words=settings.words, k=settings.k,
-                           positions=settings.positions, batch_size=settings.batch_size, device=settings.device,
-                           dtype=settings.dtype, template=template, split=split)  # fmt: skip
+                           positions=settings.positions, limit=ds.sizes["sample"], batch_size=settings.batch_size,
+                           device=settings.device, dtype=settings.dtype, template=template, split=split)  # fmt: skip
     signals, dictionary = pursuit_inputs(config, progress=progress, loaded=loaded)
-    if signals.sizes["sample"] != ds.sizes["sample"]:
-        raise ValueError(f"the store has {ds.sizes['sample']} samples, its dataset now gives {signals.sizes['sample']}")
     out = {}
     if "pursuit" in probes:
         out["pursuit"] = pursue_heads(signals, dictionary, list(settings.words), settings.k)["explained"]
