@@ -19,8 +19,8 @@ from tests.causal_fixtures import STORE_SAMPLES, held_out, hooked, toy_model, to
 
 
 def config(toy_store, held_out, out, **kw) -> AblateConfig:  # noqa: F811
-    settings = dict(store=str(toy_store), dataset=str(held_out), n_heads=4, seeds=(0, 1), limit=10, mode="zero",
-                    out=str(out), device="cpu", dtype="float32")  # fmt: skip
+    settings = {"store": str(toy_store), "dataset": str(held_out), "n_heads": 4, "seeds": (0, 1), "limit": 10,
+                "mode": "zero", "out": str(out), "device": "cpu", "dtype": "float32"}
     return AblateConfig(**{**settings, **kw})
 
 
@@ -115,7 +115,7 @@ def test_mean_ablation_replaces_heads_by_their_reference_means(toy_model, toy_st
     means = head_means(model, adapter, samples)
     top = report["setups"][1]
     data = EvalData(str(held_out), "test", 6, 0, progress=False)
-    vector = lambda h: (lambda x: torch.as_tensor(means.sel(layer=h[0], head=h[1]).values).expand_as(x))  # noqa: E731
+    vector = lambda h: (lambda x: torch.as_tensor(means.sel(layer=h[0], head=h[1]).values).expand_as(x))
     expected = by_hand(model, adapter, data, [tuple(h) for h in top["heads"]], vector)
     assert top["metrics"]["perplexity"]["mean"] == pytest.approx(expected["perplexity"], rel=1e-5)
     assert top["metrics"]["ans_prob"]["mean"] == pytest.approx(expected["ans_prob"], rel=1e-5)

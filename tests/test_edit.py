@@ -29,7 +29,7 @@ def test_heads_are_somps_top_k_on_the_stores_samples(edit_run, toy_model):  # no
     from mechhi.trace.pursuit_job import PursuitConfig, run_pursuit
     from probes.head_pursuit import head_ranking
 
-    config, report = edit_run
+    _, report = edit_run
     pursuit = run_pursuit(PursuitConfig(limit=STORE_SAMPLES, k=3, device="cpu", dtype="float32"), progress=False,
                           loaded=toy_model)  # fmt: skip
     ranked = head_ranking(pursuit)
@@ -40,7 +40,7 @@ def test_heads_are_somps_top_k_on_the_stores_samples(edit_run, toy_model):  # no
 
 
 def test_captions_are_the_plain_models_with_the_heads_scaled_by_hand(edit_run, toy_model, held_out):  # noqa: F811
-    config, report = edit_run
+    _, report = edit_run
     model, adapter = toy_model
     _, _, samples = caption_samples(str(held_out), "test", 4, progress=False)
     assert len({s.image_id for s in samples}) == 4
@@ -53,7 +53,7 @@ def test_captions_are_the_plain_models_with_the_heads_scaled_by_hand(edit_run, t
 
 
 def test_word_counts_by_hand(edit_run, held_out):  # noqa: F811
-    config, report = edit_run
+    _, report = edit_run
     _, _, samples = caption_samples(str(held_out), "test", 4, progress=False)
     for setup in report["setups"]:
         captions = [c["generated"] for c in setup["captions"]]

@@ -146,11 +146,10 @@ def test_generation_runs_under_the_edit_at_every_step():
     start = int(batch.layouts[0].query_positions[0])
     prefix = {k: v[:, :start] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
               for k, v in batch.inputs.items()}  # fmt: skip
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
     heads = [(0, 0), (0, 2), (1, 1)]
-    with HeadEditor(model, adapter).edited(HeadEdit.scaled(heads, 4.0)) as edited:
-        with torch.no_grad():
-            ids = edited.generate(**prefix, **kwargs)
+    with HeadEditor(model, adapter).edited(HeadEdit.scaled(heads, 4.0)) as edited, torch.no_grad():
+        ids = edited.generate(**prefix, **kwargs)
     reference = by_hand(model, adapter, {h: lambda x: 4.0 * x for h in heads}, lambda: model.generate(**prefix, **kwargs))
     with torch.no_grad():
         clean = model.generate(**prefix, **kwargs)
@@ -162,14 +161,14 @@ def test_generation_runs_under_the_edit_at_every_step():
 def test_bad_edits_are_refused_by_name():
     model, adapter = tiny("qwen2-vl", "gqa")
     editor = HeadEditor(model, adapter)
-    with pytest.raises(ValueError, match=r"\[\(2, 0\)\] outside the model's 2 layers x 4 heads"):
-        with editor.edited(HeadEdit.scaled([(2, 0)], 0.0)):
-            pass
+    outside = pytest.raises(ValueError, match=r"\[\(2, 0\)\] outside the model's 2 layers x 4 heads")
+    with outside, editor.edited(HeadEdit.scaled([(2, 0)], 0.0)):
+        pass
     with pytest.raises(ValueError, match="both scaled and replaced"):
         HeadEdit(scale={(0, 1): 0.0}, replace={(0, 1): np.zeros(16)})
-    with pytest.raises(ValueError, match=r"replacement for \(0, 1\) has shape \(3,\), expected \(16,\)"):
-        with editor.edited(HeadEdit(replace={(0, 1): np.zeros(3)})):
-            pass
+    wrong_shape = pytest.raises(ValueError, match=r"replacement for \(0, 1\) has shape \(3,\), expected \(16,\)")
+    with wrong_shape, editor.edited(HeadEdit(replace={(0, 1): np.zeros(3)})):
+        pass
 
 
 class _Sample:

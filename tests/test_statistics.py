@@ -8,9 +8,9 @@ import pytest
 import xarray as xr
 from scipy import stats
 
+from mechhi.store import open_store
 from probes.head_impact import score
 from probes.statistics import bootstrap_layers, friedman, records, top_k_share
-from mechhi.store import open_store
 
 
 def iou_dataset(values: np.ndarray, images: list[str] | None = None) -> xr.Dataset:

@@ -80,9 +80,12 @@ def ablate(
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ablate a probe's top and bottom heads and random head sets with the same heads per
-    layer (and per depth bin); report the change of description perplexity, VQA accuracy
-    and AnsProb against the unablated model."""
+    """Ablate a probe's top heads against random heads: the causal test of a ranking.
+
+    The probe's top-N and bottom-N heads and random sets with the same heads per layer
+    (and per depth bin) are ablated one setup at a time; each row is the change of
+    description perplexity, VQA accuracy and AnsProb against the unablated model.
+    """
     from mechhi.intervene.ablate import AblateConfig, run_ablate
 
     _threads(threads)
@@ -140,9 +143,12 @@ def edit(
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Head Pursuit's editing experiment: scale the concept's top-K SOMP heads by alpha and
-    count the concept's (and the control's) words in greedy captions, against random head
-    sets with the same heads per layer."""
+    """Head Pursuit's editing experiment: scale a concept's top heads, count its words.
+
+    The concept's top-K heads by SOMP are scaled by alpha; the concept's (and a control
+    concept's) words are counted in greedy captions, against random head sets with the
+    same heads per layer.
+    """
     from mechhi.intervene.edit import EditConfig, run_edit
 
     _threads(threads)

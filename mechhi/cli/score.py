@@ -149,8 +149,11 @@ def stats(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Friedman tests (samples as blocks) and bootstrap intervals of each layer's mean HI,
-    beside the paper's Kruskal-Wallis tests across layers and heads."""
+    """Statistics of Head Impact across layers and heads.
+
+    Friedman tests (samples as blocks) and bootstrap intervals of each layer's mean HI,
+    beside the paper's Kruskal-Wallis tests (see docs/statistics.md in the repository).
+    """
     from probes.head_impact import kruskal_records, kruskal_wallis
 
     ds = scored(store, mask_threshold, keep_best)

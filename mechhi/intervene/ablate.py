@@ -182,7 +182,7 @@ def _setup_values(session: Session, config: AblateConfig, data: EvalData, cache:
               "mode": mode, "heads": [list(h) for h in setup.heads], **session.reference_fields(mode)}  # fmt: skip
 
     def compute() -> dict[str, list[float]]:
-        model, adapter = session.model
+        adapter = session.model[1]
         with session.editor.edited(session.ablation(setup.heads, config.mode)) as edited:
             return measure(edited, adapter, data, template=config.template, batch_size=config.batch_size)
 

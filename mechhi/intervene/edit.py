@@ -184,7 +184,7 @@ def _captions(session: Session, config: EditConfig, samples: list[Any], data_fin
               "heads": [list(h) for h in heads]}  # fmt: skip
 
     def compute() -> list[str]:
-        model, adapter = session.model
+        adapter = session.model[1]
         with session.editor.edited(HeadEdit.scaled(heads, config.alpha)) as edited:
             rows = generate_captions(edited, adapter, samples, max_new_tokens=config.max_new_tokens,
                                      template=config.template)  # fmt: skip

@@ -31,7 +31,7 @@ from ..trace.sites import DecoderTracer, output_projections
 def head_means(
     model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Any], *, template: str = "caption",
     batch_size: int = 8,
-) -> xr.DataArray:  # fmt: skip
+) -> xr.DataArray:
     """(layer, head, head_dim) float32: each head's output averaged over every real token
     of ``samples`` (prompted with ``template``)."""
     if not samples:
@@ -58,8 +58,11 @@ def head_means(
     return xr.DataArray(
         values,
         dims=("layer", "head", "head_dim"),
-        coords={"layer": np.arange(values.shape[0]), "head": np.arange(values.shape[1]),
-                "depth": ("layer", relative_depth(values.shape[0]))},  # fmt: skip
+        coords={
+            "layer": np.arange(values.shape[0]),
+            "head": np.arange(values.shape[1]),
+            "depth": ("layer", relative_depth(values.shape[0])),
+        },
         name="head_mean",
         attrs={"samples": len(samples), "tokens": count, "template": template},
     )
