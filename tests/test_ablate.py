@@ -135,3 +135,23 @@ def test_cli_json_and_errors(toy_store, held_out, tmp_path):  # noqa: F811
                          (["--store", str(tmp_path / "none.zarr")], "no store at")):  # fmt: skip
         failed = runner.invoke(app, [*base, *bad])
         assert failed.exit_code == 1 and message in failed.output and "Traceback" not in failed.output, failed.output
+
+
+def test_every_evaluate_metric_runs_under_an_edit(toy_model, held_out):  # noqa: F811
+    """`mechhi evaluate`'s whole evaluation, captions included, through the edited stand-in."""
+    from mechhi.evaluate.job import EvalSettings, evaluate_model
+    from mechhi.finetune import load_split
+    from mechhi.intervene import HeadEdit, HeadEditor
+
+    model, adapter = toy_model
+    split = load_split(held_out, "test")
+    settings = EvalSettings(limit=4, batch_size=4, generate=2, max_new_tokens=6)
+    heads = [(0, 0), (0, 3), (4, 2)]
+    with HeadEditor(model, adapter).edited(HeadEdit.scaled(heads, -1.0)) as edited:
+        result = evaluate_model(edited, adapter, split, settings=settings)
+    with hooked(model, adapter, {h: (lambda x: -x) for h in heads}):
+        expected = evaluate_model(model, adapter, split, settings=settings)
+    assert result["generations"] == expected["generations"]
+    for metric in ("perplexity", "token_accuracy", "vqa_accuracy", "ans_prob"):
+        assert result[metric]["mean"] == pytest.approx(expected[metric]["mean"], rel=1e-5), metric
+    assert result["perplexity"]["mean"] != pytest.approx(evaluate_model(model, adapter, split, settings=settings)["perplexity"]["mean"])

@@ -9,6 +9,8 @@ A head ranking is a claim about what heads do; only an intervention tests it.
   layer or per depth bin, seeded;
 - ``effects``: paired changes against the unedited model, with standard errors, and
   their spread over random seeds;
+- ``cache``: finished setups as JSON keyed by what they depend on; ``session``: the
+  store, the lazily loaded model and its editor, shared by the jobs;
 - ``data``: the default evaluation scenes (held-out toy world);
 - ``ablate``: `mechhi ablate`, the causal test of a probe's top heads;
 - ``edit``: `mechhi edit`, Head Pursuit's concept-editing experiment.
