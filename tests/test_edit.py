@@ -64,7 +64,10 @@ def test_word_counts_by_hand(edit_run, held_out):  # noqa: F811
         assert setup["metrics"]["concept"]["mean"] == pytest.approx(np.mean(colours))
         assert setup["metrics"]["concept_correct"]["mean"] == pytest.approx(np.mean(right))
         assert setup["metrics"]["control"]["mean"] == pytest.approx(np.mean([sum(w in SHAPES for w in ws) for ws in words]))
+        assert setup["metrics"]["concept_precision"]["mean"] == pytest.approx(sum(right) / sum(colours))
     top, base = report["setups"][1], report["setups"][0]
+    assert top["change"]["concept_precision"]["mean"] == pytest.approx(
+        top["metrics"]["concept_precision"]["mean"] - base["metrics"]["concept_precision"]["mean"])
     assert top["ratio"]["concept"]["mean"] == pytest.approx(top["metrics"]["concept"]["mean"] / base["metrics"]["concept"]["mean"])
     json.dumps(report, allow_nan=False)
 

@@ -42,8 +42,14 @@ def _value(stat: dict[str, Any], signed: bool = True, times: bool = False) -> st
     mean, se = stat.get("mean"), stat.get("se")
     if mean is None:
         return "n/a"
-    shown = f"x{mean:.3g}" if times else f"{mean:+.3g}" if signed else f"{mean:.3g}"
+    shown = f"x{mean:.3g}" if times else _number(mean, signed)
     return shown if se is None else f"{shown} ± {se:.2g}"
+
+
+def _number(value: float, signed: bool) -> str:
+    """3 significant digits, but no more decimals than 3 for values below 1 (shares, accuracies)."""
+    text = f"{value:+.3f}" if abs(value) < 1 else f"{value:+.3g}"
+    return text if signed else text.lstrip("+")
 
 
 def _spread(row: dict[str, Any], key: str = "change") -> str:
@@ -53,7 +59,7 @@ def _spread(row: dict[str, Any], key: str = "change") -> str:
         return "n/a"
     sd = "n/a" if seeds["sd"] is None else f"{seeds['sd']:.2g}"
     extreme = "" if seeds.get("as_extreme") is None else f"; {round(seeds['as_extreme'] * seeds['n_seeds'])}/{seeds['n_seeds']}"
-    shown = f"{row[key]:+.3g}" if key == "change" else f"x{row[key]:.3g}"
+    shown = _number(row[key], signed=True) if key == "change" else f"x{row[key]:.3g}"
     return f"{shown} (sd {sd}{extreme})"
 
 
@@ -166,26 +172,27 @@ def edit(
 
 def print_edit(report: dict[str, Any]) -> None:
     name = report["concept"] if report["concept"] != "words" else "concept"
-    other = next((c for c in ("colour", "shape") if c != name), "control") if name in ("colour", "shape") else "control"
-    measures = {"concept": name, "concept_correct": f"right {name}", "control": other,
-                "control_correct": f"right {other}"}  # fmt: skip
+    other = {"colour": "shape", "shape": "colour"}.get(name, "control")
+    measures = {"concept": f"{name} words", "concept_precision": f"{name} right", "control": f"{other} words",
+                "control_precision": f"{other} right"}  # fmt: skip
     table = Table(title=f"Editing the top {report['k']} {name} heads by Head Pursuit, alpha = {report['alpha']:g}, "
                         f"{report['n_images']} images: {report['model']}")  # fmt: skip
     for column in ("setup", "heads", *measures.values()):
         table.add_column(column, justify="right")
-    base = report["setups"][0]
-    table.add_row("unedited", "-", *(f"{base['metrics'][m]['mean']:.3g}" for m in measures))
-    top = report["setups"][1]
+    base, top = report["setups"][0], report["setups"][1]
+    table.add_row("unedited", "-", *(_value(base["metrics"][m], signed=False) for m in measures))
     table.add_row(top["name"], " ".join(f"{l}.{h}" for l, h in top["heads"]),
-                  *(_value(top["ratio"][m], signed=False, times=True) for m in measures))  # fmt: skip
+                  *(_value(top["change"][m]) if m.endswith("precision") else _value(top["ratio"][m], signed=False, times=True)
+                    for m in measures))  # fmt: skip
     rows = {(r["group"], r["measure"]): r for r in report["summary"]}
     matched = [s for s in report["setups"] if s["kind"] == "matched"]
     if matched:
-        table.add_row(f"matched ({_seeds(len(matched))})", "as top", *(_spread(rows[("matched", m)], "ratio") for m in measures))
+        table.add_row(f"matched ({_seeds(len(matched))})", "as top",
+                      *(_spread(rows[("matched", m)], rows[("matched", m)]["seeds"]["of"]) for m in measures))  # fmt: skip
     console.print(table)
-    console.print("unedited: words per caption; other rows: times the unedited count ± delta-method SE; right: words "
-                  "the image's own description has; matched: mean over seeds (sd across seeds; seeds at least as far "
-                  "from x1 as top).")  # fmt: skip
+    console.print("words: per caption (unedited), times that (edited) ± delta-method SE; right: share of those words "
+                  "the image's own description has (unedited), its change (edited) ± paired SE; matched: mean over "
+                  "seeds (sd across seeds; seeds at least as far from no effect as top).")  # fmt: skip
     examples = Table(title="First captions")
     for column in ("image", "unedited", top["name"]):
         examples.add_column(column)

@@ -19,7 +19,8 @@ The frequency of a concept's words is what Head Pursuit measures; it can only fa
 the language lets a caption drop the word. The toy world's captions are always "a
 <colour> <shape>" phrases, so there colour and shape counts move together with the
 number of objects named, and what an edit changes is *which* word is said: hence the
-``_correct`` measures beside the counts.
+``_correct`` counts and the ``_precision`` shares (right words over all the concept's
+words said) beside the frequencies.
 
 Result (JSON-able dict):
 
@@ -32,12 +33,15 @@ Result (JSON-able dict):
   caption; ``concept_correct`` / ``control_correct``: those of them the image bears out,
   i.e. found in its caption or object descriptions; ``words``: caption length)
   ``metrics`` {mean, se, n}, ``change`` {mean, se, n} and ``ratio`` {mean, se, n}
-  against unedited, ``cached``;
+  against unedited; the same keys for ``concept_precision`` / ``control_precision``, the
+  share of all the captions' concept (control) words that are right (its ``ratio`` has
+  no SE); ``cached``;
 - ``summary``: one row per (group, measure): ``group`` (``top`` | ``matched``),
   ``measure``, ``change``, ``ratio`` and their SEs (mean over seeds for ``matched``),
-  and for ``matched`` ``seeds``: the spread of the per-seed ratios (mean, sd, median,
-  q25, q75, min, max, n_seeds, n_distinct, as_extreme: share of seeds whose ratio is at
-  least as far from 1 as the top set's, in its direction);
+  and for ``matched`` ``seeds``: the spread over seeds (mean, sd, median, q25, q75, min,
+  max, n_seeds, n_distinct) of the ratios (counts) or changes (precisions), ``of`` says
+  which, and ``as_extreme``: the share of seeds at least as far from no effect (ratio 1,
+  change 0) as the top set, in its direction;
 - ``seconds``.
 
 >>> report = run_edit(EditConfig(concept="colour", alpha=-1.0))      # doctest: +SKIP
@@ -57,7 +61,7 @@ import xarray as xr
 from ..models import VLMAdapter
 from ..toyworld.world import COLOURS, WorldConfig
 from .cache import ResultCache
-from .effects import paired_change, paired_ratio, seed_spread, summary
+from .effects import paired_change, paired_ratio, ratio_change, seed_spread, summary
 from .head_sets import overlap, per_layer, random_matched, top_heads
 from .heads import Head, HeadEdit
 from .session import Session, default_store, progress_bar, write_report
@@ -67,6 +71,8 @@ CONCEPTS = {"colour": tuple(COLOURS), "shape": WorldConfig().shapes}
 # Per caption: the concept's words, those of them the image bears out, the same for the
 # control, and the caption's length in words.
 MEASURES = ("concept", "concept_correct", "control", "control_correct", "words")
+# Over all captions of a setup: the share of the concept's (control's) words that are right.
+PRECISIONS = {"concept_precision": ("concept_correct", "concept"), "control_precision": ("control_correct", "control")}
 SHOWN_CAPTIONS = 5
 
 
@@ -204,38 +210,46 @@ def _counts(captions: list[str], samples: list[Any], config: EditConfig) -> dict
     return out
 
 
-def _entry(name: str, kind: str, seed: int | None, heads: tuple[Head, ...], top: tuple[Head, ...],
+def _entry(setup: str, kind: str, seed: int | None, heads: tuple[Head, ...], top: tuple[Head, ...],
            captions: list[str], samples: list[Any], base: dict[str, list[int]], config: EditConfig,
            cached: bool) -> dict[str, Any]:  # fmt: skip
     counts = _counts(captions, samples, config)
+    metrics = {m: summary(counts[m]) for m in MEASURES}
+    change = {m: paired_change(counts[m], base[m]) for m in MEASURES}
+    ratio = {m: paired_ratio(counts[m], base[m]) for m in MEASURES}
+    for name, (right, said) in PRECISIONS.items():
+        metrics[name] = paired_ratio(counts[right], counts[said])  # sum right / sum said, delta-method SE
+        change[name] = ratio_change(counts[right], counts[said], base[right], base[said])
+        base_share = paired_ratio(base[right], base[said])["mean"]
+        ratio[name] = {"mean": metrics[name]["mean"] / base_share if base_share else float("nan"), "se": float("nan"),
+                       "n": len(captions)}  # fmt: skip
     return {
-        "name": name, "kind": kind, "seed": seed, "heads": [list(h) for h in heads], "per_layer": per_layer(heads),
+        "name": setup, "kind": kind, "seed": seed, "heads": [list(h) for h in heads], "per_layer": per_layer(heads),
         "overlap_with_top": overlap(heads, top) if heads else None,
         "captions": [{"image_id": s.image_id, "generated": c} for s, c in zip(samples, captions)][:SHOWN_CAPTIONS],
-        "metrics": {m: summary(counts[m]) for m in MEASURES},
-        "change": {m: paired_change(counts[m], base[m]) for m in MEASURES},
-        "ratio": {m: paired_ratio(counts[m], base[m]) for m in MEASURES},
-        "cached": cached,
+        "metrics": metrics, "change": change, "ratio": ratio, "cached": cached,
     }  # fmt: skip
 
 
 def summarise(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (group, measure): change and ratio vs unedited; the matched sets' spread of ratios."""
+    """Per (group, measure): change and ratio vs unedited; the matched sets' spread of the
+    ratios (word counts) or of the changes (shares of right words)."""
     top = next(e for e in entries if e["kind"] == "top")
     rows = []
     for group in ("top", "matched"):
         members = [e for e in entries if e["kind"] == group]
         if not members:
             continue
-        for measure in MEASURES:
+        for measure in (*MEASURES, *PRECISIONS):
             row: dict[str, Any] = {"group": group, "measure": measure}
             for what in ("change", "ratio"):
                 row[what] = float(np.mean([e[what][measure]["mean"] for e in members]))
                 row[f"{what}_se"] = float(np.mean([e[what][measure]["se"] for e in members]))
             if group == "matched":
-                ratios = [e["ratio"][measure]["mean"] for e in members]
-                spread = seed_spread(ratios, top["ratio"][measure]["mean"], centre=1.0)
-                spread["n_distinct"] = len({tuple(map(tuple, e["heads"])) for e in members})
+                of, centre = ("change", 0.0) if measure in PRECISIONS else ("ratio", 1.0)
+                values = [e[of][measure]["mean"] for e in members]
+                spread = seed_spread(values, top[of][measure]["mean"], centre=centre)
+                spread.update(of=of, n_distinct=len({tuple(map(tuple, e["heads"])) for e in members}))
                 row["seeds"] = spread
             rows.append(row)
     return rows

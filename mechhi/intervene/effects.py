@@ -8,7 +8,8 @@ edit does. A metric is a function of a sample mean, ``f(mean(x))``: the identity
 accuracy and probabilities, ``exp`` for perplexity (exp of the mean answer NLL). Its
 change ``f(mean x) - f(mean y)`` has, by the delta method, the standard error of the
 per-sample values ``f'(mean x) x_i - f'(mean y) y_i``; a ratio ``mean x / mean y`` that
-of ``(x_i - ratio y_i) / mean y``.
+of ``(x_i - ratio y_i) / mean y``; and a change of such a ratio between two setups on the
+same samples that of the difference of the two per-sample terms.
 
 Random head sets give one change per seed: their spread (sd, quartiles, range) is the
 reference a probe's change is judged against, and ``as_extreme`` the share of seeds
@@ -64,6 +65,21 @@ def paired_ratio(values: Sequence[float], base: Sequence[float]) -> dict[str, fl
         return {"mean": float("nan"), "se": float("nan"), "n": len(x)}
     ratio = float(x.mean()) / my
     return {"mean": ratio, "se": _se((x - ratio * y) / my), "n": len(x)}
+
+
+def ratio_change(values: Sequence[float], counts: Sequence[float], base_values: Sequence[float],
+                 base_counts: Sequence[float]) -> dict[str, float]:  # fmt: skip
+    """``sum values / sum counts`` minus the same of the base, over the same samples, with
+    the paired delta-method SE (e.g. the share of a caption set's colour words that are
+    right, edited minus unedited). NaN when either has no counts."""
+    x, n = _paired(values, counts)
+    y, m = _paired(base_values, base_counts)
+    _paired(x, y)
+    if n.sum() == 0 or m.sum() == 0:
+        return {"mean": float("nan"), "se": float("nan"), "n": len(x)}
+    r1, r0 = x.sum() / n.sum(), y.sum() / m.sum()
+    terms = (x - r1 * n) / n.mean() - (y - r0 * m) / m.mean()
+    return {"mean": float(r1 - r0), "se": _se(terms), "n": len(x)}
 
 
 def seed_spread(changes: Sequence[float], probe: float | None = None, *,
