@@ -125,13 +125,13 @@ class HeadEditor:
         bad = [(l, h) for l, h in edit.heads if l >= n_layers or h >= n_heads]
         if bad:
             raise ValueError(f"head edit: {bad} outside the model's {n_layers} layers x {n_heads} heads")
-        weight = self.projections[0]._module.weight
         plan: dict[int, list[_Step]] = {}
         for (layer, head) in edit.heads:
             columns = slice(head * self.head_dim, (head + 1) * self.head_dim)
             if (layer, head) in edit.scale:
                 step = _Step(columns, float(edit.scale[(layer, head)]), None)
             else:
+                weight = self.projections[layer]._module.weight  # the layer's own device (models split across GPUs)
                 vector = torch.as_tensor(np.asarray(edit.replace[(layer, head)]), dtype=weight.dtype, device=weight.device)
                 if vector.shape != (self.head_dim,):
                     raise ValueError(f"head edit: replacement for {(layer, head)} has shape {tuple(vector.shape)}, "
