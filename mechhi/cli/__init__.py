@@ -1,5 +1,5 @@
 """The `mechhi` command line: thin typer commands over the engine, one module per
-pipeline stage (trace, score, store, figures, data, finetune, toy).
+pipeline stage (trace, score, store, intervene, figures, data, finetune, toy).
 
 Each command parses options, calls one engine function and prints its result on stdout
 (a table, or JSON with ``--json``); progress, warnings and messages go to stderr. Library
@@ -15,6 +15,7 @@ from .app import app
 from . import trace  # noqa: E402, F401  # isort: skip
 from . import score  # noqa: E402, F401  # isort: skip
 from . import store  # noqa: E402, F401  # isort: skip
+from . import intervene  # noqa: E402, F401  # isort: skip
 from . import finetune  # noqa: E402, F401  # isort: skip
 from . import figures  # noqa: E402, F401  # isort: skip
 from . import data  # noqa: E402, F401  # isort: skip

@@ -39,9 +39,17 @@ def rank(
     top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers.")] = None,
     mask_threshold: MaskThresholdOpt = 0.5,
     keep_best: KeepBestOpt = True,
+    compare_probes: Annotated[bool, typer.Option("--compare-probes", help="Instead: rank correlations (Spearman, "
+                                                 "Kendall) between the head rankings of head-impact, attention-mass, "
+                                                 "pursuit and logit-lens (the last two run the store's model).")] = False,
+    words: Annotated[Optional[str], typer.Option(help="With --compare-probes: the pursuit / logit-lens concept "
+                                                 "(default: the toy world's colours).")] = None,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Rank layers by mean Head Impact over heads (best first), or by an attention-mass baseline."""
+    if compare_probes:
+        return print_probe_agreement(store, words, device, as_json)
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r}; available: {', '.join(PROBES)}")
     if probe == "head-impact":
@@ -134,17 +142,28 @@ def pursuit(
 @app.command()
 @friendly_errors
 def stats(
-    store: StoreOpt, mask_threshold: MaskThresholdOpt = 0.5, keep_best: KeepBestOpt = True, as_json: JsonOpt = False
+    store: StoreOpt, mask_threshold: MaskThresholdOpt = 0.5, keep_best: KeepBestOpt = True,
+    top_k: Annotated[int, typer.Option(min=1, help="K of the bootstrap's top-K shares.")] = 3,
+    resample: Annotated[str, typer.Option(help="Bootstrap unit: image (an image's samples together) or sample.")] = "image",
+    n_resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Kruskal-Wallis tests of Head Impact across layers and across heads."""
+    """Statistics of Head Impact across layers and heads.
+
+    Friedman tests (samples as blocks) and bootstrap intervals of each layer's mean HI,
+    beside the paper's Kruskal-Wallis tests (see docs/statistics.md in the repository).
+    """
     from probes.head_impact import kruskal_records, kruskal_wallis
 
     ds = scored(store, mask_threshold, keep_best)
     tests = kruskal_records(kruskal_wallis(ds))
+    repeated = repeated_measures(ds, top_k, resample, n_resamples, seed)
     if as_json:
-        print_json({"store": str(store), "model": ds.attrs.get("model"), "kruskal_wallis": tests})
+        print_json({"store": str(store), "model": ds.attrs.get("model"), "kruskal_wallis": tests, **repeated})
         return
-    table = Table(title="Kruskal-Wallis")
+    print_repeated_measures(repeated)
+    table = Table(title="Kruskal-Wallis (the paper's test; on iou it treats one sample's layers and heads as independent)")
     for column in ("across", "on", "statistic", "df", "p-value"):
         table.add_column(column, justify="right")
     for t in tests:
@@ -158,3 +177,67 @@ def stats(
     console.print("p < 0.001 in green. n/a: fewer than two non-empty groups or all values equal.")
 
 
+# ---------------------------------------------------------------- repeated measures, probe agreement
+def _p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "[bold green]< 1e-300[/]" if p == 0.0 else f"[bold green]{p:.3g}[/]" if p < 0.001 else f"{p:.3g}"
+
+
+def repeated_measures(ds, top_k: int, resample: str, n_resamples: int, seed: int) -> dict:
+    """Friedman tests and bootstrap layer intervals of a scored store, as JSON-ready records."""
+    from probes.statistics import bootstrap_layers, friedman, records
+
+    boot = bootstrap_layers(ds, k=top_k, n_resamples=n_resamples, unit=resample, seed=seed)
+    return {"friedman": records(friedman(ds), "test"), "bootstrap": {**boot.attrs, "layers": records(boot, "layer")}}
+
+
+def print_repeated_measures(repeated: dict) -> None:
+    table = Table(title="Friedman (samples as blocks)")
+    for column in ("test", "statistic", "df", "p-value", "Kendall's W", "blocks"):
+        table.add_column(column, justify="right")
+    for t in repeated["friedman"]:
+        statistic, w = t["statistic"], t["kendall_w"]
+        table.add_row(t["test"], "n/a" if statistic is None else f"{statistic:.2f}", str(t["df"]), _p(t["p_value"]),
+                      "n/a" if w is None else f"{w:.3f}", str(t["n_blocks"]))  # fmt: skip
+    console.print(table)
+    boot = repeated["bootstrap"]
+    table = Table(title=f"Layer mean HI, {boot['confidence']:.0%} bootstrap interval over {boot['n_units']} "
+                        f"{boot['unit']}s ({boot['n_resamples']} resamples)")  # fmt: skip
+    for column in ("layer", "mean HI", "interval", f"in top-{boot['k']}"):
+        table.add_column(column, justify="right")
+    for row in sorted(boot["layers"], key=lambda r: -(r["mean_hi"] if r["mean_hi"] is not None else -1)):
+        low, high = row["ci_low"], row["ci_high"]
+        interval = "n/a" if low is None or high is None else f"{low:.3f} - {high:.3f}"
+        mean = "n/a" if row["mean_hi"] is None else f"{row['mean_hi']:.4f}"
+        table.add_row(str(row["layer"]), mean, interval, f"{row['top_k_share']:.0%}")
+    console.print(table)
+
+
+def print_probe_agreement(store, words: str | None, device: str, as_json: bool) -> None:
+    """`rank --compare-probes`: every probe's head scores, then their rank correlations."""
+    from mechhi.trace.probe_scores import ModelProbeSettings, probe_scores
+    from probes.agreement import agreement, agreement_records
+
+    ds = open_traced(store)
+    settings = ModelProbeSettings(words=tuple(w.strip() for w in words.split(",") if w.strip()) if words else
+                                  ModelProbeSettings().words, device=device)  # fmt: skip
+    result = agreement(probe_scores(ds, settings=settings, progress=not as_json))
+    rows = agreement_records(result, "head") + agreement_records(result, "layer")
+    if as_json:
+        print_json({"store": str(store), "model": ds.attrs.get("model"), "words": list(settings.words),
+                    "n_heads": int(result.n.sel(level="head").max()), "pairs": rows})  # fmt: skip
+        return
+    for level in ("head", "layer"):
+        table = Table(title=f"Probe agreement on {level} rankings (Spearman rho, Kendall tau): {ds.attrs.get('model')}")
+        for column in ("probe", "other"):
+            table.add_column(column, no_wrap=True)
+        for column in ("rho", "p", "tau", "p", f"{level}s"):
+            table.add_column(column, justify="right")
+        for r in (r for r in rows if r["level"] == level):
+            shown = ["n/a" if r[key] is None else f"{r[key]:+.3f}" for key in ("spearman", "kendall")]
+            table.add_row(r["probe"].replace("_", "-"), r["other"].replace("_", "-"), shown[0], _p(r["spearman_p"]),
+                          shown[1], _p(r["kendall_p"]), str(r["n"]))  # fmt: skip
+        console.print(table)
+    console.print(f"pursuit / logit-lens: concept {', '.join(settings.words)}; layer level: each probe's scores "
+                  "averaged over heads first.")  # fmt: skip

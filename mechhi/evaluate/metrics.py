@@ -154,6 +154,15 @@ def closed_vqa(
     batch_size: int = 8,
 ) -> dict[str, Metric]:
     """Accuracy (argmax over the letters A-D) and AnsProb (renormalised true-letter probability)."""
+    correct, probability = vqa_scores(model, adapter, items, batch_size=batch_size)
+    return {"accuracy": Metric.of(correct), "ans_prob": Metric.of(probability)}
+
+
+def vqa_scores(
+    model: torch.nn.Module, adapter: VLMAdapter, items: Sequence[VQAItem], *, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: 1.0 where the argmax letter is the true one (else 0.0), and the true
+    letter's probability renormalised over the four letters."""
     letters = letter_ids(adapter)
     correct, probability = [], []
     for part in _batches(len(items), batch_size):
@@ -170,4 +179,4 @@ def closed_vqa(
             probs = torch.softmax(scores, dim=-1)
             correct.append(float(int(scores.argmax()) == item.answer))
             probability.append(float(probs[item.answer]))
-    return {"accuracy": Metric.of(correct), "ans_prob": Metric.of(probability)}
+    return np.asarray(correct), np.asarray(probability)

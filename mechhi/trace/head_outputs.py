@@ -9,7 +9,7 @@ import torch
 
 from ..models import PreparedBatch
 from .attention import BatchIndex
-from .sites import DecoderTracer, resolve
+from .sites import DecoderTracer, output_projections
 
 
 class HeadOutputTracer(DecoderTracer):
@@ -30,7 +30,7 @@ class HeadOutputTracer(DecoderTracer):
 
     def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
         super().__init__(model, adapter)
-        self.projections = [resolve(layer, adapter.attention).o_proj for layer in self.layers]
+        self.projections = output_projections(self.nn, adapter)
 
     def trace(self, batch: PreparedBatch, positions: str = "image") -> np.ndarray:
         """(B, L, H, hidden) float32: per head, its write averaged over the sample's visual

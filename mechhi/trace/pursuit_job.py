@@ -83,12 +83,13 @@ def head_signals(
     template: str = "caption", progress: bool = True,
 ) -> xr.DataArray:  # fmt: skip
     """(sample, layer, head, hidden) per-head writes, averaged over ``positions``."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     tracer = HeadOutputTracer(model, adapter)
     chunks = []
     columns = (TextColumn("head outputs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:  # stdout is for results
         task = bar.add_task("pursuit", total=len(samples))
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
@@ -106,11 +107,10 @@ def head_signals(
     )
 
 
-def run_pursuit(config: PursuitConfig = PursuitConfig(), *, progress: bool = True,
-                loaded: tuple[Any, VLMAdapter] | None = None) -> xr.Dataset:  # fmt: skip
-    """Head Pursuit of ``config.words`` on every head; see ``probes.head_pursuit.pursue_heads``."""
-    from probes.head_pursuit import pursue_heads
-
+def pursuit_inputs(config: PursuitConfig, *, progress: bool = True,
+                   loaded: tuple[Any, VLMAdapter] | None = None) -> tuple[xr.DataArray, np.ndarray]:  # fmt: skip
+    """The per-head writes over ``config``'s samples and the concept's dictionary: what
+    Head Pursuit (and the logit lens, ``probes.logit_lens``) reads."""
     model, adapter = loaded or load(config.model, device=config.device, dtype=config.dtype)
     dictionary = concept_dictionary(model, adapter, config.words)  # fails fast on a bad word
     dataset = load_samples(TraceConfig(model=config.model, dataset=config.dataset, split=config.split), adapter)
@@ -119,7 +119,16 @@ def run_pursuit(config: PursuitConfig = PursuitConfig(), *, progress: bool = Tru
         raise ValueError(f"pursuit needs at least 2 samples, {config.dataset} has {len(samples)}")
     signals = head_signals(model, adapter, samples, positions=config.positions, batch_size=config.batch_size,
                            template=config.template, progress=progress)  # fmt: skip
+    return signals, dictionary
+
+
+def run_pursuit(config: PursuitConfig = PursuitConfig(), *, progress: bool = True,
+                loaded: tuple[Any, VLMAdapter] | None = None) -> xr.Dataset:  # fmt: skip
+    """Head Pursuit of ``config.words`` on every head; see ``probes.head_pursuit.pursue_heads``."""
+    from probes.head_pursuit import pursue_heads
+
+    signals, dictionary = pursuit_inputs(config, progress=progress, loaded=loaded)
     result = pursue_heads(signals, dictionary, list(config.words), config.k)
     result.attrs.update({"model": config.model, "dataset": config.dataset, "positions": config.positions,
-                         "samples": len(samples)})  # fmt: skip
+                         "samples": signals.sizes["sample"]})  # fmt: skip
     return result

@@ -14,6 +14,11 @@ from ..models import VLMAdapter
 
 ATTENTION_CALL = re.compile(r"\battention_interface\s*\(")
 
+# The attention module's output projection. Its input is the heads' outputs side by side
+# (B, T, heads * head_dim), so a head's slice of it is that head's whole contribution:
+# where Head Pursuit reads a head's write and where ``mechhi.intervene`` changes a head.
+OUTPUT_PROJECTION = "o_proj"
+
 
 class TracingError(RuntimeError):
     """The model's attention forward does not look as the tracer expects."""
@@ -59,6 +64,14 @@ class DecoderTracer:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+def output_projections(root: Any, adapter: VLMAdapter) -> list[Any]:
+    """Each decoder layer's attention output projection, in forward order, under ``root``
+    (an nnsight wrapper of the model, or the plain ``torch.nn.Module``)."""
+    layers = resolve(root, adapter.decoder_layers)
+    count = len(getattr(layers, "_module", layers))
+    return [resolve(layers[i], f"{adapter.attention}.{OUTPUT_PROJECTION}") for i in range(count)]
 
 
 def resolve(envoy: Any, dotted: str) -> Any:

@@ -1,0 +1,136 @@
+"""What the intervention jobs share: the store they read, the model they load (only when
+some setup still has to run), its head editor, and the reference means for mean ablation.
+
+A rerun whose setups are all cached never loads the model: ``Session.model`` loads it on
+first use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ..models import VLMAdapter
+from .heads import Head, HeadEdit, HeadEditor
+
+MODES = ("zero", "mean")
+
+
+def default_store() -> Path:
+    """Where `mechhi trace` writes by default: the store every command reads by default."""
+    from ..trace.job import TraceConfig
+
+    return TraceConfig().store_path()
+
+
+@dataclass
+class Session:
+    """One job's store, model and editor; ``loaded`` short-cuts the model load (tests)."""
+
+    store: Path
+    model_id: str | None = None  # default: the store's model
+    device: str = "auto"
+    dtype: str = "auto"
+    loaded: tuple[Any, VLMAdapter] | None = None
+    progress: bool = True
+
+    @cached_property
+    def ds(self) -> xr.Dataset:
+        from ..store import open_store
+
+        if not self.store.exists():
+            raise FileNotFoundError(f"no store at {self.store}: run `mechhi trace` first (or pass --store)")
+        return open_store(self.store)
+
+    @property
+    def model_name(self) -> str:
+        return self.model_id or str(self.ds.attrs.get("model"))
+
+    @property
+    def numerics(self) -> str:
+        """The dtype and device the model runs in, resolved without loading it (part of every cache key)."""
+        from ..models.loading import resolve_device, resolve_dtype
+
+        device = resolve_device(self.device)
+        return f"{resolve_dtype(self.dtype, device)}@{device.type}"
+
+    @cached_property
+    def model(self) -> tuple[Any, VLMAdapter]:
+        if self.loaded is not None:
+            return self.loaded
+        from ..models.loading import load
+
+        return load(self.model_name, device=self.device, dtype=self.dtype)
+
+    @cached_property
+    def editor(self) -> HeadEditor:
+        return HeadEditor(*self.model)
+
+    def store_fields(self) -> dict[str, Any]:
+        """What identifies the store's content in a cache key."""
+        attrs = self.ds.attrs
+        return {"store": str(self.store.resolve()), "created": attrs.get("created"), "dataset": attrs.get("dataset"),
+                "binarize": attrs.get("binarize"), "done": int(self.ds["done"].sum())}  # fmt: skip
+
+    @cached_property
+    def reference_means(self) -> xr.DataArray:
+        """Each head's mean output over the store's own samples (mean ablation's reference)."""
+        from ..trace.probe_scores import store_samples, store_source
+        from .reference import head_means
+
+        model, adapter = self.model
+        return head_means(model, adapter, store_samples(self.ds, adapter), template=store_source(self.ds)[2])
+
+    def reference_fields(self, mode: str) -> dict[str, Any]:
+        """What the mean-ablation reference depends on (nothing for zero ablation)."""
+        if mode != "mean":
+            return {}
+        return {"reference": self.ds.attrs.get("dataset"), "template": self.ds.attrs.get("prompt_template"),
+                "reference_samples": self.ds.sizes["sample"]}  # fmt: skip
+
+    def ablation(self, heads: tuple[Head, ...], mode: str) -> HeadEdit:
+        """``heads`` zeroed or replaced by their reference means."""
+        if mode not in MODES:
+            raise ValueError(f"unknown ablation mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode == "zero" or not heads:
+            return HeadEdit.scaled(heads, 0.0)
+        return HeadEdit.mean_ablated(heads, self.reference_means)
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN as None and tuples as lists, so any JSON reader takes it."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def write_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Write the job's result as JSON; returns it JSON-ready (NaN as None)."""
+    import json
+
+    from ..store import json_default
+
+    ready = json_ready(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ready, indent=1, default=json_default) + "\n")
+    return ready
+
+
+def progress_bar(items: list[Any], show: bool, label: str) -> Any:
+    """Iterate ``items`` with a progress bar on stderr (stdout carries only the result)."""
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(items, description=label, console=Console(stderr=True), disable=not show, transient=True)

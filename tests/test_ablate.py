@@ -1,0 +1,157 @@
+"""`mechhi ablate` on the bundled toy model: every setup's metrics against the plain model
+with the same heads edited by forward pre-hooks, the controls' head counts, the cache,
+and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mechhi.cli import app
+from mechhi.evaluate.metrics import closed_vqa, perplexity
+from mechhi.intervene.ablate import AblateConfig, EvalData, run_ablate
+from mechhi.intervene.head_sets import depth_bins, per_layer
+from tests.causal_fixtures import STORE_SAMPLES, held_out, hooked, toy_model, toy_store  # noqa: F401  (fixtures)
+
+
+def config(toy_store, held_out, out, **kw) -> AblateConfig:  # noqa: F811
+    settings = {"store": str(toy_store), "dataset": str(held_out), "n_heads": 4, "seeds": (0, 1), "limit": 10,
+                "mode": "zero", "out": str(out), "device": "cpu", "dtype": "float32"}
+    return AblateConfig(**{**settings, **kw})
+
+
+@pytest.fixture(scope="module")
+def zero_run(toy_model, toy_store, held_out, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("ablate")
+    return out, run_ablate(config(toy_store, held_out, out), progress=False, loaded=toy_model)
+
+
+def by_hand(model, adapter, data: EvalData, heads, replace) -> dict[str, float]:
+    """Perplexity, VQA accuracy and AnsProb of the plain model with ``heads`` edited by pre-hooks."""
+    with hooked(model, adapter, {h: replace(h) for h in heads}), torch.no_grad():
+        ppl = perplexity(model, adapter, data.images, [s.description for s in data.samples], batch_size=3)
+        vqa = closed_vqa(model, adapter, data.items, batch_size=5)
+    return {"perplexity": ppl.mean, "vqa_accuracy": vqa["accuracy"].mean, "ans_prob": vqa["ans_prob"].mean}
+
+
+def test_setups_match_the_plain_model_edited_by_hand(zero_run, toy_model, held_out):  # noqa: F811
+    _, report = zero_run
+    model, adapter = toy_model
+    data = EvalData(str(held_out), "test", 10, 0, progress=False)
+    names = [s["name"] for s in report["setups"]]
+    assert names == ["unablated", "top-4", "bottom-4", "matched (seed 0)", "matched (seed 1)", "depth (seed 0)",
+                     "depth (seed 1)"]  # fmt: skip
+    for setup in (report["setups"][0], report["setups"][1], report["setups"][-1]):
+        heads = [tuple(h) for h in setup["heads"]]
+        expected = by_hand(model, adapter, data, heads, lambda _h: torch.zeros_like)
+        for metric, value in expected.items():
+            assert setup["metrics"][metric]["mean"] == pytest.approx(value, rel=1e-5), (setup["name"], metric)
+    base, top = report["setups"][0], report["setups"][1]
+    for metric in report["metrics"]:
+        assert top["change"][metric]["mean"] == pytest.approx(top["metrics"][metric]["mean"] - base["metrics"][metric]["mean"])
+        assert top["change"][metric]["se"] >= 0
+    assert report["n_samples"] == 10 and top["metrics"]["perplexity"]["n"] == 10
+
+
+def test_heads_come_from_the_store_and_controls_keep_the_counts(zero_run, toy_store):  # noqa: F811
+    from mechhi.intervene.head_sets import bottom_heads, top_heads
+    from mechhi.store import open_store
+
+    _, report = zero_run
+    hi = open_store(toy_store).head_impact
+    setups = {s["name"]: s for s in report["setups"]}
+    assert [tuple(h) for h in setups["top-4"]["heads"]] == list(top_heads(hi, 4))
+    assert [tuple(h) for h in setups["bottom-4"]["heads"]] == list(bottom_heads(hi, 4))
+    top_counts = per_layer([tuple(h) for h in setups["top-4"]["heads"]])
+    bins = depth_bins(12, 3)
+    for setup in report["setups"]:
+        if setup["kind"] == "matched":
+            assert {int(k): v for k, v in setup["per_layer"].items()} == top_counts
+        if setup["kind"] == "depth":
+            counts = per_layer([tuple(h) for h in setup["heads"]])
+            for group in bins:
+                assert sum(counts.get(l, 0) for l in group) == sum(top_counts.get(l, 0) for l in group)
+
+
+def test_summary_is_the_setups_aggregated(zero_run):
+    _, report = zero_run
+    rows = {(r["group"], r["metric"]): r for r in report["summary"]}
+    matched = [s for s in report["setups"] if s["kind"] == "matched"]
+    for metric in report["metrics"]:
+        changes = [s["change"][metric]["mean"] for s in matched]
+        row = rows[("matched", metric)]
+        assert row["change"] == pytest.approx(np.mean(changes))
+        assert row["seeds"]["sd"] == pytest.approx(np.std(changes, ddof=1))
+        assert row["seeds"]["n_seeds"] == 2
+        assert rows[("top", metric)]["change"] == report["setups"][1]["change"][metric]["mean"]
+    json.dumps(report, allow_nan=False)  # NaN-free: any JSON reader takes it
+
+
+def test_rerun_is_cached_and_loads_no_model(zero_run, toy_store, held_out, monkeypatch):  # noqa: F811
+    out, first = zero_run
+
+    def no_load(*_a, **_k):
+        raise AssertionError("a cached rerun loaded the model")
+
+    monkeypatch.setattr("mechhi.models.loading.load", no_load)
+    again = run_ablate(config(toy_store, held_out, out), progress=False)
+    assert all(s["cached"] for s in again["setups"])
+    assert [s["metrics"] for s in again["setups"]] == [s["metrics"] for s in first["setups"]]
+    assert (out / "ablate.json").is_file()
+
+
+def test_mean_ablation_replaces_heads_by_their_reference_means(toy_model, toy_store, held_out, tmp_path):  # noqa: F811
+    from mechhi.intervene.reference import head_means
+    from mechhi.trace.job import TraceConfig, load_samples
+
+    model, adapter = toy_model
+    report = run_ablate(config(toy_store, held_out, tmp_path, mode="mean", controls=(), limit=6), progress=False,
+                        loaded=toy_model)  # fmt: skip
+    samples = load_samples(TraceConfig(), adapter).samples[:STORE_SAMPLES]  # the store's own samples
+    means = head_means(model, adapter, samples)
+    top = report["setups"][1]
+    data = EvalData(str(held_out), "test", 6, 0, progress=False)
+    vector = lambda h: (lambda x: torch.as_tensor(means.sel(layer=h[0], head=h[1]).values).expand_as(x))
+    expected = by_hand(model, adapter, data, [tuple(h) for h in top["heads"]], vector)
+    assert top["metrics"]["perplexity"]["mean"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    assert top["metrics"]["ans_prob"]["mean"] == pytest.approx(expected["ans_prob"], rel=1e-5)
+
+
+def test_cli_json_and_errors(toy_store, held_out, tmp_path):  # noqa: F811
+    runner = CliRunner()
+    base = ["ablate", "--store", str(toy_store), "--dataset", str(held_out), "--limit", "4", "--n-heads", "2",
+            "--seeds", "1", "--controls", "matched", "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    result = runner.invoke(app, [*base, "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [s["kind"] for s in payload["setups"]] == ["unablated", "top", "bottom", "matched"]
+    table = runner.invoke(app, base)  # cached now: the table of the same numbers
+    assert table.exit_code == 0 and "top-2" in table.stdout and "matched" in table.stdout and "{" not in table.stdout
+    for bad, message in ((["--probe", "gaze"], "unknown probe 'gaze'"), (["--mode", "half"], "--mode 'half'"),
+                         (["--store", str(tmp_path / "none.zarr")], "no store at")):  # fmt: skip
+        failed = runner.invoke(app, [*base, *bad])
+        assert failed.exit_code == 1 and message in failed.output and "Traceback" not in failed.output, failed.output
+
+
+def test_every_evaluate_metric_runs_under_an_edit(toy_model, held_out):  # noqa: F811
+    """`mechhi evaluate`'s whole evaluation, captions included, through the edited stand-in."""
+    from mechhi.evaluate.job import EvalSettings, evaluate_model
+    from mechhi.finetune import load_split
+    from mechhi.intervene import HeadEdit, HeadEditor
+
+    model, adapter = toy_model
+    split = load_split(held_out, "test")
+    settings = EvalSettings(limit=4, batch_size=4, generate=2, max_new_tokens=6)
+    heads = [(0, 0), (0, 3), (4, 2)]
+    with HeadEditor(model, adapter).edited(HeadEdit.scaled(heads, -1.0)) as edited:
+        result = evaluate_model(edited, adapter, split, settings=settings)
+    with hooked(model, adapter, {h: (lambda x: -x) for h in heads}):
+        expected = evaluate_model(model, adapter, split, settings=settings)
+    assert result["generations"] == expected["generations"]
+    for metric in ("perplexity", "token_accuracy", "vqa_accuracy", "ans_prob"):
+        assert result[metric]["mean"] == pytest.approx(expected[metric]["mean"], rel=1e-5), metric
+    assert result["perplexity"]["mean"] != pytest.approx(evaluate_model(model, adapter, split, settings=settings)["perplexity"]["mean"])
