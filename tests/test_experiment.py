@@ -143,6 +143,15 @@ def test_experiment_end_to_end(env):
         base = by_name["original"][metric]["mean"]
         expected = {g: abs(cells[g]["mean"] - base) for g in cells if g != "original"}
         assert row["largest_shift"] == max(expected, key=expected.get)
+    # a draw that repeats an earlier setup's layers takes over its adapter and numbers instead of training again
+    first = {}
+    for e in report["setups"][1:]:
+        twin = first.setdefault(tuple(e["layers"]), e)
+        assert e.get("same_as") == (None if twin is e else twin["name"])
+        assert e["metrics"] == twin["metrics"] and e["adapter"] == twin["adapter"]
+    assert len({e["adapter"] for e in report["setups"][1:]}) == len(first) < 7  # seeds here do repeat a draw
+    assert sorted(p.name for p in (root / "out" / "adapters").iterdir()) == sorted(
+        Path(e["adapter"]).name for e in first.values())  # fmt: skip
     assert report["flagged"] == {}  # every adapter trained and active
     for row in report["audit"]:
         assert row["lora_B_norm"] > 0 and row["probe_shift"] > 0 and row["steps"] == 2

@@ -145,7 +145,7 @@ def _run_setup(config: ExperimentConfig, setup: Setup, shared: _Shared, progress
     out = Path(config.out) / "adapters" / setup.dirname
     entry: dict[str, Any] = {"name": setup.name, "group": setup.group, "spec": setup.spec, "seed": setup.seed}
     began = time.time()
-    evaluation = dict(settings=config.eval, template=config.template, prepared=shared.evaluation(config))
+    evaluation = {"settings": config.eval, "template": config.template, "prepared": shared.evaluation(config)}
     if setup.spec is None:
         entry.update(layers=[], params={**parameter_counts(model), "trainable": 0, "trainable_pct": 0.0})
         entry["metrics"] = evaluate_model(model, adapter, shared.test, **evaluation)
@@ -175,9 +175,11 @@ def run_experiment(
     """Train and evaluate every setup; write results.json and the tables' CSVs; return the report.
 
     Rerunning resumes: finished adapters are not retrained and finished evaluations
-    (``<out>/setups/<setup>.json``, keyed by the settings) are not redone. Under several
-    processes (``accelerate launch``) every setup trains on all of them; each process
-    evaluates, and the main one writes.
+    (``<out>/setups/<setup>.json``, keyed by the settings) are not redone. A setup whose
+    draw repeats the layers of an earlier one takes over its adapter and numbers (marked
+    ``same_as``) instead of training the same adapter again. Under several processes
+    (``accelerate launch``) every setup trains on all of them; each process evaluates, and
+    the main one writes.
     """
     from ..store import open_store
 
@@ -185,33 +187,46 @@ def run_experiment(
         torch.set_num_threads(config.threads)
     store_ds = open_store(config.store)
     setups = plan(config)
-    for setup in setups:  # fail before any training on a store without head_impact or too few layers
-        if setup.spec is not None:
-            select_layers(store_ds, setup.spec, seed=setup.seed, depth_band=config.depth_band)
+    selections = {setup.name: select_layers(store_ds, setup.spec, seed=setup.seed, depth_band=config.depth_band)
+                  for setup in setups if setup.spec is not None}  # fails before any training on an unfit store
     accelerator = make_accelerator(device=config.device, precision=config.train.mixed_precision,
                                    grad_accum=config.train.grad_accum)  # fmt: skip
     shared = _shared(config, store_ds, loaded, str(accelerator.device), progress)
     ranking = head_impact_fingerprint(store_ds["head_impact"]) if "head_impact" in store_ds.data_vars else None
+    keyed = replace(config, model=shared.model_id, dataset=str(shared.data.root))
     out = Path(config.out)
     (out / "setups").mkdir(parents=True, exist_ok=True)
-    entries = []
+    entries: list[dict] = []
     for i, setup in enumerate(setups):
-        cache = out / "setups" / f"{setup.dirname}.json"
-        key = _setup_key(replace(config, model=shared.model_id, dataset=str(shared.data.root)), setup, ranking)
+        cache, key = out / "setups" / f"{setup.dirname}.json", _setup_key(keyed, setup, ranking)
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
-        if cached.get("key") == key:
-            entries.append(cached["entry"])
-            continue
-        if progress and accelerator.is_main_process:
-            print(f"[{i + 1}/{len(setups)}] {setup.name}", file=sys.stderr)
-        entry = _run_setup(config, setup, shared, progress)
-        if accelerator.is_main_process:
+        entry = cached["entry"] if cached.get("key") == key else _same_layers(setup, selections, entries)
+        if entry is None:
+            if progress and accelerator.is_main_process:
+                print(f"[{i + 1}/{len(setups)}] {setup.name}", file=sys.stderr)
+            entry = _run_setup(config, setup, shared, progress)
+        if accelerator.is_main_process and cached.get("key") != key:
             cache.write_text(json.dumps({"key": key, "entry": entry}, default=str) + "\n")
         entries.append(entry)
     report = build_report(config, shared.model_id, str(shared.data.root), entries)
     if accelerator.is_main_process:
         write_report(report, out)
     return report
+
+
+def _same_layers(setup: Setup, selections: dict[str, Any], done: list[dict]) -> dict | None:
+    """An earlier setup's entry when it trained exactly these layers (training depends on the
+    layers, not on how they were drawn: a second draw of the same set would train the same
+    adapter), renamed for this setup; None when there is none."""
+    if setup.spec is None:
+        return None
+    selection = selections[setup.name]
+    twin = next((e for e in done if e["spec"] is not None and tuple(e["layers"]) == selection.layers), None)
+    if twin is None:
+        return None
+    provenance = {k: v for k, v in selection.provenance.items() if k != "ranking"}
+    return {**twin, "name": setup.name, "group": setup.group, "spec": setup.spec, "seed": setup.seed,
+            "provenance": provenance, "same_as": twin["name"], "seconds": 0.0}  # fmt: skip
 
 
 def _shared(config: ExperimentConfig, store_ds: Any, loaded: tuple[Any, VLMAdapter] | None, device: str,
