@@ -57,6 +57,8 @@ class TrainSettings:
                 raise ValueError(f"TrainSettings.{name}={getattr(self, name)!r} must be at least 1")
         if self.patience < 0 or self.lr <= 0:
             raise ValueError(f"TrainSettings: patience={self.patience}, lr={self.lr} must be >= 0 and > 0")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16")
 
 
 @dataclass
