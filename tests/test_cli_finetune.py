@@ -87,13 +87,17 @@ def test_an_adapter_of_another_shape_is_refused_with_what_does_not_fit(world):
     assert "state_dict" not in line and "size mismatch" not in line
 
 
-def test_experiment_json_is_all_of_stdout_and_progress_goes_to_stderr(world):
+def test_experiment_json_is_all_of_stdout_progress_goes_to_stderr_and_a_rerun_says_it_is_done(world):
     out = world["root"] / "experiment"
-    result = runner.invoke(app, ["experiment", "--store", str(world["store"]), "--dataset", str(world["data"]),
-                                 "--model", str(world["root"] / "a"), "--k", "1", "--seeds", "1", "--max-steps", "1",
-                                 "--limit", "4", "--out", str(out), "--device", "cpu", "--json"])  # fmt: skip
+    args = ["experiment", "--store", str(world["store"]), "--dataset", str(world["data"]), "--model",
+            str(world["root"] / "a"), "--k", "1", "--seeds", "1", "--max-steps", "1", "--limit", "4", "--out", str(out),
+            "--device", "cpu", "--json"]  # fmt: skip
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert list(report["table4"][0]["cells"]) == ["original", "top-1", "bottom-1", "random-1", "depth-1", "full"]
     assert "[1/6] original" in result.stderr and "[5/6] depth-1 (seed 0)" in result.stderr
     assert (out / "results.json").is_file()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and json.loads(again.stdout)["table4"] == report["table4"]
+    assert "nothing was trained again" in again.stderr and "[1/6]" not in again.stderr

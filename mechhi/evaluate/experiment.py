@@ -197,9 +197,11 @@ def run_experiment(
     out = Path(config.out)
     (out / "setups").mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []
+    reused = 0
     for i, setup in enumerate(setups):
         cache, key = out / "setups" / f"{setup.dirname}.json", _setup_key(keyed, setup, ranking)
         cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        reused += cached.get("key") == key
         entry = cached["entry"] if cached.get("key") == key else _same_layers(setup, selections, entries)
         if entry is None:
             if progress and accelerator.is_main_process:
@@ -211,6 +213,8 @@ def run_experiment(
     report = build_report(config, shared.model_id, str(shared.data.root), entries)
     if accelerator.is_main_process:
         write_report(report, out)
+        if progress and reused == len(setups):
+            print(f"every setup was already finished in {out / 'setups'}: nothing was trained again", file=sys.stderr)
     return report
 
 
