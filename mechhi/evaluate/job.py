@@ -103,11 +103,14 @@ def run_evaluate(
                               "split": config.split, "settings": asdict(config.eval)}  # fmt: skip
     if mismatch:
         result["warning"] = f"the adapter was trained on {meta['base_model']!r}, evaluated on {model_id!r} (--force)"
+    prepared = EvalSet.build(adapter, split, config.eval, template=config.template)
     if config.adapter is None:
-        result["metrics"] = evaluate_model(model, adapter, split, settings=config.eval, template=config.template)
+        result["metrics"] = evaluate_model(model, adapter, split, settings=config.eval, template=config.template,
+                                           prepared=prepared)  # fmt: skip
         return result
     result.update(evaluate_adapter(model, adapter, config.adapter, split, settings=config.eval, template=config.template,
-                                   expected_layers=meta["selection"]["layers"], model_name=repr(str(model_id))))  # fmt: skip
+                                   expected_layers=meta["selection"]["layers"], prepared=prepared,
+                                   model_name=repr(str(model_id))))  # fmt: skip
     return result
 
 
