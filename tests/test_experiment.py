@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,10 +116,13 @@ def test_experiment_end_to_end(env):
     model = copy.deepcopy(env["model"])
     report = run_experiment(config, loaded=(model, env["adapter"]), progress=False)
     names = [e["name"] for e in report["setups"]]
-    assert names == ["original", "top-1", "bottom-1", "random-1 (seed 0)", "random-1 (seed 1)", "full"]
+    assert names == ["original", "top-1", "bottom-1", "random-1 (seed 0)", "random-1 (seed 1)", "depth-1 (seed 0)",
+                     "depth-1 (seed 1)", "full"]  # fmt: skip
     layers = {e["name"]: e["layers"] for e in report["setups"]}
     assert layers["top-1"] == [1] and layers["bottom-1"] == [2] and layers["full"] == list(range(6))
     assert all(layer in (0, 3, 4, 5) for key in names if key.startswith("random") for layer in layers[key])
+    # depth-1: a neighbour of top layer 1 within 0.2 of depth (layer / 5), i.e. layer 0 or 2
+    assert all(layers[f"depth-1 (seed {s})"] in ([0], [2]) for s in (0, 1))
     # Table 5: r (in + out) for q, k, v per layer, hand-computed from the config
     hidden = model.config.text_config.hidden_size
     kv = model.config.text_config.num_key_value_heads * (hidden // model.config.text_config.num_attention_heads)
@@ -131,14 +135,23 @@ def test_experiment_end_to_end(env):
     by_name = {e["name"]: e["metrics"] for e in report["setups"]}
     for row in report["table4"]:
         cells, metric = row["cells"], row["metric"]
-        assert list(cells) == ["original", "top-1", "bottom-1", "random-1", "full"]
-        assert cells["random-1"]["n_seeds"] == 2 and cells["original"]["shift"] == 0
+        assert list(cells) == ["original", "top-1", "bottom-1", "random-1", "depth-1", "full"]
+        assert cells["random-1"]["n_seeds"] == 2 and cells["depth-1"]["n_seeds"] == 2 and cells["original"]["shift"] == 0
         seeds = [by_name[f"random-1 (seed {k})"][metric]["mean"] for k in (0, 1)]
         assert cells["random-1"]["mean"] == pytest.approx(np.mean(seeds))
         assert cells["random-1"]["spread_sd"] == pytest.approx(np.std(seeds, ddof=1))
         base = by_name["original"][metric]["mean"]
         expected = {g: abs(cells[g]["mean"] - base) for g in cells if g != "original"}
         assert row["largest_shift"] == max(expected, key=expected.get)
+    # a draw that repeats an earlier setup's layers takes over its adapter and numbers instead of training again
+    first = {}
+    for e in report["setups"][1:]:
+        twin = first.setdefault(tuple(e["layers"]), e)
+        assert e.get("same_as") == (None if twin is e else twin["name"])
+        assert e["metrics"] == twin["metrics"] and e["adapter"] == twin["adapter"]
+    assert len({e["adapter"] for e in report["setups"][1:]}) == len(first) < 7  # seeds here do repeat a draw
+    assert sorted(p.name for p in (root / "out" / "adapters").iterdir()) == sorted(
+        Path(e["adapter"]).name for e in first.values())  # fmt: skip
     assert report["flagged"] == {}  # every adapter trained and active
     for row in report["audit"]:
         assert row["lora_B_norm"] > 0 and row["probe_shift"] > 0 and row["steps"] == 2
@@ -146,9 +159,10 @@ def test_experiment_end_to_end(env):
     saved = json.loads((out / "results.json").read_text())
     assert [e["name"] for e in saved["setups"]] == names
     rows = list(csv.DictReader(open(out / "table4.csv")))
-    assert {r["setup"] for r in rows} == {"original", "top-1", "bottom-1", "random-1", "full"} and len(rows) == 15
+    assert {r["setup"] for r in rows} == {"original", "top-1", "bottom-1", "random-1", "depth-1", "full"}
+    assert len(rows) == 18
     assert [r["setup"] for r in csv.DictReader(open(out / "table5.csv"))] == names
-    assert len(list(csv.DictReader(open(out / "audit.csv")))) == 5
+    assert len(list(csv.DictReader(open(out / "audit.csv")))) == 7
     assert not any("lora" in n for n, _ in model.named_parameters())  # the base model is plain again
 
     # `mechhi evaluate --adapter DIR` reproduces the experiment's numbers for that setup
@@ -162,6 +176,38 @@ def test_experiment_end_to_end(env):
     original = report["setups"][0]["metrics"]["perplexity"]["mean"]
     assert base["metrics"]["perplexity"]["mean"] == pytest.approx(original)
     assert top["metrics"]["perplexity"]["mean"] != pytest.approx(original)
+
+
+def test_experiment_reads_the_dataset_loads_the_model_and_decodes_each_image_once(env, tmp_path, monkeypatch):
+    import mechhi.models.loading
+    from mechhi.data.format import ANNOTATIONS, Sample
+
+    reads, loads, decoded = [], [], []
+    real_read, real_image = Path.read_bytes, Sample.image
+
+    def read_bytes(path: Path) -> bytes:
+        if path.name == ANNOTATIONS:
+            reads.append(path)
+        return real_read(path)
+
+    def image(sample: Sample):
+        decoded.append(sample.image_path)
+        return real_image(sample)
+
+    def load(*args, **kwargs):
+        loads.append(args)
+        return copy.deepcopy(env["model"]), env["adapter"]
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Sample, "image", image)
+    monkeypatch.setattr(mechhi.models.loading, "load", load)
+    store = scored_store(tmp_path / "s.zarr", 6, np.array([0.2, 0.6, 0.1, 0.5, 0.4, 0.3]))
+    config = ExperimentConfig(store=str(store), model="tiny-toy", dataset=str(env["data"]), out=str(tmp_path / "out"),
+                              k=1, random_seeds=(0,), train=TINY_TRAIN, eval=TINY_EVAL)  # fmt: skip
+    report = run_experiment(config, progress=False)
+    assert len(report["setups"]) == 6
+    assert len(reads) == 1 and len(loads) == 1  # for six setups
+    assert len(decoded) == len(set(decoded)) > 0  # no image file decoded twice
 
 
 def test_experiment_refuses_an_unscored_store_before_training(env, tmp_path):

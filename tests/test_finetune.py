@@ -1,5 +1,7 @@
-"""LoRA fine-tuning from a store's ranking: layer selection, LoRA placement on every
-family, training, and exact resume after an interruption."""
+"""LoRA fine-tuning from a store's ranking: layer selection (depth-matched control
+included), LoRA placement on every family, the sample order, the per-sample loss,
+training on accelerate, loading once, and exact resume after an interruption (also one
+in the middle of writing a checkpoint)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from safetensors.torch import load_file
 
 from mechhi.toyworld.world import WorldConfig, build_synthetic
 from mechhi.finetune import (
+    CHECKPOINT_DIR,
     SELECTION_FILE,
     FinetuneConfig,
+    FinetuneData,
     SelectionError,
     TrainSettings,
     attach_lora,
@@ -64,14 +68,21 @@ def tiny_dataset(root: Path, n_images: int = 16) -> Path:
                            progress=False)  # fmt: skip
 
 
-def scored_store(path: Path, n_layers: int, means: np.ndarray | None = None) -> Path:
-    """A real on-disk store (create_store + write_scores) with a hand-made head_impact."""
+def scored_store(path: Path, n_layers: int, means: np.ndarray | None = None, *, samples: int = 1,
+                 traced: int | None = None) -> Path:  # fmt: skip
+    """A real on-disk store (create_store + write_scores) with a hand-made head_impact;
+    the first ``traced`` samples (default all) flagged done."""
+    import zarr
+
     means = np.linspace(0.1, 0.9, n_layers)[::-1] if means is None else means
-    create_store(path, samples=[SampleMeta("000000", "0", "a red circle", {"image": (2, 2)})], n_layers=n_layers,
-                 n_heads=4, maps=False, attrs={"model": "tiny-toy", "model_revision": "", "dtype": "float32",
-                                               "prompt_template": "caption", "dataset": "tiny#0"})  # fmt: skip
+    metas = [SampleMeta(f"{i:06d}", "0", "a red circle", {"image": (2, 2)}) for i in range(samples)]
+    create_store(path, samples=metas, n_layers=n_layers, n_heads=4, maps=False,
+                 attrs={"model": "tiny-toy", "model_revision": "", "dtype": "float32", "prompt_template": "caption",
+                        "dataset": "tiny#0"})  # fmt: skip
     hi = np.repeat(np.asarray(means, dtype=float)[:, None], 4, axis=1)  # (layer, head)
     write_scores(path, xr.Dataset({"head_impact": (("layer", "head"), hi)}))
+    done = zarr.open_group(str(path), mode="r+")["done"]
+    done[: samples if traced is None else traced] = True
     return path
 
 
@@ -133,6 +144,87 @@ def test_provenance_from_a_store_on_disk(tmp_path):
     assert [r["layer"] for r in prov["ranking"]] == [1, 3, 4, 5, 0, 2]
     other = scored_store(tmp_path / "t.zarr", 6, np.array([0.2, 0.6, 0.1, 0.5, 0.4, 0.31]))
     assert select_layers(other, "top-2").provenance["head_impact_fingerprint"] != prov["head_impact_fingerprint"]
+
+
+def _valid_depth_matchings(top, pool, depth, band):
+    """Every assignment of distinct non-top layers to the top layers, each within the band:
+    the independent reference for depth-K (brute force)."""
+    import itertools
+
+    return {tuple(sorted(choice)) for choice in itertools.permutations(pool, len(top))
+            if all(abs(depth(l) - depth(t)) <= band + 1e-12 for t, l in zip(top, choice))}  # fmt: skip
+
+
+def test_depth_k_matches_each_top_layer_within_its_band():
+    ds = hand_store()  # 10 layers, depth l / 9: a band of 0.2 is +-1 layer
+    top, pool = sorted(TOP3), sorted(set(range(10)) - TOP3)
+    valid = _valid_depth_matchings(top, pool, lambda l: l / 9, 0.2)
+    draws = {}
+    for seed in range(20):
+        sel = select_layers(ds, "depth-3", seed=seed)
+        assert sel.layers in valid and not set(sel.layers) & TOP3
+        pairs = sel.provenance["depth_pairs"]
+        assert sorted(p["top"] for p in pairs) == top and not any(p["widened"] for p in pairs)
+        assert sel.provenance["depth_seed"] == seed and sel.provenance["depth_band"] == 0.2
+        draws[seed] = sel.layers
+    assert len(set(draws.values())) > 1  # the seed matters
+    assert select_layers(ds, "depth-3", seed=7).layers == draws[7]  # and fixes the draw
+    wide = select_layers(ds, "depth-3", seed=0, depth_band=1.0)  # every non-top layer is in every band
+    assert len(wide.layers) == 3 and not set(wide.layers) & TOP3
+
+
+def test_depth_k_widens_a_used_up_band_to_the_nearest_layers_left():
+    ds = hand_store()
+    sel = select_layers(ds, "depth-3", seed=0, depth_band=0.0)  # no band has a member: all widened
+    pairs = sel.provenance["depth_pairs"]
+    assert all(p["widened"] for p in pairs)
+    taken: set[int] = set()
+    for p in pairs:  # each partner is among the nearest layers still free when it was drawn
+        free = set(range(10)) - TOP3 - taken
+        nearest = min(abs(l - p["top"]) for l in free)
+        assert abs(p["layer"] - p["top"]) == nearest and p["depth_gap"] == pytest.approx(nearest / 9)
+        taken.add(p["layer"])
+    with pytest.raises(SelectionError, match="needs 12 ranked layers to keep depth-K apart from top-K"):
+        select_layers(ds, "depth-6")
+
+
+def test_sample_order_is_a_pure_function_of_the_step_and_splits_over_ranks():
+    from mechhi.finetune import epoch_order, micro_batch, rank_part
+
+    n, seed, size = 7, 3, 4
+    stream = np.concatenate([epoch_order(n, seed, e) for e in range(6)])  # the reference: epochs end to end
+    for j in range(9):
+        got = micro_batch(n, seed=seed, index=j, size=size)
+        np.testing.assert_array_equal(got, stream[j * size : (j + 1) * size])
+        halves = [rank_part(got, rank=r, world=2) for r in range(2)]
+        assert [len(h) for h in halves] == [2, 2]
+        np.testing.assert_array_equal(np.concatenate(halves), got)
+    assert sorted(stream[:n]) == list(range(n))  # each epoch is a permutation
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        rank_part(np.arange(4), rank=0, world=3)
+
+
+def test_sample_loss_is_the_mean_of_per_sample_answer_nll(tmp_path):
+    from mechhi.finetune import answer_loss
+
+    model, adapter = toy_tiny()
+    images = [s.image() for s in FinetuneData.read(tiny_dataset(tmp_path / "d")).train[:4]]
+    answers = ["a red circle", "a large blue star", "circle", "a small green square"]  # 3, 4, 1, 4 tokens
+    per_sample = []
+    for image, answer in zip(images, answers):  # reference: one sample at a time, one token at a time
+        batch = adapter.prepare([image], [answer])
+        ids = batch.inputs["input_ids"][0]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(**batch.inputs).logits[0].double(), -1)
+        per_sample.append(float(np.mean([-logp[t - 1, ids[t]].item() for t in batch.layouts[0].query_positions])))
+    with torch.no_grad():
+        whole = answer_loss(model, adapter.prepare(images, answers), reduction="sample")
+        halves = [answer_loss(model, adapter.prepare(images[i : i + 2], answers[i : i + 2]), reduction="sample")
+                  for i in (0, 2)]  # fmt: skip
+        tokens = answer_loss(model, adapter.prepare(images, answers))
+    assert float(whole) == pytest.approx(np.mean(per_sample), rel=1e-5)
+    assert float(whole) == pytest.approx(float(sum(halves) / 2), rel=1e-5)  # what DDP's average over 2 ranks gives
+    assert float(tokens) != pytest.approx(float(whole), rel=1e-3)  # the token mean weighs long answers more
 
 
 # ----------------------------------------------------------------------------- LoRA placement
@@ -205,8 +297,8 @@ def setup(tmp_path_factory):
 
 
 def _config(setup, out: Path, **kw) -> FinetuneConfig:
-    return FinetuneConfig(store=str(setup["store"]), select="top-2", out=str(out), dataset=str(setup["data"]),
-                          model="tiny-toy", **{"train": FAST, **kw})  # fmt: skip
+    return FinetuneConfig(**{"store": str(setup["store"]), "select": "top-2", "out": str(out),
+                             "dataset": str(setup["data"]), "model": "tiny-toy", "train": FAST, **kw})  # fmt: skip
 
 
 def test_training_lowers_the_loss_and_trains_lora_b(setup):
@@ -234,26 +326,102 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_gives_the_same_adapter(setup):
-    adapter = setup["adapter"]
-    straight = finetune(_config(setup, setup["root"] / "straight"), loaded=(copy.deepcopy(setup["model"]), adapter),
-                        progress=False)  # fmt: skip
+def _same_adapter(a_dir: Path, b_dir: Path, atol: float = 0.0) -> None:
+    a = load_file(a_dir / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol)
 
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    """An uninterrupted run: the reference the interrupted ones must reproduce."""
+    return finetune(_config(setup, setup["root"] / "straight"), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]),
+                    progress=False)  # fmt: skip
+
+
+def test_resume_after_interruption_gives_the_same_adapter(setup, straight):
     def stop_at_2(step: int, loss: float) -> None:
         if step == 2:
             raise Interrupt
 
     out = setup["root"] / "resumed"
     with pytest.raises(Interrupt):
-        finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), adapter), progress=False, on_step=stop_at_2)
-    assert (out / "checkpoint.pt").is_file() and not (out / SELECTION_FILE).exists()
-    resumed = finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), adapter), progress=False)
-    a = load_file(straight.out / "adapter_model.safetensors")
-    b = load_file(resumed.out / "adapter_model.safetensors")
-    assert sorted(a) == sorted(b)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False,
+                 on_step=stop_at_2)  # fmt: skip
+    latest = json.loads((out / CHECKPOINT_DIR / "latest.json").read_text())
+    assert latest["step"] == 2 and not (out / SELECTION_FILE).exists()
+    resumed = finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)
+    _same_adapter(straight.out, resumed.out)
     assert [r["loss"] for r in resumed.history.train] == [r["loss"] for r in straight.history.train]
+    assert not (out / CHECKPOINT_DIR).exists()  # a finished run keeps only the adapter
+
+
+def test_a_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(setup, straight, monkeypatch):
+    import accelerate.accelerator
+
+    real, saves = accelerate.accelerator.save_custom_state, []
+
+    def dies_in_the_third_save(obj, path, index=0, **kw):
+        saves.append(path)
+        if len(saves) == 3:  # the optimizer and RNG files of step 3 are written; the loop state is not
+            raise Interrupt
+        return real(obj, path, index, **kw)
+
+    monkeypatch.setattr(accelerate.accelerator, "save_custom_state", dies_in_the_third_save)
+    out = setup["root"] / "killed-mid-save"
+    with pytest.raises(Interrupt):
+        finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)
+    monkeypatch.undo()
+    half = out / CHECKPOINT_DIR / "step-00000003.partial"
+    assert half.is_dir() and (half / "optimizer.bin").is_file()  # a half checkpoint is on disk ...
+    assert json.loads((out / CHECKPOINT_DIR / "latest.json").read_text())["step"] == 2  # ... and not the latest
+    resumed = finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)
+    _same_adapter(straight.out, resumed.out)
+    assert [r["loss"] for r in resumed.history.train] == [r["loss"] for r in straight.history.train]
+
+
+def test_a_checkpoint_of_another_run_is_refused(setup):
+    def stop_at_1(step: int, loss: float) -> None:
+        raise Interrupt
+
+    out = setup["root"] / "other-run"
+    with pytest.raises(Interrupt):
+        finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False,
+                 on_step=stop_at_1)  # fmt: skip
+    other = _config(setup, out, select="top-1")
+    with pytest.raises(ValueError, match="checkpoint of another fine-tuning run"):
+        finetune(other, loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)
+
+
+def test_images_are_decoded_once_and_validation_is_prepared_once(setup, monkeypatch):
+    import mechhi.finetune.data as data_module
+    from mechhi.finetune import micro_batch
+
+    prepared = []
+    real = data_module.prepare_samples
+    monkeypatch.setattr(data_module, "prepare_samples", lambda *a, **kw: prepared.append(1) or real(*a, **kw))
+    data = FinetuneData.read(setup["data"], val_limit=FAST.val_limit)
+    every_step = TrainSettings(**{**FAST.__dict__, "eval_every": 1})  # 4 validations
+    for name in ("once-a", "once-b"):  # two runs on one FinetuneData, as the experiment does
+        finetune(_config(setup, setup["root"] / name, train=every_step), data=data,
+                 loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)  # fmt: skip
+    assert len(prepared) == -(-FAST.val_limit // FAST.batch_size)  # the val batches, prepared once for both runs
+    drawn = {int(i) for j in range(FAST.max_steps * FAST.grad_accum)
+             for i in micro_batch(len(data.train), seed=FAST.seed, index=j, size=FAST.batch_size)}  # fmt: skip
+    files = {data.train[i].image_path for i in drawn} | {s.image_path for s in data.val}
+    assert data.images.decoded == len(files) == len(data.images)  # each image file decoded once, over both runs
+
+
+def test_a_partly_traced_store_warns_how_many_samples_the_ranking_rests_on(setup, capsys):
+    store = scored_store(setup["root"] / "partial.zarr", 4, samples=5, traced=3)
+    finetune(_config(setup, setup["root"] / "partial", store=str(store)),
+             loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "ranking rests on 3 of the store's 5 samples" in err
+    meta = json.loads((setup["root"] / "partial" / SELECTION_FILE).read_text())
+    assert meta["selection"]["provenance"]["traced_samples"] == 3
 
 
 def test_early_stopping_stops_and_keeps_the_best(setup):

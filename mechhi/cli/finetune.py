@@ -1,7 +1,15 @@
-"""The fine-tuning stage's commands: `mechhi finetune`, `mechhi evaluate`, `mechhi experiment`."""
+"""The fine-tuning stage's commands: `mechhi finetune`, `mechhi evaluate`, `mechhi experiment`.
+
+Each runs its engine function with stdout pointed at stderr (`_result_only`), so a
+progress bar or a library's print can never get in front of the result; then it prints
+the result alone: a table, or JSON with ``--json``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,42 +22,71 @@ from .common import (
     DtypeOpt,
     JsonOpt,
     console,
+    err_console,
     friendly_errors,
     print_json,
 )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _result_only() -> Iterator[None]:
+    """While the engine runs, anything written to stdout goes to stderr."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 @app.command()
 @friendly_errors
 def finetune(
     store: Annotated[Optional[Path], typer.Option(help="Scored store whose Head Impact ranking picks the layers.")] = Path("stores/toy.zarr"),
-    select: Annotated[str, typer.Option(help="top-K | bottom-K | random-K | full | layers=3,7")] = "top-4",
+    select: Annotated[str, typer.Option(help="top-K | bottom-K | random-K | depth-K | full | layers=3,7")] = "top-4",
     out: Annotated[Optional[Path], typer.Option(help="Adapter directory (default: adapters/<store>-<select>).")] = None,
     dataset: Annotated[Optional[Path], typer.Option(help="Dataset with train/val splits (default: toy fine-tuning set).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model (default: the store's model).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random-K draw.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random-K / depth-K draw.")] = 0,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Samples per forward pass, per process.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(min=1, help="Forward passes per optimizer step.")] = None,
+    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on a CUDA GPU that has it) | no | bf16 | fp16")] = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Train LoRA (r=8, alpha=16, q/k/v) on the decoder layers chosen from the store's ranking."""
+    """Train LoRA (r=8, alpha=16, q/k/v) on the decoder layers chosen from the store's ranking.
+
+    Runs in one process, or in several under `accelerate launch --multi_gpu --num_processes N -m mechhi finetune ...`
+    (each process takes --batch-size samples per forward pass).
+    """
     from dataclasses import replace
 
     from mechhi.finetune import FinetuneConfig, TrainSettings
     from mechhi.finetune import finetune as run_finetune
 
-    train = replace(TrainSettings(), **({"max_steps": max_steps} if max_steps else {}))
+    given = {"max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum}
+    train = replace(TrainSettings(), mixed_precision=mixed_precision, **{k: v for k, v in given.items() if v})
     config = FinetuneConfig(store=str(store) if store else None, select=select, out=str(out) if out else None,
                             dataset=str(dataset) if dataset else None, model=model, select_seed=seed,
                             device=device, dtype=dtype, train=train)  # fmt: skip
-    summary = run_finetune(config).summary()
+    with _result_only():
+        result = run_finetune(config)
+    if not _is_main_process():
+        return
+    summary = result.summary()
+    if result.resumed_finished:
+        err_console.print(f"{summary['out']} already holds this finished run: nothing to do")
     if as_json:
         print_json(summary)
     else:
         console.print(f"adapter: [bold]{summary['out']}[/]  layers {summary['layers']}  "
                       f"best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']}  "
                       f"trainable {summary['params']}")  # fmt: skip
+
+
+def _is_main_process() -> bool:
+    """Under `accelerate launch` only the main process prints the result."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 @app.command()
@@ -60,6 +97,7 @@ def evaluate(
     dataset: Annotated[Optional[Path], typer.Option(help="Dataset (default: toy fine-tuning set).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most N samples.")] = 200,
+    force: Annotated[bool, typer.Option(help="Evaluate the adapter on a base model other than its own.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -71,8 +109,11 @@ def evaluate(
 
     config = EvaluateConfig(model=model, adapter=str(adapter) if adapter else None,
                             dataset=str(dataset) if dataset else None, split=split, device=device, dtype=dtype,
-                            eval=replace(EvalSettings(), limit=limit))  # fmt: skip
-    result = run_evaluate(config)
+                            force=force, eval=replace(EvalSettings(), limit=limit))  # fmt: skip
+    with _result_only():
+        result = run_evaluate(config)
+    if "warning" in result:
+        err_console.print(f"[yellow]warning[/]: {result['warning']}", highlight=False)
     if as_json:
         print_json(result)
         return
@@ -93,18 +134,33 @@ def experiment(
     model: Annotated[Optional[str], typer.Option(help="Base model (default: the store's model).")] = None,
     store: Annotated[Path, typer.Option(help="Scored store whose ranking picks the layers.")] = Path("stores/toy.zarr"),
     dataset: Annotated[Optional[Path], typer.Option(help="Dataset with train/val/test (default: toy set).")] = None,
-    k: Annotated[int, typer.Option(min=1, help="Layers per setup (top-K, bottom-K, random-K).")] = 3,
-    seeds: Annotated[int, typer.Option(min=1, help="Random-K draws (mean and spread).")] = 3,
+    k: Annotated[int, typer.Option(min=1, help="Layers per setup (top-K, bottom-K, random-K, depth-K).")] = 3,
+    seeds: Annotated[int, typer.Option(min=1, help="Random-K and depth-K draws (mean and spread).")] = 3,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps per setup.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most N test samples.")] = 200,
     out: Annotated[Path, typer.Option(help="Results directory.")] = Path("experiments/toy"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
 ) -> None:
-    """The paper's comparison: original / top-K / bottom-K / random-K / full (Tables 4 and 5)."""
+    """The paper's comparison: original / top-K / bottom-K / random-K / depth-K / full (Tables 4 and 5)."""
+    from dataclasses import replace
+
     from mechhi.evaluate.experiment import ExperimentConfig, run_experiment
+    from mechhi.evaluate.prepared import EvalSettings
+    from mechhi.evaluate.tables import print_report
+    from mechhi.finetune import TrainSettings
 
+    train = replace(TrainSettings(), **({"max_steps": max_steps} if max_steps else {}))
     config = ExperimentConfig(store=str(store), model=model, dataset=str(dataset) if dataset else None,
-                              out=str(out), k=k, random_seeds=tuple(range(seeds)), device=device,
-                              dtype=dtype)  # fmt: skip
-    run_experiment(config)
-    console.print(f"results: {out}/results.json, table4.csv, table5.csv, audit.csv")
-
+                              out=str(out), k=k, random_seeds=tuple(range(seeds)), device=device, dtype=dtype,
+                              train=train, eval=replace(EvalSettings(), limit=limit))  # fmt: skip
+    with _result_only():
+        report = run_experiment(config)
+    if not _is_main_process():
+        return
+    err_console.print(f"results: {out}/results.json, table4.csv, table5.csv, audit.csv")
+    if as_json:
+        print_json(report)
+    else:
+        print_report(report, console)

@@ -17,6 +17,7 @@ import torch
 
 from ..data.format import Sample
 from ..finetune import (
+    ImageCache,
     lora_layers_of,
     lora_module_names,
     lora_norms,
@@ -26,23 +27,26 @@ from ..finetune import (
     read_selection,
 )
 from ..models import VLMAdapter
+from .compat import check_fits
 from .metrics import _logits
 
 
-def _answer_logits(model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Sample], template: str) -> torch.Tensor:
+def _answer_logits(model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Sample], template: str,
+                   images: ImageCache | None = None) -> torch.Tensor:  # fmt: skip
     """(n_answer_tokens_total, vocab) logits predicting each probe sample's answer tokens."""
-    batch = prepare_samples(adapter, samples, template)
+    batch = prepare_samples(adapter, samples, template, images)
     logits = _logits(model, batch)  # (B, T, vocab)
     return torch.cat([logits[i, torch.as_tensor(lay.query_positions) - 1] for i, lay in enumerate(batch.layouts)])
 
 
-def probe_shift(model: torch.nn.Module, adapter: VLMAdapter, probe: Sequence[Sample], template: str = "caption") -> float | None:
+def probe_shift(model: torch.nn.Module, adapter: VLMAdapter, probe: Sequence[Sample], template: str = "caption",
+                images: ImageCache | None = None) -> float | None:  # fmt: skip
     """Largest |logit change| on the probe batch when the adapter is switched off (None: no peft model)."""
     if not hasattr(model, "disable_adapter"):
         return None
-    with_adapter = _answer_logits(model, adapter, probe, template)
+    with_adapter = _answer_logits(model, adapter, probe, template, images)
     with model.disable_adapter():
-        without = _answer_logits(model, adapter, probe, template)
+        without = _answer_logits(model, adapter, probe, template, images)
     return float((with_adapter - without).abs().max())
 
 
@@ -53,6 +57,7 @@ def audit_adapter(
     *,
     expected_layers: Sequence[int] | None = None,
     template: str = "caption",
+    images: ImageCache | None = None,
 ) -> dict[str, Any]:
     """Is the evaluated model really the fine-tuned one? Norms, LoRA layers, probe shift, flags.
 
@@ -62,7 +67,7 @@ def audit_adapter(
     names = lora_module_names(model) if hasattr(model, "peft_config") else []
     layers = sorted(lora_layers_of(names, adapter)) if names else []
     norms = lora_norms(model)
-    shift = probe_shift(model, adapter, probe, template) if names else None
+    shift = probe_shift(model, adapter, probe, template, images) if names else None
     flags = []
     if not names:
         flags.append("not loaded: the model carries no LoRA modules")
@@ -76,11 +81,16 @@ def audit_adapter(
             "lora_B_norm": norms["lora_B"], "probe_max_abs_logit_shift": shift, "flags": flags}  # fmt: skip
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> Any:
-    """The base model with a saved peft adapter loaded onto it (``.unload()`` gives the base back)."""
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, model_name: str = "the model") -> Any:
+    """The base model with a saved peft adapter loaded onto it (``.unload()`` gives the base back).
+
+    Fails with one line on a directory mechhi did not write, or an adapter whose LoRA
+    modules the model lacks or sizes differently (`compat.check_fits`).
+    """
     from peft import PeftModel
 
-    read_selection(adapter_dir)  # fails clearly on a directory mechhi did not write
+    read_selection(adapter_dir)
+    check_fits(model, adapter_dir, model_name)
     with quiet_peft():
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
 

@@ -7,16 +7,20 @@ from collections.abc import Sequence
 import torch
 
 from ..data.format import Sample
+from ..finetune import ImageCache
 from ..models import VLMAdapter
 
 
 def generate_captions(model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Sample], *,
-                      max_new_tokens: int, template: str = "caption") -> list[dict[str, str]]:  # fmt: skip
-    """Greedy continuation of the prompt up to where the answer starts, one sample at a time."""
+                      max_new_tokens: int, template: str = "caption",
+                      images: ImageCache | None = None) -> list[dict[str, str]]:  # fmt: skip
+    """Greedy continuation of the prompt up to where the answer starts, one sample at a time
+    (images from ``images`` when given)."""
     device = next(model.parameters()).device
     out = []
     for sample in samples:
-        batch = adapter.prepare([sample.image()], [sample.description], template=template)
+        image = images.image(sample) if images is not None else sample.image()
+        batch = adapter.prepare([image], [sample.description], template=template)
         start = int(batch.layouts[0].query_positions[0])
         length = batch.inputs["input_ids"].shape[1]
         prefix = {k: v[:, :start] if v.ndim >= 2 and tuple(v.shape[:2]) == (1, length) else v

@@ -1,5 +1,10 @@
 """`mechhi evaluate`: perplexity over answer tokens, closed-ended VQA accuracy and AnsProb,
-optional greedy captions, on one split, for the base model or base + a saved adapter."""
+optional greedy captions, on one split, for the base model or base + a saved adapter.
+
+An adapter is evaluated on the base model it was trained on: another model of the same
+shape is refused unless ``force`` (then the result says so in ``warning``), and one of
+another shape is refused with the module that does not fit (`mechhi.evaluate.compat`).
+"""
 
 from __future__ import annotations
 
@@ -19,21 +24,10 @@ from ..finetune import (
 )
 from ..models import VLMAdapter
 from .audit import audit_adapter, load_adapter, parameter_counts_loaded
+from .compat import AdapterMismatch, same_base
 from .generate import generate_captions
-from .metrics import Metric, answer_scores, closed_vqa, perplexity_of
-from .vqa import vqa_items
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How much to evaluate. Defaults take well under a minute per setup for the toy model."""
-
-    limit: int | None = 200  # samples of the split (None: all)
-    batch_size: int = 16
-    vqa_seed: int = 0  # draws the distractor options and the true option's letter
-    generate: int = 3  # greedy captions for the first N samples (0: none)
-    max_new_tokens: int = 12
-    probe_size: int = 4  # samples in the audit's fixed probe batch
+from .metrics import Metric, perplexity_of, predictions_of, scores_of, vqa_scores_of
+from .prepared import EvalSet, EvalSettings
 
 
 def evaluate_model(
@@ -43,33 +37,30 @@ def evaluate_model(
     *,
     settings: EvalSettings = EvalSettings(),
     template: str = "caption",
+    prepared: EvalSet | None = None,
 ) -> dict[str, Any]:
     """Perplexity (eq. 3) and answer-token accuracy, VQA accuracy and AnsProb, each with its
-    standard error, plus optional greedy captions: a JSON-able dict.
+    standard error, plus optional greedy captions: a JSON-able dict. ``prepared``: the
+    split's inputs already built (`EvalSet.build` of this split and settings).
 
     >>> evaluate_model(model, adapter, load_dataset("data/toy-finetune", split="test"))  # doctest: +SKIP
     {'n': 200, 'perplexity': {'mean': 3.1, 'se': 0.1, 'n': 200}, ...}
     """
-    samples = list(dataset_split)[: settings.limit] if settings.limit else list(dataset_split)
-    if not samples:
-        raise ValueError("evaluate_model: the dataset split is empty")
-    images = [s.image() for s in samples]
-    nll, accuracy = answer_scores(model, adapter, images, [s.description for s in samples],
-                                  template=template, batch_size=settings.batch_size)  # fmt: skip
-    pool = [s.description for s in dataset_split]  # distractors from the whole split, not just the limit
-    items = vqa_items(samples, images, seed=settings.vqa_seed, pool=pool)
-    vqa = closed_vqa(model, adapter, items, batch_size=settings.batch_size)
+    inputs = prepared or EvalSet.build(adapter, dataset_split, settings, template=template)
+    nll, accuracy = scores_of(predictions_of(model, inputs.captions))
+    correct, probability = vqa_scores_of(model, inputs.letters, inputs.questions, inputs.answers)
     result: dict[str, Any] = {
-        "n": len(samples),
+        "n": len(inputs.samples),
         "perplexity": perplexity_of(nll).as_dict(),
         "answer_nll": Metric.of(nll).as_dict(),
         "token_accuracy": Metric.of(accuracy).as_dict(),
-        "vqa_accuracy": vqa["accuracy"].as_dict(),
-        "ans_prob": vqa["ans_prob"].as_dict(),
+        "vqa_accuracy": Metric.of(correct).as_dict(),
+        "ans_prob": Metric.of(probability).as_dict(),
     }
     if settings.generate:
-        result["generations"] = generate_captions(model, adapter, samples[: settings.generate],
-                                                  max_new_tokens=settings.max_new_tokens, template=template)  # fmt: skip
+        result["generations"] = generate_captions(model, adapter, inputs.samples[: settings.generate],
+                                                  max_new_tokens=settings.max_new_tokens, template=template,
+                                                  images=inputs.images)  # fmt: skip
     return result
 
 
@@ -85,6 +76,7 @@ class EvaluateConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16
     threads: int | None = None  # torch CPU threads (None: torch's default; 1 is fastest on a busy machine)
+    force: bool = False  # evaluate an adapter on a base model other than the one it was trained on
     eval: EvalSettings = EvalSettings()
 
 
@@ -96,6 +88,10 @@ def run_evaluate(
         torch.set_num_threads(config.threads)
     meta = read_selection(config.adapter) if config.adapter else None
     model_id = config.model or (meta["base_model"] if meta else resolve_model_id(None, None))
+    mismatch = meta is not None and not same_base(str(meta["base_model"]), str(model_id))
+    if mismatch and not config.force:
+        raise AdapterMismatch(f"adapter {config.adapter} was trained on {meta['base_model']!r}, not {model_id!r}; "
+                              "pass --force to evaluate it on this model anyway")  # fmt: skip
     if loaded is None:
         from ..models.loading import load
 
@@ -105,28 +101,33 @@ def run_evaluate(
     split = load_split(data_dir, config.split)
     result: dict[str, Any] = {"model": model_id, "adapter": config.adapter, "dataset": str(data_dir),
                               "split": config.split, "settings": asdict(config.eval)}  # fmt: skip
-    if meta and str(meta["base_model"]) != str(model_id):
-        result["warning"] = f"the adapter was trained on {meta['base_model']!r}, evaluated on {model_id!r}"
+    if mismatch:
+        result["warning"] = f"the adapter was trained on {meta['base_model']!r}, evaluated on {model_id!r} (--force)"
+    prepared = EvalSet.build(adapter, split, config.eval, template=config.template)
     if config.adapter is None:
-        result["metrics"] = evaluate_model(model, adapter, split, settings=config.eval, template=config.template)
+        result["metrics"] = evaluate_model(model, adapter, split, settings=config.eval, template=config.template,
+                                           prepared=prepared)  # fmt: skip
         return result
     result.update(evaluate_adapter(model, adapter, config.adapter, split, settings=config.eval, template=config.template,
-                                   expected_layers=meta["selection"]["layers"]))  # fmt: skip
+                                   expected_layers=meta["selection"]["layers"], prepared=prepared,
+                                   model_name=repr(str(model_id))))  # fmt: skip
     return result
 
 
 def evaluate_adapter(
     model: torch.nn.Module, adapter: VLMAdapter, adapter_dir: str | Path, split: Any, *, settings: EvalSettings,
-    template: str, expected_layers: Sequence[int],
+    template: str, expected_layers: Sequence[int], prepared: EvalSet | None = None, model_name: str = "the model",
 ) -> dict[str, Any]:
     """Metrics, audit and parameter counts of ``model`` carrying the saved adapter; the
     adapter is unloaded again afterwards, so ``model`` is left as it was given."""
-    peft_model = load_adapter(model, adapter_dir)
+    peft_model = load_adapter(model, adapter_dir, model_name=model_name)
     try:
         return {
-            "metrics": evaluate_model(peft_model, adapter, split, settings=settings, template=template),
-            "audit": audit_adapter(peft_model, adapter, split.samples[: settings.probe_size],
-                                   expected_layers=expected_layers, template=template),
+            "metrics": evaluate_model(peft_model, adapter, split, settings=settings, template=template,
+                                      prepared=prepared),
+            "audit": audit_adapter(peft_model, adapter, list(split)[: settings.probe_size],
+                                   expected_layers=expected_layers, template=template,
+                                   images=prepared.images if prepared else None),
             "params": parameter_counts_loaded(peft_model),
         }  # fmt: skip
     finally:

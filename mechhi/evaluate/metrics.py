@@ -8,6 +8,11 @@ forward pass and the adapter's answer-token positions. Metrics follow the paper:
 - VQA: the prompt lists options A-D; the model's answer is the argmax over the four
   letter tokens at the answer position; AnsProb is the probability of the true letter
   renormalised over the four letters. Standard errors are over samples.
+
+Every scorer takes a plain ``model`` callable (an intervention wraps it from outside)
+and comes in two forms: from images and texts (`answer_predictions`, `vqa_scores`), and
+from batches already prepared (`predictions_of`, `vqa_scores_of`), so an experiment
+prepares its test split once and scores every model on the same batches.
 """
 
 from __future__ import annotations
@@ -70,6 +75,25 @@ def _logits(model: torch.nn.Module, batch: PreparedBatch) -> torch.Tensor:
         return model(**moved.inputs).logits.float().cpu()  # (B, T, vocab)
 
 
+def caption_batches(
+    adapter: VLMAdapter, images: Sequence[Image.Image], answers: Sequence[str], *, template: str = "caption",
+    batch_size: int = 8,
+) -> Iterator[PreparedBatch]:
+    """(image, answer) pairs as prepared batches of ``batch_size``, one at a time."""
+    for part in _batches(len(images), batch_size):
+        yield adapter.prepare(images[part], answers[part], template=template)
+
+
+def predictions_of(model: torch.nn.Module, batches: Iterable[PreparedBatch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`answer_predictions` on batches already prepared (prepare once, score many models)."""
+    for batch in batches:
+        logp = torch.log_softmax(_logits(model, batch), dim=-1)
+        ids = batch.inputs["input_ids"]
+        for i, layout in enumerate(batch.layouts):
+            pos = torch.as_tensor(layout.query_positions)
+            yield logp[i, pos - 1], ids[i, pos]  # token t is predicted at t - 1
+
+
 def answer_predictions(
     model: torch.nn.Module,
     adapter: VLMAdapter,
@@ -81,13 +105,7 @@ def answer_predictions(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per sample (teacher forced): log-probabilities predicting each answer token
     (n_answer, vocab), and the answer token ids (n_answer,)."""
-    for part in _batches(len(images), batch_size):
-        batch = adapter.prepare(images[part], answers[part], template=template)
-        logp = torch.log_softmax(_logits(model, batch), dim=-1)
-        ids = batch.inputs["input_ids"]
-        for i, layout in enumerate(batch.layouts):
-            pos = torch.as_tensor(layout.query_positions)
-            yield logp[i, pos - 1], ids[i, pos]  # token t is predicted at t - 1
+    return predictions_of(model, caption_batches(adapter, images, answers, template=template, batch_size=batch_size))
 
 
 def answer_scores(
@@ -146,6 +164,43 @@ def letter_ids(adapter: VLMAdapter) -> list[int]:
     return ids
 
 
+def vqa_batches(adapter: VLMAdapter, items: Sequence[VQAItem], *, batch_size: int = 8) -> Iterator[PreparedBatch]:
+    """The questions as prepared batches: options A-D in the prompt, the true letter as the answer."""
+    for part in _batches(len(items), batch_size):
+        chunk = items[part]
+        yield adapter.prepare(
+            [it.image for it in chunk],
+            [LETTERS[it.answer] for it in chunk],
+            template="vqa",
+            fields=[{"options": format_options(it.options)} for it in chunk],
+        )
+
+
+def vqa_scores_of(
+    model: torch.nn.Module, letters: Sequence[int], batches: Iterable[PreparedBatch], answers: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """`vqa_scores` on batches already prepared (``answers``: each item's true option index)."""
+    correct, probability = [], []
+    truth = iter(answers)
+    for batch in batches:
+        logits = _logits(model, batch)
+        for i, layout in enumerate(batch.layouts):
+            answer = next(truth)
+            scores = logits[i, int(layout.query_positions[0]) - 1, list(letters)]  # (4,)
+            correct.append(float(int(scores.argmax()) == answer))
+            probability.append(float(torch.softmax(scores, dim=-1)[answer]))
+    return np.asarray(correct), np.asarray(probability)
+
+
+def vqa_scores(
+    model: torch.nn.Module, adapter: VLMAdapter, items: Sequence[VQAItem], *, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: 1.0 where the argmax letter is the true one (else 0.0), and the true
+    letter's probability renormalised over the four letters."""
+    batches = vqa_batches(adapter, items, batch_size=batch_size)
+    return vqa_scores_of(model, letter_ids(adapter), batches, [it.answer for it in items])
+
+
 def closed_vqa(
     model: torch.nn.Module,
     adapter: VLMAdapter,
@@ -156,27 +211,3 @@ def closed_vqa(
     """Accuracy (argmax over the letters A-D) and AnsProb (renormalised true-letter probability)."""
     correct, probability = vqa_scores(model, adapter, items, batch_size=batch_size)
     return {"accuracy": Metric.of(correct), "ans_prob": Metric.of(probability)}
-
-
-def vqa_scores(
-    model: torch.nn.Module, adapter: VLMAdapter, items: Sequence[VQAItem], *, batch_size: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per item: 1.0 where the argmax letter is the true one (else 0.0), and the true
-    letter's probability renormalised over the four letters."""
-    letters = letter_ids(adapter)
-    correct, probability = [], []
-    for part in _batches(len(items), batch_size):
-        chunk = items[part]
-        batch = adapter.prepare(
-            [it.image for it in chunk],
-            [LETTERS[it.answer] for it in chunk],
-            template="vqa",
-            fields=[{"options": format_options(it.options)} for it in chunk],
-        )
-        logits = _logits(model, batch)
-        for i, (item, layout) in enumerate(zip(chunk, batch.layouts)):
-            scores = logits[i, int(layout.query_positions[0]) - 1, letters]  # (4,)
-            probs = torch.softmax(scores, dim=-1)
-            correct.append(float(int(scores.argmax()) == item.answer))
-            probability.append(float(probs[item.answer]))
-    return np.asarray(correct), np.asarray(probability)

@@ -1,5 +1,6 @@
 """The experiment's tables: Table 4 (metric x setup, shift from original, the random-K
-spread over seeds), Table 5 (trainable parameters), the audit; as JSON, CSV and text."""
+and depth-K spread over seeds), Table 5 (trainable parameters), the audit; as JSON, CSV
+and text."""
 
 from __future__ import annotations
 
@@ -74,8 +75,11 @@ def build_report(config: Any, model_id: str, dataset: str, entries: list[dict]) 
     """The whole report of an experiment (``config``: its ExperimentConfig dataclass)."""
     audits = audit_rows(entries)
     flagged = {r["setup"]: r["flags"] for r in audits if r["flags"]}
-    randoms = [tuple(e["layers"]) for e in entries if e["group"].startswith("random")]
-    notes = ["random seeds drew identical layer sets"] if len(set(randoms)) < len(randoms) else []
+    notes = []
+    for kind in ("random", "depth"):
+        draws = [tuple(e["layers"]) for e in entries if e["group"].startswith(f"{kind}-")]
+        if len(set(draws)) < len(draws):
+            notes.append(f"{kind} seeds drew identical layer sets ({len(set(draws))} distinct of {len(draws)})")
     return {"config": json.loads(json.dumps(asdict(config), default=str)), "model": model_id, "dataset": dataset,
             "setups": entries, "table4": table4(entries), "table5": table5(entries), "audit": audits,
             "flagged": flagged, "notes": notes}  # fmt: skip
@@ -114,12 +118,11 @@ def _cell_text(cell: dict[str, Any]) -> str:
     return text
 
 
-def print_report(report: dict[str, Any]) -> None:
-    """Table 4 (largest shift from original in bold), Table 5, and the audit with its flags."""
-    from rich.console import Console
+def print_report(report: dict[str, Any], console: Any) -> None:
+    """Table 4 (largest shift from original in bold), Table 5, and the audit with its flags,
+    on a rich ``console`` (the command's stdout: the tables are its result)."""
     from rich.table import Table
 
-    console = Console()
     groups = list(report["table4"][0]["cells"]) if report["table4"] else []
     t4 = Table(title="Table 4: metrics on the test split (bold: largest shift from original)")
     for name in ["metric", *groups]:

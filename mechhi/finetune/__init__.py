@@ -9,17 +9,22 @@ from. One module per step:
 - ``select``: the layers from the store's ranking, with provenance;
 - ``lora``: peft's surgery on q/k/v of those layers only, checked; counts and norms;
 - ``loss``: the answer-token loss (the positions perplexity scores);
-- ``data``: splits, the toy fine-tuning set, prepared batches, the seeded order;
-- ``train``: the training loop, resumable;
+- ``order``: which samples each step and each process sees, a pure function of the step;
+- ``images``, ``data``: the dataset read once, images decoded once, the toy fine-tuning set;
+- ``depth``: the depth-matched control's draw (depth-K);
+- ``accel``, ``checkpoint``, ``validate``, ``train``: the loop on accelerate, its atomic
+  checkpoints and its validation loss;
 - ``job``: `mechhi finetune`, which writes the adapter directory.
 
 >>> result = finetune(FinetuneConfig(store="stores/toy.zarr", select="top-4"))  # doctest: +SKIP
 >>> result.selection.layers, result.params["trainable_pct"]                     # doctest: +SKIP
 """
 
-from .data import ensure_toy_dataset, epoch_order, load_split, micro_batches, prepare_samples
+from .data import FinetuneData, ensure_toy_dataset, load_split, prepare_samples, split_of
+from .depth import DEFAULT_BAND, depth_matched
+from .images import ImageCache
 from .job import (
-    CHECKPOINT_FILE, LOG_FILE, SELECTION_FILE, FinetuneConfig, FinetuneResult, finetune, read_selection,
+    CHECKPOINT_DIR, LOG_FILE, SELECTION_FILE, FinetuneConfig, FinetuneResult, finetune, read_selection,
     resolve_dataset, resolve_model_id,
 )  # fmt: skip
 from .lora import (
@@ -27,13 +32,17 @@ from .lora import (
     quiet_peft,
 )  # fmt: skip
 from .loss import answer_labels, answer_loss
-from .select import Selection, SelectionError, head_impact_fingerprint, parse_spec, select_layers
-from .train import History, TrainSettings, train_lora, validation_loss
+from .order import epoch_order, micro_batch, rank_part
+from .select import Selection, SelectionError, head_impact_fingerprint, parse_spec, select_layers, traced_samples
+from .train import History, TrainSettings, train_lora
+from .validate import validation_loss
 
 __all__ = [
-    "CHECKPOINT_FILE", "LOG_FILE", "SELECTION_FILE", "FinetuneConfig", "FinetuneResult", "History", "LoraSettings", "Selection", "SelectionError", "TrainSettings",
-    "answer_labels", "answer_loss", "attach_lora", "ensure_toy_dataset", "epoch_order", "finetune",
+    "CHECKPOINT_DIR", "DEFAULT_BAND", "LOG_FILE", "SELECTION_FILE", "FinetuneConfig", "FinetuneData", "FinetuneResult",
+    "History", "ImageCache", "LoraSettings", "Selection", "SelectionError", "TrainSettings",
+    "answer_labels", "answer_loss", "attach_lora", "depth_matched", "ensure_toy_dataset", "epoch_order", "finetune",
     "head_impact_fingerprint", "load_split", "lora_config", "lora_layers_of", "lora_module_names", "lora_norms",
-    "micro_batches", "parameter_counts", "parse_spec", "prepare_samples", "quiet_peft", "read_selection",
-    "resolve_dataset", "resolve_model_id", "select_layers", "train_lora", "validation_loss",
+    "micro_batch", "parameter_counts", "parse_spec", "prepare_samples", "quiet_peft", "rank_part", "read_selection",
+    "resolve_dataset", "resolve_model_id", "select_layers", "split_of", "traced_samples", "train_lora",
+    "validation_loss",
 ]  # fmt: skip

@@ -1,16 +1,21 @@
-"""The fine-tuning data: splits of a dataset, the toy fine-tuning set (size words the
-bundled model never saw), prepared batches and the seeded sample order."""
+"""The fine-tuning data, read once per run: the train and validation samples of one
+reading of ``annotations.jsonl``, their decoded images (`ImageCache`), the toy
+fine-tuning set (size words the bundled model never saw), and prepared batches.
+
+`FinetuneData` is what a run trains on; `mechhi experiment` builds one and hands it to
+every setup, so the dataset is read, and its images decoded, once for all setups.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from ..data.format import KeyObjectDataset, Sample, load_dataset
 from ..models import PreparedBatch, VLMAdapter
+from .images import ImageCache
 
 # The toy fine-tuning dataset: descriptions carry a size word ("a large red circle") that
 # the bundled model never saw, so there is something new to learn.
@@ -26,21 +31,6 @@ TOY_FINETUNE_SEED = 4_242  # a world seed that neither the toy training nor its 
 TOY_FINETUNE_SPLITS = {"train": 0.6, "val": 0.15, "test": 0.25}  # the paper's 1200 / 300 / 500
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one epoch: a pure function of (seed, epoch), so resume is exact."""
-    return np.random.default_rng([seed, epoch, 7]).permutation(n)
-
-
-def micro_batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless stream of sample-index micro-batches, epoch after epoch (last one may be short)."""
-    epoch = 0
-    while True:
-        order = epoch_order(n, seed, epoch)
-        for start in range(0, n, batch_size):
-            yield order[start : start + batch_size]
-        epoch += 1
-
-
 def ensure_toy_dataset(path: str | os.PathLike = TOY_FINETUNE_DATASET, *, progress: bool = True) -> Path:
     """Build (or resume) the toy fine-tuning dataset with size words in the descriptions."""
     from ..toyworld.world import WorldConfig, build_synthetic
@@ -50,15 +40,55 @@ def ensure_toy_dataset(path: str | os.PathLike = TOY_FINETUNE_DATASET, *, progre
                            progress=progress)  # fmt: skip
 
 
+def split_of(data: KeyObjectDataset, split: str, limit: int | None = None) -> KeyObjectDataset:
+    """One split of an already read dataset, failing with a clear message when it is empty."""
+    part = data.split(split)
+    if len(part) == 0:
+        raise ValueError(f"dataset {data.root} has no samples in split {split!r} (splits: {data.split_counts()})")
+    if limit is not None and limit < len(part):
+        part.samples = part.samples[:limit]
+    return part
+
+
 def load_split(dataset: str | os.PathLike, split: str, limit: int | None = None) -> KeyObjectDataset:
-    """One split of a dataset, failing with a clear message when it is empty."""
-    data = load_dataset(dataset, split=split)
-    if len(data) == 0:
-        raise ValueError(f"dataset {dataset} has no samples in split {split!r} (splits: {load_dataset(dataset).split_counts()})")
-    if limit is not None and limit < len(data):
-        data.samples = data.samples[:limit]
-    return data
+    """One split of a dataset directory (reads its annotations: use `split_of` for more splits)."""
+    return split_of(load_dataset(dataset), split, limit)
 
 
-def prepare_samples(adapter: VLMAdapter, samples: Sequence[Sample], template: str = "caption") -> PreparedBatch:
-    return adapter.prepare([s.image() for s in samples], [s.description for s in samples], template=template)
+def prepare_samples(
+    adapter: VLMAdapter, samples: Sequence[Sample], template: str = "caption", images: ImageCache | None = None
+) -> PreparedBatch:
+    """Model inputs for (image, description) samples; images from ``images`` when given."""
+    pictures = images.images(samples) if images is not None else [s.image() for s in samples]
+    return adapter.prepare(pictures, [s.description for s in samples], template=template)
+
+
+@dataclass
+class FinetuneData:
+    """The samples a run trains and validates on, from one reading of the dataset."""
+
+    root: Path
+    fingerprint: str  # of the dataset's content (annotations and image files)
+    train: list[Sample]
+    val: list[Sample]
+    images: ImageCache = field(default_factory=ImageCache)
+    _validation: dict = field(default_factory=dict, repr=False)  # prepared batches, see `validation_batches`
+
+    @classmethod
+    def read(cls, dataset: str | os.PathLike | KeyObjectDataset, *, train_limit: int | None = None,
+             val_limit: int | None = None, images: ImageCache | None = None) -> FinetuneData:  # fmt: skip
+        """The train and val splits of a dataset directory (read once) or of a dataset already read."""
+        data = dataset if isinstance(dataset, KeyObjectDataset) else load_dataset(dataset)
+        return cls(Path(data.root), data.fingerprint, split_of(data, "train", train_limit).samples,
+                   split_of(data, "val", val_limit).samples, images or ImageCache())  # fmt: skip
+
+    def validation_batches(self, adapter: VLMAdapter, *, template: str, batch_size: int, rank: int = 0,
+                           world: int = 1) -> list[PreparedBatch]:  # fmt: skip
+        """This rank's share of the validation samples (every ``world``-th), prepared once
+        and kept: every validation of the run, and of every run given this data, reuses them."""
+        key = (id(adapter), template, batch_size, rank, world)
+        if key not in self._validation:
+            mine = self.val[rank::world]
+            self._validation[key] = [prepare_samples(adapter, mine[i : i + batch_size], template, self.images)
+                                     for i in range(0, len(mine), batch_size)]  # fmt: skip
+        return self._validation[key]

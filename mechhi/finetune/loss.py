@@ -1,7 +1,16 @@
 """What is trained and scored: the answer (description) tokens. The same positions
-perplexity scores, so the training loss and the evaluated metric measure one thing."""
+perplexity scores, so the training loss and the evaluated metric measure one thing.
+
+Two reductions. ``"token"``: the mean over every answer token of the batch (the toy
+world's pretraining uses it). ``"sample"``: the mean over samples of each sample's mean
+answer-token NLL, the quantity perplexity exponentiates (paper eq. 3); fine-tuning uses
+it because it also makes data parallelism exact: the mean over ranks of per-rank sample
+means *is* the sample mean of the whole batch, whatever each sample's answer length.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -22,10 +31,22 @@ def answer_labels(batch: PreparedBatch) -> torch.Tensor:
     return labels
 
 
-def answer_loss(model: torch.nn.Module, batch: PreparedBatch, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy over the labelled tokens (token t is predicted at t - 1); by
-    default the answer tokens, ``answer_labels``."""
+def answer_loss(
+    model: torch.nn.Module,
+    batch: PreparedBatch,
+    labels: torch.Tensor | None = None,
+    *,
+    reduction: Literal["token", "sample"] = "token",
+) -> torch.Tensor:
+    """Cross-entropy over the labelled tokens (token t is predicted at t - 1), by default
+    the answer tokens (`answer_labels`); averaged over tokens, or per sample then over samples."""
     labels = (answer_labels(batch) if labels is None else labels)[:, 1:]  # (B, T-1)
     logits = model(**batch.inputs).logits[:, :-1]  # (B, T-1, vocab)
     keep = labels != -100
-    return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep])  # only (n_answer, vocab) in float
+    nll = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="none")  # (n_answer,)
+    if reduction == "token":
+        return nll.mean()
+    rows = keep.nonzero()[:, 0]  # (n_answer,) the sample of each labelled token
+    counts = keep.sum(1)  # (B,)
+    per_sample = torch.zeros(len(counts), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return (per_sample[counts > 0] / counts[counts > 0]).mean()

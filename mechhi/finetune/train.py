@@ -1,25 +1,34 @@
-"""The training loop: LoRA parameters only, answer-token loss, validation early
-stopping, gradient accumulation, checkpoints that a rerun resumes from exactly."""
+"""The training loop on accelerate: LoRA parameters only, the answer-token loss (per
+sample, so data parallelism is exact), validation early stopping that keeps the best
+weights, resumable from atomic checkpoints.
+
+accelerate does what depends on where the run is: device placement, DDP across
+launched processes, bf16/fp16 autocast (and fp16's loss scaling), gradient accumulation
+(no gradient sync until the last micro-batch; the optimizer steps once per
+``grad_accum`` micro-batches), and the optimizer / RNG state in checkpoints. What stays
+here is the order of the samples (`mechhi.finetune.order`, a pure function of the step),
+the learning-rate warmup, validation and early stopping.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..data.format import Sample
 from ..models import VLMAdapter
-from .data import micro_batches, prepare_samples
+from .accel import make_accelerator
+from .checkpoint import Checkpoints
+from .data import FinetuneData, prepare_samples
 from .loss import answer_loss
+from .order import micro_batch, rank_part
+from .validate import gathered_loss
 
 
 @dataclass(frozen=True)
@@ -27,8 +36,8 @@ class TrainSettings:
     """Training hyperparameters. Defaults are sized for the bundled toy model on 2 CPU cores
     (a setup takes about a minute there); raise them for real checkpoints."""
 
-    max_steps: int = 60  # optimizer steps (each of batch_size * grad_accum samples)
-    batch_size: int = 8  # samples per forward pass
+    max_steps: int = 60  # optimizer steps (each of batch_size * processes * grad_accum samples)
+    batch_size: int = 8  # samples per forward pass, per process
     grad_accum: int = 2  # forward passes per optimizer step
     lr: float = 1e-3  # AdamW, constant after warmup; LoRA tolerates high rates
     warmup: int = 5  # linear warmup steps
@@ -39,7 +48,7 @@ class TrainSettings:
     train_limit: int | None = None  # training samples (None: the whole train split)
     checkpoint_every: int = 10  # steps between resumable checkpoints
     seed: int = 0  # LoRA init, sample order
-    autocast: bool = True  # bf16 autocast on CUDA devices that support it
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA that has it, else none) | no | bf16 | fp16
     clip_grad: float = 1.0  # max gradient norm
 
     def __post_init__(self) -> None:
@@ -48,6 +57,8 @@ class TrainSettings:
                 raise ValueError(f"TrainSettings.{name}={getattr(self, name)!r} must be at least 1")
         if self.patience < 0 or self.lr <= 0:
             raise ValueError(f"TrainSettings: patience={self.patience}, lr={self.lr} must be >= 0 and > 0")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16")
 
 
 @dataclass
@@ -63,36 +74,6 @@ class History:
     seconds: float = 0.0
 
 
-def _lr(step: int, settings: TrainSettings) -> float:
-    return settings.lr * min(1.0, (step + 1) / max(1, settings.warmup))
-
-
-def _autocast(device: torch.device, settings: TrainSettings) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a CUDA device that has bf16; nothing elsewhere (CPU bf16 is slow)."""
-    if settings.autocast and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _input_dtype(model: torch.nn.Module) -> torch.dtype:
-    return model.get_input_embeddings().weight.dtype
-
-
-def validation_loss(model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Sample], *,
-                    batch_size: int, template: str = "caption") -> float:  # fmt: skip
-    """Mean over samples of the mean answer-token NLL: log of the paper's perplexity."""
-    from ..evaluate.metrics import answer_scores
-
-    was_training = model.training
-    model.eval()
-    try:
-        nll, _ = answer_scores(model, adapter, [s.image() for s in samples], [s.description for s in samples],
-                               template=template, batch_size=batch_size)  # fmt: skip
-    finally:
-        model.train(was_training)
-    return float(np.mean(nll))
-
-
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -103,46 +84,55 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _restore(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     params = _trainable(model)
-    if sorted(params) != sorted(weights):
-        raise ValueError("checkpoint LoRA weights do not match the model's trainable parameters")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class LoopState:
+    """What the loop knows and accelerate does not: the step, the curves, the best weights.
+    Registered with the accelerator, so it travels in every checkpoint."""
 
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.step, self.history, self.best = 0, History(), _snapshot(model)
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "history": asdict(self.history), "best": self.best}
 
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file, then rename: an interrupt never leaves a half checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.history, self.best = state["step"], History(**state["history"]), state["best"]
 
 
 StepCallback = Callable[[int, float], None]
 
 
+@dataclass
+class _Run:
+    """One training run's fixed parts, shared by its steps."""
+
+    accelerator: Any
+    model: Any  # as prepared by accelerate (DDP-wrapped under several processes)
+    inner: torch.nn.Module  # the model itself
+    params: list[torch.Tensor]  # its trainable (LoRA) parameters
+    optimizer: Any
+    adapter: VLMAdapter
+    data: FinetuneData
+    settings: TrainSettings
+    template: str
+
+
+def _lr(step: int, settings: TrainSettings) -> float:
+    return settings.lr * min(1.0, (step + 1) / max(1, settings.warmup))
+
+
 def train_lora(
     model: torch.nn.Module,
     adapter: VLMAdapter,
-    train: Sequence[Sample],
-    val: Sequence[Sample],
+    data: FinetuneData,
     settings: TrainSettings,
     *,
-    checkpoint: Path | None = None,
+    accelerator: Any = None,
+    checkpoints: Path | None = None,
     run_id: str = "",
     template: str = "caption",
     progress: bool = True,
@@ -150,92 +140,110 @@ def train_lora(
 ) -> History:
     """Train the model's trainable (LoRA) parameters; on return they hold the best-validation weights.
 
-    With ``checkpoint``, state is saved every ``checkpoint_every`` steps and a later call
-    with the same ``run_id`` resumes from it. ``on_step(step, loss)`` runs after each
-    optimizer step (tests raise in it to simulate an interruption).
+    With ``checkpoints`` (a directory), state is saved every ``checkpoint_every`` steps and a
+    later call with the same ``run_id`` resumes from it. ``on_step(step, loss)`` runs after
+    each optimizer step (tests raise in it to simulate an interruption).
     """
-    device = next(model.parameters()).device
-    params = list(_trainable(model).values())
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    history, best, start = History(), _snapshot(model), 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["run_id"] != run_id:
-            raise ValueError(f"{checkpoint} belongs to another fine-tuning run; delete it to start over")
-        _restore(model, state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, best, start = History(**state["history"]), state["best"], state["step"]
-        _set_rng_state(state["rng"])
-    stream = micro_batches(len(train), settings.batch_size, settings.seed)
-    for _ in range(start * settings.grad_accum):  # skip what was already trained on: indices only
-        next(stream)
+    accelerator = accelerator or make_accelerator(precision=settings.mixed_precision, grad_accum=settings.grad_accum)
+    prepared = accelerator.prepare(model)
+    inner = accelerator.unwrap_model(prepared)
+    params = list(_trainable(inner).values())
+    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay))
+    run = _Run(accelerator, prepared, inner, params, optimizer, adapter, data, settings, template)
+    state = LoopState(inner)
+    accelerator.register_for_checkpointing(state)
+    saver = Checkpoints(checkpoints, accelerator, run_id) if checkpoints is not None else None
+    if saver is not None:
+        saver.resume()
+    try:
+        _loop(run, state, saver, progress and accelerator.is_main_process, on_step)
+    finally:
+        accelerator.free_memory()  # the accelerator lets go of the model and optimizer
+    _restore(inner, state.best)
+    inner.eval()
+    return state.history
+
+
+def _loop(run: _Run, state: LoopState, saver: Checkpoints | None, progress: bool, on_step: StepCallback | None) -> None:
+    settings, history = run.settings, state.history
     began = time.time() - history.seconds
-    model.train()
-    with _progress_bar(progress, settings.max_steps, start) as advance:
-        for step in range(start, settings.max_steps):
-            loss = _optimizer_step(model, adapter, train, stream, optimizer, params, settings, step, device, template)
-            history.train.append({"step": step + 1, "loss": loss, "lr": _lr(step, settings)})
-            if (step + 1) % settings.eval_every == 0 or step + 1 == settings.max_steps:
-                best = _validate(model, adapter, val, settings, history, step + 1, best, template)
+    run.model.train()
+    with _progress_bar(progress, settings.max_steps, state.step) as advance:
+        while state.step < settings.max_steps:
+            loss = _optimizer_step(run, state.step)
+            state.step += 1
+            history.train.append({"step": state.step, "loss": loss, "lr": _lr(state.step - 1, settings)})
+            if state.step % settings.eval_every == 0 or state.step == settings.max_steps:
+                _validate(run, state)
             history.seconds = time.time() - began
             advance(loss, history)
-            stop = settings.patience and history.bad_evals >= settings.patience
-            if checkpoint is not None and ((step + 1) % settings.checkpoint_every == 0 or stop):
-                _save_checkpoint(checkpoint, {"run_id": run_id, "lora": _snapshot(model), "best": best,
-                                              "optimizer": optimizer.state_dict(), "step": step + 1,
-                                              "history": asdict(history), "rng": _rng_state()})  # fmt: skip
+            stop = bool(settings.patience) and history.bad_evals >= settings.patience
+            if saver is not None and (state.step % settings.checkpoint_every == 0 or stop):
+                saver.save(state.step)
             if on_step is not None:
-                on_step(step + 1, loss)
+                on_step(state.step, loss)
             if stop:
                 history.stopped_early = True
                 break
-    _restore(model, best)
-    model.eval()
-    return history
 
 
-def _optimizer_step(model, adapter, train, stream, optimizer, params, settings, step, device, template) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean micro-batch loss."""
-    for group in optimizer.param_groups:
+def _micro_batch(run: _Run, index: int) -> Any:
+    """This process's part of global micro-batch ``index``, prepared and on its device."""
+    acc, settings = run.accelerator, run.settings
+    everyone = micro_batch(len(run.data.train), seed=settings.seed, index=index,
+                           size=settings.batch_size * acc.num_processes)  # fmt: skip
+    mine = rank_part(everyone, rank=acc.process_index, world=acc.num_processes)
+    batch = prepare_samples(run.adapter, [run.data.train[int(i)] for i in mine], run.template, run.data.images)
+    return batch.to(acc.device, run.inner.get_input_embeddings().weight.dtype)
+
+
+def _optimizer_step(run: _Run, step: int) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; the mean micro-batch loss over processes."""
+    acc, settings = run.accelerator, run.settings
+    for group in run.optimizer.param_groups:
         group["lr"] = _lr(step, settings)
-    optimizer.zero_grad(set_to_none=True)
     losses = []
-    for _ in range(settings.grad_accum):
-        chunk = [train[int(i)] for i in next(stream)]
-        batch = prepare_samples(adapter, chunk, template).to(device, _input_dtype(model))
-        with _autocast(device, settings):
-            loss = answer_loss(model, batch)
-        (loss / settings.grad_accum).backward()
-        losses.append(loss.item())
-    if settings.clip_grad:
-        torch.nn.utils.clip_grad_norm_(params, settings.clip_grad)
-    optimizer.step()
-    return float(np.mean(losses))
+    for micro in range(settings.grad_accum):
+        batch = _micro_batch(run, step * settings.grad_accum + micro)
+        with acc.accumulate(run.model):
+            loss = answer_loss(run.model, batch, reduction="sample")
+            acc.backward(loss)  # divided by grad_accum; DDP averages over processes at the last micro-batch
+            if acc.sync_gradients and settings.clip_grad:
+                acc.clip_grad_norm_(run.params, settings.clip_grad)
+            run.optimizer.step()  # a no-op until the last micro-batch
+            run.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
 
 
-def _validate(model, adapter, val, settings, history: History, step: int, best, template) -> dict:
+def _validate(run: _Run, state: LoopState) -> None:
     """Record the validation loss; keep the best weights; count validations without improvement."""
-    with _autocast(next(model.parameters()).device, settings):
-        loss = validation_loss(model, adapter, val, batch_size=settings.batch_size, template=template)
-    history.val.append({"step": step, "loss": loss})
+    settings, history = run.settings, state.history
+    acc = run.accelerator
+    batches = run.data.validation_batches(run.adapter, template=run.template, batch_size=settings.batch_size,
+                                          rank=acc.process_index, world=acc.num_processes)  # fmt: skip
+    moved = [b.to(acc.device, run.inner.get_input_embeddings().weight.dtype) for b in batches]
+    loss = gathered_loss(run.inner, moved, acc, len(run.data.val))
+    history.val.append({"step": state.step, "loss": loss})
     if loss < history.best_loss:
-        history.best_loss, history.best_step, history.bad_evals = loss, step, 0
-        return _snapshot(model)
-    history.bad_evals += 1
-    return best
+        history.best_loss, history.best_step, history.bad_evals = loss, state.step, 0
+        state.best = _snapshot(run.inner)
+    else:
+        history.bad_evals += 1
 
 
 @contextlib.contextmanager
 def _progress_bar(show: bool, total: int, start: int):
-    """Yields ``advance(loss, history)``; a rich bar when ``show``."""
+    """Yields ``advance(loss, history)``; a rich bar on stderr when ``show``."""
     if not show:
         yield lambda loss, history: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns) as bar:
+    with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("train", total=total, completed=start, info="")
 
         def advance(loss: float, history: History) -> None:
