@@ -11,6 +11,14 @@ tracer recomputes softmax for the description rows only, in float32, exactly as 
 model's attention function would, while the model's own (SDPA / flash) kernel still
 produces the forward pass.
 
+What the capture costs beyond the plain forward (measured by `mechhi bench`): per
+layer, a few (B, H, Q, S) float32 tensors, freed before the model moves on; the
+(B, H, V) result, kept on the device until the end (one transfer, no sync per layer);
+no KV cache (the forward runs with ``use_cache=False``); and the model stops right
+after the last layer's attention inputs are read, so the last layer, the final norm
+and the logits never run. Nothing grows with S^2, and nothing of one layer (q, k,
+mask) outlives the reading of its rows.
+
 Axis names used below: B batch, H query heads, Hkv key/value heads, G = H / Hkv,
 Q description rows (padded to the longest in the batch), S key positions, V visual
 tokens (padded), D head dim.
@@ -87,13 +95,14 @@ def description_attention(
     kv_heads, seq = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     rows = index.query.shape[1]
-    q = query.float().gather(2, index.query[:, None, :, None].expand(batch, heads, rows, dim))
+    q = query.gather(2, index.query[:, None, :, None].expand(batch, heads, rows, dim)).float()  # (B, H, Q, D)
     q = q.view(batch, kv_heads, groups * rows, dim)  # (B, Hkv, G*Q, D): heads h = kv*G + g
-    logits = (q @ key.float().transpose(-1, -2)).view(batch, heads, rows, seq) * scaling
+    logits = (q @ key.float().transpose(-1, -2)).view(batch, heads, rows, seq).mul_(scaling)  # (B, H, Q, S)
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits + _row_bias(mask, index.query, seq, sliding_window, causal, logits.device)
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
+    logits += _row_bias(mask, index.query, seq, sliding_window, causal, logits.device)
     probs = torch.softmax(logits, dim=-1)  # (B, H, Q, S)
+    del logits
     weights = index.query_valid.float()
     weights = weights / weights.sum(-1, keepdim=True)
     mean = torch.einsum("bhqs,bq->bhs", probs, weights)  # (B, H, S)
@@ -150,23 +159,27 @@ class AttentionTracer(DecoderTracer):
         """(B, L, H, V) float32 attention of the description rows on the visual tokens."""
         batch = batch.to(self.device, self.dtype)
         index = BatchIndex.from_batch(batch, self.device)
-        with torch.inference_mode(), self.nn.trace(**batch.inputs) as tracer:
+        with torch.inference_mode(), self.nn.trace(**batch.inputs, use_cache=False) as tracer:
             per_layer = nnsight.save([])
             for layer, label in zip(self.layers, self.call_labels):
-                attention = resolve(layer, self.adapter.attention)
-                args, kwargs = getattr(attention.source, label).inputs
-                module, query, key = args[0], args[1], args[2]
-                mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
-                per_layer.append(
-                    description_attention(
-                        query, key, mask, index,
-                        scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,  # SDPA's default
-                        softcap=kwargs.get("softcap"),
-                        sliding_window=kwargs.get("sliding_window"),
-                        causal=getattr(module, "is_causal", True),
-                    ).cpu()
-                )  # fmt: skip
-            tracer.stop()
-        return torch.stack(list(per_layer), dim=1).numpy()  # (B, L, H, V)
+                per_layer.append(self._layer_rows(layer, label, index))  # (B, H, V), on the device
+            tracer.stop()  # the rest of the forward (last layer, norm, logits) is not needed
+        return torch.stack(list(per_layer), dim=1).cpu().numpy()  # (B, L, H, V): one transfer
+
+    def _layer_rows(self, layer: object, label: str, index: BatchIndex) -> torch.Tensor:
+        """One layer's (B, H, V), read inside the trace. A function of its own so that the
+        layer's q, k and mask are referenced only until it returns: the model frees them
+        before its MLP, as it would untraced."""
+        attention = resolve(layer, self.adapter.attention)
+        args, kwargs = getattr(attention.source, label).inputs
+        module, query, key = args[0], args[1], args[2]
+        mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+        return description_attention(
+            query, key, mask, index,
+            scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,  # SDPA's default
+            softcap=kwargs.get("softcap"),
+            sliding_window=kwargs.get("sliding_window"),
+            causal=getattr(module, "is_causal", True),
+        )  # fmt: skip
 
 
