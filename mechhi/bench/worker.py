@@ -1,0 +1,117 @@
+"""One benchmark process: ``python -m mechhi.bench.worker '<job as JSON>'``.
+
+A process measures one thing, so that what it measures is not mixed with another
+mode's memory:
+
+- ``memory``: one mode's peak memory at each size, the high-water mark reset just
+  before the mode runs (after the build), one run per size;
+- ``timing``: several modes interleaved in this one process (a warm-up run of each,
+  then rounds of mode after mode), so that a ratio to the floor compares runs made
+  moments apart on the same busy machine.
+
+It prints one JSON object on stdout; anything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .configs import Built, build, config_named
+from ..models.loading import resolve_device, resolve_dtype
+from .memory import PeakMemory, available_bytes
+from .modes import runners
+
+
+PROGRESS = "bench: "  # stderr lines that the parent passes on as progress
+
+
+@dataclass
+class Job:
+    kind: str  # "memory" | "timing"
+    config: str
+    targets: list[int]  # visual tokens, one model per target
+    modes: list[str]  # one for memory; timing interleaves them ("floor" first)
+    layers: int | None = None
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"  # or "auto": bfloat16 on a GPU that has it
+    rounds: int = 3
+    threads: int | None = None
+    skip: dict[str, list[int]] = field(default_factory=dict)  # mode -> targets it does not run at
+
+
+def run_job(job: Job) -> list[dict[str, Any]]:
+    """Per target: what was measured (JSON-ready)."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    device = resolve_device(job.device)
+    dtype = resolve_dtype(job.dtype, device)
+    results = []
+    for target in job.targets:
+        built = build(config_named(job.config), target, layers=job.layers, batch_size=job.batch_size, device=device, dtype=dtype)
+        modes = [m for m in job.modes if target not in job.skip.get(m, [])]
+        measure = _memory if job.kind == "memory" else _timing
+        result = {"target": target, "visual_tokens": built.geometry.visual_tokens, "seq_len": built.seq_len,
+                  "layers": built.adapter.n_layers, "dtype": str(dtype).removeprefix("torch."),
+                  **measure(built, modes, device, job.rounds)}  # fmt: skip
+        results.append(result)
+        del built
+        gc.collect()
+        print(f"{PROGRESS}{job.config}: {job.kind} of {'/'.join(modes)} at {target} visual tokens done", file=sys.stderr, flush=True)
+    return results
+
+
+def _memory(built: Built, modes: list[str], device: torch.device, rounds: int) -> dict[str, Any]:
+    calls = runners(built.model, built.adapter, built.batch)
+    meter = PeakMemory(device)
+    peaks, held = {}, {}
+    for mode in modes:
+        meter.reset()
+        held[mode] = meter.current()
+        calls[mode]()
+        peaks[mode] = meter.peak()
+    free = {"free_bytes": available_bytes(device) + torch.cuda.memory_reserved(device)} if device.type == "cuda" else {}
+    return {"peak_bytes": peaks, "held_bytes": held, "peak_kind": meter.kind, **free}
+
+
+def _timing(built: Built, modes: list[str], device: torch.device, rounds: int) -> dict[str, Any]:
+    calls = runners(built.model, built.adapter, built.batch)
+    if device.type == "cuda":
+        sync, clock = (lambda: torch.cuda.synchronize(device)), time.perf_counter
+    else:  # the process's CPU time: what its threads did, not how long others kept them waiting
+        sync, clock = (lambda: None), time.process_time
+    for mode in modes:  # warm-up: first-call costs (nnsight compiles the attention source once)
+        calls[mode]()
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            times[mode].append(_seconds(calls[mode], sync, clock))
+    ratios = {m: statistics.median(t / f for t, f in zip(times[m], times["floor"])) for m in modes}
+    return {"seconds": {m: statistics.median(t) for m, t in times.items()}, "ratio": ratios, "times": times}
+
+
+def _seconds(call: Callable[[], Any], sync: Callable[[], None], clock: Callable[[], float]) -> float:
+    sync()
+    start = clock()
+    call()
+    sync()
+    return clock() - start
+
+
+def main(argv: list[str]) -> int:
+    job = Job(**json.loads(argv[0]))
+    print(json.dumps({"job": asdict(job), "results": run_job(job)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
