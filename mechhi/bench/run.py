@@ -56,6 +56,7 @@ class BenchOptions:
     threads: int | None = None  # per process; default 1 on CPU
     jobs: int | None = None  # processes at once; default cores / threads on CPU, 1 on CUDA
     eager: bool = True
+    timing: bool = True  # False: peak memory only (one run per mode and size)
     overhead: bool = True  # nnsight's fixed cost per trace, at `mechhi trace`'s batch size
 
     def __post_init__(self) -> None:
@@ -122,8 +123,8 @@ def bench(options: BenchOptions) -> Report:
     together = sum(c.eager_predicted_bytes or 0 for c in cells if not c.eager_skipped) <= FIT_MARGIN * free
     _merge(cells, _run_all(eager, jobs if together else 1))
     timing = [Job("timing", c, targets, ["floor", "capture", "eager"], skip={"eager": skip[c]}, **base)
-              for c in options.configs]  # fmt: skip
-    overhead = _overhead_jobs(options, base) if options.overhead else []
+              for c in options.configs if options.timing]  # fmt: skip
+    overhead = _overhead_jobs(options, base) if options.overhead and options.timing else []
     timed = _run_all(timing + overhead, jobs)
     _merge(cells, timed[: len(timing)])
     overhead_cells = _merge([], timed[len(timing) :], create=True)

@@ -24,6 +24,10 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:,.0f}"
 
 
+def _fixed(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _times(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -31,6 +35,12 @@ def _times(value: float | None) -> str:
 def _rate(cell: Cell, mode: str) -> str:
     rate = cell.samples_per_second(mode)
     return "-" if rate is None else f"{rate:.3g}"
+
+
+def _extra(cell: Cell) -> str:
+    """The capture's peak minus the floor's, MiB (negative: the stop before the last layer saved more)."""
+    peaks = cell.peak_bytes
+    return "-" if "capture" not in peaks else f"{(peaks['capture'] - peaks['floor']) / 2**20:+,.0f}"
 
 
 def memory_ratio(cell: Cell, mode: str) -> float | None:
@@ -46,7 +56,7 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def cells_table(report: Report) -> str:
     header = ["config", "layers", "batch", "visual tokens", "seq", "floor s", "capture time", "eager time",
-              "floor peak MiB", "capture memory", "eager memory", "capture samples/s"]  # fmt: skip
+              "floor peak MiB", "capture memory", "capture extra MiB", "eager memory", "capture samples/s"]  # fmt: skip
     rows = []
     for c in report.cells:
         if c.eager_skipped:
@@ -56,8 +66,9 @@ def cells_table(report: Report) -> str:
             eager_time, eager_memory = _times(c.ratio.get("eager")), _times(memory_ratio(c, "eager"))
         rows.append([
             c.config, str(c.layers), str(c.batch_size), str(c.visual_tokens), str(c.seq_len),
-            f"{c.seconds.get('floor', float('nan')):.2f}", _times(c.ratio.get("capture")), eager_time,
-            _mib(c.peak_bytes.get("floor")), _times(memory_ratio(c, "capture")), eager_memory, _rate(c, "capture"),
+            _fixed(c.seconds.get("floor")), _times(c.ratio.get("capture")), eager_time,
+            _mib(c.peak_bytes.get("floor")), _times(memory_ratio(c, "capture")), _extra(c), eager_memory,
+            _rate(c, "capture"),
         ])  # fmt: skip
     return markdown(header, rows)
 

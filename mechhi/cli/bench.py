@@ -32,6 +32,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(min=1, help="Threads per process (default 1 on CPU).")] = None,
     jobs: Annotated[Optional[int], typer.Option(min=1, help="Processes at once (default: cores / threads on CPU, 1 on CUDA).")] = None,
     no_eager: Annotated[bool, typer.Option("--no-eager", help="Skip eager output_attentions.")] = False,
+    no_timing: Annotated[bool, typer.Option("--no-timing", help="Peak memory only: one run per mode and size.")] = False,
     no_overhead: Annotated[bool, typer.Option("--no-overhead", help="Skip the nnsight per-trace overhead measurement.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -47,7 +48,7 @@ def bench(
         "jobs": jobs,
     }  # fmt: skip
     options = replace(options, batch_size=batch_size, device=device, dtype=dtype, eager=not no_eager,
-                      overhead=not no_overhead, **{k: v for k, v in chosen.items() if v is not None})  # fmt: skip
+                      timing=not no_timing, overhead=not no_overhead, **{k: v for k, v in chosen.items() if v is not None})  # fmt: skip
     report = run_bench(options)
     if as_json:
         print_json({**report.to_json(), "targets": targets(report)})
