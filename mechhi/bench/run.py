@@ -105,6 +105,13 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        """The report back from `to_json` (``mechhi bench --json`` output; extra keys ignored)."""
+        fields = {k: data[k] for k in ("device", "dtype", "clock", "peak_kind", "options")}
+        cells = [Cell(**c) for c in data["cells"]]
+        return cls(**fields, cells=cells, overhead=[Cell(**c) for c in data["overhead"]])
+
 
 def bench(options: BenchOptions) -> Report:
     """Every config at every size, in subprocesses; see the module docstring."""
