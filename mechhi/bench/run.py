@@ -178,7 +178,8 @@ def _merge(cells: list[Cell], measured: list[dict[str, Any]], create: bool = Fal
             cell = by_key[key]
             for name in ("seconds", "ratio", "peak_bytes", "held_bytes"):
                 getattr(cell, name).update(result.get(name, {}))
-    cells.sort(key=lambda c: (c.config, c.batch_size, c.target))
+    order = {name: i for i, name in enumerate(dict.fromkeys(out["job"]["config"] for out in measured))}
+    cells.sort(key=lambda c: (order.get(c.config, len(order)), c.batch_size, c.target))  # configs as asked
     return cells
 
 
