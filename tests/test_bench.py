@@ -19,11 +19,12 @@ import torch
 from typer.testing import CliRunner
 
 from mechhi.bench.configs import CONFIGS, build, config_named
+from mechhi.bench.job import Job
 from mechhi.bench.memory import TensorBytes
 from mechhi.bench.modes import eager, eager_extra_bytes, floor, runners, twin
 from mechhi.bench.run import Cell, Report
 from mechhi.bench.table import targets
-from mechhi.bench.worker import Job, run_job
+from mechhi.bench.worker import run_job
 from mechhi.cli import app
 
 NARROW = [f"{name}-narrow" for name in CONFIGS]
@@ -81,7 +82,7 @@ def test_eager_prediction_counts_what_eager_keeps():
 
 
 def test_worker_reports_every_mode_it_was_asked_for():
-    base = dict(config="smolvlm-narrow", targets=[64], layers=2, rounds=2, threads=1)
+    base = {"config": "smolvlm-narrow", "targets": [64], "layers": 2, "rounds": 2, "threads": 1}
     timing = run_job(Job("timing", modes=["floor", "capture", "eager"], **base))[0]
     assert timing["visual_tokens"] == config_named("smolvlm-narrow").geometry(64).visual_tokens and timing["layers"] == 2
     assert set(timing["ratio"]) == {"floor", "capture", "eager"} and timing["ratio"]["floor"] == 1.0

@@ -4,7 +4,7 @@
   and how each gets a given number of visual tokens;
 - ``modes``: floor, capture, eager (and an empty nnsight trace), and eager's predicted need;
 - ``memory``: peak memory (RSS or CUDA) for the report, live tensor bytes for tests;
-- ``worker``: one measuring process; ``run``: the processes and their figures;
+- ``job``, ``worker``: one measuring process and what it is asked; ``run``: the processes and their figures;
 - ``table``: the report as tables, and the targets checked against it.
 """
 

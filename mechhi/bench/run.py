@@ -29,9 +29,9 @@ import torch
 
 from ..models.loading import resolve_device
 from .configs import CONFIGS, NARROW, config_named, narrow_name, qwen2_vl_geometry
+from .job import PROGRESS, Job
 from .memory import available_bytes
 from .modes import eager_extra_bytes
-from .worker import PROGRESS, Job
 
 FIT_MARGIN = 0.85  # eager runs if its predicted peak is under this share of the free memory
 OVERHEAD_TOKENS = qwen2_vl_geometry(441).visual_tokens  # 21 x 21: ~460 tokens a sample with the prompt
@@ -118,8 +118,8 @@ def bench(options: BenchOptions) -> Report:
     device = resolve_device(options.device)  # "auto" and the dtype resolve in the workers: no CUDA here
     threads = options.threads or (1 if device.type == "cpu" else None)
     jobs = options.jobs or (max(1, (os.cpu_count() or 1) // (threads or 1)) if device.type == "cpu" else 1)
-    base = dict(layers=options.layers, batch_size=options.batch_size, device=str(device), dtype=options.dtype,
-                rounds=options.rounds, threads=threads)  # fmt: skip
+    base = {"layers": options.layers, "batch_size": options.batch_size, "device": str(device), "dtype": options.dtype,
+            "rounds": options.rounds, "threads": threads}  # fmt: skip
     targets = sorted(options.targets)
     memory = _run_all([Job("memory", c, targets, [m], **base) for c in options.configs for m in ("floor", "capture")], jobs)
     cells = _merge([], memory, create=True)

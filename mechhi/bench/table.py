@@ -89,9 +89,9 @@ def overhead_table(report: Report) -> str:
 
 def report_text(report: Report) -> str:
     """Everything `mechhi bench` prints: the tables, what they were measured with, the targets."""
-    parts = [f"mechhi bench on {report.device} ({report.dtype}); time: {report.clock} (ratios: median of "
-             f"per-round ratios to the floor); memory: {report.peak_kind} of each mode in its own process", "",
-             cells_table(report)]  # fmt: skip
+    heading = (f"mechhi bench on {report.device} ({report.dtype}); time: {report.clock} (ratios: median of "
+               f"per-round ratios to the floor); memory: {report.peak_kind} of each mode in its own process")  # fmt: skip
+    parts = [heading, "", cells_table(report)]
     if report.overhead:
         parts += ["", "nnsight's fixed cost per trace (an empty trace against the floor):", "", overhead_table(report)]
     parts += ["", *(f"- {v['status']}: {v['target']} ({v['detail']})" for v in targets(report))]

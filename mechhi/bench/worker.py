@@ -20,33 +20,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from .configs import Built, build, config_named
 from ..models.loading import resolve_device, resolve_dtype
+from .configs import Built, build, config_named
+from .job import PROGRESS, Job
 from .memory import PeakMemory, available_bytes
 from .modes import runners
-
-
-PROGRESS = "bench: "  # stderr lines that the parent passes on as progress
-
-
-@dataclass
-class Job:
-    kind: str  # "memory" | "timing"
-    config: str
-    targets: list[int]  # visual tokens, one model per target
-    modes: list[str]  # one for memory; timing interleaves them ("floor" first)
-    layers: int | None = None
-    batch_size: int = 1
-    device: str = "cpu"
-    dtype: str = "float32"  # or "auto": bfloat16 on a GPU that has it
-    rounds: int = 3
-    threads: int | None = None
-    skip: dict[str, list[int]] = field(default_factory=dict)  # mode -> targets it does not run at
 
 
 def run_job(job: Job) -> list[dict[str, Any]]:

@@ -39,7 +39,7 @@ def bench(
     """Floor (plain forward) vs mechhi's capture vs eager output_attentions: time and peak memory."""
     from dataclasses import replace
 
-    from mechhi.bench import QUICK, BenchOptions, bench as run_bench, report_text, targets
+    from mechhi.bench import QUICK, BenchOptions, report_text, run, targets
 
     options = BenchOptions(**QUICK) if quick else BenchOptions()
     chosen = {
@@ -49,7 +49,7 @@ def bench(
     }  # fmt: skip
     options = replace(options, batch_size=batch_size, device=device, dtype=dtype, eager=not no_eager,
                       timing=not no_timing, overhead=not no_overhead, **{k: v for k, v in chosen.items() if v is not None})  # fmt: skip
-    report = run_bench(options)
+    report = run.bench(options)
     if as_json:
         print_json({**report.to_json(), "targets": targets(report)})
     else:

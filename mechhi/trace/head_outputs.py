@@ -7,7 +7,7 @@ import nnsight
 import numpy as np
 import torch
 
-from ..models import PreparedBatch
+from ..models import PreparedBatch, VLMAdapter
 from .attention import BatchIndex
 from .sites import DecoderTracer, resolve
 
