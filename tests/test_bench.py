@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 from mechhi.bench.configs import CONFIGS, build, config_named
 from mechhi.bench.job import Job
 from mechhi.bench.memory import TensorBytes
-from mechhi.bench.modes import eager, eager_extra_bytes, floor, runners, twin
+from mechhi.bench.modes import Harness, eager, eager_extra_bytes, floor, runners, twin
 from mechhi.bench.run import Cell, Report
 from mechhi.bench.table import targets
 from mechhi.bench.worker import run_job
 from mechhi.cli import app
+from mechhi.trace import AttentionTracer
 
 NARROW = [f"{name}-narrow" for name in CONFIGS]
 
@@ -64,7 +65,13 @@ def test_twin_shares_the_weights_and_is_not_wrapped():
     wrapped = [type(m.__dict__.get("forward")).__name__ for m in plain.modules()]
     assert "Controller" not in wrapped, "nnsight's forward leaked into the twin"
     torch.testing.assert_close(floor(plain, built.batch), floor(built.model, built.batch))
-    torch.testing.assert_close(calls["capture"](), eager(plain, built.batch), atol=1e-5, rtol=0, check_dtype=False)
+    torch.testing.assert_close(calls["capture"](), eager(plain, built.batch), atol=1e-5, rtol=0)
+    bigger = build(config_named("qwen2-vl-2b-narrow"), 256, layers=2, model=built.model)  # same model, new processor
+    assert bigger.model is built.model and bigger.geometry.visual_tokens == 256
+    torch.testing.assert_close(
+        Harness(plain, AttentionTracer(built.model, bigger.adapter)).calls(bigger.batch)["capture"](),
+        eager(plain, bigger.batch), atol=1e-5, rtol=0,
+    )
 
 
 def test_eager_prediction_counts_what_eager_keeps():
@@ -81,12 +88,19 @@ def test_eager_prediction_counts_what_eager_keeps():
     assert 0.75 * predicted <= measured <= predicted, (measured, predicted)
 
 
-def test_worker_reports_every_mode_it_was_asked_for():
-    base = {"config": "smolvlm-narrow", "targets": [64], "layers": 2, "rounds": 2, "threads": 1}
-    timing = run_job(Job("timing", modes=["floor", "capture", "eager"], **base))[0]
-    assert timing["visual_tokens"] == config_named("smolvlm-narrow").geometry(64).visual_tokens and timing["layers"] == 2
-    assert set(timing["ratio"]) == {"floor", "capture", "eager"} and timing["ratio"]["floor"] == 1.0
-    assert all(len(t) == 2 and min(t) > 0 for t in timing["times"].values())
+def test_worker_reports_every_mode_it_was_asked_for(monkeypatch):
+    import mechhi.bench.configs as configs
+
+    builds = []
+    real = configs._new_model
+    monkeypatch.setattr(configs, "_new_model", lambda *a, **k: builds.append(1) or real(*a, **k))
+    base = {"config": "smolvlm-narrow", "targets": [64, 1024], "layers": 2, "rounds": 2, "threads": 1}
+    timing = run_job(Job("timing", modes=["floor", "capture", "eager"], skip={"eager": [1024]}, **base))
+    config = config_named("smolvlm-narrow")
+    assert [t["visual_tokens"] for t in timing] == [config.geometry(64).visual_tokens, config.geometry(1024).visual_tokens]
+    assert len(builds) == 1, "SmolVLM's sizes differ only in the processor: one model serves both"
+    assert set(timing[0]["ratio"]) == {"floor", "capture", "eager"} and set(timing[1]["ratio"]) == {"floor", "capture"}
+    assert timing[0]["ratio"]["floor"] == 1.0 and all(len(t) == 2 and min(t) > 0 for t in timing[1]["times"].values())
     memory = run_job(Job("memory", modes=["capture"], **base))[0]
     assert memory["peak_bytes"]["capture"] >= memory["held_bytes"]["capture"] > 0
 
@@ -109,12 +123,13 @@ def test_targets_are_judged_from_the_right_cells():
         cell("smolvlm", 4096, 24, time=1.02, mem=1.03, eager_mem=6.0),
         cell("smolvlm", 8192, 2, time=1.2, mem=1.0, eager_mem=1.5),  # shallow: no eager verdict, but time counts
     ]
-    overhead = [Cell("qwen2-vl-2b", 28, 4, 441, 441, 470, ratio={"floor": 1.0, "nnsight": 1.03})]
+    overhead = [Cell("qwen2-vl-2b", 28, 4, 441, 441, 470, seconds={"floor": 2.0, "capture": 2.1}),  # 2 s a batch
+                Cell("qwen2-vl-2b-narrow", 28, 4, 441, 441, 470, seconds={"floor": 0.3, "nnsight": 0.36})]  # +60 ms
     verdicts = {v["target"].split(" ")[1]: v for v in targets(Report("cpu", "float32", "", "", {}, cells, overhead))}
     assert verdicts["time"]["status"] == "NOT met" and verdicts["time"]["value"] == 1.2
     assert verdicts["memory"]["status"] == "met" and verdicts["memory"]["value"] == 1.03
     assert verdicts[">="]["status"] == "met" and verdicts[">="]["value"] == 6.0
-    assert verdicts["fixed"]["status"] == "met"
+    assert verdicts["fixed"]["status"] == "met" and verdicts["fixed"]["value"] == pytest.approx(0.03)
     cells[3].peak_bytes["eager"] = 4000  # a full-depth eager that fits at 4x
     verdicts = {v["target"].split(" ")[1]: v for v in targets(Report("cpu", "float32", "", "", {}, cells, overhead))}
     assert verdicts[">="]["status"] == "NOT met"

@@ -62,7 +62,8 @@ class Geometry:
 
     visual_tokens: int  # what the processor will actually produce
     image_size: tuple[int, int]  # (width, height) of the input image
-    build: dict[str, Any] = field(default_factory=dict)  # extra build_tiny arguments
+    build: dict[str, Any] = field(default_factory=dict)  # build_tiny arguments that change the model
+    processor: dict[str, Any] = field(default_factory=dict)  # build_tiny arguments that change only the processor
 
 
 @dataclass(frozen=True)
@@ -81,17 +82,25 @@ class BenchConfig:
 
     def build_kwargs(self, target: int, layers: int | None = None) -> dict[str, Any]:
         """``build_tiny`` arguments for this config at ``target`` visual tokens."""
+        geometry = self.geometry(target)
+        return {**self._model_kwargs(geometry, layers), **geometry.processor}
+
+    def model_key(self, target: int, layers: int | None = None) -> str:
+        """Equal for two sizes that need the same model (only their processors differ)."""
+        return repr(sorted(self._model_kwargs(self.geometry(target), layers).items()))
+
+    def _model_kwargs(self, geometry: Geometry, layers: int | None) -> dict[str, Any]:
         t = self.text
         return dict(
             words=WORDS, layers=layers or t.layers, heads=t.heads, kv_heads=t.kv_heads, head_dim=t.head_dim,
-            intermediate=t.intermediate, vocab_size=t.vocab, **self.build, **self.geometry(target).build,
+            intermediate=t.intermediate, vocab_size=t.vocab, **self.build, **geometry.build,
         )  # fmt: skip
 
 
 def qwen2_vl_geometry(target: int) -> Geometry:
     rows = max(d for d in range(1, math.isqrt(target) + 1) if target % d == 0)  # the squarest a x b
     cols = target // rows
-    return Geometry(rows * cols, (28 * cols, 28 * rows), {"max_pixels": 28 * 28 * rows * cols})
+    return Geometry(rows * cols, (28 * cols, 28 * rows), processor={"max_pixels": 28 * 28 * rows * cols})
 
 
 def paligemma_geometry(target: int) -> Geometry:
@@ -107,8 +116,10 @@ def smolvlm_geometry(target: int) -> Geometry:
     grids = [(r, c) for r in range(1, 16) for c in range(r, 2 * r + 2) if c > 1]  # near-square, split
     rows, cols = min(grids, key=lambda g: (abs((g[0] * g[1] + 1) * per_tile - target), g[1] - g[0]))
     tile = SMOLVLM_TILE * 14
-    build = {"tile_patches": SMOLVLM_TILE, "scale_factor": 3, "tiles_per_side": cols, "smolvlm": True}
-    return Geometry((rows * cols + 1) * per_tile, (cols * tile, rows * tile), build)
+    build = {"tile_patches": SMOLVLM_TILE, "scale_factor": 3, "smolvlm": True}
+    # tiles_per_side sets the processor's longest edge (and the tokenizer's tile markers):
+    # the model is the same at every size
+    return Geometry((rows * cols + 1) * per_tile, (cols * tile, rows * tile), build, {"tiles_per_side": cols})
 
 
 GEOMETRIES = {"qwen2-vl": qwen2_vl_geometry, "paligemma": paligemma_geometry, "idefics3": smolvlm_geometry}
@@ -193,15 +204,19 @@ def build(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    model: Any = None,
 ) -> Built:
     """The config's model (seeded: every process builds the same weights) and a batch
-    of ``batch_size`` images with ``target`` visual tokens each, on ``device``."""
-    torch.manual_seed(seed)
-    with torch.device(device):  # initialised where it runs: a GPU fills billions of weights in a blink
-        model, processor = config.family.build_tiny(**config.build_kwargs(target, layers))
-    if config.tied:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    model = model.to(device=device, dtype=dtype).eval()
+    of ``batch_size`` images with ``target`` visual tokens each, on ``device``.
+
+    ``model``: one already built for a size with the same `BenchConfig.model_key`; only
+    this size's processor is made (on the meta device, without weights)."""
+    kwargs = config.build_kwargs(target, layers)
+    if model is None:
+        model, processor = _new_model(config, kwargs, device, dtype, seed)
+    else:
+        with torch.device("meta"):
+            processor = config.family.build_tiny(**kwargs)[1]
     adapter = config.family(model.config, processor)
     geometry = config.geometry(target)
     images = [bench_image(geometry, seed=i) for i in range(batch_size)]
@@ -210,3 +225,19 @@ def build(
     if found != geometry.visual_tokens:
         raise RuntimeError(f"{config.name}: {found} visual tokens, expected {geometry.visual_tokens}")
     return Built(model, adapter, batch, geometry)
+
+
+def _new_model(config: BenchConfig, kwargs: dict[str, Any], device: torch.device | str, dtype: torch.dtype,
+               seed: int) -> tuple[Any, Any]:  # fmt: skip
+    """Built where it runs, initialised once: torch's own per-layer initialisation is skipped
+    because transformers' ``init_weights`` overwrites every weight anyway (the same
+    distributions and buffers; a third of the build time on CPU)."""
+    from transformers.initialization import no_init_weights
+
+    torch.manual_seed(seed)
+    with no_init_weights(), torch.device(device):
+        model, processor = config.family.build_tiny(**kwargs)
+    model.init_weights()
+    if config.tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model.to(device=device, dtype=dtype).eval(), processor

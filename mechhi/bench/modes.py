@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,17 +74,33 @@ def empty_trace(tracer: AttentionTracer, batch: PreparedBatch) -> None:
         pass
 
 
+@dataclass
+class Harness:
+    """One model twice over: an unwrapped twin for floor and eager, the nnsight-wrapped
+    model for the capture and the empty trace. Made once per model (the twin must be
+    copied before nnsight wraps the model), used for any batch."""
+
+    plain: torch.nn.Module
+    tracer: AttentionTracer
+
+    @classmethod
+    def around(cls, model: torch.nn.Module, adapter: VLMAdapter) -> Harness:
+        plain = twin(model)
+        return cls(plain, AttentionTracer(model, adapter))
+
+    def calls(self, batch: PreparedBatch) -> dict[str, Callable[[], Any]]:
+        """The modes as zero-argument calls on ``batch``."""
+        return {
+            "floor": lambda: floor(self.plain, batch),
+            "capture": lambda: self.tracer.trace(batch),
+            "eager": lambda: eager(self.plain, batch),
+            "nnsight": lambda: empty_trace(self.tracer, batch),
+        }
+
+
 def runners(model: torch.nn.Module, adapter: VLMAdapter, batch: PreparedBatch) -> dict[str, Callable[[], Any]]:
-    """The modes as zero-argument calls: floor and eager on an unwrapped twin, capture
-    and the empty trace on the nnsight-wrapped model."""
-    plain = twin(model)
-    tracer = AttentionTracer(model, adapter)
-    return {
-        "floor": lambda: floor(plain, batch),
-        "capture": lambda: tracer.trace(batch),
-        "eager": lambda: eager(plain, batch),
-        "nnsight": lambda: empty_trace(tracer, batch),
-    }
+    """The modes as zero-argument calls on a fresh `Harness`."""
+    return Harness.around(model, adapter).calls(batch)
 
 
 def eager_extra_bytes(*, layers: int, batch: int, heads: int, seq: int, dtype: torch.dtype) -> int:

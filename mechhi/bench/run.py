@@ -150,15 +150,16 @@ def _free_bytes(device: torch.device, memory: list[dict[str, Any]]) -> int:
 
 
 def _overhead_jobs(options: BenchOptions, base: dict[str, Any]) -> list[Job]:
-    """nnsight's fixed cost per trace: an empty trace against the floor, at ~460 tokens a
-    sample and `mechhi trace`'s batch size; on the first config as benchmarked, and on
-    its narrow twin at full depth, where the forward is mostly Python, so what nnsight
-    adds shows in milliseconds (it is a cost per module and per layer, not per token)."""
-    config, modes = options.configs[0], ["floor", "nnsight", "capture"]
+    """nnsight's fixed cost per trace, at ~460 tokens a sample and `mechhi trace`'s batch
+    size. It is a cost per module and per operation, not per token, so it is measured on
+    the first config's narrow twin at full depth, where the forward is mostly Python and
+    an empty trace's extra milliseconds stand out; the first config as benchmarked gives
+    the batch's forward it is a share of (and the capture's samples per second)."""
+    config = options.configs[0]
     settings = {**base, "batch_size": OVERHEAD_BATCH}
-    jobs = [Job("timing", config, [OVERHEAD_TOKENS], modes, **settings)]
-    if not config.endswith(NARROW):
-        jobs.append(Job("timing", narrow_name(config), [OVERHEAD_TOKENS], modes, **{**settings, "layers": None}))
+    jobs = [Job("timing", config, [OVERHEAD_TOKENS], ["floor", "capture"], **settings)]
+    narrow = config if config.endswith(NARROW) else narrow_name(config)
+    jobs.append(Job("timing", narrow, [OVERHEAD_TOKENS], ["floor", "nnsight", "capture"], **{**settings, "layers": None}))
     return jobs
 
 

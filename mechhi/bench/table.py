@@ -78,13 +78,17 @@ def overhead_table(report: Report) -> str:
               "floor samples/s", "capture samples/s"]  # fmt: skip
     rows = []
     for c in report.overhead:
-        floor, empty = c.seconds.get("floor", 0.0), c.seconds.get("nnsight", 0.0)
+        floor, empty = c.seconds.get("floor"), c.seconds.get("nnsight")
+        adds = "-" if empty is None else f"{1000 * (empty - floor):+,.1f} ms ({c.ratio['nnsight'] - 1:+.1%})"
         rows.append([
-            c.config, str(c.layers), str(c.batch_size), str(c.seq_len), f"{1000 * floor:,.1f}", f"{1000 * empty:,.1f}",
-            f"{1000 * (empty - floor):+,.1f} ms ({c.ratio.get('nnsight', 1.0) - 1:+.1%})",
-            f"{1000 * c.seconds.get('capture', 0.0):,.1f}", _rate(c, "floor"), _rate(c, "capture"),
+            c.config, str(c.layers), str(c.batch_size), str(c.seq_len), _ms(floor), _ms(empty), adds,
+            _ms(c.seconds.get("capture")), _rate(c, "floor"), _rate(c, "capture"),
         ])  # fmt: skip
     return markdown(header, rows)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:,.1f}"
 
 
 def report_text(report: Report) -> str:
@@ -93,7 +97,8 @@ def report_text(report: Report) -> str:
                f"per-round ratios to the floor); memory: {report.peak_kind} of each mode in its own process")  # fmt: skip
     parts = [heading, "", cells_table(report)]
     if report.overhead:
-        parts += ["", "nnsight's fixed cost per trace (an empty trace against the floor):", "", overhead_table(report)]
+        parts += ["", "nnsight's fixed cost per trace (an empty trace against the floor, on the narrow twin) and "
+                  "throughput at `mechhi trace`'s batch size:", "", overhead_table(report)]
     parts += ["", *(f"- {v['status']}: {v['target']} ({v['detail']})" for v in targets(report))]
     return "\n".join(parts)
 
@@ -114,12 +119,22 @@ def targets(report: Report) -> list[dict[str, Any]]:
     met = None if least is None else all(f >= EAGER_FACTOR for f, c in zip(factors, deep) if not c.eager_skipped)
     found.append(_verdict(f"eager >= {EAGER_FACTOR:.0f}x floor memory from {EAGER_FROM} tokens at full depth (or not fitting)",
                           least, met, f"least {_times(least)}, {len(deep) - len(fits)} of {len(deep)} do not fit"))  # fmt: skip
-    shares = [c.ratio["nnsight"] - 1 for c in report.overhead if "nnsight" in c.ratio and not c.config.endswith("-narrow")]
-    share = max(shares, default=None)
+    share, detail = overhead_share(report)
     found.append(_verdict(f"nnsight's fixed cost < {OVERHEAD_LIMIT:.0%} of a batch's forward", share,
-                          None if share is None else share < OVERHEAD_LIMIT,
-                          "-" if share is None else f"{share:+.1%}"))  # fmt: skip
+                          None if share is None else share < OVERHEAD_LIMIT, detail))  # fmt: skip
     return found
+
+
+def overhead_share(report: Report) -> tuple[float | None, str]:
+    """nnsight's extra seconds per trace (empty trace minus floor, on the narrow twin) over
+    the floor of the benchmarked config at the same batch: its share of a batch's forward."""
+    narrow = next((c for c in report.overhead if "nnsight" in c.seconds), None)
+    full = next((c for c in report.overhead if "nnsight" not in c.seconds and "floor" in c.seconds), None)
+    if narrow is None or full is None:
+        return None, "-"
+    extra = narrow.seconds["nnsight"] - narrow.seconds["floor"]
+    share = extra / full.seconds["floor"]
+    return share, f"{1000 * extra:+,.1f} ms per trace over a {1000 * full.seconds['floor']:,.0f} ms forward: {share:+.2%}"
 
 
 def _verdict(target: str, value: float | None, met: bool | None, detail: str) -> dict[str, Any]:
