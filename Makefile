@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mechhi stats --store stores/toy.zarr
 
 bench: $(STAMP)
-	$(PY) benchmarks/capture_vs_eager.py
+	$(VENV)/bin/mechhi bench --quick
 
 clean:
 	rm -rf $(VENV) stores/*.zarr stores/*.zarr.lock

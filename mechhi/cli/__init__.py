@@ -20,6 +20,7 @@ from . import finetune  # noqa: E402, F401  # isort: skip
 from . import figures  # noqa: E402, F401  # isort: skip
 from . import data  # noqa: E402, F401  # isort: skip
 from . import toy  # noqa: E402, F401  # isort: skip
+from . import bench  # noqa: E402, F401  # isort: skip
 
 
 def main() -> None:  # pragma: no cover

@@ -192,12 +192,16 @@ class Idefics3Adapter(VLMAdapter):
         tiles_per_side: int = 2,
         split: bool = True,
         smolvlm: bool = False,
+        intermediate: int | None = None,
+        vocab_size: int | None = None,
     ) -> tuple[Any, Any]:
         """Tiny random Idefics3 (or SmolVLM) model with a processor that tiles images.
 
         A tile is ``tile_patches`` x ``tile_patches`` patches (84 px by default); the
         longest edge is resized to ``tiles_per_side`` tiles, so a square image becomes
-        2 x 2 tiles and a wide one 1 x 2.
+        2 x 2 tiles and a wide one 1 x 2. ``intermediate`` (default 4 x hidden) and
+        ``vocab_size`` (default: the tokenizer's size; larger leaves unused rows) let a
+        benchmark give the text model a real checkpoint's dimensions.
         """
         from transformers import Idefics3ImageProcessor, Idefics3Processor
 
@@ -228,8 +232,8 @@ class Idefics3Adapter(VLMAdapter):
         )
         ids = tokenizer.convert_tokens_to_ids
         text = dict(
-            model_type="llama", vocab_size=len(tokenizer), hidden_size=heads * head_dim,
-            intermediate_size=4 * heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
+            model_type="llama", vocab_size=max(len(tokenizer), vocab_size or 0), hidden_size=heads * head_dim,
+            intermediate_size=intermediate or 4 * heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads, head_dim=head_dim, pad_token_id=ids("<pad>"),
             bos_token_id=ids("<|im_start|>"), eos_token_id=ids(END_OF_UTTERANCE),
         )  # fmt: skip

@@ -127,6 +127,9 @@ class PaliGemmaAdapter(VLMAdapter):
         sliding_window: int = 12,
         init_std: float = 0.02,
         attn_implementation: str | None = None,
+        hidden: int | None = None,
+        intermediate: int | None = None,
+        vocab_size: int | None = None,
     ) -> tuple[Any, Any]:
         """A tiny random PaliGemma (``gemma2=False``) or PaliGemma 2 and its processor.
 
@@ -136,6 +139,11 @@ class PaliGemmaAdapter(VLMAdapter):
         and a softcap of 5 clips the logits once ``init_std`` (the weights' init std) is
         large enough to make logits of that size: at HF's 0.02 they stay near 0.02 and
         the tanh is the identity to 1e-7.
+
+        ``hidden`` (default heads x head_dim; Gemma 2 2B has 2304 for 8 x 256),
+        ``intermediate`` (default 2 x hidden) and ``vocab_size`` (default: the tokenizer's
+        size; larger leaves unused rows) let a benchmark give the text model a real
+        checkpoint's dimensions.
         """
         from transformers import (
             AddedToken,
@@ -157,10 +165,11 @@ class PaliGemmaAdapter(VLMAdapter):
         )  # fmt: skip
         # The processor adds the 1024 <loc> and 128 <seg> tokens: size the vocabulary after it.
         processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-        hidden = heads * head_dim
+        hidden = hidden or heads * head_dim
+        vocab = max(len(tokenizer), vocab_size or 0)
         text: dict[str, Any] = dict(
-            model_type="gemma2" if gemma2 else "gemma", vocab_size=len(tokenizer), hidden_size=hidden,
-            intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            model_type="gemma2" if gemma2 else "gemma", vocab_size=vocab, hidden_size=hidden,
+            intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads, head_dim=head_dim, pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             initializer_range=init_std,
@@ -177,7 +186,7 @@ class PaliGemmaAdapter(VLMAdapter):
         )  # fmt: skip
         config = PaliGemmaConfig(
             text_config=text, vision_config=vision, image_token_index=tokenizer.image_token_id,
-            projection_dim=hidden, hidden_size=hidden, vocab_size=len(tokenizer),
+            projection_dim=hidden, hidden_size=hidden, vocab_size=vocab,
         )  # fmt: skip
         if attn_implementation is not None:
             config._attn_implementation = attn_implementation

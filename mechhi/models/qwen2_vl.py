@@ -60,7 +60,15 @@ class Qwen2VLAdapter(VLMAdapter):
         max_pixels: int = 28 * 28 * 64,
         init_std: float = 0.02,
         qwen25: bool = False,
+        intermediate: int | None = None,
+        vocab_size: int | None = None,
     ) -> tuple[Any, Any]:
+        """A tiny random Qwen2-VL (or Qwen2.5-VL) and its processor.
+
+        ``intermediate`` (default 4 x hidden) and ``vocab_size`` (default: the word-level
+        tokenizer's size; larger leaves unused rows) let a benchmark give the text model
+        a real checkpoint's dimensions.
+        """
         from transformers import (
             Qwen2VLImageProcessor,
             Qwen2VLProcessor,
@@ -81,7 +89,8 @@ class Qwen2VLAdapter(VLMAdapter):
         ids = tokenizer.convert_tokens_to_ids
         quarter = head_dim // 4  # mrope sections (t, h, w) must sum to head_dim / 2
         text = dict(
-            vocab_size=len(tokenizer), hidden_size=heads * head_dim, intermediate_size=4 * heads * head_dim,
+            vocab_size=max(len(tokenizer), vocab_size or 0), hidden_size=heads * head_dim,
+            intermediate_size=intermediate or 4 * heads * head_dim,
             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                              "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},

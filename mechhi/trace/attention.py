@@ -11,6 +11,14 @@ tracer recomputes softmax for the description rows only, in float32, exactly as 
 model's attention function would, while the model's own (SDPA / flash) kernel still
 produces the forward pass.
 
+What the capture costs beyond the plain forward (measured by `mechhi bench`): per
+layer, a few (B, H, Q, S) float32 tensors, freed before the model moves on; the
+(B, H, V) result, kept on the device until the end (one transfer, no sync per layer);
+no KV cache (the forward runs with ``use_cache=False``); and the model stops right
+after the last layer's attention inputs are read, so the last layer, the final norm
+and the logits never run. Nothing grows with S^2, and nothing of one layer (q, k,
+mask) outlives the reading of its rows.
+
 Axis names used below: B batch, H query heads, Hkv key/value heads, G = H / Hkv,
 Q description rows (padded to the longest in the batch), S key positions, V visual
 tokens (padded), D head dim.
@@ -18,6 +26,8 @@ tokens (padded), D head dim.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass
 
 import nnsight
@@ -28,7 +38,6 @@ from ..models import PreparedBatch, VLMAdapter
 from .sites import DecoderTracer, TracingError, find_attention_call, resolve
 
 
-
 @dataclass(frozen=True)
 class BatchIndex:
     """Padded gather indices for a batch: description rows and visual columns."""
@@ -37,6 +46,12 @@ class BatchIndex:
     query_valid: torch.Tensor  # (B, Q) bool
     visual: torch.Tensor  # (B, V) long
     visual_valid: torch.Tensor  # (B, V) bool
+
+    @functools.cached_property
+    def query_weights(self) -> torch.Tensor:
+        """(B, Q) float32: a mean over each sample's valid description rows."""
+        weights = self.query_valid.float()
+        return weights / weights.sum(-1, keepdim=True)
 
     @classmethod
     def from_batch(cls, batch: PreparedBatch, device: torch.device) -> BatchIndex:
@@ -68,6 +83,7 @@ def description_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     causal: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over description rows of the softmax probabilities on the visual tokens.
 
@@ -76,6 +92,8 @@ def description_attention(
     mask (True = attend), a 4-D additive float mask, or a 2-D (B, S) padding mask
     (flash). A 4-D mask already holds causality and any sliding window; with None or
     2-D the attention function applies them itself, so they are applied here.
+    ``bias``: the rows' additive mask from `row_bias` for this same mask, when the caller
+    already has it (the tracer makes it once per trace and mask, not once per layer).
     Returns (B, H, V) float32; padded visual columns are 0.
     """
     if mask is not None and not isinstance(mask, torch.Tensor):
@@ -87,29 +105,30 @@ def description_attention(
     kv_heads, seq = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     rows = index.query.shape[1]
-    q = query.float().gather(2, index.query[:, None, :, None].expand(batch, heads, rows, dim))
+    q = query.gather(2, index.query[:, None, :, None].expand(batch, heads, rows, dim)).float()  # (B, H, Q, D)
     q = q.view(batch, kv_heads, groups * rows, dim)  # (B, Hkv, G*Q, D): heads h = kv*G + g
-    logits = (q @ key.float().transpose(-1, -2)).view(batch, heads, rows, seq) * scaling
+    logits = (q @ key.float().transpose(-1, -2)).view(batch, heads, rows, seq).mul_(scaling)  # (B, H, Q, S)
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits + _row_bias(mask, index.query, seq, sliding_window, causal, logits.device)
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
+    logits += row_bias(mask, index, seq, sliding_window=sliding_window, causal=causal) if bias is None else bias
     probs = torch.softmax(logits, dim=-1)  # (B, H, Q, S)
-    weights = index.query_valid.float()
-    weights = weights / weights.sum(-1, keepdim=True)
-    mean = torch.einsum("bhqs,bq->bhs", probs, weights)  # (B, H, S)
+    del logits
+    mean = torch.einsum("bhqs,bq->bhs", probs, index.query_weights)  # (B, H, S)
     visual = mean.gather(2, index.visual[:, None, :].expand(batch, heads, -1))  # (B, H, V)
     return visual * index.visual_valid[:, None, :]
 
 
-def _row_bias(
+def row_bias(
     mask: torch.Tensor | None,
-    rows: torch.Tensor,
+    index: BatchIndex,
     seq: int,
-    sliding_window: int | None,
-    causal: bool,
-    device: torch.device,
+    *,
+    sliding_window: int | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Additive (B or 1, 1, Q, S) bias equal to the model's mask on the selected rows."""
+    """Additive (B or 1, 1, Q, S) float32 bias equal to the model's mask on the description
+    rows (the mask conventions of `description_attention`)."""
+    rows, device = index.query, index.query.device
     neg = torch.finfo(torch.float32).min
     if mask is not None and mask.dim() == 4:
         picked = mask[:, :, :, :seq].gather(
@@ -150,23 +169,43 @@ class AttentionTracer(DecoderTracer):
         """(B, L, H, V) float32 attention of the description rows on the visual tokens."""
         batch = batch.to(self.device, self.dtype)
         index = BatchIndex.from_batch(batch, self.device)
-        with torch.inference_mode(), self.nn.trace(**batch.inputs) as tracer:
+        biases: dict[tuple, tuple] = {}  # one row bias per distinct mask, not per layer
+        with torch.inference_mode(), self.nn.trace(**batch.inputs, use_cache=False) as tracer:
             per_layer = nnsight.save([])
             for layer, label in zip(self.layers, self.call_labels):
-                attention = resolve(layer, self.adapter.attention)
-                args, kwargs = getattr(attention.source, label).inputs
-                module, query, key = args[0], args[1], args[2]
-                mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
-                per_layer.append(
-                    description_attention(
-                        query, key, mask, index,
-                        scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,  # SDPA's default
-                        softcap=kwargs.get("softcap"),
-                        sliding_window=kwargs.get("sliding_window"),
-                        causal=getattr(module, "is_causal", True),
-                    ).cpu()
-                )  # fmt: skip
-            tracer.stop()
-        return torch.stack(list(per_layer), dim=1).numpy()  # (B, L, H, V)
+                per_layer.append(self._layer_rows(layer, label, index, biases))  # (B, H, V), on the device
+            tracer.stop()  # the rest of the forward (last layer, norm, logits) is not needed
+        return torch.stack(list(per_layer), dim=1).cpu().numpy()  # (B, L, H, V): one transfer
+
+    def _layer_rows(self, layer: object, label: str, index: BatchIndex, biases: dict[tuple, tuple]) -> torch.Tensor:
+        """One layer's (B, H, V), read inside the trace. A function of its own so that the
+        layer's q, k and mask are referenced only until it returns: the model frees them
+        before its MLP, as it would untraced."""
+        attention = resolve(layer, self.adapter.attention)
+        args, kwargs = getattr(attention.source, label).inputs
+        module, query, key = args[0], args[1], args[2]
+        mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+        window, causal = kwargs.get("sliding_window"), getattr(module, "is_causal", True)
+        return description_attention(
+            query, key, mask, index,
+            scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,  # SDPA's default
+            softcap=kwargs.get("softcap"), sliding_window=window, causal=causal,
+            bias=_cached_bias(biases, mask, index, key.shape[2], window, causal),
+        )  # fmt: skip
+
+
+def _cached_bias(
+    biases: dict[tuple, tuple], mask: torch.Tensor | None, index: BatchIndex, seq: int, window: int | None, causal: bool
+) -> torch.Tensor:
+    """The rows' bias for this mask, made once per trace: a model hands every layer the same
+    mask object (or one per layer type). Keyed by the mask's id and checked by a weak
+    reference, so a mask freed and another made at its address is never mistaken for it,
+    and the cache keeps no mask alive."""
+    key = (None if mask is None else id(mask), window, causal, seq)
+    ref, bias = biases.get(key, (None, None))
+    if bias is None or (mask is not None and ref() is not mask):
+        bias = row_bias(mask, index, seq, sliding_window=window, causal=causal)
+        biases[key] = (None if mask is None else weakref.ref(mask), bias)
+    return bias
 
 
