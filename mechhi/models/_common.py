@@ -137,6 +137,7 @@ CHAT_TEMPLATES: dict[str, PromptTemplate] = {
     ),
 }
 TEMPLATE_NAMES: tuple[str, ...] = tuple(CHAT_TEMPLATES)
+GRID_PROBE_ANSWER = "object"  # any answer: grids do not depend on the text
 
 
 # ----------------------------------------------------------------------------- coverage
@@ -358,6 +359,24 @@ class VLMAdapter:
     def visual_views(self, inputs: dict, index: int, image_size: tuple[int, int]) -> list[VisualView]:
         """The visual views of sample ``index``; ``image_size`` is the original (width, height)."""
         raise NotImplementedError
+
+    def grid_sizes(self, image_size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+        """Each view's (rows, cols) for an image of ``image_size`` (width, height), without
+        the image: a store sizes its grids before any sample is traced, and reading and
+        processing every image only for that would double the trace's data loading.
+
+        The grid depends only on the image's size (every family's resize rule is a function
+        of it), so by default the processor runs once per distinct size on a blank image,
+        and once in all where it makes every image one size. Families with a closed-form
+        rule override this; the tests check each against the processor on many sizes.
+        """
+        key = (int(image_size[0]), int(image_size[1])) if self.variable_image_size else None
+        cache: dict[Any, dict[str, tuple[int, int]]] = self.__dict__.setdefault("_grid_cache", {})
+        if key not in cache:
+            blank = Image.new("RGB", key or (int(image_size[0]), int(image_size[1])))
+            layout = self.prepare([blank], [GRID_PROBE_ANSWER]).layouts[0]
+            cache[key] = {v.name: v.grid for v in layout.views}
+        return dict(cache[key])
 
     # -- tiny models for tests --------------------------------------------------------
     @classmethod

@@ -45,6 +45,21 @@ class Qwen2VLAdapter(VLMAdapter):
         positions = self.image_token_positions(inputs, index)
         return [VisualView("image", positions, (rows, cols), (0.0, 0.0, float(width), float(height)))]
 
+    def grid_sizes(self, image_size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+        """The processor's own rule: `smart_resize` to multiples of patch x merge pixels,
+        within its pixel bounds; one token per merged patch."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        image_processor = self.processor.image_processor
+        if not getattr(image_processor, "do_resize", True):
+            return super().grid_sizes(image_size)
+        patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
+        size = image_processor.size
+        width, height = image_size
+        resized_h, resized_w = smart_resize(int(height), int(width), factor=patch * merge,
+                                            min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])  # fmt: skip
+        return {"image": (resized_h // (patch * merge), resized_w // (patch * merge))}
+
     @classmethod
     def build_tiny(
         cls,
