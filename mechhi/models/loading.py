@@ -22,6 +22,8 @@ from . import adapter_class
 from ._common import AdapterError, VLMAdapter
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+# accelerate's placement strategies over every visible device (and CPU memory past them)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # Local weights up to this size are hashed whole; larger ones by name, size and their
 # first and last MiB (a 16 GB checkpoint is not read on every run).
 FULL_HASH_BYTES = 2**30
@@ -67,16 +69,25 @@ def load(
     dtype: str = "auto",
     revision: str | None = None,
     attn_implementation: str | None = None,
+    device_map: str | dict | None = None,
 ) -> tuple[Any, VLMAdapter]:
     """(model in eval mode on ``device``, its adapter). ``model_id``: an HF id, a local
     directory, or the bundled model's name ``mechhi/zoo/toy-qwen2vl``.
 
+    ``device_map`` (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``, or an
+    explicit {module: device} dict): a model larger than one GPU is split over every
+    visible GPU (then CPU memory) by accelerate, whose hooks move each module's inputs to
+    its device; ``device`` must then stay ``auto``.
+
     >>> model, adapter = load("Qwen/Qwen2-VL-2B-Instruct")            # doctest: +SKIP
+    >>> model, adapter = load("Qwen/Qwen2-VL-72B-Instruct", device_map="auto")  # doctest: +SKIP
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     source = local_path(model_id)
     torch_device = resolve_device(device)
+    if device_map is not None:
+        check_device_map(device_map, device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
@@ -88,8 +99,29 @@ def load(
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).to(torch_device).eval()
+    if device_map is not None:
+        model = AutoModelForImageTextToText.from_pretrained(source, device_map=device_map, **kwargs).eval()
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).to(torch_device).eval()
     return model, family(model.config, processor)
+
+
+def check_device_map(device_map: str | dict, device: str) -> None:
+    """A known placement strategy, and no ``--device`` beside it (the map places the model)."""
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise AdapterError(f"unknown --device-map {device_map!r}; choose {', '.join(DEVICE_MAPS)}")
+    if device != "auto":
+        raise AdapterError(f"--device-map {device_map if isinstance(device_map, str) else 'dict'} places the model "
+                           f"on its devices itself; drop --device {device}")  # fmt: skip
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: the device of its input embeddings (the first module to
+    use the token ids); for a model on one device, that device."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
 
 
 def provenance(model_id: str | Path, model: Any) -> dict[str, Any]:

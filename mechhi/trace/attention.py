@@ -168,22 +168,28 @@ class AttentionTracer(DecoderTracer):
     def trace(self, batch: PreparedBatch) -> np.ndarray:
         """(B, L, H, V) float32 attention of the description rows on the visual tokens."""
         batch = batch.to(self.device, self.dtype)
-        index = BatchIndex.from_batch(batch, self.device)
+        indices = {self.device: BatchIndex.from_batch(batch, self.device)}  # per device of a split model
         biases: dict[tuple, tuple] = {}  # one row bias per distinct mask, not per layer
         with torch.inference_mode(), self.nn.trace(**batch.inputs, use_cache=False) as tracer:
             per_layer = nnsight.save([])
             for layer, label in zip(self.layers, self.call_labels):
-                per_layer.append(self._layer_rows(layer, label, index, biases))  # (B, H, V), on the device
+                per_layer.append(self._layer_rows(layer, label, indices, biases))  # (B, H, V), on the device
             tracer.stop()  # the rest of the forward (last layer, norm, logits) is not needed
-        return torch.stack(list(per_layer), dim=1).cpu().numpy()  # (B, L, H, V): one transfer
+        first = per_layer[0].device
+        return torch.stack([rows.to(first) for rows in per_layer], dim=1).cpu().numpy()  # (B, L, H, V)
 
-    def _layer_rows(self, layer: object, label: str, index: BatchIndex, biases: dict[tuple, tuple]) -> torch.Tensor:
+    def _layer_rows(self, layer: object, label: str, indices: dict[torch.device, BatchIndex],
+                    biases: dict[tuple, tuple]) -> torch.Tensor:  # fmt: skip
         """One layer's (B, H, V), read inside the trace. A function of its own so that the
         layer's q, k and mask are referenced only until it returns: the model frees them
-        before its MLP, as it would untraced."""
+        before its MLP, as it would untraced. ``indices``: the batch's gather indices on
+        each device met so far (a model split by a device map has layers on several)."""
         attention = resolve(layer, self.adapter.attention)
         args, kwargs = getattr(attention.source, label).inputs
         module, query, key = args[0], args[1], args[2]
+        index = indices.get(query.device)
+        if index is None:
+            index = indices[query.device] = _index_to(next(iter(indices.values())), query.device)
         mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
         window, causal = kwargs.get("sliding_window"), getattr(module, "is_causal", True)
         return description_attention(
@@ -194,6 +200,10 @@ class AttentionTracer(DecoderTracer):
         )  # fmt: skip
 
 
+def _index_to(index: BatchIndex, device: torch.device) -> BatchIndex:
+    return BatchIndex(*(getattr(index, name).to(device) for name in ("query", "query_valid", "visual", "visual_valid")))
+
+
 def _cached_bias(
     biases: dict[tuple, tuple], mask: torch.Tensor | None, index: BatchIndex, seq: int, window: int | None, causal: bool
 ) -> torch.Tensor:
@@ -201,7 +211,7 @@ def _cached_bias(
     mask object (or one per layer type). Keyed by the mask's id and checked by a weak
     reference, so a mask freed and another made at its address is never mistaken for it,
     and the cache keeps no mask alive."""
-    key = (None if mask is None else id(mask), window, causal, seq)
+    key = (None if mask is None else id(mask), window, causal, seq, index.query.device)
     ref, bias = biases.get(key, (None, None))
     if bias is None or (mask is not None and ref() is not mask):
         bias = row_bias(mask, index, seq, sliding_window=window, causal=causal)

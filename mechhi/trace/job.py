@@ -10,10 +10,14 @@ One writer at a time: the job holds the store's writer lock (``mechhi.store.lock
 before the store is created until its last batch is written, so a second `mechhi trace`
 on the same store is refused instead of tracing every pending sample again.
 
-Each batch goes through three separable steps, so that a data loader or several ranks
-can take over one of them: ``prepare`` (images and prompts -> model inputs and layouts),
-``forward`` (the traced forward pass -> (B, L, H, V) attention on the visual tokens) and
-``write`` (per-sample grids, masks and IoU into the batch's region of the store).
+Each batch goes through three separable steps, each on its own worker so they overlap:
+``prepare`` (images and prompts -> model inputs, layouts and mask coverage) in
+DataLoader worker processes (`trace.loader`, batches bucketed by sequence length),
+``forward`` (the traced forward pass -> (B, L, H, V) attention on the visual tokens) in
+this thread, and ``write`` (per-sample grids, masks and IoU into the batch's region of
+the store) on a writer thread (`trace.writer`, at most two batches of cubes in memory).
+The store's grids are sized up front from each image's size alone
+(`VLMAdapter.grid_sizes`): no image is decoded or processed twice.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import torch
 
 from ..bundled import BUNDLED_DATASET_ID, BUNDLED_MODEL_ID, default_store, local_path, recorded_name
 from ..data.format import KeyObjectDataset, Sample, load_dataset
-from ..models import TEMPLATE_NAMES, PreparedBatch, SampleLayout, VLMAdapter
+from ..models import TEMPLATE_NAMES, AdapterError, PreparedBatch, VLMAdapter
 from ..models.loading import load, provenance
 from ..store import (
     SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, pad_grid, write_batch,
 )  # fmt: skip
 from .attention import AttentionTracer
+from .loader import Grids, LoadedBatch, batch_loader, bucketed_batches, default_num_workers, sequence_lengths
+from .writer import BackgroundWriter
 
 # Descriptions are object descriptions (a few words to a caption); each description token
 # is a query row whose attention over the whole sequence is computed in every layer.
@@ -61,12 +67,19 @@ class TraceConfig:
     revision: str | None = None
     max_description_tokens: int = DEFAULT_MAX_DESCRIPTION_TOKENS  # longer descriptions are bad records
     vqa_seed: int = 0  # draws the vqa template's distractor options and the true option's place
+    num_workers: int | None = None  # DataLoader processes preparing batches (None: up to 4, one core left; 0: in process)
+    device_map: str | None = None  # accelerate placement over several devices ("auto", ...); then device stays "auto"
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATE_NAMES:
             raise ValueError(f"unknown --template {self.template!r}; choose {' or '.join(TEMPLATE_NAMES)}")
         if self.batch_size < 1 or self.max_description_tokens < 1:
             raise ValueError("--batch-size and --max-description-tokens must be at least 1")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"--num-workers must be 0 or more, got {self.num_workers}")
+
+    def workers(self) -> int:
+        return default_num_workers() if self.num_workers is None else self.num_workers
 
     def store_path(self) -> Path:
         return Path(self.store) if self.store else default_store(self.model, self.dataset, self.template)
@@ -101,16 +114,16 @@ def trace_dataset(
     path.parent.mkdir(parents=True, exist_ok=True)
     with lock if lock is not None else WriterLock(path):
         model, adapter = loaded or load(config.model, device=config.device, dtype=config.dtype,
-                                        revision=config.revision)  # fmt: skip
+                                        revision=config.revision, device_map=config.device_map)  # fmt: skip
         dataset = load_samples(config, adapter)
         samples = dataset.samples[: config.limit] if config.limit else dataset.samples
         if not samples:
             raise ValueError(f"no samples to trace in {config.dataset} (split {config.split!r})")
         fields = prompt_fields(config, samples)
-        layouts = _layouts(adapter, samples, fields, config)
+        grids = _grids(adapter, samples)
         create_store(
             path,
-            samples=[_meta(s, lay) for s, lay in zip(samples, layouts)],
+            samples=[_meta(s, g) for s, g in zip(samples, grids)],
             n_layers=adapter.n_layers,
             n_heads=adapter.n_heads,
             attrs=_attrs(config, model, adapter, dataset),
@@ -118,8 +131,7 @@ def trace_dataset(
         )
         pending = pending_samples(path)
         if len(pending):
-            _trace_pending(path, config, model, adapter, samples, fields, pending, _max_grids(layouts), progress,
-                           on_batch)  # fmt: skip
+            _trace_pending(path, config, model, adapter, samples, fields, pending, grids, progress, on_batch)
         else:
             print(f"{path}: all {len(samples)} samples are traced already; nothing to trace", file=sys.stderr)
     return path
@@ -169,34 +181,25 @@ def pending_samples(path: Path) -> np.ndarray:
     return np.flatnonzero(~done)
 
 
-def _layouts(
-    adapter: VLMAdapter, samples: Sequence[Sample], fields: Sequence[dict[str, str]], config: TraceConfig
-) -> list[SampleLayout]:
-    """Every sample's token layout, needed up front to size the store's grids."""
-    layouts: list[SampleLayout] = []
-    for start in range(0, len(samples), config.batch_size):
-        part = slice(start, start + config.batch_size)
-        layouts.extend(prepare(adapter, samples[part], fields[part], config.template).layouts)
-    return layouts
+def _grids(adapter: VLMAdapter, samples: Sequence[Sample]) -> list[Grids]:
+    """Every sample's grid per view, needed up front to size the store: from the recorded
+    (upright) image size alone, so no image is read here (`VLMAdapter.grid_sizes`)."""
+    return [adapter.grid_sizes((s.record.width, s.record.height)) for s in samples]
 
 
-def _max_grids(layouts: Sequence[SampleLayout]) -> dict[str, tuple[int, int]]:
+def _max_grids(grids: Sequence[Grids]) -> Grids:
     """The store's grid size per view: the largest rows and cols over all samples."""
-    grids: dict[str, tuple[int, int]] = {}
-    for layout in layouts:
-        for v in layout.views:
-            rows, cols = grids.get(v.name, (0, 0))
-            grids[v.name] = (max(rows, v.grid[0]), max(cols, v.grid[1]))
-    return grids
+    largest: Grids = {}
+    for sample_grids in grids:
+        for name, (rows, cols) in sample_grids.items():
+            top_rows, top_cols = largest.get(name, (0, 0))
+            largest[name] = (max(top_rows, rows), max(top_cols, cols))
+    return largest
 
 
-def _meta(sample: Sample, layout: SampleLayout) -> SampleMeta:
-    return SampleMeta(
-        image_id=sample.image_id,
-        object_id=sample.object_id,
-        description=sample.description,
-        grids={v.name: v.grid for v in layout.views},
-    )
+def _meta(sample: Sample, grids: Grids) -> SampleMeta:
+    return SampleMeta(image_id=sample.image_id, object_id=sample.object_id, description=sample.description,
+                      grids=dict(grids))  # fmt: skip
 
 
 def _attrs(config: TraceConfig, model: Any, adapter: VLMAdapter, dataset: KeyObjectDataset) -> dict:
@@ -221,15 +224,7 @@ def _attrs(config: TraceConfig, model: Any, adapter: VLMAdapter, dataset: KeyObj
     return attrs
 
 
-# ---------------------------------------------------------------- one batch: prepare, forward, write
-def prepare(
-    adapter: VLMAdapter, chunk: Sequence[Sample], fields: Sequence[dict[str, str]], template: str
-) -> PreparedBatch:
-    """Model inputs and token layouts of a batch of samples."""
-    return adapter.prepare([s.image() for s in chunk], [s.description for s in chunk], template=template,
-                           fields=list(fields))  # fmt: skip
-
-
+# ---------------------------------------------------------------- one batch: forward, write (prepare: trace.loader)
 def forward(tracer: AttentionTracer, batch: PreparedBatch, number: int, indices: Sequence[int],
             batch_size: int) -> np.ndarray:  # fmt: skip
     """(B, L, H, V) attention of the description rows on the visual tokens; an allocation
@@ -259,26 +254,31 @@ def _out_of_memory(batch: PreparedBatch, number: int, indices: Sequence[int], ba
     )  # fmt: skip
 
 
-def write(path: Path, chunk: Sequence[Sample], indices: Sequence[int], batch: PreparedBatch, cube: np.ndarray,
-          max_grid: dict[str, tuple[int, int]], maps: bool) -> None:  # fmt: skip
+def write(path: Path, loaded: LoadedBatch, cube: np.ndarray, grids: Sequence[Grids], max_grid: Grids,
+          maps: bool) -> None:  # fmt: skip
     """Each sample's attention grids, mask coverage and IoU, padded to the store's grids,
-    into the batch's region; the samples are flagged done after the write."""
+    into the batch's region; the samples are flagged done after the write. ``grids``: the
+    grids the store was sized with, by sample index; a processed sample whose grid differs
+    is an error (an adapter's `grid_sizes` rule that does not match its processor)."""
     from probes.head_impact import BinarizeRule, sample_iou
 
     rule = BinarizeRule()
     attention: dict[str, list[np.ndarray]] = {}
     masks: dict[str, list[np.ndarray]] = {}
     ious = []
-    for sample, layout, values in zip(chunk, batch.layouts, cube):
-        grids = layout.split_views(values[..., : sum(len(v.positions) for v in layout.views)])
-        coverage = layout.coverage(sample.mask())
-        ious.append(sample_iou(grids, coverage, rule))
-        for view, grid in grids.items():
+    for index, layout, coverage, values in zip(loaded.indices, loaded.batch.layouts, loaded.coverage, cube):
+        made = {v.name: v.grid for v in layout.views}
+        if made != grids[index]:
+            raise AdapterError(f"sample {index}: the processor made grids {made}, but the store was sized for "
+                               f"{grids[index]} (the adapter's grid_sizes rule is wrong for this processor)")  # fmt: skip
+        view_grids = layout.split_views(values[..., : sum(len(v.positions) for v in layout.views)])
+        ious.append(sample_iou(view_grids, coverage, rule))
+        for view, grid in view_grids.items():
             attention.setdefault(view, []).append(pad_grid(grid, *max_grid[view]))
             masks.setdefault(view, []).append(pad_grid(coverage[view], *max_grid[view]))
     write_batch(
         path,
-        indices,
+        loaded.indices,
         attention={v: np.stack(a) for v, a in attention.items()} if maps else None,
         mask={v: np.stack(m) for v, m in masks.items()},
         iou=np.stack(ious),
@@ -293,22 +293,33 @@ def _trace_pending(
     samples: Sequence[Sample],
     fields: Sequence[dict[str, str]],
     pending: np.ndarray,
-    max_grid: dict[str, tuple[int, int]],
+    grids: Sequence[Grids],
     progress: bool,
     on_batch: BatchCallback | None,
 ) -> None:
+    """Pending samples in length-bucketed batches: prepared by the loader's workers,
+    traced here, written by the writer thread (which also advances the bar and runs
+    ``on_batch`` after each batch is flagged done)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     tracer = AttentionTracer(model, adapter)
+    batches = bucketed_batches(pending, sequence_lengths(adapter, samples, fields, grids), config.batch_size)
+    loader = batch_loader(samples, fields, adapter, config.template, batches, config.workers())
+    max_grid = _max_grids(grids)
     columns = (TextColumn("tracing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:  # the CLI's default console is stderr
         task = bar.add_task("trace", total=len(samples), completed=len(samples) - len(pending))
-        for number, start in enumerate(range(0, len(pending), config.batch_size)):
-            indices = [int(i) for i in pending[start : start + config.batch_size]]
-            chunk = [samples[i] for i in indices]
-            batch = prepare(adapter, chunk, [fields[i] for i in indices], config.template)
-            cube = forward(tracer, batch, number, indices, config.batch_size)
-            write(path, chunk, indices, batch, cube, max_grid, config.maps)
-            bar.advance(task, len(indices))
+
+        def write_done(job: tuple[int, LoadedBatch, np.ndarray]) -> None:
+            number, loaded, cube = job
+            write(path, loaded, cube, grids, max_grid, config.maps)
+            bar.advance(task, len(loaded.indices))
             if on_batch is not None:
-                on_batch(number, indices)
+                on_batch(number, loaded.indices)
+
+        with BackgroundWriter(write_done, depth=2) as writer:
+            for number, loaded in enumerate(loader):
+                loaded.checked()
+                writer.reserve()  # at most two batches of cubes: one written, this one
+                cube = forward(tracer, loaded.batch, number, loaded.indices, config.batch_size)
+                writer.submit((number, loaded, cube))

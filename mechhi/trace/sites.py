@@ -59,7 +59,11 @@ class DecoderTracer:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (one of several when accelerate
+        has split the model with a device map; its hooks move what each module needs)."""
+        from ..models.loading import input_device
+
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
