@@ -27,7 +27,11 @@ err_console = Console(stderr=True, soft_wrap=True)
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Path of a mechhi zarr store.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps")]
-DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16 "
+                                            "| float16")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(help="Split a model larger than one GPU over every visible "
+                                                          "GPU (then CPU memory) with accelerate: auto | balanced | "
+                                                          "balanced_low_0 | sequential. Leave --device at auto.")]
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Samples per forward pass.")]
 ToyModelOpt = Annotated[Optional[str], typer.Option(help="HF model id or local directory (default: the bundled toy model).")]
 ToyDatasetOpt = Annotated[Optional[Path], typer.Option(help="Dataset directory (default: the bundled synthetic set).")]

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .app import app
 from .common import (
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -100,6 +101,7 @@ def evaluate(
     force: Annotated[bool, typer.Option(help="Evaluate the adapter on a base model other than its own.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity over answer tokens, closed-ended VQA accuracy and AnsProb, with standard errors."""
@@ -109,7 +111,7 @@ def evaluate(
 
     config = EvaluateConfig(model=model, adapter=str(adapter) if adapter else None,
                             dataset=str(dataset) if dataset else None, split=split, device=device, dtype=dtype,
-                            force=force, eval=replace(EvalSettings(), limit=limit))  # fmt: skip
+                            device_map=device_map, force=force, eval=replace(EvalSettings(), limit=limit))  # fmt: skip
     with _result_only():
         result = run_evaluate(config)
     if "warning" in result:

@@ -10,6 +10,7 @@ import typer
 from .app import app
 from .common import (
     BatchSizeOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ToyDatasetOpt,
@@ -33,6 +34,10 @@ def trace(
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    num_workers: Annotated[Optional[int], typer.Option(min=0, help="Processes that decode images, carry masks and run "
+                                                                   "the processor while the model runs (default: up "
+                                                                   "to 4, one core left to the model; 0: in process).")] = None,
     no_maps: Annotated[bool, typer.Option("--no-maps", help="Keep masks and IoU only, not the attention cube.")] = False,
     template: Annotated[str, typer.Option(help="Prompt template: caption, or vqa (the closed-ended question "
                                                "with options A-D drawn as in `mechhi evaluate`).")] = "caption",
@@ -55,6 +60,7 @@ def trace(
         store=str(store) if store else None,
         limit=limit, batch_size=batch_size, device=device, dtype=dtype, maps=not no_maps,
         template=template, split=split, skip_bad=skip_bad, max_description_tokens=max_description_tokens,
+        device_map=device_map, num_workers=num_workers,
     )  # fmt: skip
     path = trace_dataset(config, progress=True)
     result = ensure_scored(path)

@@ -16,7 +16,9 @@ def generate_captions(model: torch.nn.Module, adapter: VLMAdapter, samples: Sequ
                       images: ImageCache | None = None) -> list[dict[str, str]]:  # fmt: skip
     """Greedy continuation of the prompt up to where the answer starts, one sample at a time
     (images from ``images`` when given)."""
-    device = next(model.parameters()).device
+    from ..models.loading import input_device
+
+    device = input_device(model)
     out = []
     for sample in samples:
         image = images.image(sample) if images is not None else sample.image()

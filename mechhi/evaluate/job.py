@@ -75,6 +75,7 @@ class EvaluateConfig:
     template: str = "caption"
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16
+    device_map: str | None = None  # accelerate placement over several devices ("auto", ...); device stays "auto"
     threads: int | None = None  # torch CPU threads (None: torch's default; 1 is fastest on a busy machine)
     force: bool = False  # evaluate an adapter on a base model other than the one it was trained on
     eval: EvalSettings = EvalSettings()
@@ -95,7 +96,7 @@ def run_evaluate(
     if loaded is None:
         from ..models.loading import load
 
-        loaded = load(model_id, device=config.device, dtype=config.dtype)
+        loaded = load(model_id, device=config.device, dtype=config.dtype, device_map=config.device_map)
     model, adapter = loaded
     data_dir = resolve_dataset(config.dataset, progress=progress)
     split = load_split(data_dir, config.split)

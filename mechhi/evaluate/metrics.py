@@ -68,7 +68,9 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 
 
 def _logits(model: torch.nn.Module, batch: PreparedBatch) -> torch.Tensor:
-    device = next(model.parameters()).device
+    from ..models.loading import input_device
+
+    device = input_device(model)  # a model split by a device map: its embeddings' device
     dtype = next(model.parameters()).dtype
     moved = batch.to(device, dtype)
     with torch.no_grad():

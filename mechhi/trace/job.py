@@ -41,6 +41,7 @@ from ..store import (
     SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, pad_grid, write_batch,
 )  # fmt: skip
 from .attention import AttentionTracer
+from . import loader
 from .loader import Grids, LoadedBatch, batch_loader, bucketed_batches, default_num_workers, sequence_lengths
 from .writer import BackgroundWriter
 
@@ -303,8 +304,9 @@ def _trace_pending(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     tracer = AttentionTracer(model, adapter)
-    batches = bucketed_batches(pending, sequence_lengths(adapter, samples, fields, grids), config.batch_size)
-    loader = batch_loader(samples, fields, adapter, config.template, batches, config.workers())
+    batches = bucketed_batches(pending, sequence_lengths(adapter, samples, fields, grids), config.batch_size,
+                               loader.BUCKET_TOKENS)  # fmt: skip
+    prepared = batch_loader(samples, fields, adapter, config.template, batches, config.workers())
     max_grid = _max_grids(grids)
     columns = (TextColumn("tracing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:  # the CLI's default console is stderr
@@ -318,7 +320,7 @@ def _trace_pending(
                 on_batch(number, loaded.indices)
 
         with BackgroundWriter(write_done, depth=2) as writer:
-            for number, loaded in enumerate(loader):
+            for number, loaded in enumerate(prepared):
                 loaded.checked()
                 writer.reserve()  # at most two batches of cubes: one written, this one
                 cube = forward(tracer, loaded.batch, number, loaded.indices, config.batch_size)

@@ -59,7 +59,8 @@ class LoadedBatch:
 
 
 class TraceSamples(Dataset):
-    """Sample index -> (index, decoded image, object mask, description, template fields)."""
+    """Sample index -> (index, sample, template fields); `PrepareBatch` decodes them, so
+    that a bad image is reported like any other preparation error."""
 
     def __init__(self, samples: Sequence[Sample], fields: Sequence[dict[str, str]]) -> None:
         self.samples = samples
@@ -69,13 +70,13 @@ class TraceSamples(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple:
-        sample = self.samples[index]
-        return index, sample.image(), sample.mask(), sample.description, self.fields[index]
+        return index, self.samples[index], self.fields[index]
 
 
 class PrepareBatch:
-    """DataLoader ``collate_fn``: the processor over a batch of decoded samples, and each
-    mask carried onto its sample's grids. A class (not a closure) so workers can pickle it."""
+    """DataLoader ``collate_fn``: decode a batch's images and masks, run the processor over
+    them, and carry each mask onto its sample's grids. A class (not a closure) so that
+    workers can pickle it."""
 
     def __init__(self, adapter: VLMAdapter, template: str) -> None:
         self.adapter = adapter
@@ -84,9 +85,10 @@ class PrepareBatch:
     def __call__(self, items: list[tuple]) -> LoadedBatch:
         indices = [int(item[0]) for item in items]
         try:
-            _, images, masks, descriptions, fields = zip(*items)
-            batch = self.adapter.prepare(list(images), list(descriptions), template=self.template, fields=list(fields))
-            coverage = [layout.coverage(mask) for layout, mask in zip(batch.layouts, masks)]
+            samples: list[Sample] = [item[1] for item in items]
+            batch = self.adapter.prepare([s.image() for s in samples], [s.description for s in samples],
+                                         template=self.template, fields=[item[2] for item in items])  # fmt: skip
+            coverage = [layout.coverage(s.mask()) for layout, s in zip(batch.layouts, samples)]
         except Exception as error:  # noqa: BLE001 - handed to the main process, raised there
             return LoadedBatch(indices, None, [], error)
         return LoadedBatch(indices, batch, coverage)
