@@ -37,7 +37,8 @@ def trace(
     device_map: DeviceMapOpt = None,
     num_workers: Annotated[Optional[int], typer.Option(min=0, help="Processes that decode images, carry masks and run "
                                                                    "the processor while the model runs (default: up "
-                                                                   "to 4, one core left to the model; 0: in process).")] = None,
+                                                                   "to 4 with the model on a GPU; on a CPU 0, in "
+                                                                   "process, below 8 cores).")] = None,
     no_maps: Annotated[bool, typer.Option("--no-maps", help="Keep masks and IoU only, not the attention cube.")] = False,
     template: Annotated[str, typer.Option(help="Prompt template: caption, or vqa (the closed-ended question "
                                                "with options A-D drawn as in `mechhi evaluate`).")] = "caption",

@@ -68,7 +68,7 @@ class TraceConfig:
     revision: str | None = None
     max_description_tokens: int = DEFAULT_MAX_DESCRIPTION_TOKENS  # longer descriptions are bad records
     vqa_seed: int = 0  # draws the vqa template's distractor options and the true option's place
-    num_workers: int | None = None  # DataLoader processes preparing batches (None: up to 4, one core left; 0: in process)
+    num_workers: int | None = None  # DataLoader processes preparing batches (None: by device, see loader; 0: in process)
     device_map: str | None = None  # accelerate placement over several devices ("auto", ...); then device stays "auto"
 
     def __post_init__(self) -> None:
@@ -79,8 +79,8 @@ class TraceConfig:
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"--num-workers must be 0 or more, got {self.num_workers}")
 
-    def workers(self) -> int:
-        return default_num_workers() if self.num_workers is None else self.num_workers
+    def workers(self, device: torch.device) -> int:
+        return default_num_workers(device) if self.num_workers is None else self.num_workers
 
     def store_path(self) -> Path:
         return Path(self.store) if self.store else default_store(self.model, self.dataset, self.template)
@@ -306,7 +306,7 @@ def _trace_pending(
     tracer = AttentionTracer(model, adapter)
     batches = bucketed_batches(pending, sequence_lengths(adapter, samples, fields, grids), config.batch_size,
                                loader.BUCKET_TOKENS)  # fmt: skip
-    prepared = batch_loader(samples, fields, adapter, config.template, batches, config.workers())
+    prepared = batch_loader(samples, fields, adapter, config.template, batches, config.workers(tracer.device))
     max_grid = _max_grids(grids)
     columns = (TextColumn("tracing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:  # the CLI's default console is stderr
