@@ -14,18 +14,34 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from mechhi.models.qwen2_vl import Qwen2VLAdapter
 from mechhi.store import open_store
 from mechhi.trace import loader
 from mechhi.trace.job import TraceConfig, trace_dataset
 from mechhi.trace.writer import BackgroundWriter
+from tests.conftest import WORDS
 from tests.helpers import invoke, one_line_error
-from tests.test_trace_job import dataset_dir, tiny_model_dir  # noqa: F401 - module fixtures
+from tests.test_trace_job import write_toy_dataset
 
 TRACED = ("attention", "mask", "iou", "done")
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-qwen2vl")
+    Qwen2VLAdapter.build_tiny(directory, words=WORDS, layers=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dataset")
+    write_toy_dataset(root)  # 7 images of 5 sizes, 10 samples
+    return root
+
+
 def trace(model_dir, data, store, **kw):
-    defaults = dict(batch_size=3, device="cpu", dtype="float32", num_workers=0)
+    defaults = {"batch_size": 3, "device": "cpu", "dtype": "float32", "num_workers": 0}
     return open_store(trace_dataset(TraceConfig(model=str(model_dir), dataset=str(data), store=str(store),
                                                 **{**defaults, **kw}), progress=False)).load()  # fmt: skip
 
@@ -39,7 +55,7 @@ def test_bucketed_batches_sort_by_bucket_then_index():
     flat = [i for b in batches for i in b]
     assert sorted(flat) == pending and all(len(b) == 4 for b in batches[:-1])
     expected = []  # bucket by bucket, each in index order
-    for bucket in range(0, -(-400 // 64) + 1):
+    for bucket in range(-(-400 // 64) + 1):
         expected += [i for i in pending if (lengths[i] + 63) // 64 == bucket]
     assert flat == expected
 
@@ -78,8 +94,6 @@ def test_workers_make_the_in_process_store(tiny_model_dir, dataset_dir, tmp_path
 
 
 def test_a_bad_image_in_a_worker_is_one_line_naming_it(tiny_model_dir, tmp_path):
-    from tests.test_trace_job import write_toy_dataset
-
     data = tmp_path / "data"
     write_toy_dataset(data, n_images=3)
     image = sorted((data / "images").iterdir())[1]
@@ -119,12 +133,11 @@ def test_a_write_error_stops_the_writer_and_reaches_the_caller():
             raise KeyError("disk full")
         written.append(item)
 
-    with pytest.raises(KeyError, match="disk full"):
-        with BackgroundWriter(write, depth=2) as writer:
-            for item in range(50):
-                writer.reserve()
-                writer.submit(item)
-                time.sleep(0.005)
+    with pytest.raises(KeyError, match="disk full"), BackgroundWriter(write, depth=2) as writer:
+        for item in range(50):
+            writer.reserve()
+            writer.submit(item)
+            time.sleep(0.005)
     assert written == [0, 1], "nothing after the failed batch is written"
 
 
@@ -135,12 +148,11 @@ def test_an_interrupt_in_the_forward_thread_still_writes_every_handed_over_batch
         time.sleep(0.05)
         written.append(item)
 
-    with pytest.raises(KeyboardInterrupt):
-        with BackgroundWriter(write, depth=2) as writer:
-            for item in range(5):
-                writer.reserve()
-                writer.submit(item)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), BackgroundWriter(write, depth=2) as writer:
+        for item in range(5):
+            writer.reserve()
+            writer.submit(item)
+        raise KeyboardInterrupt
     assert written == list(range(5))
 
 

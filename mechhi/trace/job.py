@@ -40,8 +40,8 @@ from ..models.loading import load, provenance
 from ..store import (
     SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, pad_grid, write_batch,
 )  # fmt: skip
-from .attention import AttentionTracer
 from . import loader
+from .attention import AttentionTracer
 from .loader import Grids, LoadedBatch, batch_loader, bucketed_batches, default_num_workers, sequence_lengths
 from .writer import BackgroundWriter
 

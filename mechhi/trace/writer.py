@@ -73,7 +73,7 @@ class BackgroundWriter(Generic[T]):
     def __enter__(self) -> BackgroundWriter[T]:
         return self
 
-    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
         self.close()
         if kind is None:
             self._raise_error()
