@@ -10,7 +10,10 @@ from ``git show REV:mechhi/trace/job.py`` beside the current package). Each trac
 fresh store and the already loaded model, so model loading is not timed; dataset
 loading, grid sizing, store creation, data loading, the forward and the writes are. The
 forward-only rate runs the same model through `AttentionTracer.trace` on batches prepared
-beforehand (no image decoding, processing, mask coverage or writing). Prints JSON.
+beforehand (no image decoding, processing, mask coverage or writing). Prints JSON:
+samples per second of wall time (median over rounds), and CPU seconds per sample of
+this process (all its threads; DataLoader worker processes are not counted), which a
+machine shared with other work disturbs far less than wall time.
 """
 
 from __future__ import annotations
@@ -42,15 +45,15 @@ def old_job(revision: str):
     return module
 
 
-def timed_trace(job, config, loaded, work: Path, name: str) -> float:
+def timed_trace(job, config, loaded, work: Path, name: str) -> tuple[float, float]:
     store = work / f"{name}-{time.monotonic_ns()}.zarr"
     fields = {k: v for k, v in vars(config).items() if k in job.TraceConfig.__dataclass_fields__}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     job.trace_dataset(job.TraceConfig(**{**fields, "store": str(store)}), progress=False, loaded=loaded)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def timed_forward(config, loaded) -> float:
+def timed_forward(config, loaded) -> tuple[float, float]:
     model, adapter = loaded
     samples = load_samples(config, adapter).samples[: config.limit]
     fields = prompt_fields(config, samples)
@@ -59,10 +62,10 @@ def timed_forward(config, loaded) -> float:
                                template=config.template, fields=fields[i : i + config.batch_size])
                for i in range(0, len(samples), config.batch_size)]  # fmt: skip
     tracer = AttentionTracer(model, adapter)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
         tracer.trace(batch)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -75,7 +78,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", default=None, help="git revision of the old trace loop")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = TraceConfig(model=args.model, dataset=args.dataset, split="all", limit=args.limit,
                          batch_size=args.batch_size, device=args.device, num_workers=args.num_workers)  # fmt: skip
     loaded = load(config.model, device=config.device, dtype=config.dtype)
@@ -87,19 +95,26 @@ def main() -> None:
         before = old_job(args.before)
         modes = {"before": lambda w: timed_trace(before, config, loaded, w, "before"), **modes}
     seconds: dict[str, list[float]] = {name: [] for name in modes}
+    cpu: dict[str, list[float]] = {name: [] for name in modes}
     with tempfile.TemporaryDirectory() as work:
         for round_ in range(args.rounds):
             for name, run in modes.items():
-                seconds[name].append(run(Path(work)))
-                print(f"round {round_ + 1}: {name} {args.limit / seconds[name][-1]:.2f} samples/s", file=sys.stderr)
+                wall, used = run(Path(work))
+                seconds[name].append(wall)
+                cpu[name].append(used)
+                print(f"round {round_ + 1}: {name} {args.limit / wall:.2f} samples/s, "
+                      f"{used / args.limit:.3f} CPU s/sample", file=sys.stderr)  # fmt: skip
     rate = {name: args.limit / statistics.median(s) for name, s in seconds.items()}
+    cpu_per_sample = {name: statistics.median(s) / args.limit for name, s in cpu.items()}
     result = {"samples": args.limit, "batch_size": args.batch_size, "num_workers": config.workers(next(loaded[0].parameters()).device),
               "device": str(next(loaded[0].parameters()).device), "dtype": str(next(loaded[0].parameters()).dtype),
-              "seconds": seconds, "samples_per_s": rate,
-              "after_over_forward_only": rate["after"] / rate["forward_only"]}  # fmt: skip
+              "threads": __import__("torch").get_num_threads(), "seconds": seconds, "samples_per_s": rate,
+              "cpu_s_per_sample": cpu_per_sample, "after_over_forward_only": rate["after"] / rate["forward_only"],
+              "after_over_forward_only_cpu": cpu_per_sample["forward_only"] / cpu_per_sample["after"]}  # fmt: skip
     if "before" in rate:
         result["after_over_before"] = rate["after"] / rate["before"]
         result["before_over_forward_only"] = rate["before"] / rate["forward_only"]
+        result["before_over_forward_only_cpu"] = cpu_per_sample["forward_only"] / cpu_per_sample["before"]
     print(json.dumps(result, indent=2))
 
 

@@ -35,3 +35,20 @@ def test_qwen2_vl_grid_rule_needs_no_processor_run(monkeypatch):
     expected = {size: processor_grids(adapter, size) for size in SIZES}
     monkeypatch.setattr(adapter, "prepare", lambda *a, **k: pytest.fail("the processor ran"))
     assert {size: adapter.grid_sizes(size) for size in SIZES} == expected
+
+
+def test_an_adapter_survives_pickling_into_a_worker(tiny_case):
+    """DataLoader workers started by spawn or forkserver (Python 3.14's default) get the
+    adapter pickled; they must prepare exactly what the parent prepares."""
+    import pickle
+
+    import torch
+
+    _, adapter = tiny_case
+    image = noise_image(90, 130, seed=5)
+    copy = pickle.loads(pickle.dumps(adapter))
+    here, there = adapter.prepare([image], ["red square"]), copy.prepare([image], ["red square"])
+    assert here.inputs.keys() == there.inputs.keys()
+    for key in here.inputs:
+        assert torch.equal(here.inputs[key], there.inputs[key]), key
+    assert [v.grid for v in here.layouts[0].views] == [v.grid for v in there.layouts[0].views]

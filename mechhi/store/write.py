@@ -62,6 +62,7 @@ def write_batch(
     attention: dict[str, np.ndarray] | None,
     mask: dict[str, np.ndarray],
     iou: np.ndarray | None = None,
+    opened: xr.Dataset | None = None,
 ) -> None:
     """Write one batch of samples into their regions, then flag them done.
 
@@ -69,10 +70,13 @@ def write_batch(
     each sample padded with NaN (``pad_grid``) to the store's grid of that view (no
     ``iou``: NaN, for a probe to compute); b follows `samples`, which may be in any order and non-contiguous. ``done`` is
     written in a second, separate write, so a kill mid-batch never leaves a sample
-    flagged done with missing data.
+    flagged done with missing data. ``opened``: the store as `open_store` returned it,
+    for a caller that writes many batches (the trace job): the batch is checked against
+    its dims and variables, which writes never change, instead of opening the store again
+    (about half a small batch's write time).
     """
     path = Path(path)
-    ds = open_store(path)
+    ds = opened if opened is not None else open_store(path)
     idx = np.asarray(samples, dtype=np.int64)
     n_total = ds.sizes["sample"]
     if idx.ndim != 1 or idx.size == 0:

@@ -38,7 +38,7 @@ from ..data.format import KeyObjectDataset, Sample, load_dataset
 from ..models import TEMPLATE_NAMES, AdapterError, PreparedBatch, VLMAdapter
 from ..models.loading import load, provenance
 from ..store import (
-    SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, pad_grid, write_batch,
+    SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, open_store, pad_grid, write_batch,
 )  # fmt: skip
 from . import loader
 from .attention import AttentionTracer
@@ -256,11 +256,12 @@ def _out_of_memory(batch: PreparedBatch, number: int, indices: Sequence[int], ba
 
 
 def write(path: Path, loaded: LoadedBatch, cube: np.ndarray, grids: Sequence[Grids], max_grid: Grids,
-          maps: bool) -> None:  # fmt: skip
+          maps: bool, opened: Any = None) -> None:  # fmt: skip
     """Each sample's attention grids, mask coverage and IoU, padded to the store's grids,
     into the batch's region; the samples are flagged done after the write. ``grids``: the
     grids the store was sized with, by sample index; a processed sample whose grid differs
-    is an error (an adapter's `grid_sizes` rule that does not match its processor)."""
+    is an error (an adapter's `grid_sizes` rule that does not match its processor).
+    ``opened``: the store, opened once for all batches (`write_batch`)."""
     from probes.head_impact import BinarizeRule, sample_iou
 
     rule = BinarizeRule()
@@ -283,6 +284,7 @@ def write(path: Path, loaded: LoadedBatch, cube: np.ndarray, grids: Sequence[Gri
         attention={v: np.stack(a) for v, a in attention.items()} if maps else None,
         mask={v: np.stack(m) for v, m in masks.items()},
         iou=np.stack(ious),
+        opened=opened,
     )
 
 
@@ -308,13 +310,14 @@ def _trace_pending(
                                loader.BUCKET_TOKENS)  # fmt: skip
     prepared = batch_loader(samples, fields, adapter, config.template, batches, config.workers(tracer.device))
     max_grid = _max_grids(grids)
+    opened = open_store(path)  # the schema, to check each batch against without reopening
     columns = (TextColumn("tracing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:  # the CLI's default console is stderr
         task = bar.add_task("trace", total=len(samples), completed=len(samples) - len(pending))
 
         def write_done(job: tuple[int, LoadedBatch, np.ndarray]) -> None:
             number, loaded, cube = job
-            write(path, loaded, cube, grids, max_grid, config.maps)
+            write(path, loaded, cube, grids, max_grid, config.maps, opened)
             bar.advance(task, len(loaded.indices))
             if on_batch is not None:
                 on_batch(number, loaded.indices)
