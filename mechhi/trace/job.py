@@ -103,8 +103,9 @@ def trace_dataset(
 ) -> Path:
     """Trace every pending sample of the dataset into the store; return the store path.
 
-    ``on_batch(batch_number, sample_indices)`` runs after each batch is flagged done
-    (tests use it to simulate a kill). ``loaded`` passes an already loaded
+    ``on_batch(batch_number, sample_indices)`` runs after each batch is flagged done, on
+    the writer thread; what it raises stops the writer before the next batch and is
+    raised here (tests use it to simulate a kill). ``loaded`` passes an already loaded
     (model, adapter) pair instead of loading ``config.model``; it must be that model, since
     the store records ``config.model``'s name and revision. ``lock``: what guards the
     store while this runs, by default its `WriterLock` (a second process is refused);
