@@ -17,10 +17,10 @@ in the one mechhi style); `save` writes it. One module per figure family:
 >>> save(heatmap_figure([open_store("stores/toy.zarr")]), "hi.svg", dpi=200)  # doctest: +SKIP
 """
 
+from .causal import from_ablation, from_edit
 from .heatmap import heatmap_figure
 from .overlay import OverlayMaps, Picture, choose_head, overlay_figure, overlay_maps, top_heads_figure
 from .profiles import compare_figure, layers_figure
-from .causal import from_ablation, from_edit
 from .result_files import load_results, read_result, result_kind
 from .results import Cell, Metric, ResultTable, from_experiment, results_figure
 from .sheet import sample_sheet, sheet_figure

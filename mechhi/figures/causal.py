@@ -77,8 +77,8 @@ def from_ablation(report: Mapping[str, Any]) -> ResultTable:
     base = next(s for s in report["setups"] if s["kind"] == "unablated")
     model = Path(str(report.get("model", ""))).name or "model"
     title = f"{report['mode']}-ablating heads by {report['probe']}: {model}"
-    notes = (f"change against the unablated model ± paired SE over {report['n_samples']} samples; "
-             "light bars: ± sd over the random sets' seeds",)  # fmt: skip
+    notes = ((f"change against the unablated model ± paired SE over {report['n_samples']} samples; "
+             "light bars: ± sd over the random sets' seeds"),)  # fmt: skip
     return _table(title, ("unablated", base), report["summary"], "metric", metrics, dict.fromkeys(names, "change"),
                   int(report["n_heads"]), notes)  # fmt: skip
 
@@ -92,7 +92,7 @@ def from_edit(report: Mapping[str, Any]) -> ResultTable:
     words = ", ".join(report.get("words", []))
     concept = words if report.get("concept") in (None, "words") else f"{report['concept']} ({words})"
     title = f"Scaling the top heads of {concept} by α={report['alpha']:g}: {model}"
-    notes = (f"against the unedited captions of the same {report['n_images']} images ± delta-method SE; "
-             "light bars: ± sd over the matched random sets' seeds",)  # fmt: skip
+    notes = ((f"against the unedited captions of the same {report['n_images']} images ± delta-method SE; "
+             "light bars: ± sd over the matched random sets' seeds"),)  # fmt: skip
     value = {m: field for m, (_, field) in EDIT_MEASURES.items()}
     return _table(title, ("unedited", base), report["summary"], "measure", metrics, value, int(report["k"]), notes)
