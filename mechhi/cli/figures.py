@@ -97,6 +97,10 @@ def plot(
     typer.echo(str(figures.save(fig, out, dpi=dpi)))
 
 
+def _article(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def _routed(experiment: Path | None, ablate: Path | None, edit: Path | None) -> dict[str, Path | None]:
     """--experiment may be any result: an ablation or edit result there goes where --ablate / --edit would."""
     from mechhi.figures import read_result
@@ -108,7 +112,7 @@ def _routed(experiment: Path | None, ablate: Path | None, edit: Path | None) -> 
             raise ValueError(f"--experiment {experiment}: a generic result table; the report shows it with `plot results`")
         if kind != "experiment":
             if routed[kind] is not None:
-                raise ValueError(f"--experiment {experiment} is a {kind} result, and --{'ablate' if kind == 'ablation' else kind} gives one too")
+                raise ValueError(f"--experiment {experiment} is {_article(kind)} result, and --{'ablate' if kind == 'ablation' else kind} gives one too")
             routed = {**routed, "experiment": None, kind: experiment}
     return routed
 

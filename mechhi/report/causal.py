@@ -48,7 +48,7 @@ def heads_table(setups: Sequence[Mapping[str, Any]], id: str) -> Markup:
 def _load(path: Path, kind: str) -> tuple[Path, dict[str, Any]]:
     found, file, data = figures.read_result(path)
     if found != kind:
-        raise figures.PlotError(f"--{'ablate' if kind == 'ablation' else kind} {path}: {file} is a {found} result")
+        raise figures.PlotError(f"--{'ablate' if kind == 'ablation' else kind} {path}: {file} is {'an' if found[0] in 'aeiou' else 'a'} {found} result")
     return file, data
 
 

@@ -260,7 +260,7 @@ def experiment(report: ReportInput) -> Section | None:
         return None
     kind, _, results = figures.read_result(report.experiment)
     if kind != "experiment":
-        raise figures.PlotError(f"--experiment {report.experiment}: a {kind} result, not `mechhi experiment`'s")
+        raise figures.PlotError(f"--experiment {report.experiment}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} result, not `mechhi experiment`'s")
     config = results.get("config", {})
     intro = paragraph(f"{Path(str(results.get('model', ''))).name or 'model'} fine-tuned with LoRA on the layers "
                       f"each setup names (K={config.get('k')}, random seeds {config.get('random_seeds')}); "

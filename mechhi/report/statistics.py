@@ -86,9 +86,9 @@ def store_agreement(ds) -> list[dict[str, Any]]:
     return agreement_records(result, "head") + agreement_records(result, "layer")
 
 
-def _agreement_table(i: int, pairs: Sequence[Mapping[str, Any]], caption: str) -> Markup:
+def _agreement_table(id: str, pairs: Sequence[Mapping[str, Any]], caption: str) -> Markup:
     columns = ["level", "probe", "other", "Spearman ρ", "p", "Kendall τ", "p", "units"]
-    return table(columns, agreement_rows(pairs), id=f"agreement-{i}", cls="data agreement", caption=caption)
+    return table(columns, agreement_rows(pairs), id=id, cls="data agreement", caption=caption)
 
 
 def _same(path: Path, recorded: Any) -> bool:
@@ -103,17 +103,17 @@ def agreement(report: ReportInput) -> Section:
             if _same(entry.path, payload.get("store")):
                 used.add(j)
                 words = ", ".join(payload.get("words", []))
-                return _agreement_table(i, payload["pairs"], f"from {file.name}: pursuit / logit lens of {words}")
+                return _agreement_table(f"agreement-{i}", payload["pairs"], f"from {file.name}: pursuit / logit lens of {words}")
         if "attention" not in entry.ds.data_vars:
             return paragraph("attention-mass needs attention maps; this store was traced with --no-maps", "note")
-        return _agreement_table(i, store_agreement(entry.ds), "Head Impact vs attention-mass lift, from the store")
+        return _agreement_table(f"agreement-{i}", store_agreement(entry.ds), "Head Impact vs attention-mass lift, from the store")
 
     parts = [paragraph("Do the probes rank heads (and layers) alike? Spearman ρ and Kendall τ-b between the "
                        "probes' scores (probes.agreement); layer level: each probe averaged over heads first.", "note"),
              per_store(report, one)]  # fmt: skip
     for j, (file, payload) in enumerate(report.agreement):
         if j not in used:
-            parts.append(_agreement_table(len(report.stores) + j, payload["pairs"],
+            parts.append(_agreement_table(f"agreement-file-{j}", payload["pairs"],
                                           f"from {file.name} (store {payload.get('store')})"))  # fmt: skip
     if not report.agreement:
         parts.append(paragraph("Head Pursuit and the logit lens need a model run: pass --agreement FILE (the output "
