@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from mechhi import figures
-from tests.causal_results import COLOURS, SEEDS, ablate_result, ablate_values, edit_captions, edit_result, edit_samples
+from tests.causal_results import (
+    COLOURS,
+    SEEDS,
+    ablate_result,
+    ablate_values,
+    edit_captions,
+    edit_result,
+    edit_samples,
+)
 from tests.figure_stores import fake_experiment, make_store
 from tests.helpers import invoke, one_line_error
 
