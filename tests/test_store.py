@@ -533,3 +533,24 @@ def test_a_store_without_done_is_reported_as_damaged(store: Path):
     shutil.rmtree(store / "done")
     with pytest.raises(StoreError, match="damaged mechhi store: it has no 'done' variable"):
         open_store(store)
+
+
+def test_a_store_from_before_sharding_still_reads_resumes_and_verifies(tmp_path: Path, monkeypatch):
+    """Stores written before sharding keep one chunk file per sample: they open, take
+    writes, find lost chunks and count as one-sample shards (so ranks can share them)."""
+    import mechhi.store.create as create
+    from mechhi.store import missing_data, shard_samples
+
+    monkeypatch.setattr(create, "sharded", lambda ds, shard: {})  # the old layout: plain 1-sample chunks
+    path = tmp_path / "old.zarr"
+    create_store(path, samples=metas(), n_layers=L, n_heads=H, attrs=attrs(), shard_samples=1)
+    monkeypatch.undo()
+    assert zarr.open_array(str(path / "attention"), mode="r").shards is None
+    assert shard_samples(path) == 1
+    att, mask, iou = batch([0, 2])
+    write_batch(path, [0, 2], attention=att, mask=mask, iou=iou)
+    assert sorted(int(p.name) for p in (path / "attention" / "c").iterdir()) == [0, 2]
+    (path / "mask" / "c" / "2" / "0" / "0").unlink()
+    assert [(d.sample, d.variable) for d in missing_data(path)] == [(2, "mask")]
+    np.testing.assert_array_equal(open_store(path)["attention"].isel(sample=0).values[..., :2, :3],
+                                  own(0, "image", 0)[0])  # fmt: skip

@@ -59,9 +59,9 @@ def missing_data(path: str | Path) -> list[Damage]:
     group = zarr.open_group(str(path), mode="r", zarr_format=3)
     found = []
     for name in traced_per_sample(path):
-        array = group[name]
-        for sample, key in _keys_of_done(array, done):
-            if not (path / name / key).is_file():
+        present: dict[str, bool] = {}  # a shard holds many samples: look at each file once
+        for sample, key in _keys_of_done(group[name], done):
+            if not present.setdefault(key, (path / name / key).is_file()):
                 found.append(Damage(sample, name, f"chunk missing ({key})"))
     return sorted(found)
 
