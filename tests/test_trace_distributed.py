@@ -3,6 +3,7 @@ one process's, and a rank killed mid-trace leaves samples that a rerun picks up.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,12 +16,36 @@ import xarray as xr
 
 from mechhi.models.qwen2_vl import Qwen2VLAdapter
 from mechhi.store import damaged_samples, open_store, shard_samples
+from mechhi.trace.distributed import Ranks
 from mechhi.trace.job import TraceConfig, trace_dataset
 from tests.conftest import WORDS
 from tests.test_trace_job import write_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACED = ("done", "mask", "iou", "attention")
+
+
+@pytest.mark.slow  # two spawned processes import torch and nnsight: about a minute on 2 busy cores
+def test_rank_0s_result_and_its_error_reach_every_rank(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(tmp_path / "init"), str(tmp_path)],
+                   env=env, check=True, timeout=180)  # fmt: skip
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert [s["value"] for s in seen] == [{"made_by": 0}, {"made_by": 0}]  # run once, on rank 0
+    assert seen[0]["raised"] == ["ValueError", "store s.zarr exists for a different run"]
+    assert seen[1]["raised"] == ["PeerFailed", "rank 1: rank 0 failed: store s.zarr exists for a different run"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_ranks_share_pending_samples_by_whole_shards(world):
+    rng = np.random.default_rng(world)
+    pending = np.sort(rng.choice(100, size=37, replace=False))
+    shares = [Ranks(rank, world, rank).share(pending, shard=8) for rank in range(world)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(shares)), pending)  # every pending sample, once
+    owners = [{int(s) // 8 for s in share} for share in shares]
+    assert all(not (a & b) for i, a in enumerate(owners) for b in owners[i + 1 :]), "a shard has two writers"
+    sizes = [len(o) for o in owners]
+    assert max(sizes) - min(sizes) <= 1  # shards with pending samples dealt evenly
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +99,7 @@ def test_two_gloo_ranks_make_the_store_one_process_makes(setup):
     result = run(torchrun(), root, store)
     assert_same_trace(store, reference)
     assert result.stdout.count("store:") == 1, "only rank 0 scores and prints the result"
-    assert "2 ranks trace 10 pending samples" in result.stderr
+    assert "2 ranks trace 10 pending samples, each its own of 5 shards of 2 samples" in result.stderr
     assert shard_samples(store) == 2 and open_store(store).attrs["shard_samples"] == 2
     assert "head_impact" in open_store(store).data_vars  # rank 0 scored the finished store
     assert not (root / "two.zarr.lock").exists()

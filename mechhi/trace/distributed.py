@@ -33,6 +33,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from ..store.schema import StoreError
+
 T = TypeVar("T")
 
 # The last barrier waits for the slowest rank's whole share of the trace; torchrun stops
@@ -40,7 +42,7 @@ T = TypeVar("T")
 BARRIER_TIMEOUT = _dt.timedelta(hours=24)
 
 
-class PeerFailed(RuntimeError):
+class PeerFailed(StoreError):
     """Rank 0 failed a step that every rank waited on; rank 0 reports the reason itself."""
 
 

@@ -124,10 +124,11 @@ def trace_dataset(
             maps=config.maps,
             shard_samples=config.shard_samples,
         ))  # fmt: skip
-        every = ranks.on_main(lambda: pending_samples(path))
-        pending = ranks.share(every, shard_samples(path))
+        every, shard = ranks.on_main(lambda: pending_samples(path)), shard_samples(path)
+        pending = ranks.share(every, shard)
         if ranks.world > 1:
-            ranks.say(f"{ranks.world} ranks trace {len(every)} pending samples, each its own shards")
+            ranks.say(f"{ranks.world} ranks trace {len(every)} pending samples, each its own of "
+                      f"{len(set((every // shard).tolist()))} shards of {shard} samples")  # fmt: skip
         if len(pending):
             _trace_pending(path, config, model, adapter, samples, fields, pending, _max_grids(layouts),
                            progress and ranks.main, on_batch)  # fmt: skip
