@@ -60,13 +60,14 @@ class Ranks:
 
     def device(self, asked: str) -> str:
         """The device this rank traces on: with several ranks, ``auto`` (when CUDA is
-        there) and ``cuda`` become ``cuda:LOCAL_RANK``, one GPU per rank."""
+        there) and ``cuda`` become ``cuda:LOCAL_RANK``, one GPU per rank (ranks beyond the
+        host's GPUs share them, round-robin)."""
         if self.world == 1:
             return asked
         import torch
 
         if asked == "cuda" or (asked == "auto" and torch.cuda.is_available()):
-            return f"cuda:{self.local_rank}"
+            return f"cuda:{self.local_rank % max(torch.cuda.device_count(), 1)}"
         return "cpu" if asked == "auto" else asked
 
     def on_main(self, step: Callable[[], T]) -> T:
