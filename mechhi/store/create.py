@@ -121,6 +121,7 @@ def create_store(
     path = Path(path)
     if n_layers < 1 or n_heads < 1:
         raise StoreError(f"create_store: n_layers={n_layers}, n_heads={n_heads} must be >= 1")
+    _views_of(samples)  # every sample has the same views, before they size the shards
     shard = shard_samples or auto_shard_samples(samples, n_layers, n_heads, maps)
     if shard < 1:
         raise StoreError(f"create_store: shard_samples={shard_samples} must be >= 1")
