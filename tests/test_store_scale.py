@@ -81,3 +81,15 @@ def test_a_store_larger_than_the_memory_used_scores_block_by_block(tmp_path):
     expected = (above & inside).sum(-1) / (above | inside).sum(-1)
     np.testing.assert_allclose(result["iou"], expected, rtol=1e-6)  # the store keeps float32
     np.testing.assert_allclose(result["hi"], ds["iou"].values.mean(0), rtol=1e-6)  # saved in the store
+
+
+def test_auto_shards_are_powers_of_two_within_the_byte_bound():
+    """A 2B-class model (28 layers, 12 heads, 32x32 tokens: 1.4 MB a sample) gets 16-sample
+    shards (24 would fit 32 MiB; 16 is the power of two below); a tiny one the 256 cap."""
+    from mechhi.store.layout import MAX_SHARD_SAMPLES, SHARD_BYTES
+
+    big = [SampleMeta("i", "0", "d", {"image": (32, 32)})]
+    per_sample = 4 * (1024 * (1 + 28 * 12) + 28 * 12)
+    assert auto_shard_samples(big, 28, 12, True) == 16 and 16 * per_sample <= SHARD_BYTES < 32 * per_sample
+    assert auto_shard_samples(big, 28, 12, False) == MAX_SHARD_SAMPLES  # --no-maps: masks and iou only
+    assert auto_shard_samples([SampleMeta("i", "0", "d", {"image": (2, 2)})], 1, 1, True) == MAX_SHARD_SAMPLES

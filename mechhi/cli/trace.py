@@ -40,8 +40,8 @@ def trace(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid records (listed in the store attrs).")] = False,
     max_description_tokens: Annotated[int, typer.Option(min=1, help="Longer descriptions are invalid records "
                                                                     "(each token is a traced query row).")] = 128,
-    shard_samples: Annotated[Optional[int], typer.Option(min=1, help="Samples per store shard file (default: about "
-                                                                     "32 MiB of maps each, at most 256); a new "
+    shard_samples: Annotated[Optional[int], typer.Option(min=1, help="Samples per store shard file (default: a power "
+                                                                     "of two, at most 32 MiB and 256 samples); a new "
                                                                      "store only.")] = None,
 ) -> None:
     """Trace description-to-image attention of every head into a zarr store, then score it.

@@ -102,7 +102,7 @@ def create_store(
     this call created it.
 
     Per-sample variables are sharded along ``sample``: ``shard_samples`` samples per file
-    (default `auto_shard_samples`: about ``SHARD_BYTES`` of attention, at most
+    (default `auto_shard_samples`: a power of two, at most ``SHARD_BYTES`` and
     ``MAX_SHARD_SAMPLES``), one inner chunk per sample; the size is recorded in the
     attrs (``shard_samples``). An existing store keeps its own shards.
 

@@ -31,13 +31,17 @@ MAX_SHARD_SAMPLES = 256
 
 
 def auto_shard_samples(samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: bool) -> int:
-    """Samples per shard: about ``SHARD_BYTES`` of one sample's traced data (every view's
-    attention and mask, and its iou), between 1 and ``MAX_SHARD_SAMPLES``. Why bounded in
-    bytes: a write into a shard rewrites the whole shard file."""
+    """Samples per shard: the largest power of two whose shard holds at most ``SHARD_BYTES``
+    of traced data (every view's attention and mask, and the iou), between 1 and
+    ``MAX_SHARD_SAMPLES``. Why bounded in bytes: a write into a shard rewrites the whole
+    shard file. Why a power of two: a shard then holds whole batches of any power-of-two
+    ``--batch-size`` up to its size, so ranks, which take whole shards, batch the samples
+    as one process does (same padding, same numbers)."""
     views = {v for s in samples for v in s.grids}
     grids = [max(s.grids[v][0] for s in samples) * max(s.grids[v][1] for s in samples) for v in views]  # cells
     per_sample = 4 * (sum(grids) * (1 + (n_layers * n_heads if maps else 0)) + n_layers * n_heads)
-    return int(min(MAX_SHARD_SAMPLES, max(1, SHARD_BYTES // per_sample)))
+    fits = max(1, SHARD_BYTES // per_sample)
+    return int(min(MAX_SHARD_SAMPLES, 2 ** (fits.bit_length() - 1)))  # a power of two: see below
 
 
 def sharded(ds: xr.Dataset, shard: int) -> dict[str, dict[str, tuple[int, ...]]]:

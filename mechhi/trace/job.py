@@ -62,7 +62,7 @@ class TraceConfig:
     revision: str | None = None
     max_description_tokens: int = DEFAULT_MAX_DESCRIPTION_TOKENS  # longer descriptions are bad records
     vqa_seed: int = 0  # draws the vqa template's distractor options and the true option's place
-    shard_samples: int | None = None  # samples per store shard file; None: about 32 MiB each (store.layout)
+    shard_samples: int | None = None  # samples per store shard file; None: store.layout.auto_shard_samples
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATE_NAMES:
