@@ -538,8 +538,7 @@ def test_a_store_without_done_is_reported_as_damaged(store: Path):
 def test_a_store_from_before_sharding_still_reads_resumes_and_verifies(tmp_path: Path, monkeypatch):
     """Stores written before sharding keep one chunk file per sample: they open, take
     writes, find lost chunks and count as one-sample shards (so ranks can share them)."""
-    import mechhi.store.create as create
-    from mechhi.store import missing_data, shard_samples
+    from mechhi.store import create, missing_data, shard_samples
 
     monkeypatch.setattr(create, "sharded", lambda ds, shard: {})  # the old layout: plain 1-sample chunks
     path = tmp_path / "old.zarr"

@@ -68,7 +68,7 @@ def test_a_store_larger_than_the_memory_used_scores_block_by_block(tmp_path):
     cube_bytes = n * layers * heads * grid * grid * 4  # float32, uncompressed: 24 MB
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", SCORE_UNDER_TRACEMALLOC, str(store), str(2 * 2**20)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["peak"] < cube_bytes / 3, f"peak {result['peak']} bytes for a {cube_bytes}-byte cube"

@@ -76,7 +76,7 @@ def run(launcher: list[str], root: Path, store: Path, check: bool = True) -> sub
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = ["trace", "--model", str(root / "model"), "--dataset", str(root / "data"), "--store", str(store),
             "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "--shard-samples", "2"]  # fmt: skip
-    done = subprocess.run(launcher + args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(launcher + args, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done

@@ -4,8 +4,8 @@ cleanup, as a killed process) right after its first batch is flagged done."""
 import functools
 import os
 
-import mechhi.trace.job as job
 from mechhi.cli import main
+from mechhi.trace import job
 
 
 def _die(number: int, indices: list[int]) -> None:

@@ -27,8 +27,8 @@ from .write import unflag, write_batch, write_scores
 
 __all__ = [
     "ALIGNS", "COMPATIBLE_ATTRS", "MAIN_VIEW", "REQUIRED_ATTRS", "SCHEMA_VERSION", "Damage", "SampleMeta",
-    "StoreError", "StoreLocked", "WriterLock", "attention_name", "combine", "create_store", "damaged_samples",
+    "StoreError", "StoreLocked", "WriterLock", "attention_name", "auto_shard_samples", "combine", "create_store", "damaged_samples",
     "depth_bins", "describe", "done_mask", "grid_coords", "grid_dims", "is_traced_variable", "json_attrs",
-    "json_default", "lock_path", "mask_name", "auto_shard_samples", "shard_index", "shard_samples", "sharded", "missing_data", "open_store", "pad_grid", "relative_depth",
-    "store_views", "unflag", "unique_labels", "write_batch", "write_scores",
+    "json_default", "lock_path", "mask_name", "missing_data", "open_store", "pad_grid", "relative_depth",
+    "shard_index", "shard_samples", "sharded", "store_views", "unflag", "unique_labels", "write_batch", "write_scores",
 ]  # fmt: skip
