@@ -133,7 +133,7 @@ def trace_dataset(
             _trace_pending(path, config, model, adapter, samples, fields, pending, _max_grids(layouts),
                            progress and ranks.main, on_batch)  # fmt: skip
         elif not len(every):
-            print(f"{path}: all {len(samples)} samples are traced already; nothing to trace", file=sys.stderr)
+            ranks.say(f"{path}: all {len(samples)} samples are traced already; nothing to trace")
     return path
 
 
