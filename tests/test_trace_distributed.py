@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACED = ("done", "mask", "iou", "attention")
 
 
-@pytest.mark.slow  # two spawned processes import torch and nnsight: about a minute on 2 busy cores
 def test_rank_0s_result_and_its_error_reach_every_rank(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(tmp_path / "init"), str(tmp_path)],
