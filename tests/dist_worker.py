@@ -1,5 +1,5 @@
-"""Two gloo processes exercising `Ranks` without a model: spawned by
-tests/test_trace_distributed.py (``torch.multiprocessing.spawn``), each writes what it saw."""
+"""Two gloo processes exercising `Ranks` without a model: started by
+tests/test_trace_distributed.py (``torch.multiprocessing``, forked), each writes what it saw."""
 
 from __future__ import annotations
 
@@ -31,4 +31,5 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+    # fork: the children share the imports made once here (spawn would import torch twice more)
+    mp.start_processes(worker, args=(sys.argv[1], sys.argv[2]), nprocs=2, start_method="fork")
