@@ -91,6 +91,17 @@ def friedman(ds: xr.Dataset, *, unit: str = "sample") -> xr.Dataset:
     )  # fmt: skip
 
 
+# Bytes of resampled (sums, counts) that one vectorised bootstrap call may hold: scipy
+# resamples (batch, units, layers x heads) at once, and BCa's jackknife as many again.
+_RESAMPLE_BYTES = 256 * 2**20
+
+
+def _resample_batch(n_units: int, n_values: int) -> int:
+    """Resamples per vectorised call so that a large store (1,000 samples x 28 layers x 12
+    heads would be 5 GB for 2,000 resamples at once) stays within ``_RESAMPLE_BYTES``."""
+    return max(1, _RESAMPLE_BYTES // (2 * 8 * n_units * n_values))
+
+
 def bootstrap_layers(
     ds: xr.Dataset, *, k: int = 3, n_resamples: int = 2000, confidence: float = 0.95, unit: str = "image",
     seed: int = 0, method: str = "BCa",
@@ -120,7 +131,8 @@ def bootstrap_layers(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BCa on a degenerate (constant) layer warns and gives NaN
         result = stats.bootstrap(flat, layer_means, paired=True, vectorized=True, axis=0, n_resamples=n_resamples,
-                                 confidence_level=confidence, method=method, rng=seed)  # fmt: skip
+                                 confidence_level=confidence, method=method, rng=seed,
+                                 batch=_resample_batch(n_units, flat[0].shape[1]))  # fmt: skip
     point = layer_means(*flat, axis=0)  # (L,)
     return xr.Dataset(
         {"mean_hi": ("layer", point), "ci_low": ("layer", result.confidence_interval.low),

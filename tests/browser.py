@@ -33,6 +33,7 @@ class PageFacts:
     images: list[dict]  # {"alt", "complete", "width"} per <img>
     outside_requests: list[str] = field(default_factory=list)  # every request but the page itself
     title: str = ""
+    sections: list[str] = field(default_factory=list)  # ids of the <section>s the browser lays out (height > 0)
 
     @property
     def broken_images(self) -> list[dict]:
@@ -68,6 +69,8 @@ def open_page(page_path: Path, screenshot: Path | None = None, *, full_page: boo
                     "img", "els => els.map(e => ({alt: e.alt, complete: e.complete, width: e.naturalWidth}))"),
                 outside_requests=[u for u in seen if u != url and not u.startswith("data:")],
                 title=page.title(),
+                sections=page.eval_on_selector_all(
+                    "section", "els => els.filter(e => e.getBoundingClientRect().height > 0).map(e => e.id)"),
             )  # fmt: skip
             if screenshot is not None:
                 if section:

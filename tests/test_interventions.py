@@ -15,6 +15,7 @@ import torch
 import xarray as xr
 
 from mechhi.intervene import EditedModel, HeadEdit, HeadEditor
+from tests.causal_fixtures import hooked
 from tests.conftest import noise_image, tiny
 from tests.test_head_outputs import _projections
 from tests.test_tracing import DESCRIPTIONS, SIZES
@@ -30,27 +31,10 @@ def _head_dim(model, adapter) -> int:
 
 
 def by_hand(model, adapter, edits: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]], run):
-    """``run()`` with a pre-hook per edited layer that replaces each chosen head's columns
-    of o_proj's input by ``edits[(layer, head)](columns)``."""
-    hd = _head_dim(model, adapter)
-    projections = _projections(model, adapter)
-    handles = []
-    for layer in sorted({l for l, _ in edits}):
-        heads = {h: f for (l, h), f in edits.items() if l == layer}
-
-        def pre(_module, args, heads=heads):
-            x = args[0].clone()
-            for h, f in heads.items():
-                x[..., h * hd : (h + 1) * hd] = f(x[..., h * hd : (h + 1) * hd])
-            return (x, *args[1:])
-
-        handles.append(projections[layer].register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            return run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    """``run()`` on the plain model with each chosen head's columns of o_proj's input
+    replaced by ``edits[(layer, head)](columns)`` (tests.causal_fixtures.hooked)."""
+    with hooked(model, adapter, edits), torch.no_grad():
+        return run()
 
 
 def logits(model, batch) -> torch.Tensor:

@@ -80,14 +80,23 @@ def readme_blocks(text: str) -> list[Block]:
 BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
 
 
+SHELL_OPERATORS = {"&&", "||", "|", ";", ">", ">>", "2>", "<"}  # a command ends at these (spaced, as README writes them)
+
+
 def mechhi_lines(block: Block) -> list[list[str]]:
-    """The argument lists of every ``mechhi ...`` command in a bash block."""
+    """The argument lists of every ``mechhi ...`` command in a bash block (one per pipeline
+    or ``&&`` part; a redirection's file is not an argument)."""
     joined = block.text.replace("\\\n", " ")
     commands = []
     for line in joined.splitlines():
-        words = shlex.split(line, comments=True)
-        if words and words[0] == "mechhi":
-            commands.append(words[1:])
+        part: list[str] = []
+        for word in [*shlex.split(line, comments=True), ";"]:
+            if word not in SHELL_OPERATORS:
+                part.append(word)
+                continue
+            if part and part[0] == "mechhi":
+                commands.append(part[1:])
+            part = []
     return commands
 
 

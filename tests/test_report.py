@@ -15,7 +15,9 @@ import pytest
 from mechhi.report import ReportInput, StoreEntry, build_report
 from mechhi.report.sections import gallery_samples
 from probes.head_impact import kruskal_records, kruskal_wallis, layer_ranking
+from tests.causal_results import ablate_result, edit_result
 from tests.figure_stores import fake_experiment, make_store, store_with_images
+from tests.helpers import invoke, one_line_error
 
 
 class Tables(HTMLParser):
@@ -90,7 +92,8 @@ def test_ranking_table_is_layer_ranking(built):
 def test_statistics_are_kruskal_wallis(built):
     page, ds = built
     tables = read_tables(page).tables
-    stats_table = next(rows for rows in tables.values() if rows[0][0] == "Kruskal–Wallis")
+    stats_table = tables["kruskal-0"]
+    assert stats_table[0][0] == "Kruskal–Wallis"
     for row, test in zip(stats_table[1:], kruskal_records(kruskal_wallis(ds))):
         assert row[0] == test["test"] and int(row[2]) == test["df"] and int(row[4]) == test["n_values"]
         assert float(row[1]) == pytest.approx(test["statistic"], rel=1e-3)
@@ -147,3 +150,119 @@ def test_missing_images_give_a_note_not_a_failure(tmp_path):
     page = build_report(ReportInput([StoreEntry("m", tmp_path / "s.zarr", ds)]), tmp_path / "out")
     html = page.read_text()
     assert "gallery not drawn" in html and "ranking-0" in html
+
+
+# ---------------------------------------------------------------- statistics, agreement, causal checks
+N_RESAMPLES = 300
+
+
+@pytest.fixture(scope="module")
+def causal_built(tmp_path_factory):
+    """A report with the repeated-measures statistics, a probe-agreement file for the store and
+    ablation and edit results written by their own writers."""
+    tmp = tmp_path_factory.mktemp("causal-report")
+    ds = store_with_images(tmp, n=6, n_layers=4, n_heads=3)
+    ablated, edited = ablate_result(tmp / "s.zarr", tmp / "ablate"), edit_result(tmp / "s.zarr", tmp / "edit")
+    pairs = [{"level": "head", "probe": "head_impact", "other": "pursuit", "n": 12, "spearman": 0.25,
+              "spearman_p": 0.4, "kendall": 0.2, "kendall_p": 0.35}]  # fmt: skip
+    agreement = (tmp / "agreement.json", {"store": str(tmp / "s.zarr"), "words": ["red"], "pairs": pairs})
+    other = (tmp / "other.json", {"store": "/elsewhere.zarr", "words": ["red"], "pairs": pairs})
+    report = ReportInput([StoreEntry("toy-model", tmp / "s.zarr", ds)], ablate=tmp / "ablate", edit=tmp / "edit",
+                         n_resamples=N_RESAMPLES, top_k=2, gallery_samples=1, gallery_heads=1)  # fmt: skip
+    with_file = ReportInput([StoreEntry("toy-model", tmp / "s.zarr", ds)], agreement=[agreement, other],
+                            n_resamples=N_RESAMPLES, gallery_samples=1, gallery_heads=1)  # fmt: skip
+    return build_report(report, tmp / "out"), build_report(with_file, tmp / "out2"), ds, ablated, edited
+
+
+def test_friedman_and_bootstrap_tables_are_the_probes(causal_built):
+    from probes.statistics import bootstrap_layers, friedman, records
+
+    page, _, ds, _, _ = causal_built
+    tables = read_tables(page).tables
+    rows = tables["friedman-0"]
+    assert rows[0] == ["Friedman", "χ²", "df", "p-value", "Kendall's W", "blocks"]
+    tests = records(friedman(ds), "test")
+    assert [r[0] for r in rows[1:]] == ["layers"] + [f"heads in layer {l}" for l in range(4)]
+    for row, test in zip(rows[1:], tests):
+        assert float(row[1]) == pytest.approx(test["statistic"], rel=1e-3) and int(row[2]) == test["df"]
+        assert float(row[4]) == pytest.approx(test["kendall_w"], abs=1e-3) and int(row[5]) == test["n_blocks"] == 6
+    boot = records(bootstrap_layers(ds, k=2, n_resamples=N_RESAMPLES), "layer")
+    by_layer = {int(r[0]): r for r in tables["bootstrap-0"][1:]}
+    assert tables["bootstrap-0"][0][-1] == "in top-2" and len(by_layer) == 4
+    for want in boot:
+        row = by_layer[want["layer"]]
+        assert float(row[1]) == pytest.approx(want["mean_hi"], rel=1e-3)
+        assert float(row[2]) == pytest.approx(want["ci_low"], rel=1e-2) and float(row[3]) == pytest.approx(want["ci_high"], rel=1e-2)
+        assert row[4] == f"{want['top_k_share']:.0%}"
+    assert "kruskal-0" in tables  # the paper's test stays beside them
+
+
+def test_agreement_from_the_store_is_spearman_of_hi_and_lift(causal_built):
+    from scipy import stats
+
+    from probes.attention_mass import attention_mass, head_means
+
+    page, _, ds, _, _ = causal_built
+    rows = read_tables(page).tables["agreement-0"]
+    assert rows[0][:4] == ["level", "probe", "other", "Spearman ρ"]
+    hi = ds.head_impact.transpose("layer", "head").values
+    lift = head_means(attention_mass(ds))["object_lift"].transpose("layer", "head").values
+    head_row = next(r for r in rows[1:] if r[0] == "head")
+    assert head_row[1:3] == ["head-impact", "attention-mass"] and int(head_row[-1]) == hi.size
+    assert float(head_row[3]) == pytest.approx(stats.spearmanr(hi.ravel(), lift.ravel()).statistic, abs=1e-3)
+    assert float(head_row[5]) == pytest.approx(stats.kendalltau(hi.ravel(), lift.ravel()).statistic, abs=1e-3)
+    layer_row = next(r for r in rows[1:] if r[0] == "layer")
+    assert float(layer_row[3]) == pytest.approx(stats.spearmanr(hi.mean(1), lift.mean(1)).statistic, abs=1e-3)
+
+
+def test_agreement_file_replaces_its_stores_table(causal_built):
+    _, page, _, _, _ = causal_built
+    tables = read_tables(page).tables
+    assert tables["agreement-0"][1][:4] == ["head", "head-impact", "pursuit", "0.25"]
+    assert "agreement-file-1" in tables and "agreement-file-0" not in tables  # the file of another store, shown on its own
+    assert "from other.json (store /elsewhere.zarr)" in page.read_text()
+
+
+def test_ablation_section_is_the_summary(causal_built):
+    page, _, _, ablated, _ = causal_built
+    tables = read_tables(page).tables
+    rows = tables["ablation"]
+    assert len(rows) - 1 == len(ablated["summary"]) == 4 * 3  # top, bottom, matched, depth x 3 metrics
+    top_vqa = next(r for r in rows[1:] if r[:2] == ["top-2", "vqa_accuracy"])
+    want = next(r for r in ablated["summary"] if r["group"] == "top" and r["metric"] == "vqa_accuracy")
+    assert top_vqa[2] == f"{want['change']:+.3g} ± {want['se']:.2g}" and top_vqa[3:] == ["-", "-", "-"]
+    matched = next(r for r in rows[1:] if r[:2] == ["matched", "vqa_accuracy"])
+    spread = next(r for r in ablated["summary"] if r["group"] == "matched" and r["metric"] == "vqa_accuracy")["seeds"]
+    assert float(matched[3]) == pytest.approx(spread["sd"], rel=1e-2) and matched[5] == f"{spread['as_extreme']:.0%}"
+    top = next(s for s in ablated["setups"] if s["kind"] == "top")
+    assert tables["ablation-heads"][1][:2] == ["top-2", ", ".join(f"L{l} H{h}" for l, h in top["heads"])]
+
+
+def test_edit_section_is_the_summary_ranking_and_captions(causal_built):
+    page, _, _, _, edited = causal_built
+    tables = read_tables(page).tables
+    concept = next(r for r in tables["edit"][1:] if r[:2] == ["top-2", "concept"])
+    want = next(r for r in edited["summary"] if r["group"] == "top" and r["measure"] == "concept")
+    assert concept[3] == f"{want['ratio']:.3g} ± {want['ratio_se']:.2g}"
+    assert [[int(r[0]), int(r[1])] for r in tables["edit-ranking"][1:]] == [[r["layer"], r["head"]] for r in edited["ranking"]]
+    unedited, top = edited["setups"][0], edited["setups"][1]
+    assert tables["edit-captions"][1] == [unedited["captions"][0]["image_id"], unedited["captions"][0]["generated"],
+                                         top["captions"][0]["generated"]]  # fmt: skip
+
+
+def test_report_cli_routes_a_causal_result_given_as_experiment(causal_built, tmp_path):
+    page, _, _, _, _ = causal_built
+    root = page.parent.parent
+    out = tmp_path / "rep"
+    result = invoke(["report", "--store", root / "s.zarr", "--experiment", root / "ablate", "--edit", root / "edit",
+                     "--n-resamples", "100", "--samples", "1", "--out", out])  # fmt: skip
+    html = (out / "index.html").read_text()
+    assert result.stdout == f"{out / 'index.html'}\n"
+    assert 'id="ablation"' in html and 'id="edit"' in html and 'id="table4"' not in html
+    twice = invoke(["report", "--store", root / "s.zarr", "--experiment", root / "ablate", "--ablate", root / "ablate",
+                    "--out", out], exit_code=1)  # fmt: skip
+    assert "is an ablation result, and --ablate gives one too" in one_line_error(twice)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    wrong = invoke(["report", "--store", root / "s.zarr", "--agreement", bad, "--out", out], exit_code=1)
+    assert f"--agreement {bad}: not the output of `mechhi rank --compare-probes --json`" in one_line_error(wrong)

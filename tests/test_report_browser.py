@@ -1,5 +1,6 @@
 """The report in a real browser (headless Chromium, tests/browser.py): the ranking table
-has one row per layer, every image decodes, no request leaves the page; a screenshot is
+has one row per layer, the statistics, agreement and causal-check sections are laid out,
+every image decodes, no request leaves the page; a screenshot is
 kept in build/browser/. A page made to break each rule shows that the checks can fail.
 
 Without chromium the test is skipped on a developer's machine and fails under CI
@@ -15,6 +16,7 @@ import pytest
 
 from mechhi.report import ReportInput, StoreEntry, build_report
 from tests.browser import chromium, open_page
+from tests.causal_results import ablate_result, edit_result
 from tests.figure_stores import fake_experiment, store_with_images
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "browser"
@@ -38,8 +40,10 @@ def page(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     ds = store_with_images(tmp, n=4, n_layers=5, n_heads=3)
     fake_experiment(tmp / "exp")
-    report = ReportInput([StoreEntry("toy-model", tmp / "s.zarr", ds)], experiment=tmp / "exp",
-                         gallery_samples=3, gallery_heads=3)  # fmt: skip
+    ablate_result(tmp / "s.zarr", tmp / "ablate")
+    edit_result(tmp / "s.zarr", tmp / "edit")
+    report = ReportInput([StoreEntry("toy-model", tmp / "s.zarr", ds)], experiment=tmp / "exp", ablate=tmp / "ablate",
+                         edit=tmp / "edit", n_resamples=200, gallery_samples=3, gallery_heads=3)  # fmt: skip
     return build_report(report, tmp / "out"), ds
 
 
@@ -50,7 +54,8 @@ def test_report_in_chromium(page):
     assert facts.title == "mechhi report: toy-model"
     assert facts.ranking_columns[:2] == ["rank", "layer"]
     assert facts.ranking_rows == ds.sizes["layer"]  # one row per layer
-    assert len(facts.images) >= 3 + 3 * 3  # figures, overlay, experiment, 3 x 3 gallery
+    assert len(facts.images) >= 5 + 3 * 3  # figures, overlay, experiment, ablation, edit, 3 x 3 gallery
+    assert {"statistics", "agreement", "experiment", "ablation", "edit"} <= set(facts.sections)
     assert facts.broken_images == []  # every image decoded (naturalWidth > 0)
     assert facts.outside_requests == []
     assert shot.stat().st_size > 20_000

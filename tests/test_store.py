@@ -71,7 +71,7 @@ def batch(samples: list[int], seed: int = 0):
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     path = tmp_path / "s.zarr"
-    create_store(path, samples=metas(), n_layers=L, n_heads=H, attrs=attrs())
+    create_store(path, samples=metas(), n_layers=L, n_heads=H, attrs=attrs(), shard_samples=2)  # 2 shards
     return path
 
 
@@ -126,9 +126,9 @@ def test_write_batches_and_read_back(store: Path):
     att, mask, iou = batch([3, 1])  # non-contiguous, out of order
     write_batch(store, [3, 1], attention=att, mask=mask, iou=iou)
     np.testing.assert_array_equal(done_mask(store), [False, True, False, True])
-    # Region write touched only samples 1 and 3: no chunk files for 0 and 2.
+    # Samples 1 and 3 live in shards 0 and 1 (2 samples each): one file per shard.
     written = sorted(int(p.name) for p in (store / "attention" / "c").iterdir())
-    assert written == [1, 3]
+    assert written == [0, 1]
     att0, mask0, iou0 = batch([0], seed=1)
     write_batch(store, [0], attention=att0, mask=mask0, iou=iou0)
 
@@ -508,13 +508,14 @@ def test_missing_data_names_done_samples_without_their_chunks(store: Path):
     att, mask, iou = batch([0, 1, 2])
     write_batch(store, [0, 1, 2], attention=att, mask=mask, iou=iou)
     assert missing_data(store) == []
-    (store / "mask" / "c" / "1" / "0" / "0").unlink()
-    (store / "attention_global" / "c" / "2" / "0" / "0" / "0" / "0").unlink()
-    (store / "attention" / "c" / "3").mkdir(exist_ok=True)  # sample 3 is not done: nothing is expected
-    assert [(d.sample, d.variable) for d in missing_data(store)] == [(1, "mask"), (2, "attention_global")]
+    (store / "mask" / "c" / "0" / "0" / "0").unlink()  # shard 0: samples 0 and 1
+    (store / "attention_global" / "c" / "1" / "0" / "0" / "0" / "0").unlink()  # shard 1: 2 (done), 3 (not)
+    assert [(d.sample, d.variable) for d in missing_data(store)] == [
+        (0, "mask"), (1, "mask"), (2, "attention_global")]  # fmt: skip
     (store / "iou" / "c" / "0" / "0" / "0").write_bytes(b"garbage")
     deep = damaged_samples(store, deep=True)
-    assert [(d.sample, d.variable) for d in deep] == [(0, "iou"), (1, "mask"), (2, "attention_global")]
+    assert [(d.sample, d.variable) for d in deep] == [
+        (0, "iou"), (0, "mask"), (1, "iou"), (1, "mask"), (2, "attention_global")]  # fmt: skip
     assert "unreadable" in deep[0].problem
 
 
@@ -532,3 +533,23 @@ def test_a_store_without_done_is_reported_as_damaged(store: Path):
     shutil.rmtree(store / "done")
     with pytest.raises(StoreError, match="damaged mechhi store: it has no 'done' variable"):
         open_store(store)
+
+
+def test_a_store_from_before_sharding_still_reads_resumes_and_verifies(tmp_path: Path, monkeypatch):
+    """Stores written before sharding keep one chunk file per sample: they open, take
+    writes, find lost chunks and count as one-sample shards (so ranks can share them)."""
+    from mechhi.store import create, missing_data, shard_samples
+
+    monkeypatch.setattr(create, "sharded", lambda ds, shard: {})  # the old layout: plain 1-sample chunks
+    path = tmp_path / "old.zarr"
+    create_store(path, samples=metas(), n_layers=L, n_heads=H, attrs=attrs(), shard_samples=1)
+    monkeypatch.undo()
+    assert zarr.open_array(str(path / "attention"), mode="r").shards is None
+    assert shard_samples(path) == 1
+    att, mask, iou = batch([0, 2])
+    write_batch(path, [0, 2], attention=att, mask=mask, iou=iou)
+    assert sorted(int(p.name) for p in (path / "attention" / "c").iterdir()) == [0, 2]
+    (path / "mask" / "c" / "2" / "0" / "0").unlink()
+    assert [(d.sample, d.variable) for d in missing_data(path)] == [(2, "mask")]
+    np.testing.assert_array_equal(open_store(path)["attention"].isel(sample=0).values[..., :2, :3],
+                                  own(0, "image", 0)[0])  # fmt: skip

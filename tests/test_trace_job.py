@@ -310,34 +310,34 @@ def test_two_traces_started_together_make_one_store(tiny_model_dir, dataset_dir,
 # ---------------------------------------------------------------- lost chunks (item 5)
 def test_a_deleted_chunk_of_a_done_sample_is_found_and_retraced(tiny_model_dir, dataset_dir, tmp_path):
     store = tmp_path / "s.zarr"
-    cli_trace(tiny_model_dir, dataset_dir, store)
+    cli_trace(tiny_model_dir, dataset_dir, store, "--shard-samples", "2")
     original = open_store(store).load()
-    (store / "attention" / "c" / "4" / "0" / "0" / "0" / "0").unlink()
+    (store / "attention" / "c" / "2" / "0" / "0" / "0" / "0").unlink()  # the shard of samples 4 and 5
     refused = one_line_error(invoke(["rank", "--store", store], exit_code=1))
-    assert "sample 4" in refused or ": 4 " in refused
+    assert "samples 4, 5" in refused or ": 4, 5 " in refused
     report = invoke_json(["store", "verify", store], exit_code=1)
-    assert [(d["sample"], d["variable"]) for d in report["damaged"]] == [(4, "attention")]
+    assert [(d["sample"], d["variable"]) for d in report["damaged"]] == [(4, "attention"), (5, "attention")]
     again = cli_trace(tiny_model_dir, dataset_dir, store)
     assert "tracing them again" in again.stderr
     retraced = open_store(store).load()
     for name in ("mask", "done"):
         xr.testing.assert_identical(retraced[name], original[name])
-    # sample 4 alone now, in a padded batch of 3 before: equal to float tolerance
+    # samples 4 and 5 in a batch of their own now, in padded batches of 3 before: equal to float tolerance
     xr.testing.assert_allclose(retraced["attention"], original["attention"], rtol=1e-4, atol=1e-6)
     assert invoke_json(["store", "verify", store])["damaged"] == []
 
 
 def test_an_unreadable_chunk_is_found_by_a_deep_verify_and_repaired(tiny_model_dir, dataset_dir, tmp_path):
     store = tmp_path / "s.zarr"
-    cli_trace(tiny_model_dir, dataset_dir, store)
+    cli_trace(tiny_model_dir, dataset_dir, store, "--shard-samples", "2")
     original = open_store(store).load()
-    (store / "mask" / "c" / "7" / "0" / "0").write_bytes(b"not a zstd frame")
+    (store / "mask" / "c" / "3" / "0" / "0").write_bytes(b"not a zstd frame")  # the shard of samples 6 and 7
     assert invoke_json(["store", "verify", store])["damaged"] == []  # the file is there
     deep = invoke_json(["store", "verify", store, "--deep"], exit_code=1)
-    assert [(d["sample"], d["variable"]) for d in deep["damaged"]] == [(7, "mask")]
+    assert [(d["sample"], d["variable"]) for d in deep["damaged"]] == [(6, "mask"), (7, "mask")]
     assert "unreadable" in deep["damaged"][0]["problem"]
-    invoke_json(["store", "verify", store, "--deep", "--repair"])
-    assert not bool(open_store(store).done[7])
+    assert invoke_json(["store", "verify", store, "--deep", "--repair"])["repaired"] == [6, 7]
+    assert not open_store(store).done[[6, 7]].any()
     cli_trace(tiny_model_dir, dataset_dir, store)
     xr.testing.assert_identical(open_store(store)["mask"].load(), original["mask"])
 

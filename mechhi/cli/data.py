@@ -75,9 +75,8 @@ def dataset_build(
 
 
 def _paper_dir(given: Optional[Path]) -> Path:
-    """--paper-dir, else $MECHHI_PAPER_DATA, else the copy beside a development checkout."""
-    for candidate in (given, os.environ.get("MECHHI_PAPER_DATA"),
-                      Path(__file__).resolve().parent.parent / "shared" / "data" / "sergeev2025"):  # fmt: skip
+    """--paper-dir, else $MECHHI_PAPER_DATA: the paper's published folder."""
+    for candidate in (given, os.environ.get("MECHHI_PAPER_DATA")):
         if candidate and (Path(candidate) / "dataset_masks.json").is_file():
             return Path(candidate)
     raise ValueError("the paper's dataset_masks.json was not found: pass --paper-dir DIR (the published folder)")

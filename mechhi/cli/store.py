@@ -20,20 +20,22 @@ def store_verify(
     store: Annotated[Path, typer.Argument(help="Path of a mechhi zarr store.")],
     deep: Annotated[bool, typer.Option("--deep", help="Also read every done sample's chunks (finds corrupt ones; "
                                                       "reads the whole store).")] = False,
-    repair: Annotated[bool, typer.Option("--repair", help="Mark the damaged samples not done, so the next "
+    repair: Annotated[bool, typer.Option("--repair", help="Mark the damaged samples not done (deleting a "
+                                                          "corrupt shard file: its samples too), so the next "
                                                           "`mechhi trace` traces them again.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List done samples whose traced data is missing (or, with --deep, unreadable); exit 1
     if there are any and --repair was not given."""
-    from mechhi.store import WriterLock, damaged_samples, open_store, unflag
+    from mechhi.store import WriterLock, damaged_samples, open_store
+    from mechhi.store.verify import repair as make_pending
 
     ds = open_store(store)
     damage = damaged_samples(store, deep=deep)
     samples = sorted({d.sample for d in damage})
     if repair and samples:
         with WriterLock(store):
-            unflag(store, samples)
+            samples = make_pending(store, damage)
     if as_json:
         print_json({"store": str(store), "samples": ds.sizes["sample"], "done": int(ds.done.sum()), "deep": deep,
                     "damaged": [{"sample": d.sample, "variable": d.variable, "problem": d.problem} for d in damage],

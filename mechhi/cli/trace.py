@@ -46,11 +46,16 @@ def trace(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip invalid records (listed in the store attrs).")] = False,
     max_description_tokens: Annotated[int, typer.Option(min=1, help="Longer descriptions are invalid records "
                                                                     "(each token is a traced query row).")] = 128,
+    shard_samples: Annotated[Optional[int], typer.Option(min=1, help="Samples per store shard file (default: a power "
+                                                                     "of two, at most 32 MiB and 256 samples); a new "
+                                                                     "store only.")] = None,
 ) -> None:
     """Trace description-to-image attention of every head into a zarr store, then score it.
 
     Rerunning the same command resumes an interrupted trace, and does nothing on a
-    finished one."""
+    finished one. Under torchrun (`torchrun --nproc-per-node N -m mechhi trace ...`) each
+    rank traces its own shards of the store and rank 0 scores and prints the result."""
+    from mechhi.trace import distributed
     from mechhi.trace.job import TraceConfig, trace_dataset
     from probes.head_impact import ensure_scored, layer_ranking
 
@@ -61,9 +66,12 @@ def trace(
         store=str(store) if store else None,
         limit=limit, batch_size=batch_size, device=device, dtype=dtype, maps=not no_maps,
         template=template, split=split, skip_bad=skip_bad, max_description_tokens=max_description_tokens,
-        device_map=device_map, num_workers=num_workers,
+        device_map=device_map, num_workers=num_workers, shard_samples=shard_samples,
     )  # fmt: skip
-    path = trace_dataset(config, progress=True)
+    with distributed.session() as ranks:
+        path = trace_dataset(config, progress=True, ranks=ranks)
+    if not ranks.main:
+        return
     result = ensure_scored(path)
     if result.note:
         err_console.print(result.note, highlight=False)

@@ -147,7 +147,7 @@ def build_from_paper(
     Description = the phrase, caption = the caption it was grounded in. Re-running on an
     existing ``out_dir`` resumes unless ``overwrite``.
 
-    >>> report = build_from_paper("shared/data/sergeev2025", "coco/val2017", "data/paper")  # doctest: +SKIP
+    >>> report = build_from_paper("sergeev2025", "coco/val2017", "data/paper")  # doctest: +SKIP
     >>> print(report)                                                                      # doctest: +SKIP
     """
     source_dir, images_dir = Path(source_dir), Path(images_dir)

@@ -10,23 +10,26 @@ in the one mechhi style); `save` writes it. One module per figure family:
   models compared by relative depth;
 - ``overlay``: one head's attention over a sample's image, and the top-N heads as a grid;
 - ``sheet``: a dataset's contact sheet;
-- ``results``: metric x setup with SE bars, from a small schema any experiment fills.
+- ``results``: metric x setup with SE bars, from a small schema any experiment fills;
+  ``causal`` fills it from ablation and edit results, ``result_files`` tells the kinds apart.
 
 >>> from mechhi.figures import heatmap_figure, save
 >>> save(heatmap_figure([open_store("stores/toy.zarr")]), "hi.svg", dpi=200)  # doctest: +SKIP
 """
 
+from .causal import from_ablation, from_edit
 from .heatmap import heatmap_figure
 from .overlay import OverlayMaps, Picture, choose_head, overlay_figure, overlay_maps, top_heads_figure
 from .profiles import compare_figure, layers_figure
-from .results import Cell, Metric, ResultTable, from_experiment, load_results, results_figure
+from .result_files import load_results, read_result, result_kind
+from .results import Cell, Metric, ResultTable, from_experiment, results_figure
 from .sheet import sample_sheet, sheet_figure
 from .style import DEFAULT_DPI, FORMATS, PlotError, model_labels, save, short_name
 from .summaries import head_profile, layer_profile, profile, top_heads
 
 __all__ = [
     "DEFAULT_DPI", "FORMATS", "Cell", "Metric", "OverlayMaps", "Picture", "PlotError", "ResultTable",
-    "choose_head", "compare_figure", "from_experiment", "head_profile", "heatmap_figure", "layer_profile",
+    "choose_head", "compare_figure", "from_ablation", "from_edit", "from_experiment", "head_profile", "heatmap_figure", "layer_profile",
     "layers_figure", "load_results", "model_labels", "overlay_figure", "overlay_maps", "profile",
-    "results_figure", "sample_sheet", "save", "sheet_figure", "short_name", "top_heads", "top_heads_figure",
+    "read_result", "result_kind", "results_figure", "sample_sheet", "save", "sheet_figure", "short_name", "top_heads", "top_heads_figure",
 ]  # fmt: skip

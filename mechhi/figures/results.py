@@ -17,8 +17,9 @@ experiment (Tables 4 and 5), head ablation and head editing share one figure. As
 
 ``mean`` and ``se`` are required; ``spread_sd`` (the standard deviation of the per-seed
 means) and ``n_seeds`` are optional. A setup missing from a metric's cells is left out of
-that panel. `from_experiment` adapts ``mechhi experiment``'s results.json; an ablation or
-edit result needs only its own few-line adapter into `ResultTable`.
+that panel. `from_experiment` adapts ``mechhi experiment``'s results.json; ablation and
+edit results have theirs in `mechhi.figures.causal`, and `load_results`
+(`mechhi.figures.result_files`) tells the kinds apart.
 
 >>> table = load_results("experiments/toy")  # doctest: +SKIP
 >>> save(results_figure(table), "table4.png")  # doctest: +SKIP
@@ -26,7 +27,6 @@ edit result needs only its own few-line adapter into `ResultTable`.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -137,19 +137,6 @@ def _notes(cells: Mapping[str, Mapping[str, Cell]]) -> tuple[str, ...]:
     seeded = any(c.spread_sd is not None for by in cells.values() for c in by.values())
     spread = "; light bars: ± sd of the per-seed means" if seeded else ""
     return (f"mean ± SE over test items{spread}",)
-
-
-def load_results(path: str | Path) -> ResultTable:
-    """A result table from a results.json (experiment or generic schema) or the folder holding it."""
-    path = Path(path)
-    file = path / "results.json" if path.is_dir() else path
-    if not file.is_file():
-        raise PlotError(f"no results.json at {path} (run `mechhi experiment --out {path}` first)")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise PlotError(f"{file} is not JSON: {err}") from None
-    return from_experiment(data) if "table4" in data else ResultTable.from_dict(data)
 
 
 def _two_and_five(value: float, _position: int) -> str:

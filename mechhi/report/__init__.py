@@ -1,6 +1,7 @@
 """`mechhi report`: one self-contained HTML page about one or more stores (and an
-experiment): provenance, the layer ranking, statistics, probes side by side, figures, a
-gallery of samples x top heads, and the experiment's Tables 4 and 5 with its audit.
+experiment): provenance, the layer ranking, statistics (Kruskal-Wallis, Friedman,
+bootstrap), probes side by side and their agreement, figures, a gallery of samples x top
+heads, the experiment's Tables 4 and 5 with its audit, and the ablation and editing results.
 
 The page needs nothing but itself: figures are embedded as data URIs, there is no
 script and nothing is fetched (the browser test checks that no request leaves it).

@@ -1,8 +1,9 @@
 """The report's sections, each built by one small function from the report's input.
 
 `SECTIONS` lists them in page order; a function returns a `Section`, or None when it has
-nothing to show (no experiment given, say). A new section (Friedman or bootstrap
-statistics, probe agreement, ablation results) is one more function appended there.
+nothing to show (no experiment given, say). A new section is one more function appended
+there; the statistics and probe-agreement sections live in `report.statistics`, the
+ablation and editing ones in `report.causal`.
 
 Head Pursuit needs a model run, so the report never runs it: it shows a pursuit result
 when one is given (the JSON of ``mechhi pursuit --json``) beside the store's probes.
@@ -10,10 +11,8 @@ when one is given (the JSON of ``mechhi pursuit --json``) beside the store's pro
 
 from __future__ import annotations
 
-import json
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +25,10 @@ from .. import figures
 from ..figures.overlay import Picture, draw_overlay, sample_picture
 from ..figures.style import dataset_name, new_figure, provenance_line, rule_text, sample_count, styled
 from ..figures.summaries import scores
-from .html import Section, heading, image, join, number, p_value, paragraph, render, table
-
-
-@dataclass(frozen=True)
-class StoreEntry:
-    """One scored store of the report: its label, where it was read from, the dataset."""
-
-    label: str
-    path: Path
-    ds: xr.Dataset
-
-
-@dataclass(frozen=True)
-class ReportInput:
-    stores: Sequence[StoreEntry]
-    experiment: Path | None = None  # a `mechhi experiment` out dir (results.json)
-    pursuit: Mapping[str, Any] | None = None  # `mechhi pursuit --json` output
-    gallery_samples: int = 6
-    gallery_heads: int = 4
-    notes: list[str] = field(default_factory=list)  # what a section could not show, for the page's end
-
-
-def _per_store(report: ReportInput, build: Callable[[int, StoreEntry], Markup]) -> Markup:
-    """Each store's part, side by side under its label (no label when there is one store)."""
-    if len(report.stores) == 1:
-        return build(0, report.stores[0])
-    blocks = (render("<div>{{ h }}{{ b }}</div>", h=heading(e.label), b=build(i, e)) for i, e in enumerate(report.stores))
-    return render("<div class='columns'>{{ blocks }}</div>", blocks=join(blocks))
+from .causal import ablation, edit
+from .html import Section, image, join, number, paragraph, render, table
+from .inputs import ReportInput, StoreEntry, per_store
+from .statistics import agreement, statistics
 
 
 # ---------------------------------------------------------------- summary
@@ -118,21 +93,7 @@ def ranking(report: ReportInput) -> Section:
         return table(columns, ranking_rows(entry.ds), id=f"ranking-{i}", cls="data ranking",
                      caption="layers by mean Head Impact over heads")  # fmt: skip
 
-    return Section("ranking", "Layer ranking", _per_store(report, one))
-
-
-# ---------------------------------------------------------------- statistics
-def statistics(report: ReportInput) -> Section:
-    from probes.head_impact import kruskal_records, kruskal_wallis
-
-    def one(_: int, entry: StoreEntry) -> Markup:
-        rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), t["n_values"]]
-                for t in kruskal_records(kruskal_wallis(entry.ds))]  # fmt: skip
-        return table(["Kruskal–Wallis", "H", "df", "p-value", "values"], rows, cls="data statistics")
-
-    note = paragraph("Does Head Impact differ across layers / across heads? scipy.stats.kruskal on per-head HI "
-                     "and on per-sample IoU; p < 0.001 in bold.", "note")  # fmt: skip
-    return Section("statistics", "Statistics", join([note, _per_store(report, one)]))
+    return Section("ranking", "Layer ranking", per_store(report, one))
 
 
 # ---------------------------------------------------------------- probes
@@ -179,7 +140,7 @@ def probes(report: ReportInput) -> Section:
 
     parts = [paragraph("Head Impact (binarised IoU) beside the threshold-free attention-mass baselines "
                        "(probes.attention_mass), per layer, means over heads and samples.", "note"),
-             _per_store(report, one)]  # fmt: skip
+             per_store(report, one)]  # fmt: skip
     if report.pursuit:
         parts.append(_pursuit_table(report.pursuit, report.stores[0].ds))
     else:
@@ -297,10 +258,9 @@ def _audit(results: Mapping[str, Any]) -> Markup:
 def experiment(report: ReportInput) -> Section | None:
     if report.experiment is None:
         return None
-    path = report.experiment / "results.json" if report.experiment.is_dir() else report.experiment
-    if not path.is_file():
-        raise figures.PlotError(f"--experiment {report.experiment}: no results.json there")
-    results = json.loads(path.read_text())
+    kind, _, results = figures.read_result(report.experiment)
+    if kind != "experiment":
+        raise figures.PlotError(f"--experiment {report.experiment}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} result, not `mechhi experiment`'s")
     config = results.get("config", {})
     intro = paragraph(f"{Path(str(results.get('model', ''))).name or 'model'} fine-tuned with LoRA on the layers "
                       f"each setup names (K={config.get('k')}, random seeds {config.get('random_seeds')}); "
@@ -312,5 +272,7 @@ def experiment(report: ReportInput) -> Section | None:
 
 
 SECTIONS: list[Callable[[ReportInput], Section | None]] = [
-    summary, provenance, ranking, statistics, probes, figures_section, gallery, experiment,
+    summary, provenance, ranking, statistics, probes, agreement, figures_section, gallery, experiment, ablation, edit,
 ]  # fmt: skip
+
+__all__ = ["SECTIONS", "ReportInput", "StoreEntry"]

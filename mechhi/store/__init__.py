@@ -6,6 +6,7 @@ written through xarray. The dim vocabulary and the variables are defined once, i
 - ``create``: allocate a store (or keep one of the same run, to resume);
 - ``read``: open lazily;
 - ``write``: a traced batch as regions, probe scores as variables;
+- ``layout``: per-sample variables sharded along ``sample`` (files per store);
 - ``lock``: one writer per store (a lock file naming its holder);
 - ``verify``: done samples whose data is lost;
 - ``combine``: several models' stores on one depth axis.
@@ -13,6 +14,7 @@ written through xarray. The dim vocabulary and the variables are defined once, i
 
 from .combine import ALIGNS, combine, depth_bins, unique_labels
 from .create import create_store
+from .layout import auto_shard_samples, shard_index, shard_samples, sharded
 from .lock import StoreLocked, WriterLock, lock_path
 from .read import done_mask, open_store
 from .schema import (
@@ -25,8 +27,8 @@ from .write import unflag, write_batch, write_scores
 
 __all__ = [
     "ALIGNS", "COMPATIBLE_ATTRS", "MAIN_VIEW", "REQUIRED_ATTRS", "SCHEMA_VERSION", "Damage", "SampleMeta",
-    "StoreError", "StoreLocked", "WriterLock", "attention_name", "combine", "create_store", "damaged_samples",
+    "StoreError", "StoreLocked", "WriterLock", "attention_name", "auto_shard_samples", "combine", "create_store", "damaged_samples",
     "depth_bins", "describe", "done_mask", "grid_coords", "grid_dims", "is_traced_variable", "json_attrs",
     "json_default", "lock_path", "mask_name", "missing_data", "open_store", "pad_grid", "relative_depth",
-    "store_views", "unflag", "unique_labels", "write_batch", "write_scores",
+    "shard_index", "shard_samples", "sharded", "store_views", "unflag", "unique_labels", "write_batch", "write_scores",
 ]  # fmt: skip

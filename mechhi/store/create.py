@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from .layout import auto_shard_samples, sharded
 from .lock import process_alive, this_host
 from .read import open_store
 from .schema import (
@@ -50,13 +51,14 @@ def _views_of(samples: Sequence[SampleMeta]) -> list[str]:
     return [MAIN_VIEW] + sorted(views - {MAIN_VIEW})
 
 
-def _nan(shape: tuple[int, ...], chunks: tuple[int, ...]) -> da.Array:
+def _nan(shape: tuple[int, ...], shard: int) -> da.Array:
     # Lazy: to_zarr(compute=False) writes only metadata; unwritten chunks read as NaN.
-    return da.full(shape, np.nan, dtype="float32", chunks=chunks)
+    return da.full(shape, np.nan, dtype="float32", chunks=(shard,) + shape[1:])
 
 
-def _skeleton(samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: bool) -> xr.Dataset:
-    """The whole store as a lazy dataset: coords filled, data all NaN / False."""
+def _skeleton(samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: bool, shard: int) -> xr.Dataset:
+    """The whole store as a lazy dataset: coords filled, data all NaN / False, each
+    per-sample variable's dask chunks one shard (the encoding's `sharded` layout)."""
     n, views = len(samples), _views_of(samples)
     coords: dict[str, Any] = {
         "sample": np.arange(n),
@@ -77,12 +79,12 @@ def _skeleton(samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: 
         rname, cname = grid_coords(view)
         coords.update({rdim: np.arange(rows), cdim: np.arange(cols)})
         coords.update({rname: ("sample", sizes[:, 0]), cname: ("sample", sizes[:, 1])})
-        data[mask_name(view)] = (("sample", rdim, cdim), _nan((n, rows, cols), (1, rows, cols)))
+        data[mask_name(view)] = (("sample", rdim, cdim), _nan((n, rows, cols), shard))
         if maps:
             shape = (n, n_layers, n_heads, rows, cols)
-            data[attention_name(view)] = (("sample", "layer", "head", rdim, cdim), _nan(shape, (1,) + shape[1:]))
-    data["iou"] = (("sample", "layer", "head"), _nan((n, n_layers, n_heads), (1, n_layers, n_heads)))
-    data["done"] = (("sample",), da.zeros(n, dtype=bool, chunks=1))
+            data[attention_name(view)] = (("sample", "layer", "head", rdim, cdim), _nan(shape, shard))
+    data["iou"] = (("sample", "layer", "head"), _nan((n, n_layers, n_heads), shard))
+    data["done"] = (("sample",), da.zeros(n, dtype=bool, chunks=shard))
     return xr.Dataset(data, coords=coords)
 
 
@@ -94,9 +96,15 @@ def create_store(
     n_heads: int,
     attrs: dict[str, Any],
     maps: bool = True,
+    shard_samples: int | None = None,
 ) -> bool:
     """Create the store with every variable allocated (NaN) and ``done`` False; True if
     this call created it.
+
+    Per-sample variables are sharded along ``sample``: ``shard_samples`` samples per file
+    (default `auto_shard_samples`: a power of two, at most ``SHARD_BYTES`` and
+    ``MAX_SHARD_SAMPLES``), one inner chunk per sample; the size is recorded in the
+    attrs (``shard_samples``). An existing store keeps its own shards.
 
     If `path` already holds a store made for the same run (model, revision, dataset,
     prompt template, dtype, n_layers, n_heads, sample descriptions, with/without maps),
@@ -113,8 +121,12 @@ def create_store(
     path = Path(path)
     if n_layers < 1 or n_heads < 1:
         raise StoreError(f"create_store: n_layers={n_layers}, n_heads={n_heads} must be >= 1")
-    full_attrs = _store_attrs(attrs)
-    skeleton = _skeleton(samples, n_layers, n_heads, maps)
+    _views_of(samples)  # every sample has the same views, before they size the shards
+    shard = shard_samples or auto_shard_samples(samples, n_layers, n_heads, maps)
+    if shard < 1:
+        raise StoreError(f"create_store: shard_samples={shard_samples} must be >= 1")
+    full_attrs = _store_attrs({**attrs, "shard_samples": shard})
+    skeleton = _skeleton(samples, n_layers, n_heads, maps, shard)
     if _holds_store(path):
         check_compatible(path, skeleton, full_attrs)
         return False
@@ -122,7 +134,8 @@ def create_store(
     _remove_stale_staging(path)
     staging = path.with_name(f"{_staging_prefix(path)}{this_host()}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        skeleton.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False)
+        skeleton.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False,
+                         encoding=sharded(skeleton, shard))  # fmt: skip
         os.rename(staging, path)  # atomic; replaces an empty directory, fails onto a store
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,9 +12,9 @@ A lock held from another host cannot be probed: the message says which host and 
 and that deleting the file is safe once that process is gone.
 
 Cooperating processes of one job (torchrun ranks) are not independent writers: rank 0
-takes this lock for the job before it creates the store, and the other ranks write only
-their own samples under it, passing ``lock=contextlib.nullcontext()`` to the trace job
-instead of taking it again (see ``mechhi.trace.job.trace_dataset``).
+takes this lock for the job before it creates the store and releases it after every rank
+is done; the other ranks write only their own shards under it without taking it (see
+``mechhi.trace.distributed``).
 
 >>> with WriterLock("stores/toy.zarr"):  # doctest: +SKIP
 ...     ...  # create, write batches, save scores

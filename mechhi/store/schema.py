@@ -36,8 +36,10 @@ scores record ``scored_samples`` (how many samples were done when they were comp
 so a score of a half-traced store is recognisably stale once more samples are done.
 
 Every per-sample variable is chunked by one sample, so any region write of any batch
-(even non-contiguous sample indices after a resume) is chunk-aligned: it touches only
-that batch's chunk files and never races with or rewrites another sample's data.
+(even non-contiguous sample indices after a resume) is chunk-aligned: it changes only
+that batch's chunks. Chunks are grouped into shard files along ``sample``
+(:mod:`mechhi.store.layout`): a write rewrites its shards' files, so one process writes
+a shard at a time (torchrun ranks own whole shards).
 Consolidated metadata is off: region writes never change metadata, and
 :func:`write_scores` adds variables, which would leave a consolidated copy stale.
 

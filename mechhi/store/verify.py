@@ -11,7 +11,8 @@ Two depths: `missing_data` looks only at which files exist (cheap: a directory l
 run before every scoring and every resume); ``damaged_samples(deep=True)`` also reads
 every done sample's chunks and reports those that do not decode (``mechhi store verify
 --deep``). A damaged sample is retraced by the next `mechhi trace`: the trace job treats
-missing data as not done, and ``unflag`` marks unreadable ones not done.
+missing data as not done, and `repair` marks unreadable ones not done (deleting the
+corrupt shard file, whose other samples are then retraced too).
 
 >>> [d.message for d in damaged_samples("stores/toy.zarr")]  # doctest: +SKIP
 ["sample 3: attention chunk missing (c/3/0/0/0/0)"]
@@ -29,6 +30,7 @@ import zarr
 
 from .read import open_store
 from .schema import is_traced_variable
+from .write import unflag
 
 
 @dataclass(frozen=True, order=True)
@@ -57,9 +59,9 @@ def missing_data(path: str | Path) -> list[Damage]:
     group = zarr.open_group(str(path), mode="r", zarr_format=3)
     found = []
     for name in traced_per_sample(path):
-        array = group[name]
-        for sample, key in _keys_of_done(array, done):
-            if not (path / name / key).is_file():
+        present: dict[str, bool] = {}  # a shard holds many samples: look at each file once
+        for sample, key in _keys_of_done(group[name], done):
+            if not present.setdefault(key, (path / name / key).is_file()):
                 found.append(Damage(sample, name, f"chunk missing ({key})"))
     return sorted(found)
 
@@ -71,6 +73,29 @@ def damaged_samples(path: str | Path, *, deep: bool = False) -> list[Damage]:
         lost = {(d.sample, d.variable) for d in found}
         found += [d for d in _unreadable(Path(path)) if (d.sample, d.variable) not in lost]
     return sorted(found)
+
+
+def repair(path: str | Path, damage: list[Damage]) -> list[int]:
+    """Make damaged samples pending again; return every sample marked not done.
+
+    An unreadable sample's stored object (a whole shard file, in a sharded store) is
+    deleted first: zarr reads a shard to merge every write into it, so a corrupt one
+    would refuse the retrace too. The done samples that shared the deleted file lose
+    that variable's data with it and are marked not done as well. Hold the writer lock."""
+    path = Path(path)
+    done = open_store(path)["done"].values.astype(bool)
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    lost = {d.sample for d in damage}
+    for variable in sorted({d.variable for d in damage if d.problem.startswith("chunk unreadable")}):
+        broken = np.zeros_like(done)
+        broken[[d.sample for d in damage if d.variable == variable]] = True
+        bad_keys = {key for _, key in _keys_of_done(group[variable], broken)}
+        for sample, key in _keys_of_done(group[variable], done):
+            if key in bad_keys:
+                (path / variable / key).unlink(missing_ok=True)
+                lost.add(sample)
+    unflag(path, sorted(lost))
+    return sorted(lost)
 
 
 def describe(damage: list[Damage], limit: int = 5) -> str:

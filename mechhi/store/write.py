@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from .layout import shard_samples, sharded
 from .read import open_store
 from .schema import MAIN_VIEW, StoreError, attention_name, is_traced_variable, json_attrs, mask_name, store_views
 
@@ -117,9 +118,12 @@ def write_scores(path: str | Path, scores: xr.Dataset) -> None:
         raise StoreError(f"write_scores: {clash} are names of traced variables (attention*, mask*, done); "
                          "give scores another name")  # fmt: skip
     plain = xr.Dataset({name: (var.dims, np.asarray(var.values)) for name, var in scores.data_vars.items()})
-    for name, var in plain.variables.items():
-        if name not in store.data_vars and "sample" in var.dims:  # one sample per chunk, as everywhere
-            var.encoding["chunks"] = tuple(1 if d == "sample" else plain.sizes[d] for d in var.dims)
+    new = plain[[name for name in plain.data_vars if name not in store.data_vars]]
+    for name, encoding in sharded(new, shard_samples(path)).items():  # sharded like the traced variables
+        plain[name].encoding.update(encoding)
+    for name, var in new.data_vars.items():
+        if "sample" in var.dims[1:]:  # one sample per chunk, as everywhere
+            plain[name].encoding["chunks"] = tuple(1 if d == "sample" else plain.sizes[d] for d in var.dims)
     # mode="a" replaces the group attrs with the written dataset's: give it the merged set.
     plain.attrs = {**store.attrs, **json_attrs(dict(scores.attrs))}
     plain.to_zarr(path, mode="a", consolidated=False, zarr_format=3, write_empty_chunks=True)

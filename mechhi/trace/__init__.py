@@ -4,6 +4,7 @@
 - ``attention``: description-row attention on the visual tokens, without ``output_attentions``;
 - ``head_outputs``: each head's write into the residual stream (Head Pursuit's signal);
 - ``job``: `mechhi trace`, a dataset into a store, resumable;
+- ``distributed``: torchrun ranks of one trace (who creates the store, who traces which shards);
 - ``pursuit_job``: `mechhi pursuit`, head writes over a dataset, then SOMP.
 """
 

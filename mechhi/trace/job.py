@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,12 @@ from ..data.format import KeyObjectDataset, Sample, load_dataset
 from ..models import TEMPLATE_NAMES, AdapterError, PreparedBatch, VLMAdapter
 from ..models.loading import load, provenance
 from ..store import (
-    SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, open_store, pad_grid, write_batch,
+    SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, open_store, pad_grid, shard_samples,
+    write_batch,
 )  # fmt: skip
 from . import loader
 from .attention import AttentionTracer
+from .distributed import SINGLE, Ranks
 from .loader import Grids, LoadedBatch, batch_loader, bucketed_batches, default_num_workers, sequence_lengths
 from .writer import BackgroundWriter
 
@@ -68,14 +70,15 @@ class TraceConfig:
     revision: str | None = None
     max_description_tokens: int = DEFAULT_MAX_DESCRIPTION_TOKENS  # longer descriptions are bad records
     vqa_seed: int = 0  # draws the vqa template's distractor options and the true option's place
+    shard_samples: int | None = None  # samples per store shard file; None: store.layout.auto_shard_samples
     num_workers: int | None = None  # DataLoader processes preparing batches (None: by device, see loader; 0: in process)
     device_map: str | None = None  # accelerate placement over several devices ("auto", ...); then device stays "auto"
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATE_NAMES:
             raise ValueError(f"unknown --template {self.template!r}; choose {' or '.join(TEMPLATE_NAMES)}")
-        if self.batch_size < 1 or self.max_description_tokens < 1:
-            raise ValueError("--batch-size and --max-description-tokens must be at least 1")
+        if self.batch_size < 1 or self.max_description_tokens < 1 or (self.shard_samples or 1) < 1:
+            raise ValueError("--batch-size, --max-description-tokens and --shard-samples must be at least 1")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"--num-workers must be 0 or more, got {self.num_workers}")
 
@@ -100,6 +103,7 @@ def trace_dataset(
     on_batch: BatchCallback | None = None,
     loaded: tuple[Any, VLMAdapter] | None = None,
     lock: AbstractContextManager | None = None,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Trace every pending sample of the dataset into the store; return the store path.
 
@@ -110,32 +114,43 @@ def trace_dataset(
     the store records ``config.model``'s name and revision. ``lock``: what guards the
     store while this runs, by default its `WriterLock` (a second process is refused);
     cooperating ranks of one job, whose rank 0 holds the writer lock for all, pass
-    ``contextlib.nullcontext()``.
+    ``contextlib.nullcontext()``. ``ranks``: this process's place among torchrun ranks
+    (``mechhi.trace.distributed``; default one process): rank 0 takes the lock and
+    creates the store, each rank traces the pending samples of its own shards.
     """
     path = config.store_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with lock if lock is not None else WriterLock(path):
-        model, adapter = loaded or load(config.model, device=config.device, dtype=config.dtype,
-                                        revision=config.revision, device_map=config.device_map)  # fmt: skip
+    ranks = ranks or SINGLE
+    guard = lock if lock is not None else WriterLock(path) if ranks.main else nullcontext()
+    with ranks.held_by_main(guard):
+        device = config.device if config.device_map else ranks.device(config.device)  # a device map places itself
+        model, adapter = loaded or load(config.model, device=device, dtype=config.dtype, revision=config.revision,
+                                        device_map=config.device_map)  # fmt: skip
         dataset = load_samples(config, adapter)
         samples = dataset.samples[: config.limit] if config.limit else dataset.samples
         if not samples:
             raise ValueError(f"no samples to trace in {config.dataset} (split {config.split!r})")
         fields = prompt_fields(config, samples)
         grids = _grids(adapter, samples)
-        create_store(
+        ranks.on_main(lambda: create_store(
             path,
             samples=[_meta(s, g) for s, g in zip(samples, grids)],
             n_layers=adapter.n_layers,
             n_heads=adapter.n_heads,
             attrs=_attrs(config, model, adapter, dataset),
             maps=config.maps,
-        )
-        pending = pending_samples(path)
+            shard_samples=config.shard_samples,
+        ))  # fmt: skip
+        every, shard = ranks.on_main(lambda: pending_samples(path)), shard_samples(path)
+        pending = ranks.share(every, shard)
+        if ranks.world > 1:
+            ranks.say(f"{ranks.world} ranks trace {len(every)} pending samples, each its own of "
+                      f"{len(set((every // shard).tolist()))} shards of {shard} samples")  # fmt: skip
         if len(pending):
-            _trace_pending(path, config, model, adapter, samples, fields, pending, grids, progress, on_batch)
-        else:
-            print(f"{path}: all {len(samples)} samples are traced already; nothing to trace", file=sys.stderr)
+            _trace_pending(path, config, model, adapter, samples, fields, pending, grids, progress and ranks.main,
+                           on_batch)  # fmt: skip
+        elif not len(every):
+            ranks.say(f"{path}: all {len(samples)} samples are traced already; nothing to trace")
     return path
 
 

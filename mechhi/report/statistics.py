@@ -1,0 +1,121 @@
+"""The report's statistics and probe-agreement sections.
+
+Statistics: the paper's Kruskal-Wallis tests (which treat one sample's IoU in different
+layers as independent values) beside the repeated-measures view of `probes.statistics`:
+Friedman tests with samples as blocks and Kendall's W, and bootstrap intervals of each
+layer's mean HI with its share of resamples in the top K (what `mechhi stats` prints).
+
+Probe agreement: rank correlations between probes' head and layer rankings
+(`probes.agreement`). Head Impact and the attention-mass lift come from the store, so the
+report computes those; Head Pursuit and the logit lens need the model, so they appear
+only from a given ``mechhi rank --compare-probes --json`` result (``--agreement FILE``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from markupsafe import Markup
+
+from .html import Section, join, number, p_value, paragraph, table
+from .inputs import ReportInput, StoreEntry, per_store
+
+
+# ---------------------------------------------------------------- statistics
+def kruskal_table(i: int, entry: StoreEntry) -> Markup:
+    from probes.head_impact import kruskal_records, kruskal_wallis
+
+    rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), t["n_values"]]
+            for t in kruskal_records(kruskal_wallis(entry.ds))]  # fmt: skip
+    return table(["Kruskal–Wallis", "H", "df", "p-value", "values"], rows, id=f"kruskal-{i}", cls="data statistics",
+                 caption="the paper's test: one sample's layers and heads counted as independent values")  # fmt: skip
+
+
+def friedman_table(i: int, entry: StoreEntry) -> Markup:
+    from probes.statistics import friedman, records
+
+    rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), number(t["kendall_w"], 3),
+             t["n_blocks"]] for t in records(friedman(entry.ds), "test")]  # fmt: skip
+    return table(["Friedman", "χ²", "df", "p-value", "Kendall's W", "blocks"], rows, id=f"friedman-{i}",
+                 cls="data statistics", caption="samples as blocks: layers (IoU averaged over heads), heads in each layer")  # fmt: skip
+
+
+def bootstrap_table(i: int, entry: StoreEntry, k: int, n_resamples: int) -> Markup:
+    from probes.statistics import bootstrap_layers, records
+
+    boot = bootstrap_layers(entry.ds, k=min(k, entry.ds.sizes["layer"]), n_resamples=n_resamples)
+    layers = sorted(records(boot, "layer"), key=lambda r: -(r["mean_hi"] if r["mean_hi"] is not None else -1))
+    rows = [[r["layer"], number(r["mean_hi"], 4), number(r["ci_low"], 3), number(r["ci_high"], 3),
+             f"{r['top_k_share']:.0%}"] for r in layers]  # fmt: skip
+    caption = (f"layer mean HI, {boot.attrs['confidence']:.0%} {boot.attrs['method']} interval over "
+               f"{boot.attrs['n_units']} {boot.attrs['unit']}s, {boot.attrs['n_resamples']} resamples")  # fmt: skip
+    return table(["layer", "mean HI", "interval low", "interval high", f"in top-{boot.attrs['k']}"], rows,
+                 id=f"bootstrap-{i}", cls="data statistics", caption=caption)  # fmt: skip
+
+
+def statistics(report: ReportInput) -> Section:
+    def one(i: int, entry: StoreEntry) -> Markup:
+        try:
+            boot = bootstrap_table(i, entry, report.top_k, report.n_resamples)
+        except ValueError as err:  # fewer than two scored images
+            boot = paragraph(f"bootstrap not computed: {err}", "note")
+        return join([kruskal_table(i, entry), friedman_table(i, entry), boot])
+
+    note = paragraph("Does Head Impact differ across layers / across heads? The paper's Kruskal–Wallis test "
+                     "(scipy.stats.kruskal, on per-head HI and on per-sample IoU) beside Friedman tests that take "
+                     "every sample as a block, and bootstrap intervals resampling images; p < 0.001 in bold.",
+                     "note")  # fmt: skip
+    return Section("statistics", "Statistics", join([note, per_store(report, one)]))
+
+
+# ---------------------------------------------------------------- probe agreement
+def agreement_rows(pairs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """One row per (level, probe pair), as `agreement_records` lists them."""
+    return [[p["level"], p["probe"].replace("_", "-"), p["other"].replace("_", "-"), number(p["spearman"], 3),
+             p_value(p["spearman_p"]), number(p["kendall"], 3), p_value(p["kendall_p"]), p["n"]] for p in pairs]  # fmt: skip
+
+
+def store_agreement(ds) -> list[dict[str, Any]]:
+    """Head Impact vs attention-mass lift, on heads and on layers, from the store alone."""
+    from mechhi.trace.probe_scores import probe_scores
+    from probes.agreement import agreement, agreement_records
+
+    result = agreement(probe_scores(ds, ["head-impact", "attention-mass"], progress=False))
+    return agreement_records(result, "head") + agreement_records(result, "layer")
+
+
+def _agreement_table(id: str, pairs: Sequence[Mapping[str, Any]], caption: str) -> Markup:
+    columns = ["level", "probe", "other", "Spearman ρ", "p", "Kendall τ", "p", "units"]
+    return table(columns, agreement_rows(pairs), id=id, cls="data agreement", caption=caption)
+
+
+def _same(path: Path, recorded: Any) -> bool:
+    return recorded is not None and Path(str(recorded)).resolve() == path.resolve()
+
+
+def agreement(report: ReportInput) -> Section:
+    used: set[int] = set()
+
+    def one(i: int, entry: StoreEntry) -> Markup:
+        for j, (file, payload) in enumerate(report.agreement):
+            if _same(entry.path, payload.get("store")):
+                used.add(j)
+                words = ", ".join(payload.get("words", []))
+                return _agreement_table(f"agreement-{i}", payload["pairs"], f"from {file.name}: pursuit / logit lens of {words}")
+        if "attention" not in entry.ds.data_vars:
+            return paragraph("attention-mass needs attention maps; this store was traced with --no-maps", "note")
+        return _agreement_table(f"agreement-{i}", store_agreement(entry.ds), "Head Impact vs attention-mass lift, from the store")
+
+    parts = [paragraph("Do the probes rank heads (and layers) alike? Spearman ρ and Kendall τ-b between the "
+                       "probes' scores (probes.agreement); layer level: each probe averaged over heads first.", "note"),
+             per_store(report, one)]  # fmt: skip
+    for j, (file, payload) in enumerate(report.agreement):
+        if j not in used:
+            parts.append(_agreement_table(f"agreement-file-{j}", payload["pairs"],
+                                          f"from {file.name} (store {payload.get('store')})"))  # fmt: skip
+    if not report.agreement:
+        parts.append(paragraph("Head Pursuit and the logit lens need a model run: pass --agreement FILE (the output "
+                               "of `mechhi rank --store S --compare-probes --json`) to include them.", "note"))  # fmt: skip
+    return Section("agreement", "Probe agreement", join(parts))
