@@ -14,30 +14,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mechhi.models.qwen2_vl import Qwen2VLAdapter
 from mechhi.store import open_store
 from mechhi.trace import loader
 from mechhi.trace.job import TraceConfig, trace_dataset
 from mechhi.trace.writer import BackgroundWriter
-from tests.conftest import WORDS
 from tests.helpers import invoke, one_line_error
-from tests.test_trace_job import write_toy_dataset
+from tests.test_trace_job import dataset_dir, tiny_model_dir, write_toy_dataset  # noqa: F401  (fixtures)
 
 TRACED = ("attention", "mask", "iou", "done")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-qwen2vl")
-    Qwen2VLAdapter.build_tiny(directory, words=WORDS, layers=3)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dataset")
-    write_toy_dataset(root)  # 7 images of 5 sizes, 10 samples
-    return root
 
 
 def trace(model_dir, data, store, **kw):
