@@ -144,8 +144,10 @@ def trace_dataset(
         every, shard = ranks.on_main(lambda: pending_samples(path)), shard_samples(path)
         pending = ranks.share(every, shard)
         if ranks.world > 1:
-            ranks.say(f"{ranks.world} ranks trace {len(every)} pending samples, each its own of "
-                      f"{len(set((every // shard).tolist()))} shards of {shard} samples")  # fmt: skip
+            n_shards = len(set((every // shard).tolist()))
+            ranks.say(f"{ranks.world} ranks trace {len(every)} pending samples in {n_shards} shards of up to {shard} "
+                      f"samples, each rank its own shards" + (" (one shard: rank 0 does it all; a new store with a smaller "
+                      "--shard-samples spreads a small one)" if n_shards == 1 else ""))  # fmt: skip
         if len(pending):
             _trace_pending(path, config, model, adapter, samples, fields, pending, grids, progress and ranks.main,
                            on_batch)  # fmt: skip
