@@ -183,9 +183,11 @@ def fresh_copy(target: Path) -> Path:
             shutil.copy2(source, target / name)
     bin_dir = target / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    shim = bin_dir / "mechhi"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m mechhi "$@"\n')
-    shim.chmod(0o755)
+    # What `source .venv/bin/activate` puts on PATH: mechhi, this python, torchrun.
+    for name, run in (("mechhi", "-m mechhi"), ("python", ""), ("torchrun", "-m torch.distributed.run")):
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" {run} "$@"\n')
+        shim.chmod(0o755)
     (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
     return target
 
