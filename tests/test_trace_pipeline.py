@@ -198,3 +198,19 @@ def test_an_unknown_device_map_lists_the_choices(tiny_model_dir, tmp_path):
     result = invoke(["trace", "--model", tiny_model_dir, "--device-map", "everywhere", "--store", tmp_path / "s.zarr"],
                     exit_code=1)  # fmt: skip
     assert "balanced_low_0" in one_line_error(result)
+
+
+def test_bucketed_batches_stay_within_shards():
+    """In a sharded store a batch holds samples of one shard (or of the fewest whole shards
+    that hold a batch), bucketed by length inside it; every pending sample once."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 400, size=40)
+    pending = [i for i in range(40) if i % 7]
+    for shard, batch in ((8, 4), (8, 3), (2, 4)):
+        batches = loader.bucketed_batches(pending, lengths, batch, shard_samples=shard)
+        assert sorted(i for b in batches for i in b) == pending
+        window = shard * -(-batch // shard)
+        assert all(len({i // window for i in b}) == 1 and len(b) <= batch for b in batches)
+        for b in batches:  # length buckets ascending within the window
+            buckets = [-(-int(lengths[i]) // loader.BUCKET_TOKENS) for i in b]
+            assert buckets == sorted(buckets)

@@ -52,6 +52,11 @@ def _load(path: Path, kind: str) -> tuple[Path, dict[str, Any]]:
     return file, data
 
 
+def _model_name(result: Mapping[str, Any]) -> str:
+    """The model's folder or hub name, never the absolute path a result records."""
+    return Path(str(result.get("model", ""))).name or "model"
+
+
 # ---------------------------------------------------------------- ablation
 def ablation_rows(result: Mapping[str, Any]) -> list[list[Any]]:
     """One row per (group, metric) of the result's summary."""
@@ -64,7 +69,7 @@ def ablation(report: ReportInput) -> Section | None:
     if report.ablate is None:
         return None
     file, result = _load(report.ablate, "ablation")
-    model = Path(str(result.get("model", ""))).name or "model"
+    model = _model_name(result)
     intro = paragraph(f"{model}: the {result['probe']} probe's top {result['n_heads']} and bottom {result['n_heads']} "
                       f"heads {result['mode']}-ablated, beside random sets with the top set's heads per layer "
                       f"(matched) and per depth bin (depth), seeds {result['seeds']}; {result['n_samples']} samples "
@@ -97,7 +102,7 @@ def edit(report: ReportInput) -> Section | None:
     if report.edit is None:
         return None
     file, result = _load(report.edit, "edit")
-    model = Path(str(result.get("model", ""))).name or "model"
+    model = _model_name(result)
     intro = paragraph(f"{model}: the top {result['k']} heads by Head Pursuit for {', '.join(result['words'])} scaled "
                       f"by α={result['alpha']:g}, beside random sets with the same heads per layer (seeds "
                       f"{result['seeds']}); control words {', '.join(result['control_words']) or '-'}; captions of "

@@ -325,7 +325,7 @@ def _trace_pending(
 
     tracer = AttentionTracer(model, adapter)
     batches = bucketed_batches(pending, sequence_lengths(adapter, samples, fields, grids), config.batch_size,
-                               loader.BUCKET_TOKENS)  # fmt: skip
+                               loader.BUCKET_TOKENS, shard_samples(path))  # fmt: skip
     prepared = batch_loader(samples, fields, adapter, config.template, batches, config.workers(tracer.device))
     max_grid = _max_grids(grids)
     opened = open_store(path)  # the schema, to check each batch against without reopening

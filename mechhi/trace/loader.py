@@ -14,11 +14,14 @@ samples are ordered by their estimated length rounded up to ``BUCKET_TOKENS`` (a
 bucket) and, within a bucket, by sample index; consecutive runs of ``batch_size`` of that
 order are the batches. Samples of one bucket keep the dataset's order, so a dataset
 whose samples all fall in one bucket is batched exactly as an unbucketed trace would.
+In a sharded store the buckets are formed within each shard (or the fewest whole shards
+that hold a batch), so a batch writes as few shard files as it can.
 The estimate needs no image: the visual tokens come from `VLMAdapter.grid_sizes`.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,15 +116,25 @@ def sequence_lengths(adapter: VLMAdapter, samples: Sequence[Sample], fields: Seq
 
 
 def bucketed_batches(pending: Sequence[int], lengths: np.ndarray, batch_size: int,
-                     bucket_tokens: int = BUCKET_TOKENS) -> list[list[int]]:  # fmt: skip
+                     bucket_tokens: int = BUCKET_TOKENS, shard_samples: int = 0) -> list[list[int]]:  # fmt: skip
     """The pending samples in batches of ``batch_size``, ordered by length bucket, then
-    by sample index.
+    by sample index; with ``shard_samples`` (the store's shard size, > 1), bucketed within
+    windows of whole shards (one shard, or as few as hold a batch), so that a batch writes
+    as few shard files as it can (zarr rewrites a whole shard on every write into it) and,
+    with shards of whole batches, a rank's batches are the ones one process makes.
 
     >>> bucketed_batches([0, 1, 2, 3], np.array([300, 10, 290, 20]), 2)
     [[1, 3], [0, 2]]
+    >>> bucketed_batches([0, 1, 2, 3], np.array([300, 10, 290, 20]), 2, shard_samples=2)
+    [[1, 0], [3, 2]]
     """
-    order = sorted((int(i) for i in pending), key=lambda i: (-(-int(lengths[i]) // bucket_tokens), i))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    window = shard_samples * -(-batch_size // shard_samples) if shard_samples > 1 else len(lengths) or 1
+    order = sorted((int(i) for i in pending), key=lambda i: (i // window, -(-int(lengths[i]) // bucket_tokens), i))
+    batches: list[list[int]] = []
+    for _, run in itertools.groupby(order, key=lambda i: i // window):
+        shard = list(run)
+        batches.extend(shard[start : start + batch_size] for start in range(0, len(shard), batch_size))
+    return batches
 
 
 def batch_loader(samples: Sequence[Sample], fields: Sequence[dict[str, str]], adapter: VLMAdapter, template: str,
