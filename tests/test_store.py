@@ -512,11 +512,13 @@ def test_missing_data_names_done_samples_without_their_chunks(store: Path):
     (store / "attention_global" / "c" / "1" / "0" / "0" / "0" / "0").unlink()  # shard 1: 2 (done), 3 (not)
     assert [(d.sample, d.variable) for d in missing_data(store)] == [
         (0, "mask"), (1, "mask"), (2, "attention_global")]  # fmt: skip
-    (store / "iou" / "c" / "0" / "0" / "0").write_bytes(b"garbage")
-    deep = damaged_samples(store, deep=True)
-    assert [(d.sample, d.variable) for d in deep] == [
-        (0, "iou"), (0, "mask"), (1, "iou"), (1, "mask"), (2, "attention_global")]  # fmt: skip
-    assert "unreadable" in deep[0].problem
+    (store / "iou" / "c" / "0" / "0" / "0").write_bytes(b"garbage")  # no shard index: found without decoding
+    found = missing_data(store)
+    assert [(d.sample, d.variable, d.kind) for d in found] == [
+        (0, "iou", "damaged"), (0, "mask", "missing"), (1, "iou", "damaged"), (1, "mask", "missing"),
+        (2, "attention_global", "missing")]  # fmt: skip
+    assert "shard damaged (iou/c/0/0/0: 7 bytes, shorter than its 36-byte index" in found[0].problem
+    assert damaged_samples(store, deep=True) == found
 
 
 def test_an_all_nan_iou_of_a_done_sample_is_still_on_disk(store: Path):

@@ -53,7 +53,7 @@ def friendly_errors(command: Callable) -> Callable:
         except Exception as error:  # noqa: BLE001 - the CLI boundary: report, never a traceback
             if os.environ.get("MECHHI_DEBUG"):
                 raise
-            text = str(error).strip()
+            text = _store_read_error(kwargs.get("store"), error) or str(error).strip()
             message = text.splitlines()[0] if text else type(error).__name__
             expected = isinstance(error, (ValueError, KeyError, FileNotFoundError, OSError, MemoryError))
             hint = "" if expected else f" ({type(error).__name__}; set MECHHI_DEBUG=1 for the traceback)"
@@ -61,6 +61,16 @@ def friendly_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _store_read_error(store: Any, error: BaseException) -> str | None:
+    """A corrupt chunk met while reading a command's ``--store`` (zarr says only "checksum
+    do not match"): the message naming the variable, file and samples, and the repair."""
+    if not isinstance(store, (str, Path)):
+        return None
+    from mechhi.store import explain_read_error
+
+    return explain_read_error(store, error)
 
 
 def _finite(value: Any) -> float | None:

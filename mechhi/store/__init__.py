@@ -8,7 +8,7 @@ written through xarray. The dim vocabulary and the variables are defined once, i
 - ``write``: a traced batch as regions, probe scores as variables;
 - ``layout``: per-sample variables sharded along ``sample`` (files per store);
 - ``lock``: one writer per store (a lock file naming its holder);
-- ``verify``: done samples whose data is lost;
+- ``verify``: done samples whose data is lost or corrupt;
 - ``combine``: several models' stores on one depth axis.
 """
 
@@ -16,19 +16,19 @@ from .combine import ALIGNS, combine, depth_bins, unique_labels
 from .create import create_store
 from .layout import auto_shard_samples, shard_index, shard_samples, sharded
 from .lock import StoreLocked, WriterLock, lock_path
-from .read import done_mask, open_store
+from .read import done_flags, done_mask, open_store
 from .schema import (
     COMPATIBLE_ATTRS, MAIN_VIEW, REQUIRED_ATTRS, SCHEMA_VERSION, SampleMeta, StoreError, attention_name,
     grid_coords, grid_dims, is_traced_variable, json_attrs, json_default, mask_name, pad_grid, relative_depth,
     store_views,
 )  # fmt: skip
-from .verify import Damage, damaged_samples, describe, missing_data
+from .verify import Damage, damaged_samples, describe, explain_read_error, missing_data, unchecked, unflagged
 from .write import unflag, write_batch, write_scores
 
 __all__ = [
     "ALIGNS", "COMPATIBLE_ATTRS", "MAIN_VIEW", "REQUIRED_ATTRS", "SCHEMA_VERSION", "Damage", "SampleMeta",
     "StoreError", "StoreLocked", "WriterLock", "attention_name", "auto_shard_samples", "combine", "create_store", "damaged_samples",
-    "depth_bins", "describe", "done_mask", "grid_coords", "grid_dims", "is_traced_variable", "json_attrs",
+    "depth_bins", "describe", "done_flags", "done_mask", "explain_read_error", "grid_coords", "grid_dims", "is_traced_variable", "json_attrs",
     "json_default", "lock_path", "mask_name", "missing_data", "open_store", "pad_grid", "relative_depth",
-    "shard_index", "shard_samples", "sharded", "store_views", "unflag", "unique_labels", "write_batch", "write_scores",
+    "shard_index", "shard_samples", "sharded", "store_views", "unchecked", "unflag", "unflagged", "unique_labels", "write_batch", "write_scores",
 ]  # fmt: skip

@@ -11,6 +11,14 @@ old shard intact). Hence two rules: a shard is kept small in bytes (``SHARD_BYTE
 two processes never write one shard (torchrun ranks own whole shards,
 ``mechhi.trace.distributed``). Stores written before sharding (one chunk per file) read
 and resume unchanged: their "shard" is one sample.
+
+Every chunk carries a crc32c checksum (zarr v3's ``crc32c`` codec after zstd, inside each
+shard as well as for whole arrays): zstd alone decodes flipped bytes into wrong floats
+without a word, while the checksum makes every read of a corrupt chunk fail. The shard
+index, which zarr always checksums, says which inner chunks a shard file holds and where:
+`stored_chunks` reads it alone, so a verify can find truncated shards and absent inner
+chunks without decoding any data. Stores written before checksums read and resume
+unchanged (`checksummed` tells them apart).
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.codecs import Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.core.buffer.cpu import Buffer
+from zarr.core.sync import sync
 
 from .schema import SampleMeta
 
@@ -44,15 +55,70 @@ def auto_shard_samples(samples: Sequence[SampleMeta], n_layers: int, n_heads: in
     return int(min(MAX_SHARD_SAMPLES, 2 ** (fits.bit_length() - 1)))  # a power of two: see below
 
 
-def sharded(ds: xr.Dataset, shard: int) -> dict[str, dict[str, tuple[int, ...]]]:
-    """to_zarr encoding of every per-sample data variable of `ds` (sample on its first
-    axis): inner chunks of one sample, shards of `shard` samples (fewer for a smaller store)."""
-    out = {}
+def checksummed_compressors() -> tuple:
+    """The compressors of every array mechhi writes: zstd, then a crc32c of the compressed
+    bytes, so a flipped or truncated chunk fails to decode instead of reading as numbers."""
+    return (ZstdCodec(), Crc32cCodec())
+
+
+def sharded(ds: xr.Dataset, shard: int, *, checksum: bool = True) -> dict[str, dict]:
+    """to_zarr encoding of `ds`: every per-sample data variable (sample on its first axis)
+    in inner chunks of one sample and shards of `shard` samples (fewer for a smaller store);
+    with ``checksum``, every variable and coordinate's chunks carry a crc32c."""
+    out: dict[str, dict] = {}
     for name, var in ds.data_vars.items():
         if var.dims and var.dims[0] == "sample":
             rest = tuple(ds.sizes[d] for d in var.dims[1:])
             out[str(name)] = {"chunks": (1,) + rest, "shards": (min(shard, ds.sizes["sample"]),) + rest}
+    if checksum:
+        for name in ds.variables:
+            out.setdefault(str(name), {})["compressors"] = checksummed_compressors()
     return out
+
+
+def checksummed(array: zarr.Array) -> bool:
+    """Whether the array's chunks carry a crc32c (stores written before checksums do not)."""
+    codecs = array.metadata.codecs
+    inner = codecs[0].codecs if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else codecs
+    return any(isinstance(codec, Crc32cCodec) for codec in inner)
+
+
+class DamagedShard(ValueError):
+    """A shard file whose index cannot be read or points past the file's end."""
+
+
+def stored_chunks(array: zarr.Array, file: Path) -> np.ndarray | None:
+    """bool (inner chunks per shard): which inner chunks the shard `file` of the sharded
+    `array` holds, from its index alone (no chunk decoded); None for an unsharded array.
+
+    Why the index: it is crc32c-checked by zarr and lists each inner chunk's byte range,
+    so a flipped index, a truncated file (the index is at its end) and an inner chunk that
+    is not stored are found by reading a few hundred bytes. Raises `DamagedShard`."""
+    codecs = array.metadata.codecs
+    if not (len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)):
+        return None
+    codec: ShardingCodec = codecs[0]
+    per_shard = tuple(s // c for s, c in zip(array.metadata.chunk_grid.chunk_shape, codec.chunk_shape))
+    index_size = codec._shard_index_size(per_shard)  # zarr's own index layout and codecs (private API)
+    size = file.stat().st_size
+    if size < index_size:
+        raise DamagedShard(f"{size} bytes, shorter than its {index_size}-byte index: truncated")
+    with file.open("rb") as handle:
+        at_end = codec.index_location.value == "end"
+        handle.seek(size - index_size if at_end else 0)
+        raw = handle.read(index_size)
+    try:
+        index = sync(codec._decode_shard_index(Buffer.from_bytes(raw), per_shard))
+    except Exception as error:  # noqa: BLE001 - a checksum or decode failure of the index
+        raise DamagedShard(f"index unreadable: {' '.join(str(error).split())}") from None
+    offsets, lengths = index.offsets_and_lengths[..., 0], index.offsets_and_lengths[..., 1]
+    present = offsets != np.iinfo(np.uint64).max
+    data_end = size - index_size if at_end else size
+    if present.any() and int((offsets[present] + lengths[present]).max()) > data_end:
+        raise DamagedShard(f"{size} bytes, but its index lists chunks up to byte "
+                           f"{int((offsets[present] + lengths[present]).max()) + (index_size if at_end else 0)}: "
+                           "truncated")  # fmt: skip
+    return present
 
 
 def shard_samples(path: str | Path) -> int:

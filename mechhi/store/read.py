@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+import zarr
 
 from .schema import SCHEMA_VERSION, StoreError
 
@@ -13,8 +14,12 @@ from .schema import SCHEMA_VERSION, StoreError
 REQUIRED_VARIABLES = ("done", "mask")
 
 
-def open_store(path: str | Path) -> xr.Dataset:
+def open_store(path: str | Path, *, check_done: bool = True) -> xr.Dataset:
     """Open a store lazily (dask-backed), checking it is a mechhi store we can read.
+
+    ``check_done``: also read the ``done`` flags (small), so that a damaged ``done`` file
+    is one StoreError naming it and the repair, not a bare checksum error in whichever
+    command reads the flags first (`mechhi store verify` opens without it, to repair).
 
     >>> ds = open_store("stores/toy.zarr")  # doctest: +SKIP
     >>> ds.head_impact.mean("head")  # doctest: +SKIP
@@ -35,6 +40,12 @@ def open_store(path: str | Path) -> xr.Dataset:
     if missing:
         raise StoreError(f"{path} is a damaged mechhi store: it has no {', '.join(map(repr, missing))} variable "
                          "(trace into a new --store)")  # fmt: skip
+    if check_done:
+        _, damaged = done_flags(path)
+        if damaged:
+            key, reason, _ = damaged[0]
+            raise StoreError(f"{path}: the done flags in {key} are damaged ({reason}): `mechhi store verify --repair "
+                             f"{path}` marks that file's samples not done, so the next `mechhi trace` traces them again")
     return _plain_strings(ds)
 
 
@@ -50,6 +61,27 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
 
 
 def done_mask(path: str | Path) -> np.ndarray:
-    """bool (sample,): which samples have been fully written."""
+    """bool (sample,): which samples have been fully written (StoreError if the flags are damaged)."""
     return open_store(path)["done"].values.astype(bool)
+
+
+def done_flags(path: str | Path) -> tuple[np.ndarray, list[tuple[str, str, range]]]:
+    """bool (sample,) ``done`` flags that read, and (file, reason, its samples) for each
+    ``done`` file that does not decode; its samples read as not done. Why file by file: one
+    damaged file must not hide which flags are still good, nor which file to repair."""
+    array = zarr.open_array(str(Path(path) / "done"), mode="r", zarr_format=3)
+    try:
+        return np.asarray(array[:], dtype=bool), []
+    except Exception:  # noqa: BLE001 - find the file(s) below
+        pass
+    step = array.metadata.chunk_grid.chunk_shape[0]  # one shard (or chunk) of samples
+    flags, damaged = np.zeros(array.shape[0], dtype=bool), []
+    for start in range(0, array.shape[0], step):
+        try:
+            flags[start : start + step] = array[start : start + step]
+        except Exception as error:  # noqa: BLE001 - any decode or I/O failure names the file
+            key = "done/" + array.metadata.encode_chunk_key((start // step,))
+            reason = " ".join(str(error).split()) or type(error).__name__
+            damaged.append((key, reason, range(start, min(start + step, array.shape[0]))))
+    return flags, damaged
 

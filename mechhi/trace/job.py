@@ -39,8 +39,9 @@ from ..models import TEMPLATE_NAMES, AdapterError, PreparedBatch, VLMAdapter
 from ..models.loading import load, provenance
 from ..store import (
     SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, open_store, pad_grid, shard_samples,
-    write_batch,
+    unflagged, write_batch,
 )  # fmt: skip
+from ..store.verify import repair, samples_text
 from . import loader
 from .attention import AttentionTracer
 from .distributed import SINGLE, Ranks
@@ -191,13 +192,20 @@ def prompt_fields(config: TraceConfig, samples: Sequence[Sample]) -> list[dict[s
 
 
 def pending_samples(path: Path) -> np.ndarray:
-    """Samples to trace: those not done, and done ones whose data is lost (said so)."""
-    done = done_mask(path)
+    """Samples to trace: those not done, and done ones whose data is lost (said so).
+
+    What `missing_data` finds is repaired first (`store.verify.repair`: a damaged shard
+    or ``done`` file is deleted, its samples marked not done), since zarr reads a shard to
+    merge a write into it and a damaged one would refuse the retrace. Samples with traced
+    data but no ``done`` file are said too: they are traced again. Call with the lock held."""
     lost = missing_data(path)
     if lost:
         print(f"{path}: {describe(lost)}; tracing them again", file=sys.stderr)
-        done[[d.sample for d in lost]] = False
-    return np.flatnonzero(~done)
+        repair(path, lost)
+    for key, samples in unflagged(path):
+        print(f"{path}: {key} is missing, but {samples_text(samples)} have traced data: they count as not done "
+              "(a deleted done file, or a kill before they were flagged); tracing them again", file=sys.stderr)
+    return np.flatnonzero(~done_mask(path))
 
 
 def _grids(adapter: VLMAdapter, samples: Sequence[Sample]) -> list[Grids]:
