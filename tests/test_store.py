@@ -555,3 +555,42 @@ def test_a_store_from_before_sharding_still_reads_resumes_and_verifies(tmp_path:
     assert [(d.sample, d.variable) for d in missing_data(path)] == [(2, "mask")]
     np.testing.assert_array_equal(open_store(path)["attention"].isel(sample=0).values[..., :2, :3],
                                   own(0, "image", 0)[0])  # fmt: skip
+
+
+def test_a_store_from_before_checksums_still_reads_resumes_and_verifies(tmp_path: Path, monkeypatch):
+    """Sharded stores written before chunks carried a crc32c: they open, take writes, find
+    lost and truncated shards, and say that their chunks cannot be checked."""
+    from mechhi.store import create, damaged_samples, missing_data, unchecked
+    from mechhi.store.layout import checksummed, sharded
+
+    monkeypatch.setattr(create, "sharded", lambda ds, shard: sharded(ds, shard, checksum=False))
+    path = tmp_path / "old.zarr"
+    create_store(path, samples=metas(), n_layers=L, n_heads=H, attrs=attrs(), shard_samples=2)
+    monkeypatch.undo()
+    assert not checksummed(zarr.open_array(str(path / "attention"), mode="r"))
+    assert sorted(unchecked(path)) == ["attention", "attention_global", "done", "iou", "mask", "mask_global"]
+    att, mask, iou = batch([0, 1, 2])
+    write_batch(path, [0, 1, 2], attention=att, mask=mask, iou=iou)
+    assert damaged_samples(path, deep=True) == []
+    shard = path / "mask" / "c" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-3])  # the index at the end loses its last bytes
+    assert [(d.sample, d.variable, d.kind) for d in missing_data(path)] == [(0, "mask", "damaged"),
+                                                                            (1, "mask", "damaged")]
+    np.testing.assert_array_equal(open_store(path)["attention"].isel(sample=2).values[..., :1, :1],
+                                  own(2, "image", 0)[0])  # fmt: skip
+
+
+def test_a_new_store_checksums_its_chunks_and_a_flipped_byte_fails_to_read(store: Path):
+    from mechhi.store import damaged_samples, unchecked
+
+    assert unchecked(store) == []
+    att, mask, iou = batch([0, 1])
+    write_batch(store, [0, 1], attention=att, mask=mask, iou=iou)
+    shard = store / "iou" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[5] ^= 0xFF  # inside sample 0's inner chunk (the index is at the end)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum do not match"):
+        open_store(store)["iou"].values
+    found = damaged_samples(store, deep=True)
+    assert [(d.sample, d.variable, d.file, d.kind) for d in found] == [(0, "iou", "iou/c/0/0/0", "unreadable")]

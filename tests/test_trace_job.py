@@ -327,19 +327,143 @@ def test_a_deleted_chunk_of_a_done_sample_is_found_and_retraced(tiny_model_dir, 
     assert invoke_json(["store", "verify", store])["damaged"] == []
 
 
-def test_an_unreadable_chunk_is_found_by_a_deep_verify_and_repaired(tiny_model_dir, dataset_dir, tmp_path):
+def test_a_garbage_shard_is_found_by_a_plain_verify_and_repaired_by_the_trace(tiny_model_dir, dataset_dir, tmp_path):
     store = tmp_path / "s.zarr"
     cli_trace(tiny_model_dir, dataset_dir, store, "--shard-samples", "2")
     original = open_store(store).load()
     (store / "mask" / "c" / "3" / "0" / "0").write_bytes(b"not a zstd frame")  # the shard of samples 6 and 7
-    assert invoke_json(["store", "verify", store])["damaged"] == []  # the file is there
-    deep = invoke_json(["store", "verify", store, "--deep"], exit_code=1)
-    assert [(d["sample"], d["variable"]) for d in deep["damaged"]] == [(6, "mask"), (7, "mask")]
-    assert "unreadable" in deep["damaged"][0]["problem"]
-    assert invoke_json(["store", "verify", store, "--deep", "--repair"])["repaired"] == [6, 7]
-    assert not open_store(store).done[[6, 7]].any()
-    cli_trace(tiny_model_dir, dataset_dir, store)
+    report = invoke_json(["store", "verify", store], exit_code=1)  # no shard index: found without decoding
+    assert [(d["sample"], d["variable"], d["kind"]) for d in report["damaged"]] == [(6, "mask", "damaged"),
+                                                                                   (7, "mask", "damaged")]
+    again = cli_trace(tiny_model_dir, dataset_dir, store)
+    assert "tracing them again" in again.stderr
     xr.testing.assert_identical(open_store(store)["mask"].load(), original["mask"])
+
+
+# ---------------------------------------------------------------- checksummed chunks (issue 18, item 1)
+@pytest.fixture(scope="module")
+def finished_store(tiny_model_dir, dataset_dir, tmp_path_factory):
+    """A finished toy store of 10 samples in shards of 8 (files c/0: samples 0-7, c/1: 8-9)."""
+    store = tmp_path_factory.mktemp("finished") / "s.zarr"
+    cli_trace(tiny_model_dir, dataset_dir, store, "--shard-samples", "8")
+    return store
+
+
+@pytest.fixture
+def toy_store(finished_store, tmp_path):
+    import shutil
+
+    return shutil.copytree(finished_store, tmp_path / "s.zarr")
+
+
+def flip_bytes(file, count: int = 4) -> None:
+    """Invert `count` bytes in the middle of a file, as a failing disk or copy would."""
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    file.write_bytes(bytes(data))
+
+
+def visual_mass(store) -> dict[int, float]:
+    report = invoke_json(["rank", "--store", store, "--probe", "attention-mass"])
+    return {row["layer"]: row["mean_visual_mass"] for row in report["layers"]}
+
+
+def test_flipped_bytes_in_a_shard_are_found_refused_repaired_and_retraced(tiny_model_dir, dataset_dir, toy_store):
+    store = toy_store
+    before, original = visual_mass(store), open_store(store).load()
+    flip_bytes(store / "attention" / "c" / "1" / "0" / "0" / "0" / "0")  # samples 8 and 9
+    assert invoke_json(["store", "verify", store])["damaged"] == []  # the shard index is intact: --deep decodes
+    deep = invoke_json(["store", "verify", store, "--deep"], exit_code=1)
+    assert {(d["variable"], d["file"], d["kind"]) for d in deep["damaged"]} == {
+        ("attention", "attention/c/1/0/0/0/0", "unreadable")}
+    hit = [d["sample"] for d in deep["damaged"]]
+    assert hit and set(hit) <= {8, 9} and "checksum do not match" in deep["damaged"][0]["problem"]
+    refused = one_line_error(invoke(["rank", "--store", store, "--probe", "attention-mass", "--json"], exit_code=1))
+    assert "attention/c/1/0/0/0/0" in refused and f"lost data: {hit[0]}" in refused and "--deep --repair" in refused
+    assert invoke_json(["store", "verify", store, "--deep", "--repair"])["repaired"] == [8, 9]  # the whole file
+    assert not (store / "attention" / "c" / "1" / "0" / "0" / "0" / "0").exists()
+    assert "nothing to trace" not in cli_trace(tiny_model_dir, dataset_dir, store).stderr
+    assert invoke_json(["store", "verify", store, "--deep"])["damaged"] == []
+    xr.testing.assert_allclose(open_store(store)["attention"].load(), original["attention"], rtol=1e-4, atol=1e-6)
+    assert visual_mass(store) == pytest.approx(before, rel=1e-4)
+
+
+def test_a_truncated_shard_is_found_by_a_plain_verify_and_by_rank(tiny_model_dir, dataset_dir, toy_store):
+    store = toy_store
+    original = open_store(store).load()
+    shard = store / "attention" / "c" / "0" / "0" / "0" / "0" / "0"  # samples 0-7
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    report = invoke_json(["store", "verify", store], exit_code=1)
+    assert [(d["sample"], d["file"], d["kind"]) for d in report["damaged"]] == [
+        (s, "attention/c/0/0/0/0/0", "damaged") for s in range(8)]
+    for probe in ("head-impact", "attention-mass"):
+        refused = one_line_error(invoke(["rank", "--store", store, "--probe", probe], exit_code=1))
+        assert "8 done sample(s) have lost data: 0, 1, 2, 3, 4 and 3 more" in refused
+        assert "attention shard damaged (attention/c/0/0/0/0/0" in refused
+    assert "tracing them again" in cli_trace(tiny_model_dir, dataset_dir, store).stderr  # repaired by the trace
+    assert invoke_json(["store", "verify", store, "--deep"])["damaged"] == []
+    xr.testing.assert_allclose(open_store(store)["attention"].load(), original["attention"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_missing_inner_chunk_of_a_present_shard_is_found(tiny_model_dir, dataset_dir, toy_store):
+    import zarr
+
+    store = toy_store
+    mask = zarr.open_array(str(store / "mask"), mode="r+", config={"write_empty_chunks": False})
+    mask[3] = np.nan  # all fill value: zarr drops sample 3's inner chunk from shard c/0
+    report = invoke_json(["store", "verify", store], exit_code=1)
+    assert [(d["sample"], d["variable"], d["kind"]) for d in report["damaged"]] == [(3, "mask", "missing")]
+    assert "missing from its shard (mask/c/0/0/0)" in report["damaged"][0]["problem"]
+    assert "tracing them again" in cli_trace(tiny_model_dir, dataset_dir, store).stderr
+    assert invoke_json(["store", "verify", store])["damaged"] == []
+
+
+def test_a_damaged_done_file_is_named_and_repairable(tiny_model_dir, dataset_dir, toy_store):
+    store = toy_store
+    original = open_store(store).load()
+    flip_bytes(store / "done" / "c" / "0")  # the flags of samples 0-7
+    for command in (["rank", "--store", store], ["stats", "--store", store]):
+        refused = one_line_error(invoke(command, exit_code=1))
+        assert "the done flags in done/c/0 are damaged" in refused and "store verify --repair" in refused
+    report = invoke_json(["store", "verify", store], exit_code=1)
+    assert [(d["sample"], d["file"]) for d in report["damaged"]] == [(s, "done/c/0") for s in range(8)]
+    assert invoke_json(["store", "verify", store, "--repair"])["repaired"] == list(range(8))
+    assert open_store(store).done.values.tolist() == [False] * 8 + [True] * 2
+    cli_trace(tiny_model_dir, dataset_dir, store)
+    assert invoke_json(["store", "verify", store, "--deep"])["damaged"] == []
+    xr.testing.assert_allclose(open_store(store)["attention"].load(), original["attention"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_damaged_done_file_is_repaired_by_the_trace_itself(tiny_model_dir, dataset_dir, toy_store):
+    store = toy_store
+    flip_bytes(store / "done" / "c" / "1")
+    again = cli_trace(tiny_model_dir, dataset_dir, store)
+    assert "done flag unreadable (done/c/1" in again.stderr and "tracing them again" in again.stderr
+    assert bool(open_store(store).done.all())
+
+
+def test_a_deleted_done_file_is_said_and_its_samples_retraced(tiny_model_dir, dataset_dir, toy_store):
+    store = toy_store
+    (store / "done" / "c" / "1").unlink()
+    report = invoke_json(["store", "verify", store])  # not lost: the samples are pending, and said so
+    assert report["unflagged"] == [{"file": "done/c/1", "samples": [8, 9]}] and report["done"] == 8
+    text = invoke(["store", "verify", store]).stdout
+    assert "done/c/1 is missing, but samples 8-9 have traced data" in text
+    again = cli_trace(tiny_model_dir, dataset_dir, store)
+    assert "done/c/1 is missing, but samples 8-9 have traced data" in again.stderr
+    assert bool(open_store(store).done.all()) and invoke_json(["store", "verify", store])["unflagged"] == []
+
+
+def test_a_toy_store_checksums_every_chunk(toy_store):
+    import zarr
+
+    from mechhi.store import unchecked
+    from mechhi.store.layout import checksummed
+
+    group = zarr.open_group(str(toy_store), mode="r")
+    assert unchecked(toy_store) == []
+    assert all(checksummed(group[name]) for name in group.array_keys())  # scores and coords too
 
 
 # ---------------------------------------------------------------- stdout is the result (item 6)

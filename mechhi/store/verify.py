@@ -34,7 +34,7 @@ import zarr
 
 from .layout import DamagedShard, checksummed, stored_chunks
 from .read import done_flags, open_store
-from .schema import is_traced_variable
+from .schema import StoreError, is_traced_variable
 from .write import unflag
 
 # What a Damage's stored object is: absent (file or inner chunk), damaged (a shard whose
@@ -182,8 +182,9 @@ def samples_text(samples: Sequence[int]) -> str:
 def explain_read_error(path: str | Path, error: BaseException) -> str | None:
     """The one-line message for a read that failed on a corrupt chunk of the store at
     `path` (a crc32c mismatch, which zarr reports naming no file): which variable, file
-    and samples, and the repair. None if `error` is no such failure or nothing is found."""
-    if not isinstance(error, ValueError) or "checksum do not match" not in str(error):
+    and samples, and the repair. None if `error` is no such failure, is a StoreError (which
+    says it already) or nothing is found."""
+    if isinstance(error, StoreError) or not isinstance(error, ValueError) or "checksum do not match" not in str(error):
         return None
     try:
         damage = damaged_samples(path, deep=True)
