@@ -576,6 +576,11 @@ def test_a_store_from_before_checksums_still_reads_resumes_and_verifies(tmp_path
     shard.write_bytes(shard.read_bytes()[:-3])  # the index at the end loses its last bytes
     assert [(d.sample, d.variable, d.kind) for d in missing_data(path)] == [(0, "mask", "damaged"),
                                                                             (1, "mask", "damaged")]
+    from tests.helpers import invoke
+
+    text = invoke(["store", "verify", path], exit_code=1).stdout
+    assert "lost sample 0: mask shard damaged (mask/c/0/0/0: index unreadable" in text
+    assert "carry no checksum" in text
     np.testing.assert_array_equal(open_store(path)["attention"].isel(sample=2).values[..., :1, :1],
                                   own(2, "image", 0)[0])  # fmt: skip
 
