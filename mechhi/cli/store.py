@@ -50,23 +50,25 @@ def store_verify(
                     "unflagged": [{"file": key, "samples": found} for key, found in pending],
                     "unchecked": plain, "repaired": samples if repair else []})  # fmt: skip
     else:
-        checked = "every chunk decoded" if deep else "shard files and their indexes checked; --deep decodes every chunk"
+        checked = "every chunk decoded" if deep else "shard files and indexes checked; --deep decodes every chunk"
         console.print(f"{store}: {ds.sizes['sample']} samples, {done} done ({checked})", highlight=False)
         for d in damage:
             console.print(f"[red]lost[/] {d.message}", highlight=False)
         for key, found in pending:
-            console.print(f"[yellow]not flagged[/] {key} is missing, but {samples_text(found)} have traced data: "
-                          "they count as not done and the next `mechhi trace` traces them again", highlight=False)
+            console.print(f"[yellow]not flagged[/] {key} is missing, but {samples_text(found)} have traced "
+                          "data: they count as not done and the next `mechhi trace` traces them again",
+                          highlight=False)  # fmt: skip
         if plain:
-            console.print(f"[yellow]unchecked[/] the chunks of {', '.join(plain)} carry no checksum (a store written "
-                          "before mechhi checksummed chunks): flipped bytes in them cannot be found", highlight=False)
+            console.print(f"[yellow]unchecked[/] the chunks of {', '.join(plain)} carry no checksum (a store "
+                          "written before mechhi checksummed chunks): flipped bytes in them cannot be found",
+                          highlight=False)  # fmt: skip
         if not damage:
             console.print("[green]no lost data[/]")
         elif repair:
             console.print(f"{len(samples)} sample(s) marked not done: rerun the same `mechhi trace` to trace them again")
         elif any(d.kind == "unreadable" for d in damage):
-            console.print(f"[red]{len(samples)} damaged sample(s)[/]: run `mechhi store verify --deep --repair "
-                          f"{store}`, then rerun the same `mechhi trace`", highlight=False)
+            console.print(f"[red]{len(samples)} damaged sample(s)[/]: run `mechhi store verify --deep "
+                          f"--repair {store}`, then rerun the same `mechhi trace`", highlight=False)
         else:
             console.print(f"[red]{len(samples)} damaged sample(s)[/]: rerun the same `mechhi trace` "
                           "(it repairs them and traces them again)")  # fmt: skip

@@ -26,9 +26,11 @@ from .verify import Damage, damaged_samples, describe, explain_read_error, missi
 from .write import unflag, write_batch, write_scores
 
 __all__ = [
-    "ALIGNS", "COMPATIBLE_ATTRS", "MAIN_VIEW", "REQUIRED_ATTRS", "SCHEMA_VERSION", "Damage", "SampleMeta",
-    "StoreError", "StoreLocked", "WriterLock", "attention_name", "auto_shard_samples", "combine", "create_store", "damaged_samples",
-    "depth_bins", "describe", "done_flags", "done_mask", "explain_read_error", "grid_coords", "grid_dims", "is_traced_variable", "json_attrs",
-    "json_default", "lock_path", "mask_name", "missing_data", "open_store", "pad_grid", "relative_depth",
-    "shard_index", "shard_samples", "sharded", "store_views", "unchecked", "unflag", "unflagged", "unique_labels", "write_batch", "write_scores",
+    "ALIGNS", "COMPATIBLE_ATTRS", "Damage", "MAIN_VIEW", "REQUIRED_ATTRS", "SCHEMA_VERSION", "SampleMeta",
+    "StoreError", "StoreLocked", "WriterLock", "attention_name", "auto_shard_samples", "combine",
+    "create_store", "damaged_samples", "depth_bins", "describe", "done_flags", "done_mask",
+    "explain_read_error", "grid_coords", "grid_dims", "is_traced_variable", "json_attrs", "json_default",
+    "lock_path", "mask_name", "missing_data", "open_store", "pad_grid", "relative_depth", "shard_index",
+    "shard_samples", "sharded", "store_views", "unchecked", "unflag", "unflagged", "unique_labels",
+    "write_batch", "write_scores",
 ]  # fmt: skip
