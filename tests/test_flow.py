@@ -229,5 +229,13 @@ def test_patch_and_knockout_commands(tmp_path, toy):
     assert report["n_samples"] == 2 and -1 <= report["agreement"]["spearman"] <= 1
     again = json.loads(runner.invoke(app, args).stdout)
     assert again["results"]["exact"]["effect"] == report["results"]["exact"]["effect"]
+    figure = tmp_path / "knockout.png"
+    ran = runner.invoke(app, ["knockout", "--store", str(store), "--limit", "2", "--window", "6", "--device", "cpu",
+                              "--pairs", "image->description", "--dataset", str(bundled.BUNDLED_DATASET),
+                              "--split", "trace", "--out", str(tmp_path / "ko"), "--figure", str(figure), "--json"])
+    assert ran.exit_code == 0, ran.output
+    knocked = json.loads(ran.stdout)
+    assert [r["window"] for r in knocked["rows"]] == [[0, 5], [6, 11]] and figure.stat().st_size > 1000
+    assert knocked["rows"][0]["change"]["answer_logprob"]["mean"] < 0  # cutting the image off the answer hurts it
     bad = runner.invoke(app, ["knockout", "--store", str(store), "--pairs", "image->nowhere"])
     assert bad.exit_code == 1 and "unknown token group 'nowhere'" in bad.output

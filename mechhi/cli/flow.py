@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .common import BatchSizeOpt, DeviceOpt, DtypeOpt, JsonOpt, console, friendly_errors, print_json
+from .common import BatchSizeOpt, DeviceOpt, DtypeOpt, JsonOpt, console, err_console, friendly_errors, print_json
 from .intervene import DefaultStoreOpt, EvalDatasetOpt, ThreadsOpt, _threads, _value, _words
 
 
@@ -38,6 +38,7 @@ def knockout(
     split: Annotated[str, typer.Option(help="Split of the evaluation dataset.")] = "test",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluation samples.")] = 50,
     out: Annotated[Path, typer.Option(help="Cache of finished windows and knockout.json.")] = Path("experiments/knockout"),
+    figure: Annotated[Optional[Path], typer.Option(help="Also draw window x effect per flow to this PNG/SVG/PDF.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model (default: the store's).")] = None,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
@@ -60,6 +61,12 @@ def knockout(
         out=str(out), model=model, batch_size=batch_size, device=device, dtype=dtype,
     )  # fmt: skip
     report = run_knockout(config, progress=not as_json)
+    if figure is not None:
+        from mechhi.figures.flow import knockout_figure
+        from mechhi.figures.style import save
+
+        save(knockout_figure(report), figure)
+        err_console.print(f"figure: {figure}")
     if as_json:
         print_json(report)
         return
