@@ -16,6 +16,7 @@ from . import trace  # noqa: E402, F401  # isort: skip
 from . import score  # noqa: E402, F401  # isort: skip
 from . import store  # noqa: E402, F401  # isort: skip
 from . import intervene  # noqa: E402, F401  # isort: skip
+from . import flow  # noqa: E402, F401  # isort: skip
 from . import finetune  # noqa: E402, F401  # isort: skip
 from . import figures  # noqa: E402, F401  # isort: skip
 from . import data  # noqa: E402, F401  # isort: skip

@@ -89,11 +89,17 @@ def caption_batches(
 def predictions_of(model: torch.nn.Module, batches: Iterable[PreparedBatch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`answer_predictions` on batches already prepared (prepare once, score many models)."""
     for batch in batches:
-        logp = torch.log_softmax(_logits(model, batch), dim=-1)
-        ids = batch.inputs["input_ids"]
-        for i, layout in enumerate(batch.layouts):
-            pos = torch.as_tensor(layout.query_positions)
-            yield logp[i, pos - 1], ids[i, pos]  # token t is predicted at t - 1
+        yield from predictions_from_logits(_logits(model, batch), batch)
+
+
+def predictions_from_logits(logits: torch.Tensor, batch: PreparedBatch) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sample of a batch whose (B, T, vocab) ``logits`` are known (a knockout or patched
+    run): log-probabilities predicting each answer token, and the answer token ids."""
+    logp = torch.log_softmax(logits.float().cpu(), dim=-1)
+    ids = batch.inputs["input_ids"].cpu()
+    for i, layout in enumerate(batch.layouts):
+        pos = torch.as_tensor(layout.query_positions)
+        yield logp[i, pos - 1], ids[i, pos]  # token t is predicted at t - 1
 
 
 def answer_predictions(
@@ -185,13 +191,22 @@ def vqa_scores_of(
     correct, probability = [], []
     truth = iter(answers)
     for batch in batches:
-        logits = _logits(model, batch)
-        for i, layout in enumerate(batch.layouts):
-            answer = next(truth)
-            scores = logits[i, int(layout.query_positions[0]) - 1, list(letters)]  # (4,)
-            correct.append(float(int(scores.argmax()) == answer))
-            probability.append(float(torch.softmax(scores, dim=-1)[answer]))
+        c, p = vqa_from_logits(_logits(model, batch), batch, letters, [next(truth) for _ in batch.layouts])
+        correct.extend(c)
+        probability.extend(p)
     return np.asarray(correct), np.asarray(probability)
+
+
+def vqa_from_logits(logits: torch.Tensor, batch: PreparedBatch, letters: Sequence[int],
+                    answers: Sequence[int]) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Per item of a batch whose ``logits`` are known: 1.0 where the argmax letter is the true
+    one, and the true letter's probability renormalised over the four letters."""
+    correct, probability = [], []
+    for i, (layout, answer) in enumerate(zip(batch.layouts, answers)):
+        scores = logits[i, int(layout.query_positions[0]) - 1, list(letters)].float().cpu()  # (4,)
+        correct.append(float(int(scores.argmax()) == answer))
+        probability.append(float(torch.softmax(scores, dim=-1)[answer]))
+    return correct, probability
 
 
 def vqa_scores(

@@ -122,12 +122,16 @@ def all_descriptions(config: WorldConfig) -> list[str]:
 
 
 def render_scene(
-    rng: np.random.Generator, config: WorldConfig = WorldConfig()
+    rng: np.random.Generator, config: WorldConfig = WorldConfig(), edit: dict[int, dict] | None = None
 ) -> tuple[Image.Image, list[dict]]:
     """One image and its objects: dicts with shape, colour, size, box (x0, y0, x1, y1
     exclusive), mask (bool HxW, exactly the object's pixels) and description.
 
     Objects have distinct (colour, shape), so each description names one object.
+    ``edit`` ({object index: {"colour": c} | {"shape": s} | {"remove": True}}) changes only
+    how those objects are drawn: every random draw (objects, boxes, background) is the
+    unedited scene's, so the image is its exact counterfactual; the objects returned are
+    the unedited ones.
     """
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
     pairs = [(c, s) for c in config.colours for s in config.shapes]
@@ -144,9 +148,45 @@ def render_scene(
         objects.append({"shape": shape, "colour": colour, "size": size, "box": box, "mask": mask,
                         "description": describe(colour, shape, size if config.describe_size else None)})
     pixels = _background(rng, config, [COLOURS[o["colour"]] for o in objects])  # (S, S, 3) uint8
-    for o in objects:
-        pixels[o["mask"]] = COLOURS[o["colour"]]
+    for k, o in enumerate(objects):
+        change = (edit or {}).get(k, {})
+        if change.get("remove"):
+            continue
+        mask = _shape_mask(change["shape"], o["box"], config.image_size) if "shape" in change else o["mask"]
+        pixels[mask] = COLOURS[change.get("colour", o["colour"])]
     return Image.fromarray(pixels), objects
+
+
+COUNTERFACTUALS = ("colour", "shape", "remove")
+
+
+def render_counterfactual(
+    index: int, object_index: int, change: str, *, seed: int, config: WorldConfig = WorldConfig()
+) -> tuple[Image.Image, str | None]:
+    """Image ``index`` of the world ``seed`` with object ``object_index`` recoloured, reshaped
+    (to a colour / shape no object of the scene has, drawn from a generator seeded by the
+    image and the object) or removed, everything else identical; and the changed object's
+    description (None when removed)."""
+    if change not in COUNTERFACTUALS:
+        raise ValueError(f"unknown counterfactual {change!r}; choose from {', '.join(COUNTERFACTUALS)}")
+    _, objects = render_scene(np.random.default_rng([seed, index]), config)
+    if not 0 <= object_index < len(objects):
+        raise ValueError(f"image {index} has {len(objects)} objects; no object {object_index}")
+    obj = objects[object_index]
+    rng = np.random.default_rng([seed, index, object_index, 1])
+    edit: dict[str, Any] = {"remove": True}
+    if change != "remove":
+        used = {o[change] for o in objects}
+        choices = [c for c in (config.colours if change == "colour" else config.shapes) if c not in used]
+        if not choices:
+            raise ValueError(f"image {index}: every {change} is taken, no counterfactual {change} left")
+        edit = {change: str(rng.choice(choices))}
+    image, _ = render_scene(np.random.default_rng([seed, index]), config, edit={object_index: edit})
+    if change == "remove":
+        return image, None
+    attributes = {"colour": obj["colour"], "shape": obj["shape"], change: edit[change]}
+    size = obj["size"] if config.describe_size else None
+    return image, describe(attributes["colour"], attributes["shape"], size)
 
 
 def _place(
