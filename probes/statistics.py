@@ -124,7 +124,7 @@ def friedman(ds: xr.Dataset, *, unit: str = "image") -> xr.Dataset:
         coords={"test": ["layers"] + [f"heads in layer {l}" for l in layers],
                 "across": ("test", ["layer"] + ["head"] * len(layers)),
                 "within_layer": ("test", [np.nan] + [float(l) for l in layers])},
-        attrs={"test": "scipy.stats.friedmanchisquare", "blocks": unit, "p_holm": "Holm over the tests listed"},
+        attrs={"test": "scipy.stats.friedmanchisquare", "blocks": unit, "p_holm": "Holm over these tests"},
     )  # fmt: skip
 
 

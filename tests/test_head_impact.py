@@ -174,7 +174,8 @@ def test_kruskal_wallis_p_is_float64_on_a_float32_store():
     store printed "< 1e-300" for a p of 1.4e-89). The p must be scipy's on float64 values."""
     rng = np.random.default_rng(3)
     values = (rng.uniform(0, 1, size=(80, 6, 4)) + np.linspace(0, 0.4, 6)[None, :, None]).astype(np.float32)
-    iou_da = xr.DataArray(values, dims=("sample", "layer", "head"), coords={"layer": np.arange(6), "head": np.arange(4)})
+    coords = {"layer": np.arange(6), "head": np.arange(4)}
+    iou_da = xr.DataArray(values, dims=("sample", "layer", "head"), coords=coords)
     ds = xr.Dataset({"iou": iou_da, "head_impact": head_impact_from_iou(iou_da)})
     expected = stats.kruskal(*[values[:, l, :].ravel().astype(np.float64) for l in range(6)])
     assert 0 < expected.pvalue < 1e-50  # below float32's range

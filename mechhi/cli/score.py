@@ -145,8 +145,8 @@ def stats(
     store: StoreOpt, mask_threshold: MaskThresholdOpt = 0.5, keep_best: KeepBestOpt = True,
     top_k: Annotated[int, typer.Option(min=1, help="K of the bootstrap's top-K shares.")] = 3,
     resample: Annotated[str, typer.Option(help="Bootstrap unit: image (an image's samples together) or sample.")] = "image",
-    blocks: Annotated[str, typer.Option(help="Friedman blocks: image (each image's IoU averaged over its objects, "
-                                             "which share the image) or sample (each object on its own).")] = "image",
+    blocks: Annotated[str, typer.Option(help="Friedman blocks: image (an image's IoU averaged over its "
+                                        "objects, which share it) or sample (each object alone).")] = "image",
     n_resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 2000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     as_json: JsonOpt = False,
@@ -201,7 +201,9 @@ BLOCKS_TITLE = {"image": "images as blocks, each image's IoU averaged over its o
                 "sample": "samples as blocks; the objects of one image are not independent"}  # fmt: skip
 
 
-def repeated_measures(ds, top_k: int, resample: str, n_resamples: int, seed: int, blocks: str = "image") -> dict:
+def repeated_measures(
+    ds, top_k: int, resample: str, n_resamples: int, seed: int, blocks: str = "image"
+) -> dict:
     """Friedman tests and bootstrap layer intervals of a scored store, as JSON-ready records."""
     from probes.statistics import bootstrap_layers, friedman, records
 

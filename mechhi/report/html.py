@@ -74,7 +74,7 @@ def number(value: Any, digits: int = 3) -> str:
 
 
 def p_value(value: Any) -> Markup:
-    """A p-value, bold below 0.001 (as the paper highlights them); '< 5e-324' only where float64 underflows."""
+    """A p-value, bold below 0.001 (as the paper highlights them); '< 5e-324' where float64 underflows."""
     from probes.statistics import p_text
 
     text = p_text(None if value is None else float(value))

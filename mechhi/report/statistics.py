@@ -27,8 +27,8 @@ from .inputs import ReportInput, StoreEntry, per_store
 def kruskal_table(i: int, entry: StoreEntry) -> Markup:
     from probes.head_impact import kruskal_records, kruskal_wallis
 
-    rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), p_value(t["p_holm"]), t["n_values"]]
-            for t in kruskal_records(kruskal_wallis(entry.ds))]  # fmt: skip
+    rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), p_value(t["p_holm"]),
+             t["n_values"]] for t in kruskal_records(kruskal_wallis(entry.ds))]  # fmt: skip
     return table(["Kruskal–Wallis", "H", "df", "p-value", "Holm p", "values"], rows, id=f"kruskal-{i}",
                  cls="data statistics", caption="the paper's test: one sample's layers and heads counted as "
                  "independent values; Holm p adjusted over the four tests")  # fmt: skip
@@ -40,10 +40,10 @@ def friedman_table(i: int, entry: StoreEntry) -> Markup:
     result = friedman(entry.ds)
     rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), p_value(t["p_holm"]),
              number(t["kendall_w"], 3), t["n_blocks"]] for t in records(result, "test")]  # fmt: skip
-    caption = ("images as blocks (an image's IoU averaged over its objects): layers (IoU "
-               f"averaged over heads), heads in each layer; Holm p adjusted over the {result.sizes['test']} tests")
-    return table(["Friedman", "χ²", "df", "p-value", "Holm p", "Kendall's W", "blocks"], rows, id=f"friedman-{i}",
-                 cls="data statistics", caption=caption)  # fmt: skip
+    caption = ("images as blocks (an image's IoU averaged over its objects): layers (IoU averaged over "
+               f"heads), heads in each layer; Holm p adjusted over the {result.sizes['test']} tests")
+    columns = ["Friedman", "χ²", "df", "p-value", "Holm p", "Kendall's W", "blocks"]
+    return table(columns, rows, id=f"friedman-{i}", cls="data statistics", caption=caption)
 
 
 def bootstrap_table(i: int, entry: StoreEntry, k: int, n_resamples: int) -> Markup:
