@@ -30,6 +30,7 @@ from scipy import stats
 from mechhi.store import MAIN_VIEW, StoreLocked, WriterLock, attention_name, json_attrs, open_store, write_scores
 
 from .maps import done_samples, for_each_sample, labels, mean_over, pool_views, rank_layers
+from .statistics import holm
 
 @dataclass(frozen=True)
 class BinarizeRule:
@@ -202,13 +203,15 @@ def kruskal_wallis(ds: xr.Dataset) -> xr.Dataset:
     Four tests along dim ``test``: across layers and across heads, on per-head HI
     (a layer's group = its heads' HI; a head's group = that head's HI over layers) and
     on per-sample IoU (a layer's group pools samples x heads; a head's, samples x
-    layers); NaN dropped. Each has ``statistic``, ``df`` (groups - 1) and ``p_value``
-    (scipy.stats.kruskal); see :func:`kruskal_records` for JSON.
+    layers); NaN dropped. Each has ``statistic``, ``df`` (groups - 1), ``p_value``
+    (scipy.stats.kruskal) and ``p_holm`` (Holm over the four); see :func:`kruskal_records`
+    for JSON. In float64: a store's iou is float32, for which scipy returns a float32 p that
+    underflows to 0 (the toy store's 1.4e-89 across layers would read 0).
     """
     if "iou" not in ds.data_vars:
         raise ValueError("kruskal_wallis: dataset has no iou: score it first")
-    hi = _head_impact(ds).transpose("layer", "head").values  # (L, H)
-    per_sample = ds["iou"].transpose("sample", "layer", "head").values  # (S, L, H)
+    hi = _head_impact(ds).transpose("layer", "head").values.astype(np.float64)  # (L, H)
+    per_sample = ds["iou"].transpose("sample", "layer", "head").values.astype(np.float64)  # (S, L, H)
     L, H = hi.shape
 
     def clean(x: np.ndarray) -> np.ndarray:
@@ -227,6 +230,7 @@ def kruskal_wallis(ds: xr.Dataset) -> xr.Dataset:
             "statistic": ("test", statistic.astype(float)),
             "df": ("test", df.astype(int)),
             "p_value": ("test", p_value.astype(float)),
+            "p_holm": ("test", holm(p_value)),
             "n_values": ("test", n_values.astype(int)),
         },
         coords={
@@ -239,11 +243,11 @@ def kruskal_wallis(ds: xr.Dataset) -> xr.Dataset:
 
 def kruskal_records(result: xr.Dataset) -> list[dict[str, Any]]:
     """The kruskal_wallis result as a list of plain dicts (stable keys, JSON-ready;
-    NaN becomes None)."""
+    NaN and infinities become None)."""
 
     def num(x: Any) -> float | None:
         x = float(x)
-        return None if np.isnan(x) else x
+        return x if np.isfinite(x) else None
 
     return [
         {
@@ -253,6 +257,7 @@ def kruskal_records(result: xr.Dataset) -> list[dict[str, Any]]:
             "statistic": num(result["statistic"].values[i]),
             "df": int(result["df"].values[i]),
             "p_value": num(result["p_value"].values[i]),
+            "p_holm": num(result["p_holm"].values[i]),
             "n_values": int(result["n_values"].values[i]),
         }
         for i in range(result.sizes["test"])

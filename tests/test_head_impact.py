@@ -166,7 +166,30 @@ def test_kruskal_wallis_matches_scipy():
         assert int(row["df"]) == len(groups) - 1
     records = kruskal_records(got)
     assert [r["test"] for r in records] == list(got["test"].values)
-    assert set(records[0]) == {"test", "across", "on", "statistic", "df", "p_value", "n_values"}
+    assert set(records[0]) == {"test", "across", "on", "statistic", "df", "p_value", "p_holm", "n_values"}
+
+
+def test_kruskal_wallis_p_is_float64_on_a_float32_store():
+    """A store keeps iou as float32; scipy then returns a float32 p, 0.0 below 1e-45 (the toy
+    store printed "< 1e-300" for a p of 1.4e-89). The p must be scipy's on float64 values."""
+    rng = np.random.default_rng(3)
+    values = (rng.uniform(0, 1, size=(80, 6, 4)) + np.linspace(0, 0.4, 6)[None, :, None]).astype(np.float32)
+    coords = {"layer": np.arange(6), "head": np.arange(4)}
+    iou_da = xr.DataArray(values, dims=("sample", "layer", "head"), coords=coords)
+    ds = xr.Dataset({"iou": iou_da, "head_impact": head_impact_from_iou(iou_da)})
+    expected = stats.kruskal(*[values[:, l, :].ravel().astype(np.float64) for l in range(6)])
+    assert 0 < expected.pvalue < 1e-50  # below float32's range
+    row = kruskal_wallis(ds).sel(test="iou across layers")
+    assert float(row["p_value"]) == pytest.approx(expected.pvalue, rel=1e-9, abs=0)
+    assert float(row["statistic"]) == pytest.approx(expected.statistic, rel=1e-9)
+
+
+def test_kruskal_wallis_holm_adjusts_the_four_tests_together():
+    got = kruskal_wallis(hi_dataset(seed=4))
+    raw = got["p_value"].values
+    order = np.argsort(raw)  # Holm by hand: i-th smallest x (4 - i), running maximum, at most 1
+    expected = np.minimum(np.maximum.accumulate(raw[order] * np.array([4, 3, 2, 1])), 1.0)
+    np.testing.assert_allclose(got["p_holm"].values[order], expected)
 
 
 def test_layer_ranking_sorted_with_rank_and_depth():

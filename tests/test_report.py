@@ -95,9 +95,10 @@ def test_statistics_are_kruskal_wallis(built):
     stats_table = tables["kruskal-0"]
     assert stats_table[0][0] == "Kruskal–Wallis"
     for row, test in zip(stats_table[1:], kruskal_records(kruskal_wallis(ds))):
-        assert row[0] == test["test"] and int(row[2]) == test["df"] and int(row[4]) == test["n_values"]
+        assert row[0] == test["test"] and int(row[2]) == test["df"] and int(row[5]) == test["n_values"]
         assert float(row[1]) == pytest.approx(test["statistic"], rel=1e-3)
         assert float(row[3]) == pytest.approx(test["p_value"], rel=1e-2)
+        assert float(row[4]) == pytest.approx(test["p_holm"], rel=1e-2) and stats_table[0][4] == "Holm p"
 
 
 def test_experiment_tables(built):
@@ -180,12 +181,14 @@ def test_friedman_and_bootstrap_tables_are_the_probes(causal_built):
     page, _, ds, _, _ = causal_built
     tables = read_tables(page).tables
     rows = tables["friedman-0"]
-    assert rows[0] == ["Friedman", "χ²", "df", "p-value", "Kendall's W", "blocks"]
-    tests = records(friedman(ds), "test")
+    assert rows[0] == ["Friedman", "χ²", "df", "p-value", "Holm p", "Kendall's W", "blocks"]
+    tests = records(friedman(ds, unit="image"), "test")
     assert [r[0] for r in rows[1:]] == ["layers"] + [f"heads in layer {l}" for l in range(4)]
     for row, test in zip(rows[1:], tests):
         assert float(row[1]) == pytest.approx(test["statistic"], rel=1e-3) and int(row[2]) == test["df"]
-        assert float(row[4]) == pytest.approx(test["kendall_w"], abs=1e-3) and int(row[5]) == test["n_blocks"] == 6
+        assert float(row[3]) == pytest.approx(test["p_value"], rel=1e-2)
+        assert float(row[4]) == pytest.approx(test["p_holm"], rel=1e-2)
+        assert float(row[5]) == pytest.approx(test["kendall_w"], abs=1e-3) and int(row[6]) == test["n_blocks"] == 6
     boot = records(bootstrap_layers(ds, k=2, n_resamples=N_RESAMPLES), "layer")
     by_layer = {int(r[0]): r for r in tables["bootstrap-0"][1:]}
     assert tables["bootstrap-0"][0][-1] == "in top-2" and len(by_layer) == 4

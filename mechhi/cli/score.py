@@ -145,61 +145,81 @@ def stats(
     store: StoreOpt, mask_threshold: MaskThresholdOpt = 0.5, keep_best: KeepBestOpt = True,
     top_k: Annotated[int, typer.Option(min=1, help="K of the bootstrap's top-K shares.")] = 3,
     resample: Annotated[str, typer.Option(help="Bootstrap unit: image (an image's samples together) or sample.")] = "image",
+    blocks: Annotated[str, typer.Option(help="Friedman blocks: image (an image's IoU averaged over its "
+                                        "objects, which share it) or sample (each object alone).")] = "image",
     n_resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 2000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Statistics of Head Impact across layers and heads.
 
-    Friedman tests (samples as blocks) and bootstrap intervals of each layer's mean HI,
+    Friedman tests (images as blocks) and bootstrap intervals of each layer's mean HI,
     beside the paper's Kruskal-Wallis tests (see docs/statistics.md in the repository).
+    Holm-adjusted p-values stand beside the raw ones of each table's tests.
     """
     from probes.head_impact import kruskal_records, kruskal_wallis
 
+    blocks = _unit("--blocks", blocks)
+    resample = _unit("--resample", resample)
     ds = scored(store, mask_threshold, keep_best)
     tests = kruskal_records(kruskal_wallis(ds))
-    repeated = repeated_measures(ds, top_k, resample, n_resamples, seed)
+    repeated = repeated_measures(ds, top_k, resample, n_resamples, seed, blocks)
     if as_json:
         print_json({"store": str(store), "model": ds.attrs.get("model"), "kruskal_wallis": tests, **repeated})
         return
     print_repeated_measures(repeated)
     table = Table(title="Kruskal-Wallis (the paper's test; on iou it treats one sample's layers and heads as independent)")
-    for column in ("across", "on", "statistic", "df", "p-value"):
+    for column in ("across", "on", "statistic", "df", "p-value", "Holm p"):
         table.add_column(column, justify="right")
     for t in tests:
-        statistic, p = t["statistic"], t["p_value"]
-        shown_p = "n/a" if p is None else (f"[bold green]{p:.3g}[/]" if p < 0.001 else f"{p:.3g}")
-        if p == 0.0:
-            shown_p = "[bold green]< 1e-300[/]"  # below float range, not zero
-        shown_stat = "n/a" if statistic is None else f"{statistic:.2f}"
-        table.add_row(t["across"], t["on"], shown_stat, str(t["df"]), shown_p)
+        shown_stat = "n/a" if t["statistic"] is None else f"{t['statistic']:.2f}"
+        table.add_row(t["across"], t["on"], shown_stat, str(t["df"]), _p(t["p_value"]), _p(t["p_holm"]))
     console.print(table)
-    console.print("p < 0.001 in green. n/a: fewer than two non-empty groups or all values equal.")
+    console.print("p < 0.001 in green. Holm p: adjusted over the tests of its table. n/a: fewer than two "
+                  "non-empty groups or all values equal.")  # fmt: skip
 
 
 # ---------------------------------------------------------------- repeated measures, probe agreement
 def _p(p: float | None) -> str:
-    if p is None:
-        return "n/a"
-    return "[bold green]< 1e-300[/]" if p == 0.0 else f"[bold green]{p:.3g}[/]" if p < 0.001 else f"{p:.3g}"
+    """A p-value cell: green below 0.001; '< 5e-324' only where float64 itself underflows."""
+    from probes.statistics import p_text
+
+    return f"[bold green]{p_text(p)}[/]" if p is not None and p < 0.001 else p_text(p)
 
 
-def repeated_measures(ds, top_k: int, resample: str, n_resamples: int, seed: int) -> dict:
+def _unit(option: str, value: str) -> str:
+    """A statistics unit option: image or sample (the plurals accepted), else one error line naming it."""
+    from probes.statistics import UNITS
+
+    unit = value.strip().lower().removesuffix("s")
+    if unit not in UNITS:
+        raise ValueError(f"{option}: unknown unit {value!r}; choose from {', '.join(UNITS)}")
+    return unit
+
+
+BLOCKS_TITLE = {"image": "images as blocks, each image's IoU averaged over its objects",
+                "sample": "samples as blocks; the objects of one image are not independent"}  # fmt: skip
+
+
+def repeated_measures(
+    ds, top_k: int, resample: str, n_resamples: int, seed: int, blocks: str = "image"
+) -> dict:
     """Friedman tests and bootstrap layer intervals of a scored store, as JSON-ready records."""
     from probes.statistics import bootstrap_layers, friedman, records
 
     boot = bootstrap_layers(ds, k=top_k, n_resamples=n_resamples, unit=resample, seed=seed)
-    return {"friedman": records(friedman(ds), "test"), "bootstrap": {**boot.attrs, "layers": records(boot, "layer")}}
+    return {"friedman_blocks": blocks, "friedman": records(friedman(ds, unit=blocks), "test"),
+            "bootstrap": {**boot.attrs, "layers": records(boot, "layer")}}  # fmt: skip
 
 
 def print_repeated_measures(repeated: dict) -> None:
-    table = Table(title="Friedman (samples as blocks)")
-    for column in ("test", "statistic", "df", "p-value", "Kendall's W", "blocks"):
+    table = Table(title=f"Friedman ({BLOCKS_TITLE[repeated['friedman_blocks']]})")
+    for column in ("test", "statistic", "df", "p-value", "Holm p", "Kendall's W", "blocks"):
         table.add_column(column, justify="right")
     for t in repeated["friedman"]:
         statistic, w = t["statistic"], t["kendall_w"]
         table.add_row(t["test"], "n/a" if statistic is None else f"{statistic:.2f}", str(t["df"]), _p(t["p_value"]),
-                      "n/a" if w is None else f"{w:.3f}", str(t["n_blocks"]))  # fmt: skip
+                      _p(t["p_holm"]), "n/a" if w is None else f"{w:.3f}", str(t["n_blocks"]))  # fmt: skip
     console.print(table)
     boot = repeated["bootstrap"]
     table = Table(title=f"Layer mean HI, {boot['confidence']:.0%} bootstrap interval over {boot['n_units']} "

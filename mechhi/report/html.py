@@ -74,8 +74,10 @@ def number(value: Any, digits: int = 3) -> str:
 
 
 def p_value(value: Any) -> Markup:
-    """A p-value, bold below 0.001 (as the paper highlights them)."""
-    text = "< 1e-300" if value == 0 else number(value)  # below float range, not zero
+    """A p-value, bold below 0.001 (as the paper highlights them); '< 5e-324' where float64 underflows."""
+    from probes.statistics import p_text
+
+    text = p_text(None if value is None else float(value))
     return render("<b>{{ t }}</b>", t=text) if value is not None and float(value) < 0.001 else Markup.escape(text)
 
 

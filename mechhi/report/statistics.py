@@ -2,7 +2,7 @@
 
 Statistics: the paper's Kruskal-Wallis tests (which treat one sample's IoU in different
 layers as independent values) beside the repeated-measures view of `probes.statistics`:
-Friedman tests with samples as blocks and Kendall's W, and bootstrap intervals of each
+Friedman tests with images as blocks and Kendall's W, and bootstrap intervals of each
 layer's mean HI with its share of resamples in the top K (what `mechhi stats` prints).
 
 Probe agreement: rank correlations between probes' head and layer rankings
@@ -27,19 +27,23 @@ from .inputs import ReportInput, StoreEntry, per_store
 def kruskal_table(i: int, entry: StoreEntry) -> Markup:
     from probes.head_impact import kruskal_records, kruskal_wallis
 
-    rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), t["n_values"]]
-            for t in kruskal_records(kruskal_wallis(entry.ds))]  # fmt: skip
-    return table(["Kruskal–Wallis", "H", "df", "p-value", "values"], rows, id=f"kruskal-{i}", cls="data statistics",
-                 caption="the paper's test: one sample's layers and heads counted as independent values")  # fmt: skip
+    rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), p_value(t["p_holm"]),
+             t["n_values"]] for t in kruskal_records(kruskal_wallis(entry.ds))]  # fmt: skip
+    return table(["Kruskal–Wallis", "H", "df", "p-value", "Holm p", "values"], rows, id=f"kruskal-{i}",
+                 cls="data statistics", caption="the paper's test: one sample's layers and heads counted as "
+                 "independent values; Holm p adjusted over the four tests")  # fmt: skip
 
 
 def friedman_table(i: int, entry: StoreEntry) -> Markup:
     from probes.statistics import friedman, records
 
-    rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), number(t["kendall_w"], 3),
-             t["n_blocks"]] for t in records(friedman(entry.ds), "test")]  # fmt: skip
-    return table(["Friedman", "χ²", "df", "p-value", "Kendall's W", "blocks"], rows, id=f"friedman-{i}",
-                 cls="data statistics", caption="samples as blocks: layers (IoU averaged over heads), heads in each layer")  # fmt: skip
+    result = friedman(entry.ds)
+    rows = [[t["test"], number(t["statistic"], 4), t["df"], p_value(t["p_value"]), p_value(t["p_holm"]),
+             number(t["kendall_w"], 3), t["n_blocks"]] for t in records(result, "test")]  # fmt: skip
+    caption = ("images as blocks (an image's IoU averaged over its objects): layers (IoU averaged over "
+               f"heads), heads in each layer; Holm p adjusted over the {result.sizes['test']} tests")
+    columns = ["Friedman", "χ²", "df", "p-value", "Holm p", "Kendall's W", "blocks"]
+    return table(columns, rows, id=f"friedman-{i}", cls="data statistics", caption=caption)
 
 
 def bootstrap_table(i: int, entry: StoreEntry, k: int, n_resamples: int) -> Markup:
@@ -65,7 +69,8 @@ def statistics(report: ReportInput) -> Section:
 
     note = paragraph("Does Head Impact differ across layers / across heads? The paper's Kruskal–Wallis test "
                      "(scipy.stats.kruskal, on per-head HI and on per-sample IoU) beside Friedman tests that take "
-                     "every sample as a block, and bootstrap intervals resampling images; p < 0.001 in bold.",
+                     "every image as a block, and bootstrap intervals resampling images; p < 0.001 in bold, "
+                     "Holm-adjusted p beside the raw one.",
                      "note")  # fmt: skip
     return Section("statistics", "Statistics", join([note, per_store(report, one)]))
 
