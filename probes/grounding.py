@@ -107,6 +107,38 @@ def sample_grounding(attention: dict[str, np.ndarray], coverage: dict[str, np.nd
     return np.array([box_iou(bounding_box(region), target_box), float(iou(region.ravel(), target.ravel()))])
 
 
+def _summarise(values: np.ndarray, sample: np.ndarray, attrs: dict) -> xr.Dataset:
+    """box_iou and mask_iou (sample), with each one's mean and accuracy at IoU >= 0.5 over
+    the samples where it is defined in attrs."""
+    result = xr.Dataset({name: ("sample", values[:, i]) for i, name in enumerate(MEASURES)}, coords={"sample": sample})
+    attrs = {**attrs, "iou_hit": IOU_HIT}
+    for i, name in enumerate(MEASURES):
+        v = values[:, i][np.isfinite(values[:, i])]
+        stem = name.removesuffix("_iou")
+        attrs[f"{stem}_iou_mean"] = float(v.mean()) if v.size else None
+        attrs[f"{stem}_accuracy"] = float((v >= IOU_HIT).mean()) if v.size else None
+        attrs[f"{stem}_samples"] = int(v.size)
+    result.attrs = attrs
+    return result
+
+
+def whole_image(ds: xr.Dataset, rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:
+    """The reference a grounding must beat: the whole grid as the region (its box IoU is
+    the object's box's share of the image), in `ground`'s layout."""
+
+    def kernel(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray]) -> np.ndarray:
+        cov = own_grids(attention, coverage)[MAIN_VIEW][1]
+        target = binarize_mask(cov.reshape(-1), rule).reshape(cov.shape)
+        box = bounding_box(target)
+        if box is None:
+            return np.array([np.nan, np.nan])
+        everything = np.ones_like(target)
+        return np.array([box_iou((0, 0, cov.shape[0] - 1, cov.shape[1] - 1), box), float(iou(everything.ravel(), target.ravel()))])
+
+    values = map_samples(ds, done_samples(ds, "ground"), kernel, (len(MEASURES),))
+    return _summarise(values, ds["sample"].values, {"heads": [], "smooth": 0.0})
+
+
 def ground(ds: xr.Dataset, heads: Sequence[tuple[int, int]], sigma: float = 0.0,
            rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:  # fmt: skip
     """box_iou and mask_iou (sample) of grounding every traced sample by ``heads`` ((layer,
@@ -114,6 +146,7 @@ def ground(ds: xr.Dataset, heads: Sequence[tuple[int, int]], sigma: float = 0.0,
     over the samples where it is defined."""
     if not heads:
         raise ValueError("ground: no heads to ground with")
+    attended_region(np.zeros((1, 1)), sigma)  # checks sigma before the pass
     done = done_samples(ds, "ground")
     if attention_name(MAIN_VIEW) not in ds.data_vars:
         raise ValueError("ground: the store has no attention maps (traced with --no-maps?)")
@@ -130,15 +163,4 @@ def ground(ds: xr.Dataset, heads: Sequence[tuple[int, int]], sigma: float = 0.0,
         return sample_grounding(attention, coverage, layers, head_positions, sigma, rule)
 
     values = map_samples(ds, done, kernel, (len(MEASURES),))
-    result = xr.Dataset({name: ("sample", values[:, i]) for i, name in enumerate(MEASURES)},
-                        coords={"sample": ds["sample"].values})  # fmt: skip
-    attrs = {"heads": [[int(l), int(h)] for l, h in heads], "smooth": float(sigma), "iou_hit": IOU_HIT}
-    for name in MEASURES:
-        v = values[:, MEASURES.index(name)]
-        v = v[np.isfinite(v)]
-        stem = name.removesuffix("_iou")
-        attrs[f"{stem}_iou_mean"] = float(v.mean()) if v.size else None
-        attrs[f"{stem}_accuracy"] = float((v >= IOU_HIT).mean()) if v.size else None
-        attrs[f"{stem}_samples"] = int(v.size)
-    result.attrs = attrs
-    return result
+    return _summarise(values, ds["sample"].values, {"heads": [[int(l), int(h)] for l, h in heads], "smooth": float(sigma)})

@@ -199,13 +199,17 @@ def select_heads(loc: xr.Dataset, k: int | None = None) -> xr.Dataset:
     )  # fmt: skip
 
 
-def chosen_heads(selection: xr.Dataset) -> list[tuple[int, int]]:
+def chosen_heads(selection: xr.Dataset, n: int | None = None) -> list[tuple[int, int]]:
     """The selected (layer, head) pairs, most frequently selected first (ties: lower mean
-    entropy, then layer and head order)."""
+    entropy, then layer and head order); with ``n``, the ``n`` first in that order of all
+    heads ever selected, whether above the elbow or not (to match another probe's set size)."""
     flat = selection.stack(unit=("layer", "head"))
-    keep = np.flatnonzero(flat["selected"].values)
-    freq, ent = flat["selection_frequency"].values[keep], flat["mean_spatial_entropy"].values[keep]
-    order = keep[np.lexsort((np.nan_to_num(ent, nan=np.inf), -freq))]
+    frequency = flat["selection_frequency"].values
+    keep = np.flatnonzero(flat["selected"].values if n is None else frequency > 0)
+    if n is not None and not 1 <= n <= keep.size:
+        raise ValueError(f"--n-heads {n}: spatial entropy selects {keep.size} heads in some sample (need 1..{keep.size})")
+    entropy = np.nan_to_num(flat["mean_spatial_entropy"].values[keep], nan=np.inf)
+    order = keep[np.lexsort((entropy, -frequency[keep]))][:n]
     return [(int(flat["layer"].values[i]), int(flat["head"].values[i])) for i in order]
 
 

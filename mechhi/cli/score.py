@@ -121,6 +121,34 @@ def localization_ranking(store, per_sample_k: int | None) -> tuple:
     return ds, ranking, columns, {"selection": dict(selection.attrs), "heads": heads}
 
 
+def sink_summary(ds, tau: float) -> dict | None:
+    """`probes.sinks.summary` of the store (None for a store traced without maps)."""
+    from mechhi.store import attention_name
+    from probes import sinks
+
+    return sinks.summary(sinks.sinks(ds, tau)) if attention_name("image") in ds.data_vars else None
+
+
+def print_sinks(summary: dict | None) -> None:
+    if summary is None:
+        console.print("attention sinks: not measured (the store has no attention maps)")
+        return
+    share = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
+    table = Table(title=f"Visual attention sinks: tokens taking > {summary['tau']:g} x a head's mean image attention "
+                        f"({summary['samples']} samples)")  # fmt: skip
+    for column in ("layer", "heads with sinks", "sinks' share", f"top-{summary['top_k']} share"):
+        table.add_column(column, justify="right")
+    for row in summary["layers"]:
+        table.add_row(str(row["layer"]), share(row["share_with_sinks"]), share(row["mean_sink_share"]),
+                      share(row["mean_top_share"]))  # fmt: skip
+    table.add_row("all", share(summary["share_with_sinks"]), share(summary["mean_sink_share"]),
+                  share(summary["mean_top_share"]))  # fmt: skip
+    console.print(table)
+    console.print(f"heads with sinks: share of (sample, head) pairs with a sink; sinks' share: of the head's image "
+                  f"attention; top-{summary['top_k']} share: an even head gets {share(summary['uniform_top_share'])}; "
+                  f"mean object coverage of the sink tokens {share(summary['sink_coverage'])}.")  # fmt: skip
+
+
 def print_localization_heads(extra: dict) -> None:
     """rank --probe spatial-entropy: the chosen heads under the layer table."""
     chosen = extra["selection"]
@@ -195,6 +223,8 @@ def stats(
     resample: Annotated[str, typer.Option(help="Bootstrap unit: image (an image's samples together) or sample.")] = "image",
     n_resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 2000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    exclude_sinks: ExcludeSinksOpt = False,
+    sink_tau: SinkTauOpt = 20.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Statistics of Head Impact across layers and heads.
@@ -204,13 +234,16 @@ def stats(
     """
     from probes.head_impact import kruskal_records, kruskal_wallis
 
-    ds = scored(store, mask_threshold, keep_best)
+    ds = scored(store, mask_threshold, keep_best, exclude_sinks, sink_tau)
     tests = kruskal_records(kruskal_wallis(ds))
     repeated = repeated_measures(ds, top_k, resample, n_resamples, seed)
+    sinks = sink_summary(ds, sink_tau)
     if as_json:
-        print_json({"store": str(store), "model": ds.attrs.get("model"), "kruskal_wallis": tests, **repeated})
+        print_json({"store": str(store), "model": ds.attrs.get("model"), "kruskal_wallis": tests, **repeated,
+                    "sinks": sinks})  # fmt: skip
         return
     print_repeated_measures(repeated)
+    print_sinks(sinks)
     table = Table(title="Kruskal-Wallis (the paper's test; on iou it treats one sample's layers and heads as independent)")
     for column in ("across", "on", "statistic", "df", "p-value"):
         table.add_column(column, justify="right")
