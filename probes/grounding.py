@@ -110,7 +110,8 @@ def sample_grounding(attention: dict[str, np.ndarray], coverage: dict[str, np.nd
 def _summarise(values: np.ndarray, sample: np.ndarray, attrs: dict) -> xr.Dataset:
     """box_iou and mask_iou (sample), with each one's mean and accuracy at IoU >= 0.5 over
     the samples where it is defined in attrs."""
-    result = xr.Dataset({name: ("sample", values[:, i]) for i, name in enumerate(MEASURES)}, coords={"sample": sample})
+    data = {name: ("sample", values[:, i]) for i, name in enumerate(MEASURES)}
+    result = xr.Dataset(data, coords={"sample": sample})
     attrs = {**attrs, "iou_hit": IOU_HIT}
     for i, name in enumerate(MEASURES):
         v = values[:, i][np.isfinite(values[:, i])]
@@ -132,8 +133,8 @@ def whole_image(ds: xr.Dataset, rule: BinarizeRule = BinarizeRule()) -> xr.Datas
         box = bounding_box(target)
         if box is None:
             return np.array([np.nan, np.nan])
-        everything = np.ones_like(target)
-        return np.array([box_iou((0, 0, cov.shape[0] - 1, cov.shape[1] - 1), box), float(iou(everything.ravel(), target.ravel()))])
+        whole = (0, 0, cov.shape[0] - 1, cov.shape[1] - 1)
+        return np.array([box_iou(whole, box), float(iou(np.ones(target.size, bool), target.ravel()))])
 
     values = map_samples(ds, done_samples(ds, "ground"), kernel, (len(MEASURES),))
     return _summarise(values, ds["sample"].values, {"heads": [], "smooth": 0.0})
@@ -163,4 +164,5 @@ def ground(ds: xr.Dataset, heads: Sequence[tuple[int, int]], sigma: float = 0.0,
         return sample_grounding(attention, coverage, layers, head_positions, sigma, rule)
 
     values = map_samples(ds, done, kernel, (len(MEASURES),))
-    return _summarise(values, ds["sample"].values, {"heads": [[int(l), int(h)] for l, h in heads], "smooth": float(sigma)})
+    attrs = {"heads": [[int(l), int(h)] for l, h in heads], "smooth": float(sigma)}
+    return _summarise(values, ds["sample"].values, attrs)

@@ -207,7 +207,8 @@ def chosen_heads(selection: xr.Dataset, n: int | None = None) -> list[tuple[int,
     frequency = flat["selection_frequency"].values
     keep = np.flatnonzero(flat["selected"].values if n is None else frequency > 0)
     if n is not None and not 1 <= n <= keep.size:
-        raise ValueError(f"--n-heads {n}: spatial entropy selects {keep.size} heads in some sample (need 1..{keep.size})")
+        raise ValueError(f"--n-heads {n}: spatial entropy selects {keep.size} heads in some sample "
+                         f"(need 1..{keep.size})")
     entropy = np.nan_to_num(flat["mean_spatial_entropy"].values[keep], nan=np.inf)
     order = keep[np.lexsort((entropy, -frequency[keep]))][:n]
     return [(int(flat["layer"].values[i]), int(flat["head"].values[i])) for i in order]

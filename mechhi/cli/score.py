@@ -49,7 +49,8 @@ def rank(
                                                         "(default: 10, at most a quarter of the candidates).")] = None,
     compare_probes: Annotated[bool, typer.Option("--compare-probes", help="Instead: rank correlations (Spearman, "
                                                  "Kendall) between the head rankings of head-impact, attention-mass, "
-                                                 "pursuit and logit-lens (the last two run the store's model).")] = False,
+                                                 "spatial-entropy, pursuit and logit-lens (the last two run the "
+                                                 "store's model).")] = False,
     words: Annotated[Optional[str], typer.Option(help="With --compare-probes: the pursuit / logit-lens concept "
                                                  "(default: the toy world's colours).")] = None,
     device: DeviceOpt = "auto",
