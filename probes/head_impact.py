@@ -29,8 +29,12 @@ from scipy import stats
 
 from mechhi.store import MAIN_VIEW, StoreLocked, WriterLock, attention_name, json_attrs, open_store, write_scores
 
+from . import sinks
 from .maps import done_samples, for_each_sample, labels, mean_over, pool_views, rank_layers
 from .statistics import holm
+from .sinks import SINK_TAU
+
+ATTENTION_RULES = ("mean", "mean-without-sinks")
 
 @dataclass(frozen=True)
 class BinarizeRule:
@@ -40,24 +44,37 @@ class BinarizeRule:
     attention: str = "mean"  # token in A iff score > mean score over the sample's valid visual tokens (all views)
     mask_threshold: float = 0.5  # token in M iff coverage >= threshold
     keep_best_token: bool = True  # if no token reaches the threshold, M = the best-covered token(s) (ties: all)
+    # "mean-without-sinks": each head's sink tokens (attention > sink_tau x its mean, probes.sinks) are left out
+    # of its mean and of A; recorded only with that rule, so the default rule's record is unchanged.
+    sink_tau: float = SINK_TAU
 
     def __post_init__(self) -> None:
-        if self.attention != "mean":
-            raise ValueError(f"BinarizeRule.attention={self.attention!r}: only 'mean' is supported")
+        if self.attention not in ATTENTION_RULES:
+            raise ValueError(f"BinarizeRule.attention={self.attention!r}: choose from {', '.join(ATTENTION_RULES)}")
+        if not float(self.sink_tau) > 1.0:
+            raise ValueError(f"BinarizeRule.sink_tau={self.sink_tau!r} must be above 1")
         if not 0.0 < float(self.mask_threshold) <= 1.0:
             raise ValueError(f"BinarizeRule.mask_threshold={self.mask_threshold!r} must be in (0, 1]")
         if not isinstance(self.keep_best_token, bool):
             raise ValueError(f"BinarizeRule.keep_best_token={self.keep_best_token!r} must be a bool")
 
+    @property
+    def excludes_sinks(self) -> bool:
+        return self.attention == "mean-without-sinks"
+
     def describe(self) -> str:
         best = "; an object below it keeps its best-covered token(s)" if self.keep_best_token else ""
+        sinks = f", each head's sinks (> {self.sink_tau:g} x its mean) left out" if self.excludes_sinks else ""
         return (
-            f"attention: score > {self.attention} over the sample's visual tokens (all views); "
+            f"attention: score > mean over the sample's visual tokens (all views){sinks}; "
             f"mask: coverage >= {self.mask_threshold}{best}"
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.excludes_sinks:
+            del data["sink_tau"]  # the plain rule reads as it always has
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BinarizeRule:
@@ -122,6 +139,8 @@ def sample_iou(
     """
     att, cov = pool_views(attention, coverage)  # (L, H, V), (V,)
     valid = np.isfinite(cov)  # (V,)
+    if rule.excludes_sinks:
+        valid = sinks.excluded(att, valid, rule.sink_tau)  # (L, H, V): each head without its own sinks
     return iou(binarize_attention(att, valid), binarize_mask(cov, rule))  # (L, H)
 
 

@@ -51,9 +51,17 @@ def labels(ds: xr.Dataset) -> dict[str, Any]:
 def for_each_sample(ds: xr.Dataset, done: np.ndarray, kernel: SampleKernel, outputs: int = 1) -> np.ndarray:
     """Apply ``kernel`` to every done sample -> (sample, outputs, layer, head), NaN for
     samples not done. ``kernel`` returns (L, H) when ``outputs`` is 1, else (outputs, L, H)."""
+    shape = (outputs, ds.sizes["layer"], ds.sizes["head"])
+    return map_samples(ds, done, kernel, shape)
+
+
+def map_samples(ds: xr.Dataset, done: np.ndarray, kernel: SampleKernel, shape: tuple[int, ...]) -> np.ndarray:
+    """Apply ``kernel`` to every done sample -> (sample, *shape), NaN for samples not done.
+
+    The general form of `for_each_sample`, for kernels whose result is not per head (a
+    grounding's IoU, say)."""
     views = store_views(ds)
-    n_layers, n_heads = ds.sizes["layer"], ds.sizes["head"]
-    out = np.full((ds.sizes["sample"], outputs, n_layers, n_heads), np.nan)
+    out = np.full((ds.sizes["sample"], *shape), np.nan)
     per_sample = sum(ds[attention_name(v)].isel(sample=0).size * ds[attention_name(v)].dtype.itemsize for v in views)
     block = max(1, BLOCK_BYTES // max(per_sample, 1))
     todo = np.flatnonzero(done)
@@ -65,7 +73,7 @@ def for_each_sample(ds: xr.Dataset, done: np.ndarray, kernel: SampleKernel, outp
                 result = kernel({v: att[v][j] for v in views}, {v: cov[v][j] for v in views})
             except ValueError as err:
                 raise ValueError(f"sample {int(ds['sample'].values[s])}: {err}") from None
-            out[s] = np.reshape(result, (outputs, n_layers, n_heads))
+            out[s] = np.reshape(result, shape)
     return out
 
 
@@ -111,3 +119,22 @@ def rank_layers(per_layer: xr.DataArray, name: str) -> xr.DataArray:
     order = np.argsort(-per_layer.values, kind="stable")  # NaN sorts last
     ranked = per_layer.isel(layer=order)
     return ranked.assign_coords(rank=("layer", np.arange(1, order.size + 1))).rename(name)
+
+
+def own_grids(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each view's maps cropped to the sample's own grid: view -> ((L, H, r, c), (r, c)).
+
+    The store pads every sample's grid to the largest one with NaN (bottom and right), so
+    the finite cells of the coverage are a top-left rectangle; kernels that look at the
+    2-D shape of a map (connected components, boxes) need it without the padding."""
+    if sorted(attention) != sorted(coverage):
+        raise ValueError(f"attention views {sorted(attention)} != coverage views {sorted(coverage)}")
+    out = {}
+    for view in sorted(coverage):
+        cov = np.asarray(coverage[view])
+        finite = np.isfinite(cov)
+        rows, cols = int(finite.any(1).sum()), int(finite.any(0).sum())
+        if not finite[:rows, :cols].all() or finite.sum() != rows * cols:
+            raise ValueError(f"view '{view}': the coverage's finite cells are not a top-left rectangle")
+        out[view] = (np.asarray(attention[view])[..., :rows, :cols], cov[:rows, :cols])
+    return out

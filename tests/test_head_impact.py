@@ -125,7 +125,7 @@ def test_rule_validation_and_record():
     assert "0.5" in BinarizeRule().describe()
     with pytest.raises(ValueError, match="mask_threshold"):
         BinarizeRule(mask_threshold=0.0)
-    with pytest.raises(ValueError, match="only 'mean'"):
+    with pytest.raises(ValueError, match="'median': choose from mean, mean-without-sinks"):
         BinarizeRule(attention="median")
 
 

@@ -101,6 +101,17 @@ def test_statistics_are_kruskal_wallis(built):
         assert float(row[4]) == pytest.approx(test["p_holm"], rel=1e-2) and stats_table[0][4] == "Holm p"
 
 
+def test_statistics_report_attention_sinks(built):
+    from probes import sinks
+
+    page, ds = built
+    rows = read_tables(page).tables["sinks-0"]
+    summary = sinks.summary(sinks.sinks(ds))
+    assert [r[0] for r in rows[1:]] == [str(l) for l in range(ds.sizes["layer"])] + ["all"]
+    assert rows[-1][2] == f"{summary['mean_sink_share']:.1%}"
+    assert rows[-1][1] == f"{float((sinks.sinks(ds).n_sinks > 0).mean()):.1%}"
+
+
 def test_experiment_tables(built):
     page, _ = built
     parsed = read_tables(page)

@@ -79,7 +79,7 @@ def test_rank_compare_probes(toy_store):  # noqa: F811
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     pairs = {(p["level"], p["probe"], p["other"]): p for p in payload["pairs"]}
-    assert len(pairs) == 12  # 6 probe pairs x (head, layer)
+    assert len(pairs) == 20  # 10 probe pairs (5 probes) x (head, layer)
     hi_mass = pairs[("head", "head_impact", "attention_mass")]
     assert hi_mass["n"] == 48 and -1.0 <= hi_mass["spearman"] <= 1.0 and -1.0 <= hi_mass["kendall"] <= 1.0
     table = CliRunner().invoke(app, ["rank", "--store", str(toy_store), "--compare-probes", "--device", "cpu"])

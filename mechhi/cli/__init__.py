@@ -1,5 +1,5 @@
 """The `mechhi` command line: thin typer commands over the engine, one module per
-pipeline stage (trace, score, store, intervene, figures, data, finetune, toy).
+pipeline stage (trace, score, ground, store, intervene, figures, data, finetune, toy).
 
 Each command parses options, calls one engine function and prints its result on stdout
 (a table, or JSON with ``--json``); progress, warnings and messages go to stderr. Library
@@ -14,6 +14,7 @@ from .app import app
 # Each module registers its commands; imported in pipeline order, the order --help lists them.
 from . import trace  # noqa: E402, F401  # isort: skip
 from . import score  # noqa: E402, F401  # isort: skip
+from . import ground  # noqa: E402, F401  # isort: skip
 from . import store  # noqa: E402, F401  # isort: skip
 from . import intervene  # noqa: E402, F401  # isort: skip
 from . import flow  # noqa: E402, F401  # isort: skip

@@ -107,13 +107,23 @@ def open_traced(store: Path):
     return ds
 
 
-def scored(store: Path, mask_threshold: float = 0.5, keep_best: bool = True):
+ExcludeSinksOpt = Annotated[bool, typer.Option("--exclude-sinks", help="Binarise each head's attention without its "
+                                               "sink tokens (attention > --sink-tau x the head's mean on the image): "
+                                               "they neither raise the mean nor count as attended.")]  # fmt: skip
+SinkTauOpt = Annotated[float, typer.Option(help="A sink token takes more than this many "
+                                           "times the head's mean attention on the image.")]  # fmt: skip
+
+
+def scored(store: Path, mask_threshold: float = 0.5, keep_best: bool = True, exclude_sinks: bool = False,
+           sink_tau: float = 20.0):  # fmt: skip
     """The store with head_impact under the asked binarisation rule (`ensure_scored`:
     saved in the store only for its own rule and a complete trace), saying what it did."""
     from probes.head_impact import BinarizeRule, ensure_scored
 
     open_traced(store)
-    result = ensure_scored(store, BinarizeRule(mask_threshold=mask_threshold, keep_best_token=keep_best))
+    attention = "mean-without-sinks" if exclude_sinks else "mean"
+    rule = BinarizeRule(attention=attention, mask_threshold=mask_threshold, keep_best_token=keep_best, sink_tau=sink_tau)
+    result = ensure_scored(store, rule)
     if result.note:
         err_console.print(result.note, highlight=False)
     return result.ds

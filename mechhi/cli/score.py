@@ -12,9 +12,11 @@ from .common import (
     BatchSizeOpt,
     DeviceOpt,
     DtypeOpt,
+    ExcludeSinksOpt,
     JsonOpt,
     KeepBestOpt,
     MaskThresholdOpt,
+    SinkTauOpt,
     StoreOpt,
     ToyDatasetOpt,
     ToyModelOpt,
@@ -27,21 +29,28 @@ from .common import (
     scored,
 )  # fmt: skip
 
-PROBES = ("head-impact", "attention-mass")
+PROBES = ("head-impact", "attention-mass", "spatial-entropy")
 
 
 @app.command()
 @friendly_errors
 def rank(
     store: StoreOpt,
-    probe: Annotated[str, typer.Option(help="Scoring probe: head-impact, or attention-mass (soft baselines: "
-                                            "layers by the object's share of image attention over its area share).")] = "head-impact",
+    probe: Annotated[str, typer.Option(help="Scoring probe: head-impact, attention-mass (soft baselines: "
+                                            "layers by the object's share of image attention over its area share), "
+                                            "or spatial-entropy (Kang et al.'s localization heads: focused maps of "
+                                            "heads that look at the image).")] = "head-impact",
     top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers.")] = None,
     mask_threshold: MaskThresholdOpt = 0.5,
     keep_best: KeepBestOpt = True,
+    exclude_sinks: ExcludeSinksOpt = False,
+    sink_tau: SinkTauOpt = 20.0,
+    per_sample_k: Annotated[Optional[int], typer.Option(min=1, help="spatial-entropy: heads selected per sample "
+                                                        "(default: 10, at most a quarter of the candidates).")] = None,
     compare_probes: Annotated[bool, typer.Option("--compare-probes", help="Instead: rank correlations (Spearman, "
                                                  "Kendall) between the head rankings of head-impact, attention-mass, "
-                                                 "pursuit and logit-lens (the last two run the store's model).")] = False,
+                                                 "spatial-entropy, pursuit and logit-lens (the last two run the "
+                                                 "store's model).")] = False,
     words: Annotated[Optional[str], typer.Option(help="With --compare-probes: the pursuit / logit-lens concept "
                                                  "(default: the toy world's colours).")] = None,
     device: DeviceOpt = "auto",
@@ -55,11 +64,14 @@ def rank(
     if probe == "head-impact":
         from probes.head_impact import layer_ranking
 
-        ds = scored(store, mask_threshold, keep_best)
+        ds = scored(store, mask_threshold, keep_best, exclude_sinks, sink_tau)
         ranking = layer_ranking(ds)
         columns = {"mean_hi": ranking}
         extra = {"binarize": ds.attrs.get("binarize")}
         title = "Head Impact"
+    elif probe == "spatial-entropy":
+        ds, ranking, columns, extra = localization_ranking(store, per_sample_k)
+        title = "Spatial entropy (localization heads, Kang et al. 2025)"
     else:
         from probes.attention_mass import MEASURES, attention_mass, layer_means
         from probes.attention_mass import layer_ranking as mass_ranking
@@ -81,13 +93,78 @@ def rank(
         return
     table = Table(title=f"{title} by layer: {ds.attrs.get('model')}")
     headers = {"mean_hi": "mean HI", "mean_object_lift": "object lift", "mean_object_share": "object share",
-               "mean_visual_mass": "visual mass"}  # fmt: skip
+               "mean_visual_mass": "visual mass", "mean_selection_frequency": "selected",
+               "mean_spatial_entropy": "entropy"}  # fmt: skip
     for column in ("rank", "layer", "depth", *(headers[name] for name in columns)):
         table.add_column(column, justify="right")
     for row in shown:
         values = ["n/a" if row[name] is None else f"{row[name]:.4f}" for name in columns]
         table.add_row(str(row["rank"]), str(row["layer"]), f"{row['depth']:.2f}", *values)
     console.print(table)
+    if probe == "spatial-entropy":
+        print_localization_heads(extra)
+
+
+def localization_ranking(store, per_sample_k: int | None) -> tuple:
+    """rank --probe spatial-entropy: (store, layer ranking, its columns, the JSON's selection and chosen heads)."""
+    from probes.maps import mean_over
+    from probes.spatial_entropy import chosen_heads, layer_ranking, localization, select_heads
+
+    ds = open_traced(store)
+    selection = select_heads(localization(ds), per_sample_k)
+    ranking = layer_ranking(selection)
+    measures = ("selection_frequency", "mean_spatial_entropy", "mean_visual_mass")
+    per_layer = mean_over(selection[list(measures)], "head").sel(layer=ranking.layer)
+    columns = {"mean_selection_frequency": per_layer["selection_frequency"],
+               "mean_spatial_entropy": per_layer["mean_spatial_entropy"], "mean_visual_mass": per_layer["mean_visual_mass"]}  # fmt: skip
+    heads = [{"layer": l, "head": h, **{k: _finite(selection[k].sel(layer=l, head=h)) for k in measures}}
+             for l, h in chosen_heads(selection)]  # fmt: skip
+    return ds, ranking, columns, {"selection": dict(selection.attrs), "heads": heads}
+
+
+def sink_summary(ds, tau: float) -> dict | None:
+    """`probes.sinks.summary` of the store (None for a store traced without maps)."""
+    from mechhi.store import attention_name
+    from probes import sinks
+
+    return sinks.summary(sinks.sinks(ds, tau)) if attention_name("image") in ds.data_vars else None
+
+
+def print_sinks(summary: dict | None) -> None:
+    if summary is None:
+        console.print("attention sinks: not measured (the store has no attention maps)")
+        return
+    share = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
+    table = Table(title=f"Visual attention sinks: tokens taking > {summary['tau']:g} x a head's mean image attention "
+                        f"({summary['samples']} samples)")  # fmt: skip
+    for column in ("layer", "heads with sinks", "sinks' share", f"top-{summary['top_k']} share"):
+        table.add_column(column, justify="right")
+    for row in summary["layers"]:
+        table.add_row(str(row["layer"]), share(row["share_with_sinks"]), share(row["mean_sink_share"]),
+                      share(row["mean_top_share"]))  # fmt: skip
+    table.add_row("all", share(summary["share_with_sinks"]), share(summary["mean_sink_share"]),
+                  share(summary["mean_top_share"]))  # fmt: skip
+    console.print(table)
+    console.print(f"heads with sinks: share of (sample, head) pairs with a sink; sinks' share: of the head's image "
+                  f"attention; top-{summary['top_k']} share: an even head gets {share(summary['uniform_top_share'])}; "
+                  f"mean object coverage of the sink tokens {share(summary['sink_coverage'])}.")  # fmt: skip
+
+
+def print_localization_heads(extra: dict) -> None:
+    """rank --probe spatial-entropy: the chosen heads under the layer table."""
+    chosen = extra["selection"]
+    table = Table(title=f"Localization heads: {chosen['n_selected']} chosen of {chosen['n_candidates']} candidates "
+                        f"(image attention >= {chosen['mass_threshold']:.3f}; {chosen['per_sample_k']} per sample "
+                        f"over {chosen['samples']} samples; selected >= {chosen['frequency_threshold']:.3f})")  # fmt: skip
+    for column in ("layer", "head", "selected", "mean entropy", "image attention"):
+        table.add_column(column, justify="right")
+    for row in extra["heads"]:
+        shown = ["n/a" if row[k] is None else f"{row[k]:.3f}"
+                 for k in ("selection_frequency", "mean_spatial_entropy", "mean_visual_mass")]  # fmt: skip
+        table.add_row(str(row["layer"]), str(row["head"]), *shown)
+    console.print(table)
+    console.print("selected: share of samples whose lowest-entropy candidates hold the head; thresholds at the "
+                  "elbows of the sorted image attention and selection frequencies.")  # fmt: skip
 
 
 @app.command()
@@ -149,6 +226,8 @@ def stats(
                                         "objects, which share it) or sample (each object alone).")] = "image",
     n_resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 2000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    exclude_sinks: ExcludeSinksOpt = False,
+    sink_tau: SinkTauOpt = 20.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Statistics of Head Impact across layers and heads.
@@ -161,13 +240,16 @@ def stats(
 
     blocks = _unit("--blocks", blocks)
     resample = _unit("--resample", resample)
-    ds = scored(store, mask_threshold, keep_best)
+    ds = scored(store, mask_threshold, keep_best, exclude_sinks, sink_tau)
     tests = kruskal_records(kruskal_wallis(ds))
     repeated = repeated_measures(ds, top_k, resample, n_resamples, seed, blocks)
+    sinks = sink_summary(ds, sink_tau)
     if as_json:
-        print_json({"store": str(store), "model": ds.attrs.get("model"), "kruskal_wallis": tests, **repeated})
+        print_json({"store": str(store), "model": ds.attrs.get("model"), "kruskal_wallis": tests, **repeated,
+                    "sinks": sinks})  # fmt: skip
         return
     print_repeated_measures(repeated)
+    print_sinks(sinks)
     table = Table(title="Kruskal-Wallis (the paper's test; on iou it treats one sample's layers and heads as independent)")
     for column in ("across", "on", "statistic", "df", "p-value", "Holm p"):
         table.add_column(column, justify="right")

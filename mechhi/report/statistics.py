@@ -59,13 +59,31 @@ def bootstrap_table(i: int, entry: StoreEntry, k: int, n_resamples: int) -> Mark
                  id=f"bootstrap-{i}", cls="data statistics", caption=caption)  # fmt: skip
 
 
+def sinks_table(i: int, entry: StoreEntry) -> Markup:
+    """Visual attention sinks per layer (`probes.sinks`, what `mechhi stats` prints)."""
+    from probes import sinks
+
+    if "attention" not in entry.ds.data_vars:
+        return paragraph("attention sinks need attention maps; this store was traced with --no-maps", "note")
+    s = sinks.summary(sinks.sinks(entry.ds))
+    share = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
+    rows = [[r["layer"], share(r["share_with_sinks"]), share(r["mean_sink_share"]), share(r["mean_top_share"])]
+            for r in s["layers"]] + [["all", share(s["share_with_sinks"]), share(s["mean_sink_share"]),
+                                      share(s["mean_top_share"])]]  # fmt: skip
+    caption = (f"visual attention sinks: image tokens taking > {s['tau']:g} x a head's mean image attention; "
+               f"an even head's top-{s['top_k']} share is {share(s['uniform_top_share'])}, the sinks' mean object "
+               f"coverage {share(s['sink_coverage'])}")  # fmt: skip
+    return table(["layer", "(sample, head) with sinks", "sinks' share", f"top-{s['top_k']} share"], rows,
+                 id=f"sinks-{i}", cls="data statistics", caption=caption)  # fmt: skip
+
+
 def statistics(report: ReportInput) -> Section:
     def one(i: int, entry: StoreEntry) -> Markup:
         try:
             boot = bootstrap_table(i, entry, report.top_k, report.n_resamples)
         except ValueError as err:  # fewer than two scored images
             boot = paragraph(f"bootstrap not computed: {err}", "note")
-        return join([kruskal_table(i, entry), friedman_table(i, entry), boot])
+        return join([kruskal_table(i, entry), friedman_table(i, entry), boot, sinks_table(i, entry)])
 
     note = paragraph("Does Head Impact differ across layers / across heads? The paper's Kruskal–Wallis test "
                      "(scipy.stats.kruskal, on per-head HI and on per-sample IoU) beside Friedman tests that take "

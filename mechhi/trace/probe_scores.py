@@ -1,6 +1,6 @@
 """Every probe's score for every head of one store, side by side.
 
-Head Impact and the attention-mass lift are read from the store's maps; Head Pursuit and
+Head Impact, the attention-mass lift and spatial entropy are read from the store's maps; Head Pursuit and
 the logit lens need each head's write, so the store's own model is run on the store's
 own samples (its dataset, split and prompt, from the store's attrs). One pass of head
 writes feeds both. What `mechhi rank --compare-probes` correlates and what
@@ -8,7 +8,8 @@ writes feeds both. What `mechhi rank --compare-probes` correlates and what
 
 Scores, one (layer, head) variable per probe, higher = the probe thinks the head matters
 more for the image: ``head_impact`` (mean IoU), ``attention_mass`` (object lift),
-``pursuit`` (SOMP explained variance of the concept), ``logit_lens`` (mean direct
+``spatial_entropy`` (how often the head is among a sample's most focused image-attending
+heads, Kang et al. 2025's selection frequency; it never sees the object's mask), ``pursuit`` (SOMP explained variance of the concept), ``logit_lens`` (mean direct
 logit of the concept's words).
 
 >>> scores = probe_scores(open_store("stores/toy.zarr"))        # doctest: +SKIP
@@ -26,7 +27,7 @@ import xarray as xr
 from ..models import VLMAdapter
 from ..toyworld.world import COLOURS
 
-PROBES = ("head-impact", "attention-mass", "pursuit", "logit-lens")
+PROBES = ("head-impact", "attention-mass", "spatial-entropy", "pursuit", "logit-lens")
 NEED_MODEL = ("pursuit", "logit-lens")
 
 
@@ -90,6 +91,10 @@ def _store_scores(ds: xr.Dataset, probes: Sequence[str]) -> dict[str, xr.DataArr
         from probes.attention_mass import attention_mass, head_means
 
         out["attention_mass"] = head_means(attention_mass(ds))["object_lift"]
+    if "spatial-entropy" in probes:
+        from probes.spatial_entropy import localization, select_heads
+
+        out["spatial_entropy"] = select_heads(localization(ds))["selection_frequency"]
     return out
 
 
