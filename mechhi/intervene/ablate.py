@@ -55,7 +55,8 @@ from .cache import ResultCache
 from .effects import paired_change, seed_spread, summary
 from .head_sets import CONTROLS, bottom_heads, overlap, per_layer, random_control, top_heads
 from .heads import Head
-from .session import MODES, Session, default_store, progress_bar, write_report
+from ..progress import tracked
+from .session import MODES, Session, default_store, write_report
 
 # metric -> (per-sample values it is computed from, transform of their mean)
 METRICS = {"perplexity": ("nll", "exp"), "vqa_accuracy": ("vqa_correct", "identity"), "ans_prob": ("ans_prob", "identity")}
@@ -228,7 +229,7 @@ def run_ablate(config: AblateConfig = AblateConfig(), *, progress: bool = True,
     scores = probe_head_scores(session, config, cache)
     setups = plan(config, scores, session.ds.sizes["layer"], session.ds.sizes["head"])
     data = EvalData(config.dataset, config.split, config.limit, config.vqa_seed, progress)
-    results = [_setup_values(session, config, data, cache, s) for s in progress_bar(setups, progress, "ablating")]
+    results = [_setup_values(session, config, data, cache, s) for s in tracked(setups, "ablating", show=progress, transient=True)]
     base, top = results[0][0], setups[1].heads
     entries = [_entry(s, values, base, top, cached) for s, (values, cached) in zip(setups, results)]
     report = {

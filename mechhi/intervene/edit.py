@@ -64,7 +64,8 @@ from .cache import ResultCache
 from .effects import paired_change, paired_ratio, ratio_change, seed_spread, summary
 from .head_sets import overlap, per_layer, random_matched, top_heads
 from .heads import Head, HeadEdit
-from .session import Session, default_store, progress_bar, write_report
+from ..progress import tracked
+from .session import Session, default_store, write_report
 
 # The toy world's concepts: its colour words, and the shapes its scenes draw.
 CONCEPTS = {"colour": tuple(COLOURS), "shape": WorldConfig().shapes}
@@ -269,7 +270,7 @@ def run_edit(config: EditConfig = EditConfig(), *, progress: bool = True,
     plan += [(f"matched (seed {s})", "matched", s, random_matched(top, n_heads=n_heads, seed=s)) for s in config.seeds]
     directory, data, samples = caption_samples(config.dataset, config.split, config.images, progress)
     results = [_captions(session, config, samples, data.fingerprint, heads, cache)
-               for *_, heads in progress_bar(plan, progress, "captioning")]  # fmt: skip
+               for *_, heads in tracked(plan, "captioning", show=progress, transient=True)]  # fmt: skip
     base = _counts(results[0][0], samples, config)
     entries = [_entry(name, kind, seed, heads, top, captions, samples, base, config, cached)
                for (name, kind, seed, heads), (captions, cached) in zip(plan, results)]  # fmt: skip

@@ -127,10 +127,3 @@ def write_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
     path.write_text(json.dumps(ready, indent=1, default=json_default) + "\n")
     return ready
 
-
-def progress_bar(items: list[Any], show: bool, label: str) -> Any:
-    """Iterate ``items`` with a progress bar on stderr (stdout carries only the result)."""
-    from rich.console import Console
-    from rich.progress import track
-
-    return track(items, description=label, console=Console(stderr=True), disable=not show, transient=True)
