@@ -103,24 +103,23 @@ def _non_finite(value: Any) -> bool:
 
 
 def _finite_options(command: Any) -> None:
-    """Wrap ``command``'s callback (and those of its subcommands) so that a NaN or infinite
-    value of any float option is refused, naming the option, before the command runs."""
+    """Make every parameter of ``command`` (and of its subcommands) refuse a NaN or
+    infinite value, naming the option, while the command line is parsed: before any work."""
     for sub in getattr(command, "commands", {}).values():
         _finite_options(sub)
-    callback = command.callback
-    if callback is None or getattr(callback, "_finite_checked", False):
-        return
-    params = {p.name: p for p in command.params}
+    for param in command.params:
+        if getattr(param, "_finite_checked", False):
+            continue
+        parse = param.process_value
 
-    @functools.wraps(callback)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        for name, value in kwargs.items():
+        def checked(ctx: Any, value: Any, parse: Callable = parse, param: Any = param) -> Any:
+            value = parse(ctx, value)
             if _non_finite(value):
-                raise typer.BadParameter(f"{value} is not a finite number", param=params.get(name))
-        return callback(*args, **kwargs)
+                raise typer.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+            return value
 
-    checked._finite_checked = True  # type: ignore[attr-defined]
-    command.callback = checked
+        param.process_value = checked
+        param._finite_checked = True
 
 
 class OneLineErrors(TyperGroup):

@@ -36,7 +36,7 @@ def rank(
     store: StoreOpt,
     probe: Annotated[str, typer.Option(help="Scoring probe: head-impact, or attention-mass (soft baselines: "
                                             "layers by the object's share of image attention over its area share).")] = "head-impact",
-    top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers.")] = None,
+    top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers (and with --json their heads).")] = None,
     mask_threshold: MaskThresholdOpt = 0.5,
     keep_best: KeepBestOpt = True,
     compare_probes: Annotated[bool, typer.Option("--compare-probes", help="Instead: rank correlations (Spearman, "
@@ -47,7 +47,10 @@ def rank(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Rank layers by mean Head Impact over heads (best first), or by an attention-mass baseline."""
+    """Rank layers by mean Head Impact over heads (best first), or by an attention-mass baseline.
+
+    With --json also every head of the layers shown, best first: its score, standard error over samples and n.
+    """
     if compare_probes:
         return print_probe_agreement(store, words, device, as_json)
     if probe not in PROBES:
@@ -58,6 +61,7 @@ def rank(
         ds = scored(store, mask_threshold, keep_best)
         ranking = layer_ranking(ds)
         columns = {"mean_hi": ranking}
+        per_head, head_key = ds["iou"], "hi"
         extra = {"binarize": ds.attrs.get("binarize")}
         title = "Head Impact"
     else:
@@ -68,6 +72,7 @@ def rank(
         mass = attention_mass(ds)
         ranking, per_layer = mass_ranking(mass), layer_means(mass)  # means of an (S, L, H) array: cheap twice
         columns = {f"mean_{m}": per_layer[m].sel(layer=ranking.layer) for m in reversed(MEASURES)}
+        per_head, head_key = mass["object_lift"], "object_lift"
         extra, title = {}, "Attention mass (object lift = object share / object area share)"
     rows = [
         {"rank": i + 1, "layer": int(layer), "depth": float(ranking.depth[i]),
@@ -77,7 +82,8 @@ def rank(
     shown = rows[:top] if top else rows
     if as_json:
         print_json({"store": str(store), "model": ds.attrs.get("model"), "probe": probe, **extra,
-                    "samples_done": int(ds.done.sum()), "n_layers": len(rows), "layers": shown})  # fmt: skip
+                    "samples_done": int(ds.done.sum()), "n_layers": len(rows), "layers": shown,
+                    "heads": head_rows(per_head, head_key, [row["layer"] for row in shown])})  # fmt: skip
         return
     table = Table(title=f"{title} by layer: {ds.attrs.get('model')}")
     headers = {"mean_hi": "mean HI", "mean_object_lift": "object lift", "mean_object_share": "object share",
@@ -88,6 +94,19 @@ def rank(
         values = ["n/a" if row[name] is None else f"{row[name]:.4f}" for name in columns]
         table.add_row(str(row["rank"]), str(row["layer"]), f"{row['depth']:.2f}", *values)
     console.print(table)
+
+
+def head_rows(per_sample, key: str, layers: list[int]) -> list[dict]:
+    """Every head of ``layers``, best first: its score (the mean over samples of
+    ``per_sample``, (sample, layer, head)) as ``key``, its standard error and n."""
+    from probes.maps import sample_summary
+
+    summary = sample_summary(per_sample.sel(layer=layers))
+    rows = [{"layer": int(layer), "head": int(head), key: _finite(summary["mean"].sel(layer=layer, head=head)),
+             "se": _finite(summary["se"].sel(layer=layer, head=head)), "n": int(summary["n"].sel(layer=layer, head=head))}
+            for layer in layers for head in summary["head"].values]  # fmt: skip
+    rows.sort(key=lambda r: -r[key] if r[key] is not None else float("inf"))
+    return [{"rank": i + 1, **row} for i, row in enumerate(rows)]
 
 
 @app.command()

@@ -154,7 +154,8 @@ def probe_head_scores(session: Session, config: AblateConfig, cache: ResultCache
     from ..trace.probe_scores import ModelProbeSettings, probe_scores, variable
 
     settings = ModelProbeSettings(words=config.words, device=config.device, dtype=config.dtype)
-    fields = {**session.store_fields(), "probe": config.probe, "settings": asdict(settings), "numerics": session.numerics}
+    fields = {**session.store_fields(), "probe": config.probe, "settings": asdict(settings), "model": session.model_name,
+              "numerics": session.numerics}  # fmt: skip
 
     def compute() -> list:
         loaded = session.model if config.probe in ("pursuit", "logit-lens") else None
