@@ -14,9 +14,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import rich
 import typer
@@ -141,8 +140,8 @@ class OneLineErrors(TyperGroup):
             self._refuse(error)
 
     @staticmethod
-    def _refuse(error: typer.TyperException) -> None:
-        if type(error).__name__ == "NoArgsIsHelpError" or not hasattr(error, "format_message"):
+    def _refuse(error: typer.TyperException) -> NoReturn:
+        if type(error).__name__ == "NoArgsIsHelpError":  # named as typer itself tells it apart
             raise error  # `mechhi` alone: its help, as asked
         usage_error_line(error)
         raise typer.Exit(1) from None

@@ -89,9 +89,10 @@ def print_finetune(summary: dict) -> None:
     for name in ("adapter", "layers", "best val loss", "at step", "total, #", "trainable, #", "trainable, %"):
         table.add_column(name, justify="left" if name == "adapter" else "right")
     best = summary["best_val_loss"]
-    table.add_row(summary["out"], ",".join(map(str, summary["layers"])) or "-",
-                  "n/a" if best is None or not math.isfinite(best) else f"{best:.4f}", str(summary["best_step"]),
-                  f"{int(params['total']):,}", f"{int(params['trainable']):,}", f"{params['trainable_pct']:.4f}")  # fmt: skip
+    shown_best = "n/a" if best is None or not math.isfinite(best) else f"{best:.4f}"
+    counts = (f"{int(params['total']):,}", f"{int(params['trainable']):,}", f"{params['trainable_pct']:.4f}")
+    table.add_row(summary["out"], ",".join(map(str, summary["layers"])) or "-", shown_best, str(summary["best_step"]),
+                  *counts)  # fmt: skip
     console.print(table)
     if summary.get("stopped_early"):
         console.print("stopped early: the validation loss stopped improving")

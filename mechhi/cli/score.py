@@ -36,7 +36,8 @@ def rank(
     store: StoreOpt,
     probe: Annotated[str, typer.Option(help="Scoring probe: head-impact, or attention-mass (soft baselines: "
                                             "layers by the object's share of image attention over its area share).")] = "head-impact",
-    top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers (and with --json their heads).")] = None,
+    top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers (with --json: and their "
+                                                           "heads).")] = None,
     mask_threshold: MaskThresholdOpt = 0.5,
     keep_best: KeepBestOpt = True,
     compare_probes: Annotated[bool, typer.Option("--compare-probes", help="Instead: rank correlations (Spearman, "
@@ -102,9 +103,12 @@ def head_rows(per_sample, key: str, layers: list[int]) -> list[dict]:
     from probes.maps import sample_summary
 
     summary = sample_summary(per_sample.sel(layer=layers))
-    rows = [{"layer": int(layer), "head": int(head), key: _finite(summary["mean"].sel(layer=layer, head=head)),
-             "se": _finite(summary["se"].sel(layer=layer, head=head)), "n": int(summary["n"].sel(layer=layer, head=head))}
-            for layer in layers for head in summary["head"].values]  # fmt: skip
+    rows = []
+    for layer in layers:
+        for head in summary["head"].values:
+            cell = summary.sel(layer=layer, head=head)
+            rows.append({"layer": int(layer), "head": int(head), key: _finite(cell["mean"]), "se": _finite(cell["se"]),
+                         "n": int(cell["n"])})  # fmt: skip
     rows.sort(key=lambda r: -r[key] if r[key] is not None else float("inf"))
     return [{"rank": i + 1, **row} for i, row in enumerate(rows)]
 

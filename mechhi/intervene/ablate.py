@@ -154,8 +154,8 @@ def probe_head_scores(session: Session, config: AblateConfig, cache: ResultCache
     from ..trace.probe_scores import ModelProbeSettings, probe_scores, variable
 
     settings = ModelProbeSettings(words=config.words, device=config.device, dtype=config.dtype)
-    fields = {**session.store_fields(), "probe": config.probe, "settings": asdict(settings), "model": session.model_name,
-              "numerics": session.numerics}  # fmt: skip
+    fields = {**session.store_fields(), "probe": config.probe, "settings": asdict(settings),
+              "model": session.model_name, "numerics": session.numerics}  # fmt: skip
 
     def compute() -> list:
         loaded = session.model if config.probe in ("pursuit", "logit-lens") else None
@@ -230,7 +230,8 @@ def run_ablate(config: AblateConfig = AblateConfig(), *, progress: bool = True,
     scores = probe_head_scores(session, config, cache)
     setups = plan(config, scores, session.ds.sizes["layer"], session.ds.sizes["head"])
     data = EvalData(config.dataset, config.split, config.limit, config.vqa_seed, progress)
-    results = [_setup_values(session, config, data, cache, s) for s in tracked(setups, "ablating", show=progress, transient=True)]
+    results = [_setup_values(session, config, data, cache, s)
+               for s in tracked(setups, "ablating", show=progress, transient=True)]  # fmt: skip
     base, top = results[0][0], setups[1].heads
     entries = [_entry(s, values, base, top, cached) for s, (values, cached) in zip(setups, results)]
     report = {

@@ -178,8 +178,8 @@ def pursuit_scores(session: Session, config: EditConfig, cache: ResultCache) -> 
 
     settings = ModelProbeSettings(words=config.concept_words, k=min(config.pursuit_k, len(config.concept_words)),
                                   positions=config.positions, device=config.device, dtype=config.dtype)  # fmt: skip
-    fields = {**session.store_fields(), "probe": "pursuit", "settings": asdict(settings), "model": session.model_name,
-              "numerics": session.numerics}  # fmt: skip
+    fields = {**session.store_fields(), "probe": "pursuit", "settings": asdict(settings),
+              "model": session.model_name, "numerics": session.numerics}  # fmt: skip
 
     def compute() -> list:
         result = probe_scores(session.ds, ["pursuit"], settings=settings, loaded=session.model, progress=session.progress)

@@ -113,8 +113,8 @@ def check_shape(ds: xr.Dataset, store: Path, model_name: str, adapter: VLMAdapte
     stored = (ds.sizes["layer"], ds.sizes["head"])
     model = (adapter.n_layers, adapter.n_heads)
     if stored != model:
-        raise ValueError(f"the store {store} and the model {model_name} disagree: the store has {stored[0]} layers x "
-                         f"{stored[1]} heads ({ds.attrs.get('model')}), the model {model[0]} x {model[1]}; "
+        raise ValueError(f"the store {store} and the model {model_name} disagree: the store has {stored[0]} "
+                         f"layers x {stored[1]} heads ({ds.attrs.get('model')}), the model {model[0]} x {model[1]}; "
                          "pass the store's model, or trace a store with this one")  # fmt: skip
 
 
