@@ -112,6 +112,18 @@ def mean_over(values: xr.DataArray | xr.Dataset, dim: str):
         return values.mean(dim, skipna=True)
 
 
+def sample_summary(values: xr.DataArray) -> xr.Dataset:
+    """Per cell, over ``sample`` (NaN skipped): ``mean``, its standard error ``se``
+    (sample sd, ddof 1, over sqrt(n); NaN for n < 2) and ``n``, in float64."""
+    x = values.astype(np.float64)
+    n = x.notnull().sum("sample")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sd = x.std("sample", ddof=1, skipna=True)
+    se = (sd / np.sqrt(n)).where(n >= 2)
+    return xr.Dataset({"mean": mean_over(x, "sample"), "se": se, "n": n})
+
+
 def rank_layers(per_layer: xr.DataArray, name: str) -> xr.DataArray:
     """A per-layer score sorted best first (NaN last, ties by layer), keeping the
     ``layer`` dim (so ``.sel(layer=3)`` works) with a ``rank`` coord (1 = best)."""

@@ -18,11 +18,13 @@ from mechhi.cli import app
 
 def invoke(args: Sequence[str], *, exit_code: int | None = 0) -> Result:
     """Run ``mechhi args...`` in-process; check the exit code (None: any) and that an
-    error is reported in one line on stderr with no traceback."""
+    error is reported in one line on stderr with no traceback and no usage box."""
     result = CliRunner().invoke(app, [str(a) for a in args])
     if exit_code is not None:
         assert result.exit_code == exit_code, f"exit {result.exit_code}, wanted {exit_code}:\n{result.output}"
     assert "Traceback" not in result.output, result.output
+    if result.exit_code != 0:  # a bad command line too: one line, not typer's usage box
+        assert "╭" not in result.stderr and not result.stderr.startswith("Usage:"), result.stderr
     if result.exit_code == 1 and "error" in result.stderr:
         errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and not result.stderr.split(errors[0], 1)[1].strip(), result.stderr

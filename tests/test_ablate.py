@@ -16,6 +16,8 @@ from mechhi.evaluate.metrics import closed_vqa, perplexity
 from mechhi.intervene.ablate import AblateConfig, EvalData, run_ablate
 from mechhi.intervene.head_sets import depth_bins, per_layer
 from tests.causal_fixtures import STORE_SAMPLES, held_out, hooked, toy_model, toy_store  # noqa: F401  (fixtures)
+from tests.helpers import invoke, one_line_error
+from tests.test_edit import shallow_model  # noqa: F401  (fixture)
 
 
 def config(toy_store, held_out, out, **kw) -> AblateConfig:  # noqa: F811
@@ -155,3 +157,13 @@ def test_every_evaluate_metric_runs_under_an_edit(toy_model, held_out):  # noqa:
     for metric in ("perplexity", "token_accuracy", "vqa_accuracy", "ans_prob"):
         assert result[metric]["mean"] == pytest.approx(expected[metric]["mean"], rel=1e-5), metric
     assert result["perplexity"]["mean"] != pytest.approx(evaluate_model(model, adapter, split, settings=settings)["perplexity"]["mean"])
+
+
+def test_n_heads_out_of_range_is_one_line_and_a_model_of_another_depth_is_refused(toy_store, held_out, shallow_model,
+                                                                                  tmp_path):  # noqa: F811
+    base = ["ablate", "--store", toy_store, "--dataset", held_out, "--limit", "4", "--n-heads", "2", "--seeds", "1",
+            "--controls", "matched", "--out", tmp_path, "--device", "cpu"]  # fmt: skip
+    line = one_line_error(invoke([*base, "--n-heads", "0"], exit_code=1))
+    assert "'--n-heads'" in line and "greater than or equal to 1" in line, line
+    line = one_line_error(invoke([*base, "--model", shallow_model], exit_code=1))
+    assert "disagree" in line and "12 layers x 4 heads" in line and "6 x 4" in line, line

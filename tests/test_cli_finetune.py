@@ -101,3 +101,21 @@ def test_experiment_json_is_all_of_stdout_progress_goes_to_stderr_and_a_rerun_sa
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and json.loads(again.stdout)["table4"] == report["table4"]
     assert "nothing was trained again" in again.stderr and "[1/6]" not in again.stderr
+
+
+def test_finetune_logs_its_steps_while_stderr_is_a_file(world):
+    """Under CliRunner stderr is not a terminal (as with `2> log`): a plain line per step here (2 steps)."""
+    assert re.search(r"^fine-tuning: 1/2 \(50%\) \d+\.\d s loss \d", world["first"].stderr, re.M), world["first"].stderr
+    assert re.search(r"^fine-tuning: 2/2 \(100%\) \d+\.\d s loss \d", world["first"].stderr, re.M)
+
+
+def test_finetune_prints_a_table_not_a_python_dict(world):
+    summary = json.loads(world["first"].stdout)
+    table = runner.invoke(app, [a for a in world["finetune"] if a != "--json"])  # the finished run: no training
+    assert table.exit_code == 0, table.stderr
+    assert "{" not in table.stdout and "'total'" not in table.stdout, table.stdout
+    row = next(line for line in table.stdout.splitlines() if str(summary["out"])[-20:] in line)
+    params = summary["params"]
+    for cell in (f"{params['total']:,}", f"{params['trainable']:,}", f"{params['trainable_pct']:.4f}",
+                 f"{summary['best_val_loss']:.4f}"):  # fmt: skip
+        assert cell in row, (cell, row)

@@ -14,6 +14,7 @@ from mechhi.evaluate.generate import generate_captions
 from mechhi.intervene.edit import EditConfig, caption_samples, count_words, run_edit
 from mechhi.toyworld.world import COLOURS
 from tests.causal_fixtures import STORE_SAMPLES, held_out, hooked, toy_model, toy_store  # noqa: F401  (fixtures)
+from tests.helpers import invoke, one_line_error
 
 SHAPES = ("circle", "square", "triangle", "star")
 
@@ -84,6 +85,12 @@ def test_config_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="both the concept and the control: \\['red'\\]"):
         EditConfig(words=("red", "blue"), control_words=("red", "circle"))
     assert EditConfig(concept="shape").control == tuple(COLOURS)
+    with pytest.raises(ValueError, match="--words needs --control-words"):
+        EditConfig(words=("red", "blue"))
+    assert EditConfig(words=("red", "blue"), control_words=("circle", "star")).control == ("circle", "star")
+    for alpha in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="not a finite number"):
+            EditConfig(alpha=alpha)
 
 
 def test_cli_json_table_and_errors(toy_store, held_out, tmp_path):  # noqa: F811
@@ -98,3 +105,34 @@ def test_cli_json_table_and_errors(toy_store, held_out, tmp_path):  # noqa: F811
     assert table.exit_code == 0 and "top-1" in table.stdout and "First captions" in table.stdout
     failed = runner.invoke(app, [*base, "--concept", "texture"])
     assert failed.exit_code == 1 and "--concept 'texture'" in failed.output and "Traceback" not in failed.output
+
+
+@pytest.fixture(scope="module")
+def shallow_model(tmp_path_factory):
+    """A tiny Qwen2-VL with the toy's words but 6 decoder layers (the toy has 12)."""
+    from mechhi.models.qwen2_vl import Qwen2VLAdapter
+    from mechhi.toyworld.model import vocabulary
+
+    directory = tmp_path_factory.mktemp("shallow")
+    Qwen2VLAdapter.build_tiny(directory, words=vocabulary(), layers=6, heads=4)
+    return directory
+
+
+def test_bad_options_are_refused_in_one_line_before_any_work(toy_store, held_out, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    base = ["edit", "--store", toy_store, "--dataset", held_out, "--out", out, "--device", "cpu"]
+    for bad, words in ((["--alpha", "nan"], ("'--alpha'", "not a finite number")),
+                       (["--alpha", "-inf"], ("'--alpha'", "not a finite number")),
+                       (["--k", "0"], ("'--k'", "greater than or equal to 1")),
+                       (["--words", "red,blue"], ("--words needs --control-words",))):  # fmt: skip
+        line = one_line_error(invoke([*base, *bad], exit_code=1))
+        assert all(w in line for w in words), line
+    assert not out.exists()  # nothing cached, no edit.json
+
+
+def test_a_model_of_another_depth_is_refused_saying_both(toy_store, held_out, shallow_model, tmp_path):  # noqa: F811
+    line = one_line_error(invoke(["edit", "--store", toy_store, "--dataset", held_out, "--model", shallow_model,
+                                  "--k", "1", "--seeds", "1", "--images", "2", "--out", tmp_path, "--device", "cpu"],
+                                 exit_code=1))  # fmt: skip
+    assert "disagree" in line and "12 layers x 4 heads" in line and "6 x 4" in line, line
+    assert "conflicting sizes" not in line

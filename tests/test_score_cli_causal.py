@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 from typer.testing import CliRunner
@@ -11,6 +15,7 @@ from typer.testing import CliRunner
 from mechhi.cli import app
 from mechhi.store import open_store
 from tests.causal_fixtures import toy_model, toy_store  # noqa: F401  (fixtures)
+from tests.helpers import invoke_json
 
 
 def test_stats_json_has_friedman_bootstrap_and_the_papers_test(toy_store):  # noqa: F811
@@ -84,3 +89,43 @@ def test_rank_compare_probes(toy_store):  # noqa: F811
     assert hi_mass["n"] == 48 and -1.0 <= hi_mass["spearman"] <= 1.0 and -1.0 <= hi_mass["kendall"] <= 1.0
     table = CliRunner().invoke(app, ["rank", "--store", str(toy_store), "--compare-probes", "--device", "cpu"])
     assert table.exit_code == 0 and "Probe agreement on head rankings" in table.stdout
+
+
+def _piped(*args: str) -> subprocess.CompletedProcess:
+    """``python -m mechhi args...`` with stdout a pipe (as under `> out.txt` or `| less`),
+    in a terminal 50 columns wide (COLUMNS): the width rich fitted tables to before."""
+    env = {**os.environ, "COLUMNS": "50"}
+    return subprocess.run([sys.executable, "-m", "mechhi", *args], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)  # fmt: skip
+
+
+def test_result_tables_keep_every_digit_when_stdout_is_piped(toy_store):  # noqa: F811
+    payload = invoke_json(["stats", "--store", toy_store, "--n-resamples", "100"])
+    result = _piped("stats", "--store", str(toy_store), "--n-resamples", "100")
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout, result.stdout
+    lines = result.stdout.splitlines()
+    for test in payload["friedman"]:  # every row whole: its full name, statistic and p-value on one line
+        row = next((line for line in lines if f" {test['test']} " in line), None)
+        assert row is not None and f"{test['statistic']:.2f}" in row and f"{test['p_value']:.3g}" in row, (test, row)
+
+
+def test_rank_json_has_every_head_of_the_layers_shown(toy_store):  # noqa: F811
+    payload = invoke_json(["rank", "--store", toy_store, "--top", "2"])
+    layers = [row["layer"] for row in payload["layers"]]
+    heads = payload["heads"]
+    assert len(layers) == 2 and len(heads) == 2 * 4 and {h["layer"] for h in heads} == set(layers)
+    iou = open_store(toy_store).iou.values.astype(np.float64)  # (S, L, H): each head by hand
+    for h in heads:
+        values = iou[:, h["layer"], h["head"]]
+        values = values[~np.isnan(values)]
+        assert h["n"] == values.size == 12
+        assert h["hi"] == pytest.approx(values.mean(), rel=1e-12)
+        assert h["se"] == pytest.approx(values.std(ddof=1) / np.sqrt(values.size), rel=1e-9)
+    assert [h["hi"] for h in heads] == sorted((h["hi"] for h in heads), reverse=True)
+    assert [h["rank"] for h in heads] == list(range(1, 9))
+    for layer in payload["layers"]:  # a layer's mean HI is its heads' mean
+        mine = [h["hi"] for h in heads if h["layer"] == layer["layer"]]
+        assert layer["mean_hi"] == pytest.approx(np.mean(mine), rel=1e-6)
+    mass = invoke_json(["rank", "--store", toy_store, "--probe", "attention-mass"])
+    assert len(mass["heads"]) == 12 * 4 and {"object_lift", "se", "n"} <= set(mass["heads"][0])

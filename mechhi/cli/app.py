@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import typer
 
+from .common import OneLineErrors
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Find the attention heads of a vision-language model that look at key objects; fine-tune by them.",

@@ -11,17 +11,40 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import rich
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
+from typer.core import TyperGroup
+
+# Width of the results console when stdout is not a terminal: wider than any table, so
+# rich never cuts a column to fit (a p-value printed as "2.11e…").
+UNCUT_WIDTH = 10_000
+
+
+class ResultConsole(Console):
+    """stdout's console: a terminal's width on a terminal; written to a file or a pipe
+    (`mechhi stats > out.txt`, `| less`), as wide as the result needs, whatever the
+    terminal around it or $COLUMNS says, so no number loses digits."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(UNCUT_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
 
 rich.reconfigure(stderr=True, soft_wrap=True)  # progress bars and stray rich output: stderr
-console = Console(soft_wrap=True)  # results; one message line stays one line
+console = ResultConsole(soft_wrap=True)  # results; one message line stays one line
 err_console = Console(stderr=True, soft_wrap=True)
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Path of a mechhi zarr store.")]
@@ -71,6 +94,67 @@ def _store_read_error(store: Any, error: BaseException) -> str | None:
     from mechhi.store import explain_read_error
 
     return explain_read_error(store, error)
+
+
+def usage_error_line(error: typer.TyperException) -> None:
+    """Print a parsing error (an option's bad value, an unknown option, a missing
+    argument) as the one ``error:`` line every other bad input gets."""
+    message = " ".join(error.format_message().split())
+    context = getattr(error, "ctx", None)
+    hint = f" (see {context.command_path} --help)" if context is not None else ""
+    err_console.print(f"[red]error[/]: {escape(message)}{escape(hint)}", highlight=False)
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, (list, tuple)) and any(_non_finite(v) for v in value)
+
+
+def _finite_options(command: Any) -> None:
+    """Make every parameter of ``command`` (and of its subcommands) refuse a NaN or
+    infinite value, naming the option, while the command line is parsed: before any work."""
+    for sub in getattr(command, "commands", {}).values():
+        _finite_options(sub)
+    for param in command.params:
+        if getattr(param, "_finite_checked", False):
+            continue
+        parse = param.process_value
+
+        def checked(ctx: Any, value: Any, parse: Callable = parse, param: Any = param) -> Any:
+            value = parse(ctx, value)
+            if _non_finite(value):
+                raise typer.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+            return value
+
+        param.process_value = checked
+        param._finite_checked = True
+
+
+class OneLineErrors(TyperGroup):
+    """The ``mechhi`` group: every error of parsing the command line (a value out of its
+    range, not a number, NaN or infinite; an unknown option) is one ``error:`` line and
+    exit code 1, like every other bad input, instead of typer's usage box and code 2."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        _finite_options(self)
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except typer.TyperException as error:
+            self._refuse(error)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as error:
+            self._refuse(error)
+
+    @staticmethod
+    def _refuse(error: typer.TyperException) -> NoReturn:
+        if type(error).__name__ == "NoArgsIsHelpError":  # named as typer itself tells it apart
+            raise error  # `mechhi` alone: its help, as asked
+        usage_error_line(error)
+        raise typer.Exit(1) from None
 
 
 def _finite(value: Any) -> float | None:

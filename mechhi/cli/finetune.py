@@ -8,6 +8,7 @@ the result alone: a table, or JSON with ``--json``.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,9 +79,23 @@ def finetune(
     if as_json:
         print_json(summary)
     else:
-        console.print(f"adapter: [bold]{summary['out']}[/]  layers {summary['layers']}  "
-                      f"best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']}  "
-                      f"trainable {summary['params']}")  # fmt: skip
+        print_finetune(summary)
+
+
+def print_finetune(summary: dict) -> None:
+    """The trained adapter in one table row, with Table 5's parameter columns."""
+    params = summary["params"]
+    table = Table(title="Fine-tuned LoRA adapter")
+    for name in ("adapter", "layers", "best val loss", "at step", "total, #", "trainable, #", "trainable, %"):
+        table.add_column(name, justify="left" if name == "adapter" else "right")
+    best = summary["best_val_loss"]
+    shown_best = "n/a" if best is None or not math.isfinite(best) else f"{best:.4f}"
+    counts = (f"{int(params['total']):,}", f"{int(params['trainable']):,}", f"{params['trainable_pct']:.4f}")
+    table.add_row(summary["out"], ",".join(map(str, summary["layers"])) or "-", shown_best, str(summary["best_step"]),
+                  *counts)  # fmt: skip
+    console.print(table)
+    if summary.get("stopped_early"):
+        console.print("stopped early: the validation loss stopped improving")
 
 
 def _is_main_process() -> bool:

@@ -135,7 +135,8 @@ def edit(
     store: DefaultStoreOpt = None,
     concept: Annotated[str, typer.Option(help="Concept to edit: colour or shape (the toy world's words); the other is the control.")] = "colour",
     words: Annotated[Optional[str], typer.Option(help="The concept's words instead (comma-separated single tokens).")] = None,
-    control_words: Annotated[Optional[str], typer.Option(help="The control concept's words (with --words).")] = None,
+    control_words: Annotated[Optional[str], typer.Option(help="The control concept's words: required with "
+                                                         "--words (words the edit should leave alone).")] = None,
     k: Annotated[int, typer.Option(min=1, help="Heads edited: the concept's top K by Head Pursuit (SOMP).")] = 4,
     alpha: Annotated[float, typer.Option(help="Scale of the edited heads' outputs: -1 suppresses, > 1 enhances.")] = -1.0,
     seeds: SeedsOpt = 5,

@@ -40,7 +40,8 @@ def rank(
                                             "layers by the object's share of image attention over its area share), "
                                             "or spatial-entropy (Kang et al.'s localization heads: focused maps of "
                                             "heads that look at the image).")] = "head-impact",
-    top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers.")] = None,
+    top: Annotated[Optional[int], typer.Option(min=1, help="Show only the K best layers (with --json: and their "
+                                                           "heads).")] = None,
     mask_threshold: MaskThresholdOpt = 0.5,
     keep_best: KeepBestOpt = True,
     exclude_sinks: ExcludeSinksOpt = False,
@@ -56,7 +57,10 @@ def rank(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Rank layers by mean Head Impact over heads (best first), or by an attention-mass baseline."""
+    """Rank layers by mean Head Impact over heads (best first), or by an attention-mass baseline.
+
+    With --json also every head of the layers shown, best first: its score, standard error over samples and n.
+    """
     if compare_probes:
         return print_probe_agreement(store, words, device, as_json)
     if probe not in PROBES:
@@ -67,10 +71,12 @@ def rank(
         ds = scored(store, mask_threshold, keep_best, exclude_sinks, sink_tau)
         ranking = layer_ranking(ds)
         columns = {"mean_hi": ranking}
+        per_head, head_key = ds["iou"], "hi"
         extra = {"binarize": ds.attrs.get("binarize")}
         title = "Head Impact"
     elif probe == "spatial-entropy":
         ds, ranking, columns, extra = localization_ranking(store, per_sample_k)
+        per_head, head_key = None, None  # its heads: the selection in `extra`
         title = "Spatial entropy (localization heads, Kang et al. 2025)"
     else:
         from probes.attention_mass import MEASURES, attention_mass, layer_means
@@ -80,6 +86,7 @@ def rank(
         mass = attention_mass(ds)
         ranking, per_layer = mass_ranking(mass), layer_means(mass)  # means of an (S, L, H) array: cheap twice
         columns = {f"mean_{m}": per_layer[m].sel(layer=ranking.layer) for m in reversed(MEASURES)}
+        per_head, head_key = mass["object_lift"], "object_lift"
         extra, title = {}, "Attention mass (object lift = object share / object area share)"
     rows = [
         {"rank": i + 1, "layer": int(layer), "depth": float(ranking.depth[i]),
@@ -89,7 +96,9 @@ def rank(
     shown = rows[:top] if top else rows
     if as_json:
         print_json({"store": str(store), "model": ds.attrs.get("model"), "probe": probe, **extra,
-                    "samples_done": int(ds.done.sum()), "n_layers": len(rows), "layers": shown})  # fmt: skip
+                    "samples_done": int(ds.done.sum()), "n_layers": len(rows), "layers": shown,
+                    **({} if per_head is None else
+                       {"heads": head_rows(per_head, head_key, [row["layer"] for row in shown])})})  # fmt: skip
         return
     table = Table(title=f"{title} by layer: {ds.attrs.get('model')}")
     headers = {"mean_hi": "mean HI", "mean_object_lift": "object lift", "mean_object_share": "object share",
@@ -165,6 +174,22 @@ def print_localization_heads(extra: dict) -> None:
     console.print(table)
     console.print("selected: share of samples whose lowest-entropy candidates hold the head; thresholds at the "
                   "elbows of the sorted image attention and selection frequencies.")  # fmt: skip
+
+
+def head_rows(per_sample, key: str, layers: list[int]) -> list[dict]:
+    """Every head of ``layers``, best first: its score (the mean over samples of
+    ``per_sample``, (sample, layer, head)) as ``key``, its standard error and n."""
+    from probes.maps import sample_summary
+
+    summary = sample_summary(per_sample.sel(layer=layers))
+    rows = []
+    for layer in layers:
+        for head in summary["head"].values:
+            cell = summary.sel(layer=layer, head=head)
+            rows.append({"layer": int(layer), "head": int(head), key: _finite(cell["mean"]), "se": _finite(cell["se"]),
+                         "n": int(cell["n"])})  # fmt: skip
+    rows.sort(key=lambda r: -r[key] if r[key] is not None else float("inf"))
+    return [{"rank": i + 1, **row} for i, row in enumerate(rows)]
 
 
 @app.command()

@@ -33,10 +33,10 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
-from rich.progress import track
 
 from mechhi.data.format import DatasetError, DatasetWriter, ImageRecord, KeyObject, decode_mask, image_size
 from mechhi.data.paper import BuildReport
+from mechhi.progress import tracked
 
 Instances = Literal["largest", "unique"]
 INSTANCE_POLICIES = ("largest", "unique")
@@ -118,7 +118,7 @@ def build_from_coco(
     by_image = _group_annotations(data["annotations"], data["images"], names, keep, report)
     options = _Options(min_area, instances, skip_crowd, max_objects_per_image)
     with DatasetWriter(out_dir, overwrite=overwrite) as writer:
-        for image in track(data["images"], description="COCO", disable=not progress):
+        for image in tracked(data["images"], "COCO", show=progress):
             image_id = _image_id(image.get("id") if isinstance(image, dict) else None)
             if image_id is not None and image_id in writer.done_ids:
                 report.resumed_images += 1

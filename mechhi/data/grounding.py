@@ -399,7 +399,7 @@ def build_from_images(
     >>> report.objects_kept, report.dropped                             # doctest: +SKIP
     (412, {'no_phrase': 3, 'low_score': 97, 'empty_mask': 0, 'duplicate_phrase': 21})
     """
-    from rich.progress import Progress
+    from ..progress import progress_bar
 
     config = config or GroundingConfig()
     captions = _check_captions(captions, "argument") if captions is not None else {}
@@ -415,12 +415,11 @@ def build_from_images(
             return report
         florence = florence or load_florence(config)
         sam = sam or load_sam(config)
-        with Progress(disable=not progress, transient=False) as bar:
-            task = bar.add_task("grounding", total=len(todo))
+        with progress_bar("grounding", len(todo), show=progress) as bar:
             for start in range(0, len(todo), config.batch_size):
                 batch = todo[start : start + config.batch_size]
                 _build_batch(batch, writer, report, config, captions, florence, sam)
-                bar.update(task, advance=len(batch), description=f"grounding ({report.objects_kept} objects)")
+                bar.advance(len(batch), info=f"{report.objects_kept} objects")
     return report
 
 

@@ -38,9 +38,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import scipy.sparse
 from PIL import Image
-from rich.progress import track
 
 from mechhi.data.format import DatasetError, DatasetWriter, ImageRecord, KeyObject, image_size
+from mechhi.progress import tracked
 
 Duplicates = Literal["merge", "first", "separate", "drop"]
 DUPLICATE_POLICIES = ("merge", "first", "separate", "drop")
@@ -163,7 +163,7 @@ def build_from_paper(
     report.extra_mask_files = _extra_mask_files(masks_dir, entries)
     seen: set[str] = set()
     with DatasetWriter(out_dir, overwrite=overwrite) as writer:
-        for n, entry in enumerate(track(entries, description="paper dataset", disable=not progress)):
+        for n, entry in enumerate(tracked(entries, "paper dataset", show=progress)):
             converted = _convert_entry(n, entry, images_dir, masks_dir, seen, writer.done_ids, report)
             if converted is not None:
                 record, image_path = converted

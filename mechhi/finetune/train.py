@@ -234,20 +234,13 @@ def _validate(run: _Run, state: LoopState) -> None:
 
 @contextlib.contextmanager
 def _progress_bar(show: bool, total: int, start: int):
-    """Yields ``advance(loss, history)``; a rich bar on stderr when ``show``."""
-    if not show:
-        yield lambda loss, history: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """Yields ``advance(loss, history)``: a step done, on ``mechhi.progress``'s bar (stderr) when ``show``."""
+    from ..progress import progress_bar
 
-    columns = (TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("train", total=total, completed=start, info="")
+    with progress_bar("fine-tuning", total, show=show, completed=start) as bar:
 
         def advance(loss: float, history: History) -> None:
             val = f" val {history.val[-1]['loss']:.3f}" if history.val else ""
-            bar.update(task, advance=1, info=f"loss {loss:.3f}{val}")
+            bar.advance(1, info=f"loss {loss:.3f}{val}")
 
         yield advance

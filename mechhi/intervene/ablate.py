@@ -55,7 +55,8 @@ from .cache import ResultCache
 from .effects import paired_change, seed_spread, summary
 from .head_sets import CONTROLS, bottom_heads, overlap, per_layer, random_control, top_heads
 from .heads import Head
-from .session import MODES, Session, default_store, progress_bar, write_report
+from ..progress import tracked
+from .session import MODES, Session, default_store, write_report
 
 # metric -> (per-sample values it is computed from, transform of their mean)
 METRICS = {"perplexity": ("nll", "exp"), "vqa_accuracy": ("vqa_correct", "identity"), "ans_prob": ("ans_prob", "identity")}
@@ -153,7 +154,8 @@ def probe_head_scores(session: Session, config: AblateConfig, cache: ResultCache
     from ..trace.probe_scores import ModelProbeSettings, probe_scores, variable
 
     settings = ModelProbeSettings(words=config.words, device=config.device, dtype=config.dtype)
-    fields = {**session.store_fields(), "probe": config.probe, "settings": asdict(settings), "numerics": session.numerics}
+    fields = {**session.store_fields(), "probe": config.probe, "settings": asdict(settings),
+              "model": session.model_name, "numerics": session.numerics}  # fmt: skip
 
     def compute() -> list:
         loaded = session.model if config.probe in ("pursuit", "logit-lens") else None
@@ -228,7 +230,8 @@ def run_ablate(config: AblateConfig = AblateConfig(), *, progress: bool = True,
     scores = probe_head_scores(session, config, cache)
     setups = plan(config, scores, session.ds.sizes["layer"], session.ds.sizes["head"])
     data = EvalData(config.dataset, config.split, config.limit, config.vqa_seed, progress)
-    results = [_setup_values(session, config, data, cache, s) for s in progress_bar(setups, progress, "ablating")]
+    results = [_setup_values(session, config, data, cache, s)
+               for s in tracked(setups, "ablating", show=progress, transient=True)]  # fmt: skip
     base, top = results[0][0], setups[1].heads
     entries = [_entry(s, values, base, top, cached) for s, (values, cached) in zip(setups, results)]
     report = {

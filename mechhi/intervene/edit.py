@@ -49,6 +49,7 @@ Result (JSON-able dict):
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -64,7 +65,8 @@ from .cache import ResultCache
 from .effects import paired_change, paired_ratio, ratio_change, seed_spread, summary
 from .head_sets import overlap, per_layer, random_matched, top_heads
 from .heads import Head, HeadEdit
-from .session import Session, default_store, progress_bar, write_report
+from ..progress import tracked
+from .session import Session, default_store, write_report
 
 # The toy world's concepts: its colour words, and the shapes its scenes draw.
 CONCEPTS = {"colour": tuple(COLOURS), "shape": WorldConfig().shapes}
@@ -84,7 +86,7 @@ class EditConfig:
     store: str | None = None  # default: where `mechhi trace` writes by default
     concept: str = "colour"  # a named word set (colour | shape); the other one is the control
     words: tuple[str, ...] | None = None  # the concept's words instead of a named set
-    control_words: tuple[str, ...] | None = None  # the control's words instead of the other named set
+    control_words: tuple[str, ...] | None = None  # the control's words: required with ``words``
     k: int = 4  # heads edited: the top K by SOMP (Head Pursuit edits about 1-3% of a model's heads)
     alpha: float = -1.0  # -1 suppresses, > 1 enhances, 0 ablates
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # one matched random set per seed
@@ -103,6 +105,13 @@ class EditConfig:
     def __post_init__(self) -> None:
         if self.words is None and self.concept not in CONCEPTS:
             raise ValueError(f"--concept {self.concept!r}: choose from {', '.join(CONCEPTS)}, or give --words")
+        if self.words is not None and not self.control_words:
+            # No control would leave the edit's specificity unmeasured, and no word set can
+            # be drawn for an arbitrary model's vocabulary: the user names one.
+            raise ValueError("edit: --words needs --control-words, a concept the edit should leave alone "
+                             "(with --concept colour / shape the other set is the control)")  # fmt: skip
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"edit: --alpha {self.alpha} is not a finite number")
         if len(set(self.concept_words)) < 2:
             raise ValueError("edit: the concept needs at least two distinct words")
         if set(self.concept_words) & set(self.control):
@@ -119,7 +128,7 @@ class EditConfig:
         if self.control_words is not None:
             return tuple(self.control_words)
         others = [name for name in CONCEPTS if name != self.concept]
-        return CONCEPTS[others[0]] if self.words is None else ()
+        return CONCEPTS[others[0]]
 
 
 def words_of(text: str) -> list[str]:
@@ -169,7 +178,8 @@ def pursuit_scores(session: Session, config: EditConfig, cache: ResultCache) -> 
 
     settings = ModelProbeSettings(words=config.concept_words, k=min(config.pursuit_k, len(config.concept_words)),
                                   positions=config.positions, device=config.device, dtype=config.dtype)  # fmt: skip
-    fields = {**session.store_fields(), "probe": "pursuit", "settings": asdict(settings), "numerics": session.numerics}
+    fields = {**session.store_fields(), "probe": "pursuit", "settings": asdict(settings),
+              "model": session.model_name, "numerics": session.numerics}  # fmt: skip
 
     def compute() -> list:
         result = probe_scores(session.ds, ["pursuit"], settings=settings, loaded=session.model, progress=session.progress)
@@ -269,7 +279,7 @@ def run_edit(config: EditConfig = EditConfig(), *, progress: bool = True,
     plan += [(f"matched (seed {s})", "matched", s, random_matched(top, n_heads=n_heads, seed=s)) for s in config.seeds]
     directory, data, samples = caption_samples(config.dataset, config.split, config.images, progress)
     results = [_captions(session, config, samples, data.fingerprint, heads, cache)
-               for *_, heads in progress_bar(plan, progress, "captioning")]  # fmt: skip
+               for *_, heads in tracked(plan, "captioning", show=progress, transient=True)]  # fmt: skip
     base = _counts(results[0][0], samples, config)
     entries = [_entry(name, kind, seed, heads, top, captions, samples, base, config, cached)
                for (name, kind, seed, heads), (captions, cached) in zip(plan, results)]  # fmt: skip

@@ -62,11 +62,16 @@ class Session:
 
     @cached_property
     def model(self) -> tuple[Any, VLMAdapter]:
+        """The model, refused unless it has the store's layers and heads: the store's
+        scores pick heads by (layer, head), which mean nothing in a model of another shape."""
         if self.loaded is not None:
-            return self.loaded
-        from ..models.loading import load
+            loaded = self.loaded
+        else:
+            from ..models.loading import load
 
-        return load(self.model_name, device=self.device, dtype=self.dtype)
+            loaded = load(self.model_name, device=self.device, dtype=self.dtype)
+        check_shape(self.ds, self.store, self.model_name, loaded[1])
+        return loaded
 
     @cached_property
     def editor(self) -> HeadEditor:
@@ -103,6 +108,16 @@ class Session:
         return HeadEdit.mean_ablated(heads, self.reference_means)
 
 
+def check_shape(ds: xr.Dataset, store: Path, model_name: str, adapter: VLMAdapter) -> None:
+    """Refuse a model whose layers x heads are not the store's, saying both."""
+    stored = (ds.sizes["layer"], ds.sizes["head"])
+    model = (adapter.n_layers, adapter.n_heads)
+    if stored != model:
+        raise ValueError(f"the store {store} and the model {model_name} disagree: the store has {stored[0]} "
+                         f"layers x {stored[1]} heads ({ds.attrs.get('model')}), the model {model[0]} x {model[1]}; "
+                         "pass the store's model, or trace a store with this one")  # fmt: skip
+
+
 def json_ready(value: Any) -> Any:
     """``value`` with NaN as None and tuples as lists, so any JSON reader takes it."""
     if isinstance(value, np.generic):
@@ -127,10 +142,3 @@ def write_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
     path.write_text(json.dumps(ready, indent=1, default=json_default) + "\n")
     return ready
 
-
-def progress_bar(items: list[Any], show: bool, label: str) -> Any:
-    """Iterate ``items`` with a progress bar on stderr (stdout carries only the result)."""
-    from rich.console import Console
-    from rich.progress import track
-
-    return track(items, description=label, console=Console(stderr=True), disable=not show, transient=True)

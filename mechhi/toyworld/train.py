@@ -40,7 +40,7 @@ def _lr(step: int, config: ToyConfig) -> float:
 
 def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress: bool = True) -> Path:
     """Train the toy model into ``out_dir`` (weights, tokenizer, processor, training log)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ..progress import progress_bar
 
     torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
@@ -76,8 +76,6 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
         log_path.write_text("".join(line + "\n" for line in kept))
     elif log_path.exists():
         log_path.unlink()
-    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-               TimeRemainingColumn())  # fmt: skip
     began = time.time() - elapsed  # wall time across resumes
 
     def batches_of(step: int) -> TrainBatch | dict[str, TrainBatch]:
@@ -88,9 +86,8 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
     # Scenes for the next step are drawn and prepared in a thread while this step computes
     # (~8% of wall time; rendering and the processor release the GIL for much of it).
     # Batches are a pure function of the step, so this changes no number.
-    with Progress(*columns, disable=not progress) as bar, open(log_path, "a") as log, \
+    with progress_bar("training", total, show=progress, completed=start) as bar, open(log_path, "a") as log, \
             ThreadPoolExecutor(max_workers=1) as prefetch:  # fmt: skip
-        task = bar.add_task("train", total=total, completed=start, loss="")
         upcoming = prefetch.submit(batches_of, start)
         for step in range(start, total):
             prepared = upcoming.result()
@@ -130,7 +127,7 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
                      "seconds": round(time.time() - began, 1)}  # fmt: skip
             log.write(json.dumps(entry) + "\n")
             log.flush()
-            bar.update(task, advance=1, loss=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+            bar.advance(1, info=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
                 staging = checkpoint.with_suffix(".tmp")  # write then rename: a kill never leaves half a file
                 torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "option_probe": option_probe.state_dict(), "optimizer": optimizer.state_dict(),

@@ -462,8 +462,6 @@ def _check_meta(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
 
 
 def _progress(items: list[int], show: bool, label: str):
-    if not show:
-        return items
-    from rich.progress import track
+    from ..progress import tracked
 
-    return track(items, description=label)
+    return tracked(items, label, show=show)

@@ -329,7 +329,7 @@ def _trace_pending(
     """Pending samples in length-bucketed batches: prepared by the loader's workers,
     traced here, written by the writer thread (which also advances the bar and runs
     ``on_batch`` after each batch is flagged done)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ..progress import progress_bar
 
     tracer = AttentionTracer(model, adapter)
     batches = bucketed_batches(pending, sequence_lengths(adapter, samples, fields, grids), config.batch_size,
@@ -337,14 +337,12 @@ def _trace_pending(
     prepared = batch_loader(samples, fields, adapter, config.template, batches, config.workers(tracer.device))
     max_grid = _max_grids(grids)
     opened = open_store(path)  # the schema, to check each batch against without reopening
-    columns = (TextColumn("tracing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:  # the CLI's default console is stderr
-        task = bar.add_task("trace", total=len(samples), completed=len(samples) - len(pending))
+    with progress_bar("tracing", len(samples), show=progress, completed=len(samples) - len(pending)) as bar:
 
         def write_done(job: tuple[int, LoadedBatch, np.ndarray]) -> None:
             number, loaded, cube = job
             write(path, loaded, cube, grids, max_grid, config.maps, opened)
-            bar.advance(task, len(loaded.indices))
+            bar.advance(len(loaded.indices))
             if on_batch is not None:
                 on_batch(number, loaded.indices)
 

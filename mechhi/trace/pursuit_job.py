@@ -83,19 +83,16 @@ def head_signals(
     template: str = "caption", progress: bool = True,
 ) -> xr.DataArray:  # fmt: skip
     """(sample, layer, head, hidden) per-head writes, averaged over ``positions``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ..progress import progress_bar
 
     tracer = HeadOutputTracer(model, adapter)
     chunks = []
-    columns = (TextColumn("head outputs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:  # stdout is for results
-        task = bar.add_task("pursuit", total=len(samples))
+    with progress_bar("head outputs", len(samples), show=progress) as bar:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             batch = adapter.prepare([s.image() for s in chunk], [s.description for s in chunk], template=template)
             chunks.append(tracer.trace(batch, positions=positions))
-            bar.advance(task, len(chunk))
+            bar.advance(len(chunk))
     values = np.concatenate(chunks)
     n_layers = values.shape[1]
     return xr.DataArray(
