@@ -152,8 +152,11 @@ def test_profile_against_scipy(tmp_path, along, other):
     for k, row in enumerate(hi):
         assert got["mean"].values[k] == pytest.approx(row.mean())
         assert got["se"].values[k] == pytest.approx(stats.sem(row))
-    fit = stats.linregress(np.arange(len(hi)), hi.mean(1))
-    assert (got.attrs["slope"], got.attrs["intercept"]) == (pytest.approx(fit.slope), pytest.approx(fit.intercept))
+    if along == "layer":  # layers are ordered: the line of mean on layer index is scipy's
+        fit = stats.linregress(np.arange(len(hi)), hi.mean(1))
+        assert (got.attrs["slope"], got.attrs["intercept"]) == (pytest.approx(fit.slope), pytest.approx(fit.intercept))
+    else:  # head indices are nominal: no line across them
+        assert "slope" not in got.attrs and "intercept" not in got.attrs
 
 
 def test_layers_figure_draws_means_bands_and_fit(tmp_path):
@@ -163,15 +166,20 @@ def test_layers_figure_draws_means_bands_and_fit(tmp_path):
     for ax, along in ((top, "layer"), (bottom, "head")):
         summary = figures.profile(ds, along)
         mean, se = summary["mean"].values, summary["se"].values
-        line, fit = ax.get_lines()[:2]
+        line = ax.get_lines()[0]
         np.testing.assert_allclose(line.get_ydata(), mean)
         np.testing.assert_allclose(line.get_xdata(), summary[along].values)
         band = next(c for c in ax.collections if isinstance(c, PolyCollection)).get_paths()[0].vertices
         assert band[:, 1].max() == pytest.approx((mean + se).max())
         assert band[:, 1].min() == pytest.approx((mean - se).min())
-        x = summary[along].values[[0, -1]]
-        np.testing.assert_allclose(fit.get_ydata(), summary.attrs["intercept"] + summary.attrs["slope"] * x)
-        assert fit.get_linestyle() == "--"
+    (_, fit) = top.get_lines()
+    x = figures.profile(ds, "layer")["layer"].values[[0, -1]]
+    layer = figures.profile(ds, "layer")
+    np.testing.assert_allclose(fit.get_ydata(), layer.attrs["intercept"] + layer.attrs["slope"] * x)
+    assert fit.get_linestyle() == "--" and "slope" in fit.get_label()
+    # the head panel: one line (the means), no dashed fit and no slope in the legend
+    assert [l.get_linestyle() for l in bottom.get_lines()] == ["-"]
+    assert not any("slope" in t.get_text() for t in bottom.get_legend().get_texts())
 
 
 def test_compare_aligns_models_on_depth(tmp_path):
