@@ -255,6 +255,34 @@ def test_overlay_pixels_and_contours(tmp_path):
     assert fig.axes[-1].get_ylabel() == figures.overlay.COLOUR_BAR_LABEL  # the colour bar
 
 
+def _luminance(rgb) -> float:
+    """WCAG 2 relative luminance of an sRGB colour (0..255 channels)."""
+    c = np.asarray(rgb, dtype=float) / 255
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(c @ [0.2126, 0.7152, 0.0722])
+
+
+def contrast(a, b) -> float:
+    """WCAG 2 contrast ratio of two colours, 1 (same) to 21 (black on white)."""
+    low, high = sorted((_luminance(a), _luminance(b)))
+    return (high + 0.05) / (low + 0.05)
+
+
+@pytest.mark.parametrize("name", ["yellow", "orange", "green", "red", "blue", "purple"])
+def test_high_attention_stays_visible_over_any_object_colour(tmp_path, name):
+    """The hottest cell, drawn over an image all of one toy colour, must stand out from it
+    (WCAG contrast >= 2.5; inferno's yellow hot end over the toy's yellow gave 1.26)."""
+    from mechhi.toyworld.world import COLOURS
+
+    ds = overlay_store(tmp_path)
+    flat = Image.new("RGB", (200, 150), COLOURS[name])
+    fig = figures.overlay_figure(ds, sample=0, layer=1, head=2, picture=figures.Picture(flat, None))
+    right = fig.axes[1]
+    pixels = render(fig, tmp_path)
+    hottest = pixel(pixels, right, 50 * 3 + 20, 50 * 2 + 20)  # token (2, 3) holds the highest score
+    assert contrast(hottest, COLOURS[name]) >= 2.5, (name, hottest)
+
+
 def test_overlay_reads_the_image_from_the_dataset(tmp_path):
     ds = store_with_images(tmp_path, n=3)
     fig = figures.overlay_figure(ds, sample=1, layer=0, head=0)

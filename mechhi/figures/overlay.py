@@ -2,9 +2,11 @@
 
 The image keeps its own colours (descriptions name them: "a green triangle"). Over it
 the head's continuous attention is a map whose opacity grows with the score (low
-attention leaves the image visible, high attention shows its colour on the colour
-bar), the object is outlined (its pixel mask), and the binarised attention (score >
-the sample's mean) is a dashed contour. `overlay_figure` puts the plain image with the
+attention leaves the image visible, high attention darkens it to its colour on the colour
+bar: a dark hot end contrasts with any object colour but black, where a yellow one would
+vanish over a yellow object), the object is outlined (its pixel mask), and the binarised
+attention (score > the sample's mean) is a dashed contour drawn light on a dark stroke,
+readable over any colour. `overlay_figure` puts the plain image with the
 object and its token mask (coverage >= the store's threshold, the set IoU uses) beside
 the overlay; `top_heads_figure` draws the N heads of highest HI on one sample as a grid.
 
@@ -36,11 +38,11 @@ from ..store import attention_name, grid_coords, mask_name, store_views
 from .style import ATTENTION_CMAP, PlotError, caption, model_labels, new_figure, provenance_line, styled
 from .summaries import scores, top_heads
 
-ALPHA_LOW, ALPHA_HIGH = 0.05, 0.65  # opacity of the attention map at the lowest and highest score
+ALPHA_LOW, ALPHA_HIGH = 0.05, 0.75  # opacity of the attention map at the lowest and highest score
 OBJECT_STYLE = {"colors": "white", "linewidths": 1.6, "linestyles": "solid"}
 TOKEN_MASK_STYLE = {"colors": "#ffd54f", "linewidths": 1.4, "linestyles": "dotted"}
 ATTENTION_BIN_STYLE = {"colors": "#4dd0e1", "linewidths": 1.6, "linestyles": "dashed"}
-STROKE = [patheffects.withStroke(linewidth=3.2, foreground="black")]  # contours read on any colour
+STROKE = [patheffects.withStroke(linewidth=3.2, foreground="black")]  # light line on a dark stroke: reads on any colour
 SUBSAMPLE = 16  # sub-cells per token side when a token set is contoured (edges within 1/32 token)
 COLOUR_BAR_LABEL = "attention (mean over description tokens)"
 

@@ -30,7 +30,11 @@ FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 DEFAULT_DPI = 150
 # Perceptually uniform, readable in grey and by colour-blind readers.
 SCORE_CMAP = "viridis"  # Head Impact and other scores
-ATTENTION_CMAP = "inferno"  # a head's attention map over an image
+# A head's attention over an image: magma reversed, so high attention is dark. Over an object of
+# any of the toy's colours (and any mid or light colour) the hot end keeps a luminance contrast
+# of at least ~2.7:1 with what it covers; inferno's yellow hot end vanished over a yellow object
+# (1.3:1). Over a near-black object the dark-and-light outline of "attention > mean" carries it.
+ATTENTION_CMAP = "magma_r"
 # Line colours, in order: matplotlib's tab10 (distinct at a glance).
 COLOURS = matplotlib.colormaps["tab10"].colors
 STYLE: dict[str, Any] = {
