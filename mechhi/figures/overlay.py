@@ -35,7 +35,7 @@ from PIL import Image
 
 from ..data.format import DatasetError, load_dataset
 from ..store import attention_name, grid_coords, mask_name, store_views
-from .style import ATTENTION_CMAP, PlotError, caption, model_labels, new_figure, provenance_line, styled
+from .style import ATTENTION_CMAP, PlotError, caption, figure_labels, new_figure, provenance_line, styled
 from .summaries import scores, top_heads
 
 ALPHA_LOW, ALPHA_HIGH = 0.05, 0.75  # opacity of the attention map at the lowest and highest score
@@ -235,14 +235,17 @@ def _description(ds: xr.Dataset, sample: int) -> str:
     return f'"{ds["description"].sel(sample=sample).values}" (sample {sample})'
 
 
-def _notes(ds: xr.Dataset, maps: OverlayMaps) -> list[str]:
+def _notes(ds: xr.Dataset, maps: OverlayMaps, label: str | None) -> list[str]:
     rows, cols = maps.attention.shape
-    return [f"{model_labels([ds])[0]}, token grid {rows}×{cols}; HI over {provenance_line(ds)}"]
+    name = figure_labels([ds], None if label is None else [label])[0]
+    return [f"{name}, token grid {rows}×{cols}; HI over {provenance_line(ds)}"]
 
 
 @styled
-def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, picture: Picture | None = None) -> Figure:
-    """The image with its object and token mask, beside head (layer, head)'s attention on it."""
+def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, picture: Picture | None = None,
+                   label: str | None = None) -> Figure:  # fmt: skip
+    """The image with its object and token mask, beside head (layer, head)'s attention on it;
+    the caption names the store by `label` (default: its short model label)."""
     maps = overlay_maps(ds, sample=sample, layer=layer, head=head)
     picture = picture or sample_picture(ds, sample)
     fig = new_figure(7.0, 4.2)
@@ -256,13 +259,13 @@ def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, pictur
     top.colorbar(heat, ax=right, label=COLOUR_BAR_LABEL, shrink=0.85)
     top.suptitle(_description(ds, sample))
     _legend(footer, _threshold(ds), token_mask=True)
-    caption(footer, _notes(ds, maps), width=7.0)
+    caption(footer, _notes(ds, maps, label), width=7.0)
     return fig
 
 
 @styled
 def top_heads_figure(ds: xr.Dataset, *, sample: int, n: int, columns: int = 4,
-                     picture: Picture | None = None) -> Figure:  # fmt: skip
+                     picture: Picture | None = None, label: str | None = None) -> Figure:  # fmt: skip
     """The `n` heads of highest Head Impact on one sample, one shared attention scale."""
     check_selection(ds, sample=sample)
     heads = top_heads(ds, n)
@@ -280,7 +283,7 @@ def top_heads_figure(ds: xr.Dataset, *, sample: int, n: int, columns: int = 4,
     top.colorbar(heat, ax=axes, label=COLOUR_BAR_LABEL, shrink=0.8)
     top.suptitle(f"{_description(ds, sample)}: the {len(heads)} heads of highest Head Impact")
     _legend(footer, _threshold(ds), token_mask=False)
-    caption(footer, _notes(ds, maps[0]), width=2.3 * cols + 1.0)
+    caption(footer, _notes(ds, maps[0], label), width=2.3 * cols + 1.0)
     return fig
 
 

@@ -20,7 +20,7 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .style import COLOURS, PlotError, caption, model_labels, new_figure, provenance_notes, styled
+from .style import COLOURS, PlotError, caption, figure_labels, new_figure, provenance_notes, styled
 from .summaries import profile
 
 BAND_ALPHA = 0.22
@@ -74,10 +74,11 @@ def _check(stores: Sequence[xr.Dataset]) -> None:
 
 
 @styled
-def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact") -> Figure:
+def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact",
+                  labels: Sequence[str] | None = None) -> Figure:  # fmt: skip
     """Figure 5: mean per layer (top, with its regression line) and per head (bottom), with bands."""
     _check(stores)
-    labels = model_labels(stores)
+    labels = figure_labels(stores, labels)
     on_depth = len(stores) > 1
     fig = new_figure(6.4, 6.2)
     top, bottom = fig.subplots(2, 1)
@@ -92,10 +93,12 @@ def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact"
 
 
 @styled
-def compare_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact") -> Figure:
-    """Mean per layer against relative depth, one line with its ± SE band per store."""
+def compare_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact",
+                   labels: Sequence[str] | None = None) -> Figure:  # fmt: skip
+    """Mean per layer against relative depth, one line with its ± SE band per store, named by
+    `labels` (one per store, else the short model labels)."""
     _check(stores)
-    labels = model_labels(stores)
+    labels = figure_labels(stores, labels)
     counts = [f"{label} ({ds.sizes['layer']} layers)" for label, ds in zip(labels, stores)]
     fig = new_figure(6.4, 3.8)
     ax = fig.subplots()
