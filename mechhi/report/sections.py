@@ -181,7 +181,7 @@ def figures_section(report: ReportInput) -> Section:
 
         def overlay() -> Markup:
             fig = figures.overlay_figure(first, sample=samples[0], layer=layer, head=head, label=report.stores[0].label)
-            return image(fig, "overlay of the best head", fmt="png", dpi=100)
+            return image(fig, "overlay of the best head", fmt="png", dpi=150)
 
         parts.append(_try_figure(report, "overlay", overlay))
     return Section("figures", "Figures", join(parts))
