@@ -62,6 +62,40 @@ def test_plot_errors_are_one_line(store, tmp_path, args, message):
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
 
 
+def test_labels_name_the_stores_in_compare_heatmap_and_report(store, tmp_path, monkeypatch):
+    """--label (one per --store) reaches the compare legend, the heatmap's panel titles and the
+    report's columns; without it the stores get short labels, never a path with "#2"."""
+    from mechhi import figures
+
+    drawn = {}
+    for name in ("compare_figure", "heatmap_figure"):
+        real = getattr(figures, name)
+        monkeypatch.setattr(figures, name, lambda ds, _real=real, _name=name, **kw: drawn.setdefault(_name, _real(ds, **kw)))
+    s = str(store / "s.zarr")
+    two = ["--store", s, "--store", s, "--label", "smollm2", "--label", "gemma3"]
+    for kind in ("compare", "heatmap"):
+        result = runner.invoke(app, ["plot", kind, *two, "--out", str(tmp_path / f"{kind}.png")])
+        assert result.exit_code == 0, result.output
+    legend = [t.get_text() for t in drawn["compare_figure"].axes[0].get_legend().get_texts()]
+    assert legend == ["smollm2 (4 layers)", "gemma3 (4 layers)"]
+    assert [ax.get_title() for ax in drawn["heatmap_figure"].axes[:2]] == ["smollm2", "gemma3"]
+    page = runner.invoke(app, ["report", *two, "--out", str(tmp_path / "rep"), "--samples", "1", "--heads", "1"])
+    assert page.exit_code == 0, page.output
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "<th>smollm2</th>" in html and "<th>gemma3</th>" in html and "mechhi report: smollm2, gemma3" in html
+
+
+@pytest.mark.parametrize("labels, message", [(["a"], "--label: 1 given for 2 stores"),
+                                             (["a", "a"], "--label: 'a' given to more than one store")])  # fmt: skip
+def test_bad_labels_are_one_line(store, tmp_path, labels, message):
+    s = str(store / "s.zarr")
+    args = ["--store", s, "--store", s, *[w for label in labels for w in ("--label", label)]]
+    for command in (["plot", "compare", *args, "--out", str(tmp_path / "c.png")], ["report", *args, "--out", str(tmp_path / "r")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and result.stdout == ""
+        assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_bad_extension_refused_before_work(store, tmp_path):
     result = runner.invoke(app, ["plot", "heatmap", "--store", str(store / "s.zarr"), "--out", str(tmp_path / "x.gif")])
     assert result.exit_code == 1 and ".png, .svg, .pdf" in result.stderr

@@ -152,8 +152,11 @@ def test_profile_against_scipy(tmp_path, along, other):
     for k, row in enumerate(hi):
         assert got["mean"].values[k] == pytest.approx(row.mean())
         assert got["se"].values[k] == pytest.approx(stats.sem(row))
-    fit = stats.linregress(np.arange(len(hi)), hi.mean(1))
-    assert (got.attrs["slope"], got.attrs["intercept"]) == (pytest.approx(fit.slope), pytest.approx(fit.intercept))
+    if along == "layer":  # layers are ordered: the line of mean on layer index is scipy's
+        fit = stats.linregress(np.arange(len(hi)), hi.mean(1))
+        assert (got.attrs["slope"], got.attrs["intercept"]) == (pytest.approx(fit.slope), pytest.approx(fit.intercept))
+    else:  # head indices are nominal: no line across them
+        assert "slope" not in got.attrs and "intercept" not in got.attrs
 
 
 def test_layers_figure_draws_means_bands_and_fit(tmp_path):
@@ -163,15 +166,20 @@ def test_layers_figure_draws_means_bands_and_fit(tmp_path):
     for ax, along in ((top, "layer"), (bottom, "head")):
         summary = figures.profile(ds, along)
         mean, se = summary["mean"].values, summary["se"].values
-        line, fit = ax.get_lines()[:2]
+        line = ax.get_lines()[0]
         np.testing.assert_allclose(line.get_ydata(), mean)
         np.testing.assert_allclose(line.get_xdata(), summary[along].values)
         band = next(c for c in ax.collections if isinstance(c, PolyCollection)).get_paths()[0].vertices
         assert band[:, 1].max() == pytest.approx((mean + se).max())
         assert band[:, 1].min() == pytest.approx((mean - se).min())
-        x = summary[along].values[[0, -1]]
-        np.testing.assert_allclose(fit.get_ydata(), summary.attrs["intercept"] + summary.attrs["slope"] * x)
-        assert fit.get_linestyle() == "--"
+    (_, fit) = top.get_lines()
+    x = figures.profile(ds, "layer")["layer"].values[[0, -1]]
+    layer = figures.profile(ds, "layer")
+    np.testing.assert_allclose(fit.get_ydata(), layer.attrs["intercept"] + layer.attrs["slope"] * x)
+    assert fit.get_linestyle() == "--" and "slope" in fit.get_label()
+    # the head panel: one line (the means), no dashed fit and no slope in the legend
+    assert [l.get_linestyle() for l in bottom.get_lines()] == ["-"]
+    assert not any("slope" in t.get_text() for t in bottom.get_legend().get_texts())
 
 
 def test_compare_aligns_models_on_depth(tmp_path):
@@ -245,6 +253,34 @@ def test_overlay_pixels_and_contours(tmp_path):
     assert list(inside) == [True, False]  # the object's pixel outline
     assert right.get_title() == f"layer 1 head 2: IoU {float(ds.iou.sel(sample=0, layer=1, head=2)):.2f}"
     assert fig.axes[-1].get_ylabel() == figures.overlay.COLOUR_BAR_LABEL  # the colour bar
+
+
+def _luminance(rgb) -> float:
+    """WCAG 2 relative luminance of an sRGB colour (0..255 channels)."""
+    c = np.asarray(rgb, dtype=float) / 255
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(c @ [0.2126, 0.7152, 0.0722])
+
+
+def contrast(a, b) -> float:
+    """WCAG 2 contrast ratio of two colours, 1 (same) to 21 (black on white)."""
+    low, high = sorted((_luminance(a), _luminance(b)))
+    return (high + 0.05) / (low + 0.05)
+
+
+@pytest.mark.parametrize("name", ["yellow", "orange", "green", "red", "blue", "purple"])
+def test_high_attention_stays_visible_over_any_object_colour(tmp_path, name):
+    """The hottest cell, drawn over an image all of one toy colour, must stand out from it
+    (WCAG contrast >= 2.5; inferno's yellow hot end over the toy's yellow gave 1.26)."""
+    from mechhi.toyworld.world import COLOURS
+
+    ds = overlay_store(tmp_path)
+    flat = Image.new("RGB", (200, 150), COLOURS[name])
+    fig = figures.overlay_figure(ds, sample=0, layer=1, head=2, picture=figures.Picture(flat, None))
+    right = fig.axes[1]
+    pixels = render(fig, tmp_path)
+    hottest = pixel(pixels, right, 50 * 3 + 20, 50 * 2 + 20)  # token (2, 3) holds the highest score
+    assert contrast(hottest, COLOURS[name]) >= 2.5, (name, hottest)
 
 
 def test_overlay_reads_the_image_from_the_dataset(tmp_path):

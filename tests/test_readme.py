@@ -130,6 +130,28 @@ def test_readme_commands_parse(block):
             raise AssertionError(f"README line {block.line}: mechhi {' '.join(args)}: {error}") from None
 
 
+OUTPUT = re.compile(r"(?:--out|--png)[ =](\S+)|(?<![0-9&])>>? (\S+)")  # what a command writes
+
+
+def _kept_out_of_git(path: str) -> bool:
+    """True for a path git ignores or one the repository tracks on purpose (docs/figures)."""
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=ROOT, capture_output=True)
+    return ignored.returncode == 0 or tracked.returncode == 0
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists() or shutil.which("git") is None, reason="needs the git checkout")
+def test_readme_outputs_stay_out_of_git():
+    """A file a README command writes inside the clone must be ignored (or tracked), so that
+    following the README leaves `git status` clean."""
+    written = {m.group(1) or m.group(2) for b in BLOCKS if b.language == "bash"
+               for m in OUTPUT.finditer(b.text.replace("\\\n", " "))}  # fmt: skip
+    inside = sorted(p for p in written if not Path(p).is_absolute() and not p.startswith(("~", "$")))
+    assert inside, "no output paths found in the README's commands"
+    untracked = [p for p in inside if not _kept_out_of_git(p)]
+    assert not untracked, f"README commands write files git would show as untracked: {untracked}"
+
+
 class ReadmeRun:
     """One working directory for the whole module; blocks run in README order."""
 

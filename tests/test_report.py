@@ -232,7 +232,7 @@ def test_agreement_from_the_store_is_spearman_of_hi_and_lift(causal_built):
 def test_agreement_file_replaces_its_stores_table(causal_built):
     _, page, _, _, _ = causal_built
     tables = read_tables(page).tables
-    assert tables["agreement-0"][1][:4] == ["head", "head-impact", "pursuit", "0.25"]
+    assert tables["agreement-0"][1][:4] == ["head", "head-impact", "pursuit", "0.250"]  # one format for the column
     assert "agreement-file-1" in tables and "agreement-file-0" not in tables  # the file of another store, shown on its own
     assert "from other.json (store /elsewhere.zarr)" in page.read_text()
 
@@ -280,3 +280,28 @@ def test_report_cli_routes_a_causal_result_given_as_experiment(causal_built, tmp
     bad.write_text("{}")
     wrong = invoke(["report", "--store", root / "s.zarr", "--agreement", bad, "--out", out], exit_code=1)
     assert f"--agreement {bad}: not the output of `mechhi rank --compare-probes --json`" in one_line_error(wrong)
+
+
+def test_a_column_of_numbers_has_one_format():
+    """`0`, `0.0909`, `1` in one column were three precisions; now one (the smallest nonzero
+    keeps its digits), and p-values share one format per column, bold below 0.001."""
+    from mechhi.report.html import number, p_value, table
+
+    html = table(["a", "b", "p"], [[number(0), number(0.354), p_value(0.2)], [number(0.0909), number(0.2244, 4), p_value(2e-5)],
+                                   [number(1), number(None), p_value(0.5)]])  # fmt: skip
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", str(html))[1:]]
+    assert [c[0] for c in cells] == ["0.0000", "0.0909", "1.0000"]
+    assert [c[1] for c in cells] == ["0.3540", "0.2244", "n/a"]
+    assert [c[2] for c in cells] == ["2.00e-01", "<b>2.00e-05</b>", "5.00e-01"]
+    assert str(number(0.0909)) == "0.0909" and f"{number(2 / 3, 2)}" == "0.67"  # outside a table: as before
+
+
+def test_figures_fill_a_wide_column(built):
+    """The page's column takes a wide window and a figure shows at 150 px per inch (the layers
+    figure, 6.4 in, 960 px wide), not 110 (704 px) in a 1200 px column."""
+    page, _ = built
+    html = page.read_text()
+    widths = {alt: int(w) for alt, w in re.findall(r'<img class="figure" alt="([^"]+)" width="(\d+)"', html)}
+    assert widths["Head Impact per layer and per head"] == 960
+    main = re.search(r"main \{[^}]*max-width: (\d+)px", html)
+    assert main and int(main.group(1)) >= 1400

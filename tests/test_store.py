@@ -285,7 +285,7 @@ def test_combine_bins_depths_of_different_models(tmp_path: Path):
         {0: [0], 2: [1], 4: [2], 6: [3], 8: [4], 10: [5], 11: [6]},
         {k: [k] for k in range(12)},
     ]
-    assert list(got["model"].values) == ["a", "b", "a#2"]
+    assert list(got["model"].values) == ["a (0)", "b", "a (2)"]  # model a twice: told apart by the file stem
     np.testing.assert_allclose(got["depth"].values, np.arange(0.5, 12) / 12)
     np.testing.assert_array_equal(got["head"].values, [0, 1, 2])
     np.testing.assert_allclose(got["head_impact"].values, expected_bins(his, members, 12))
@@ -388,11 +388,44 @@ def test_combine_rejects_bad_options(tmp_path: Path, kwargs, message):
 def test_combine_makes_model_labels_unique_and_needs_scores(tmp_path: Path):
     a = scored_store(tmp_path / "a.zarr", "same", 2, 1, np.ones((2, 1)))
     b = scored_store(tmp_path / "b.zarr", "same", 2, 1, np.zeros((2, 1)))
-    assert list(combine([a, b])["model"].values) == ["same", "same#2"]
+    assert list(combine([a, b])["model"].values) == ["same (a)", "same (b)"]
+    assert list(combine([a, a])["model"].values) == ["same", "same#2"]  # one store twice
     c = tmp_path / "c.zarr"
     create_store(c, samples=metas(), n_layers=2, n_heads=1, attrs=attrs())
     with pytest.raises(StoreError, match="no head_impact"):
         combine([a, c])
+
+
+def test_combine_default_labels_are_short_and_say_what_differs(tmp_path: Path):
+    """Labels name the model by its last path component, not the path plus "#2"; stores of one
+    model differ by template or dataset, and the label says which."""
+    hi = np.ones((2, 1))
+    create_store(tmp_path / "d.zarr", samples=metas(), n_layers=2, n_heads=1,
+                 attrs=attrs(model="mechhi/zoo/toy-qwen2vl", prompt_template="describe"))  # fmt: skip
+    write_scores(tmp_path / "d.zarr", xr.Dataset({"head_impact": (("layer", "head"), hi)}))
+    create_store(tmp_path / "v.zarr", samples=metas(), n_layers=2, n_heads=1,
+                 attrs=attrs(model="mechhi/zoo/toy-qwen2vl", prompt_template="vqa"))  # fmt: skip
+    write_scores(tmp_path / "v.zarr", xr.Dataset({"head_impact": (("layer", "head"), hi)}))
+    other = scored_store(tmp_path / "o.zarr", "/abs/models/smollm2", 2, 1, hi)
+    got = combine([tmp_path / "d.zarr", tmp_path / "v.zarr", other])
+    assert list(got["model"].values) == ["toy-qwen2vl (describe)", "toy-qwen2vl (vqa)", "smollm2"]
+
+
+def test_combine_takes_the_users_labels(tmp_path: Path):
+    a = scored_store(tmp_path / "a.zarr", "/m/one", 2, 1, np.array([[0.1], [0.2]]))
+    b = scored_store(tmp_path / "b.zarr", "/m/two", 3, 1, np.array([[0.3], [0.4], [0.5]]))
+    by_mapping = combine({"smollm2": a, "gemma3": b})
+    assert list(by_mapping["model"].values) == ["smollm2", "gemma3"]
+    np.testing.assert_allclose(by_mapping["head_impact"].sel(model="gemma3", head=0).values[[0, -1]], [0.3, 0.5])
+    by_keyword = combine([a, b], labels=["x", "y"], align="layer")
+    assert list(by_keyword["model"].values) == ["x", "y"]
+    np.testing.assert_allclose(by_keyword["head_impact"].sel(model="x", head=0).values[:2], [0.1, 0.2])
+    for kwargs, message in [({"labels": ["x"]}, "1 given for 2 stores"), ({"labels": ["x", "x"]}, "'x' given to more"),
+                            ({"labels": ["x", ""]}, "not a label")]:  # fmt: skip
+        with pytest.raises(StoreError, match=message):
+            combine([a, b], **kwargs)
+    with pytest.raises(StoreError, match="not both"):
+        combine({"p": a, "q": b}, labels=["x", "y"])
 
 
 def test_kill_during_creation_leaves_no_half_store(tmp_path, monkeypatch):

@@ -20,6 +20,8 @@ StoresOpt = Annotated[list[Path] | None, typer.Option("--store", "-s", help="Sto
 ExperimentOpt = Annotated[Path | None, typer.Option(help="A result folder or file: `mechhi experiment`'s results.json, "
                                                        "`mechhi ablate`'s ablate.json or `mechhi edit`'s edit.json.")]
 ResultsOpt = Annotated[Path | None, typer.Option(help="plot results: a result file (or folder), of any kind --experiment takes.")]
+LabelsOpt = Annotated[list[str] | None, typer.Option("--label", help="A name for each --store, in order (legends, "
+                                                   "panels, the report); default: the model's short name.")]
 DpiOpt = Annotated[int, typer.Option(min=10, max=1200, help="Dots per inch (PNG; raster parts of SVG/PDF).")]
 
 
@@ -44,16 +46,23 @@ def _check_options(kind: str, stores: list[Path], experiment: Path | None, given
         raise ValueError("plot compare takes two or more --store")
 
 
-def _overlay(ds, sample: int | None, layer: int | None, head: int | None, top: int | None):
+def _overlay(ds, sample: int | None, layer: int | None, head: int | None, top: int | None, label: str | None):
     from mechhi import figures
 
     sample = 0 if sample is None else sample
     if top is None:
         layer, head = figures.choose_head(ds, layer, head)
-        return figures.overlay_figure(ds, sample=sample, layer=layer, head=head)
+        return figures.overlay_figure(ds, sample=sample, layer=layer, head=head, label=label)
     if layer is not None or head is not None:
         raise ValueError("--top draws the best heads itself: give it without --layer/--head")
-    return figures.top_heads_figure(ds, sample=sample, n=top)
+    return figures.top_heads_figure(ds, sample=sample, n=top, label=label)
+
+
+def _labels(labels: list[str] | None, stores: list[Path]) -> list[str] | None:
+    """The user's --label values, one per --store (checked), or None for the default labels."""
+    from mechhi.store.labels import check_labels
+
+    return None if not labels else check_labels(labels, len(stores), "--label")
 
 
 def _scored(stores: list[Path]) -> list:
@@ -70,6 +79,7 @@ def plot(
     kind: Annotated[str, typer.Argument(help="heatmap | layers | overlay | compare | results")],
     out: Annotated[Path, typer.Option(help="Output file: .png, .svg or .pdf.")],
     store: StoresOpt = None,
+    label: LabelsOpt = None,
     experiment: ExperimentOpt = None,
     results: ResultsOpt = None,
     dpi: DpiOpt = 150,
@@ -89,11 +99,17 @@ def plot(
     _check_options(kind, stores, experiment, {"sample": sample, "layer": layer, "head": head, "top": top})
     figures.style.figure_format(out)  # a bad extension fails before any work
     if kind == "results":
+        if label:
+            raise ValueError("--label names --store stores: `plot results` takes none")
         fig = figures.results_figure(figures.load_results(experiment))
     else:
+        labels = _labels(label, stores)  # before any store is scored
         datasets = _scored(stores)
         draw = {"heatmap": figures.heatmap_figure, "layers": figures.layers_figure, "compare": figures.compare_figure}
-        fig = _overlay(datasets[0], sample, layer, head, top) if kind == "overlay" else draw[kind](datasets)
+        if kind == "overlay":
+            fig = _overlay(datasets[0], sample, layer, head, top, labels[0] if labels else None)
+        else:
+            fig = draw[kind](datasets, labels=labels)
     typer.echo(str(figures.save(fig, out, dpi=dpi)))
 
 
@@ -138,6 +154,7 @@ def _agreements(files: list[Path]) -> list[tuple[Path, dict]]:
 def report(
     out: Annotated[Path, typer.Option(help="Output folder; the page is written as OUT/index.html.")],
     store: StoresOpt = None,
+    label: LabelsOpt = None,
     experiment: ExperimentOpt = None,
     ablate: Annotated[Path | None, typer.Option(help="A `mechhi ablate` output folder (its ablate.json) or the file.")] = None,
     edit: Annotated[Path | None, typer.Option(help="A `mechhi edit` output folder (its edit.json) or the file.")] = None,
@@ -158,10 +175,12 @@ def report(
 
     if not store:
         raise ValueError("report needs --store (one or more)")
+    labels = _labels(label, store)
     results = _routed(experiment, ablate, edit)
     agreements = _agreements(list(agreement or []))
     datasets = _scored(store)
-    entries = [StoreEntry(label, path, ds) for label, path, ds in zip(model_labels(datasets), store, datasets)]
+    names = labels or model_labels(datasets)
+    entries = [StoreEntry(name, path, ds) for name, path, ds in zip(names, store, datasets)]
     pursued = json.loads(pursuit.read_text()) if pursuit else None
     page = build_report(ReportInput(entries, experiment=results["experiment"], pursuit=pursued, ablate=results["ablation"],
                                     edit=results["edit"], agreement=agreements, top_k=top_k, n_resamples=n_resamples,

@@ -19,7 +19,7 @@ import xarray as xr
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from .style import PlotError, caption, model_labels, new_figure, provenance_notes, styled
+from .style import PlotError, caption, figure_labels, new_figure, provenance_notes, styled
 from .summaries import scores
 
 NAN_COLOUR = "0.85"
@@ -61,10 +61,13 @@ def _panel(ax, hi: xr.DataArray, norm: Normalize, cmap, title: str, width: float
 
 
 @styled
-def heatmap_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact") -> Figure:
-    """One panel per store of `variable` (layer x head), one colour bar shared by all."""
+def heatmap_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact",
+                   labels: Sequence[str] | None = None) -> Figure:  # fmt: skip
+    """One panel per store of `variable` (layer x head), one colour bar shared by all; each
+    panel titled by its label (`labels`, one per store, else the short model labels)."""
     if not stores:
         raise PlotError("heatmap: no stores given")
+    labels = figure_labels(stores, labels)
     grids = [scores(ds, variable) for ds in stores]
     norm = shared_norm([g.values for g in grids])
     cmap = matplotlib.colormaps[matplotlib.rcParams["image.cmap"]].with_extremes(bad=NAN_COLOUR)
@@ -73,7 +76,6 @@ def heatmap_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact
     width = sum(widths) + 1.4
     fig = new_figure(width, height + 0.6)
     axes = fig.subplots(1, len(grids), width_ratios=widths, squeeze=False)[0]
-    labels = model_labels(stores)
     images = [_panel(ax, g, norm, cmap, label, w) for ax, g, label, w in zip(axes, grids, labels, widths)]
     fig.colorbar(images[0], ax=list(axes), label=COLOUR_BAR_LABEL.get(variable, variable), fraction=0.08)
     fig.suptitle("Head Impact per head" if variable == "head_impact" else variable)

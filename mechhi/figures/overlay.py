@@ -2,9 +2,11 @@
 
 The image keeps its own colours (descriptions name them: "a green triangle"). Over it
 the head's continuous attention is a map whose opacity grows with the score (low
-attention leaves the image visible, high attention shows its colour on the colour
-bar), the object is outlined (its pixel mask), and the binarised attention (score >
-the sample's mean) is a dashed contour. `overlay_figure` puts the plain image with the
+attention leaves the image visible, high attention darkens it to its colour on the colour
+bar: a dark hot end contrasts with any object colour but black, where a yellow one would
+vanish over a yellow object), the object is outlined (its pixel mask), and the binarised
+attention (score > the sample's mean) is a dashed contour drawn light on a dark stroke,
+readable over any colour. `overlay_figure` puts the plain image with the
 object and its token mask (coverage >= the store's threshold, the set IoU uses) beside
 the overlay; `top_heads_figure` draws the N heads of highest HI on one sample as a grid.
 
@@ -33,14 +35,14 @@ from PIL import Image
 
 from ..data.format import DatasetError, load_dataset
 from ..store import attention_name, grid_coords, mask_name, store_views
-from .style import ATTENTION_CMAP, PlotError, caption, model_labels, new_figure, provenance_line, styled
+from .style import ATTENTION_CMAP, PlotError, caption, figure_labels, new_figure, provenance_line, styled
 from .summaries import scores, top_heads
 
-ALPHA_LOW, ALPHA_HIGH = 0.05, 0.65  # opacity of the attention map at the lowest and highest score
+ALPHA_LOW, ALPHA_HIGH = 0.05, 0.75  # opacity of the attention map at the lowest and highest score
 OBJECT_STYLE = {"colors": "white", "linewidths": 1.6, "linestyles": "solid"}
 TOKEN_MASK_STYLE = {"colors": "#ffd54f", "linewidths": 1.4, "linestyles": "dotted"}
 ATTENTION_BIN_STYLE = {"colors": "#4dd0e1", "linewidths": 1.6, "linestyles": "dashed"}
-STROKE = [patheffects.withStroke(linewidth=3.2, foreground="black")]  # contours read on any colour
+STROKE = [patheffects.withStroke(linewidth=3.2, foreground="black")]  # light line on a dark stroke: reads on any colour
 SUBSAMPLE = 16  # sub-cells per token side when a token set is contoured (edges within 1/32 token)
 COLOUR_BAR_LABEL = "attention (mean over description tokens)"
 
@@ -233,14 +235,17 @@ def _description(ds: xr.Dataset, sample: int) -> str:
     return f'"{ds["description"].sel(sample=sample).values}" (sample {sample})'
 
 
-def _notes(ds: xr.Dataset, maps: OverlayMaps) -> list[str]:
+def _notes(ds: xr.Dataset, maps: OverlayMaps, label: str | None) -> list[str]:
     rows, cols = maps.attention.shape
-    return [f"{model_labels([ds])[0]}, token grid {rows}×{cols}; HI over {provenance_line(ds)}"]
+    name = figure_labels([ds], None if label is None else [label])[0]
+    return [f"{name}, token grid {rows}×{cols}; HI over {provenance_line(ds)}"]
 
 
 @styled
-def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, picture: Picture | None = None) -> Figure:
-    """The image with its object and token mask, beside head (layer, head)'s attention on it."""
+def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, picture: Picture | None = None,
+                   label: str | None = None) -> Figure:  # fmt: skip
+    """The image with its object and token mask, beside head (layer, head)'s attention on it;
+    the caption names the store by `label` (default: its short model label)."""
     maps = overlay_maps(ds, sample=sample, layer=layer, head=head)
     picture = picture or sample_picture(ds, sample)
     fig = new_figure(7.0, 4.2)
@@ -254,13 +259,13 @@ def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, pictur
     top.colorbar(heat, ax=right, label=COLOUR_BAR_LABEL, shrink=0.85)
     top.suptitle(_description(ds, sample))
     _legend(footer, _threshold(ds), token_mask=True)
-    caption(footer, _notes(ds, maps), width=7.0)
+    caption(footer, _notes(ds, maps, label), width=7.0)
     return fig
 
 
 @styled
 def top_heads_figure(ds: xr.Dataset, *, sample: int, n: int, columns: int = 4,
-                     picture: Picture | None = None) -> Figure:  # fmt: skip
+                     picture: Picture | None = None, label: str | None = None) -> Figure:  # fmt: skip
     """The `n` heads of highest Head Impact on one sample, one shared attention scale."""
     check_selection(ds, sample=sample)
     heads = top_heads(ds, n)
@@ -278,7 +283,7 @@ def top_heads_figure(ds: xr.Dataset, *, sample: int, n: int, columns: int = 4,
     top.colorbar(heat, ax=axes, label=COLOUR_BAR_LABEL, shrink=0.8)
     top.suptitle(f"{_description(ds, sample)}: the {len(heads)} heads of highest Head Impact")
     _legend(footer, _threshold(ds), token_mask=False)
-    caption(footer, _notes(ds, maps[0]), width=2.3 * cols + 1.0)
+    caption(footer, _notes(ds, maps[0], label), width=2.3 * cols + 1.0)
     return fig
 
 

@@ -1,5 +1,7 @@
 """Head Impact profiles, the paper's Figure 5: the mean per layer (over heads) and per head
-(over layers), each with its standard-error band (filled) and least-squares line (dashed).
+(over layers), each with its standard-error band (filled); the layer panel also has its
+least-squares line (dashed). The head panel has none: head indices are nominal (head 3 is
+not "after" head 2 in any sense), so a slope across them would be an artefact of numbering.
 
 `layers_figure` draws both panels; with several stores the layer panel puts relative
 depth (layer / (n_layers - 1)) on the x axis, so models of different depth line up.
@@ -18,7 +20,7 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .style import COLOURS, PlotError, caption, model_labels, new_figure, provenance_notes, styled
+from .style import COLOURS, PlotError, caption, figure_labels, new_figure, provenance_notes, styled
 from .summaries import profile
 
 BAND_ALPHA = 0.22
@@ -36,13 +38,14 @@ def _x(summary: xr.Dataset, along: str, on_depth: bool) -> np.ndarray:
 
 def draw_profile(ax: Axes, summary: xr.Dataset, *, along: str, colour, label: str, on_depth: bool,
                  fit: bool = True) -> None:  # fmt: skip
-    """Line with dots, ± SE band and (with `fit`) the dashed least-squares line, in one colour."""
+    """Line with dots, ± SE band and (with `fit`, where the profile has a line: layers only)
+    the dashed least-squares line, in one colour."""
     x, mean = _x(summary, along, on_depth), summary["mean"].values
     se = np.nan_to_num(summary["se"].values)  # a single-value point gets no band
     ok = np.isfinite(mean)
     ax.fill_between(x[ok], (mean - se)[ok], (mean + se)[ok], color=colour, alpha=BAND_ALPHA, linewidth=0)
     ax.plot(x[ok], mean[ok], "-o", color=colour, label=label)
-    slope, intercept = summary.attrs["slope"], summary.attrs["intercept"]
+    slope, intercept = summary.attrs.get("slope", np.nan), summary.attrs.get("intercept", np.nan)
     if fit and np.isfinite(slope):
         index = summary[along].values.astype(np.float64)
         ends = [0, len(index) - 1]
@@ -71,15 +74,16 @@ def _check(stores: Sequence[xr.Dataset]) -> None:
 
 
 @styled
-def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact") -> Figure:
-    """Figure 5: mean per layer (top) and per head (bottom), bands and regression lines."""
+def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact",
+                  labels: Sequence[str] | None = None) -> Figure:  # fmt: skip
+    """Figure 5: mean per layer (top, with its regression line) and per head (bottom), with bands."""
     _check(stores)
-    labels = model_labels(stores)
+    labels = figure_labels(stores, labels)
     on_depth = len(stores) > 1
     fig = new_figure(6.4, 6.2)
     top, bottom = fig.subplots(2, 1)
     _profile_panel(top, stores, labels, along="layer", on_depth=on_depth, variable=variable)
-    _profile_panel(bottom, stores, labels, along="head", on_depth=on_depth, variable=variable)
+    _profile_panel(bottom, stores, labels, along="head", on_depth=on_depth, variable=variable, fit=False)
     name = NAMES.get(variable, variable)
     top.set_title(f"{name} per layer")
     bottom.set_title(f"{name} per head")
@@ -89,10 +93,12 @@ def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact"
 
 
 @styled
-def compare_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact") -> Figure:
-    """Mean per layer against relative depth, one line with its ± SE band per store."""
+def compare_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact",
+                   labels: Sequence[str] | None = None) -> Figure:  # fmt: skip
+    """Mean per layer against relative depth, one line with its ± SE band per store, named by
+    `labels` (one per store, else the short model labels)."""
     _check(stores)
-    labels = model_labels(stores)
+    labels = figure_labels(stores, labels)
     counts = [f"{label} ({ds.sizes['layer']} layers)" for label, ds in zip(labels, stores)]
     fig = new_figure(6.4, 3.8)
     ax = fig.subplots()

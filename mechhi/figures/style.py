@@ -2,9 +2,10 @@
 
 Researchers put these figures in papers, so they share one style (`STYLE`, applied by
 `styled`), name models and datasets by short labels (`short_name`, `dataset_name`,
-`model_labels`: an HF id as it is, a path by its last component, never an absolute
-path), say in a caption what was measured on what (`provenance_line`: dataset, sample
-count, binarisation rule), and are written as PNG, SVG or PDF by the output's extension
+`model_labels`, from `mechhi.store.labels` so `combine` names them alike: an HF id as it
+is, a path by its last component, never an absolute path; or the user's, through
+`figure_labels`), say in a caption what was measured on what (`provenance_line`: dataset,
+sample count, binarisation rule), and are written as PNG, SVG or PDF by the output's extension
 (`save`). Figures are `matplotlib.figure.Figure` objects drawn without pyplot, so no
 display and no global figure state are involved: rendering is matplotlib's Agg (PNG),
 SVG and PDF backends.
@@ -18,7 +19,6 @@ SVG and PDF backends.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,11 +26,18 @@ from typing import Any, TypeVar
 import matplotlib
 from matplotlib.figure import Figure, SubFigure
 
+from ..store.labels import check_labels, dataset_name, model_labels, short_name  # noqa: F401 - re-exported
+from ..store.schema import StoreError
+
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 DEFAULT_DPI = 150
 # Perceptually uniform, readable in grey and by colour-blind readers.
 SCORE_CMAP = "viridis"  # Head Impact and other scores
-ATTENTION_CMAP = "inferno"  # a head's attention map over an image
+# A head's attention over an image: magma reversed, so high attention is dark. Over an object of
+# any of the toy's colours (and any mid or light colour) the hot end keeps a luminance contrast
+# of at least ~2.7:1 with what it covers; inferno's yellow hot end vanished over a yellow object
+# (1.3:1). Over a near-black object the dark-and-light outline of "attention > mean" carries it.
+ATTENTION_CMAP = "magma_r"
 # Line colours, in order: matplotlib's tab10 (distinct at a glance).
 COLOURS = matplotlib.colormaps["tab10"].colors
 STYLE: dict[str, Any] = {
@@ -54,7 +61,6 @@ STYLE: dict[str, Any] = {
     "svg.hashsalt": "mechhi",  # stable ids: the same figure gives the same file
     "pdf.fonttype": 42,  # TrueType in PDF, editable in a paper's tooling
 }
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -102,62 +108,15 @@ def save(fig: Figure, out: str | Path, *, dpi: int = DEFAULT_DPI) -> Path:
 
 
 # ---------------------------------------------------------------- names
-def _last_component(text: str) -> str:
-    return Path(text.rstrip("/\\")).name or text
-
-
-def short_name(attrs: Mapping[str, Any], source: str | Path | None = None) -> str:
-    """The model's label: an HF id as it is; a path (absolute, relative with several parts,
-    or an existing folder) by its last component; without a model, the store's file stem.
-
-    >>> short_name({"model": "mechhi/zoo/toy-qwen2vl"})
-    'toy-qwen2vl'
-    >>> short_name({}, "stores/qwen2vl.zarr")
-    'qwen2vl'
-    """
-    model = str(attrs.get("model") or "").strip()
-    if model:
-        looks_like_path = Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
-        if looks_like_path or not HF_ID.match(model) or Path(model).is_dir():
-            return _last_component(model)
-        return model
-    return Path(str(source)).stem if source else "unknown model"
-
-
-def dataset_name(attrs: Mapping[str, Any]) -> str:
-    """The dataset's label: the last component of the path recorded in the store (the
-    ``#fingerprint`` dropped).
-
-    >>> dataset_name({"dataset": "/data/bundled/toy-trace#8af9dab4"})
-    'toy-trace'
-    """
-    recorded = str(attrs.get("dataset") or "")
-    path = recorded.rpartition("#")[0] if "#" in recorded else recorded
-    return _last_component(path) if path else "unknown dataset"
-
-
-def _store_stem(ds: Any) -> str:
-    return Path(str(ds.encoding.get("source", ""))).stem
-
-
-def model_labels(stores: Sequence[Any]) -> list[str]:
-    """One label per store (an ``xr.Dataset``): its short model name; stores that share it
-    get, in brackets, the first of dataset, prompt template or file stem that tells them apart.
-
-    Identical stores keep identical labels: a suffix like "#2" would claim a difference.
-    """
-    names = [short_name(ds.attrs, ds.encoding.get("source")) for ds in stores]
-    labels = list(names)
-    tellers = (lambda ds: dataset_name(ds.attrs), lambda ds: str(ds.attrs.get("prompt_template", "")), _store_stem)
-    for name in set(names):
-        group = [i for i, n in enumerate(names) if n == name]
-        for teller in tellers if len(group) > 1 else ():
-            values = [teller(stores[i]) for i in group]
-            if len(set(values)) > 1:
-                for i, value in zip(group, values):
-                    labels[i] = f"{name} ({value})"
-                break
-    return labels
+def figure_labels(stores: Sequence[Any], labels: Sequence[str] | None = None) -> list[str]:
+    """The labels a figure shows for `stores`: the user's (checked: one distinct label per
+    store), else `model_labels`' short readable ones."""
+    if labels is None:
+        return model_labels(stores)
+    try:
+        return check_labels(labels, len(stores))
+    except StoreError as err:
+        raise PlotError(str(err)) from None
 
 
 def rule_text(attrs: Mapping[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """The numbers that store figures draw, computed apart from the drawing so tests and the
 report can check them: a store's (layer, head) Head Impact, and its profiles (the
 paper's Figure 5): the mean over heads per layer, or over layers per head, with the
-standard error of that mean and the least-squares line through it.
+standard error of that mean, and for layers the least-squares line through it (layers are
+ordered by depth; head indices are nominal labels, so a line across them would mean nothing).
 
 NaN heads (never scored) are skipped, as in `probes.head_impact.layer_ranking`.
 
@@ -36,9 +37,10 @@ def scores(ds: xr.Dataset, variable: str = "head_impact") -> xr.DataArray:
 
 def profile(ds: xr.Dataset, along: str = "layer", variable: str = "head_impact") -> xr.Dataset:
     """Per `along` ("layer" or "head"): ``mean`` of `variable` over the other dim, its
-    standard error ``se`` (NaN with fewer than two values), ``n``; attrs ``slope`` and
-    ``intercept`` of the least-squares line of mean on the `along` index (NaN with fewer
-    than two finite means). A layer profile keeps the ``depth`` coord.
+    standard error ``se`` (NaN with fewer than two values), ``n``. A layer profile keeps the
+    ``depth`` coord and has attrs ``slope`` and ``intercept``: the least-squares line of mean
+    on the layer index (NaN with fewer than two finite means). A head profile has no line:
+    head indices have no order, so a slope across them is an artefact of the numbering.
     """
     if along not in ("layer", "head"):
         raise PlotError(f"profile along {along!r}: choose layer or head")
@@ -50,14 +52,16 @@ def profile(ds: xr.Dataset, along: str = "layer", variable: str = "head_impact")
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(values, axis=1)
         se = np.where(n > 1, np.nanstd(values, axis=1, ddof=1) / np.sqrt(np.maximum(n, 1)), np.nan)
-    index = hi[along].values.astype(np.float64)
-    ok = np.isfinite(mean)
-    slope, intercept = np.polyfit(index[ok], mean[ok], 1) if ok.sum() > 1 else (np.nan, np.nan)
     coords = {along: hi[along]}
     if along == "layer" and "depth" in hi.coords:
         coords["depth"] = ("layer", np.asarray(hi["depth"].values, dtype=np.float64))
     out = xr.Dataset({"mean": (along, mean), "se": (along, se), "n": (along, n)}, coords=coords)
-    out.attrs = {"slope": float(slope), "intercept": float(intercept), "variable": variable}
+    out.attrs = {"variable": variable}
+    if along == "layer":
+        index = hi[along].values.astype(np.float64)
+        ok = np.isfinite(mean)
+        slope, intercept = np.polyfit(index[ok], mean[ok], 1) if ok.sum() > 1 else (np.nan, np.nan)
+        out.attrs.update(slope=float(slope), intercept=float(intercept))
     return out
 
 

@@ -169,19 +169,19 @@ def _try_figure(report: ReportInput, what: str, draw: Callable[[], Markup]) -> M
 
 
 def figures_section(report: ReportInput) -> Section:
-    stores = [e.ds for e in report.stores]
-    parts = [image(figures.heatmap_figure(stores), "Head Impact heatmap"),
-             image(figures.layers_figure(stores), "Head Impact per layer and per head")]  # fmt: skip
+    stores, labels = [e.ds for e in report.stores], [e.label for e in report.stores]
+    parts = [image(figures.heatmap_figure(stores, labels=labels), "Head Impact heatmap"),
+             image(figures.layers_figure(stores, labels=labels), "Head Impact per layer and per head")]  # fmt: skip
     if len(stores) > 1:
-        parts.append(image(figures.compare_figure(stores), "models compared by relative depth"))
+        parts.append(image(figures.compare_figure(stores, labels=labels), "models compared by relative depth"))
     first = stores[0]
     samples = gallery_samples(first, 1)
     if samples and "attention" in first.data_vars:
         layer, head = figures.choose_head(first)
 
         def overlay() -> Markup:
-            fig = figures.overlay_figure(first, sample=samples[0], layer=layer, head=head)
-            return image(fig, "overlay of the best head", fmt="png", dpi=100)
+            fig = figures.overlay_figure(first, sample=samples[0], layer=layer, head=head, label=report.stores[0].label)
+            return image(fig, "overlay of the best head", fmt="png", dpi=150)
 
         parts.append(_try_figure(report, "overlay", overlay))
     return Section("figures", "Figures", join(parts))

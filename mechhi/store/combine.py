@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from .labels import check_labels, model_labels
 from .read import open_store
 from .schema import StoreError
 
 
 def unique_labels(names: list[str]) -> list[str]:
-    """Make model labels unique: a repeated name gets "#2", "#3", ..."""
+    """Make model labels unique: a repeated name gets "#2", "#3", ... (only the same store
+    given twice needs it: `model_labels` tells different stores of one model apart)."""
     seen: dict[str, int] = {}
     out = []
     for name in names:
@@ -27,15 +29,20 @@ ALIGNS = ("depth", "exact", "layer")
 
 
 def combine(
-    paths: Sequence[str | Path],
+    paths: Sequence[str | Path] | Mapping[str, str | Path],
     variables: Sequence[str] = ("head_impact",),
     *,
     align: str = "depth",
     bins: int | None = None,
+    labels: Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Stack stores of different models along a new ``model`` dim, lining their layers up.
 
-    Model labels come from each store's ``model`` attr; a repeated one gets "#2", "#3".
+    The ``model`` coord holds one label per store: the user's, as a mapping
+    ``{"smollm2": path_a, "gemma3": path_b}`` or ``labels=[...]`` beside a list (distinct,
+    non-empty); else a short readable one (`mechhi.store.labels.model_labels`: the model's
+    name, plus the dataset, prompt template or file stem where stores share a model; the
+    same store given twice gets "#2"). The figures and the report name stores the same way.
     Heads are outer-joined in every mode (a model with fewer heads is NaN on the rest).
     How layers line up is `align`:
 
@@ -60,15 +67,25 @@ def combine(
     A 4-layer and a 7-layer model (bins=7): the 4-layer model's depths 0, 1/3, 2/3, 1
     fall into bins 0, 2, 4, 6, the 7-layer model fills every bin with one layer.
 
-    >>> both = combine(["qwen.zarr", "smol.zarr"])  # doctest: +SKIP
+    >>> both = combine({"qwen": "qwen.zarr", "smol": "smol.zarr"})  # doctest: +SKIP
+    >>> both = combine(["qwen.zarr", "smol.zarr"], labels=["qwen", "smol"])  # doctest: +SKIP
     >>> both.head_impact.mean("head").plot(hue="model")  # doctest: +SKIP
     >>> combine(["qwen.zarr", "smol.zarr"], bins=8).layer_count  # doctest: +SKIP
     """
     _check_align(align, bins)
+    if isinstance(paths, Mapping):
+        if labels is not None:
+            raise StoreError("combine: give labels as the mapping's keys or as labels=, not both")
+        labels, paths = list(paths.keys()), list(paths.values())
+    if isinstance(paths, (str, Path)):
+        raise StoreError(f"combine: give a list of stores (or a mapping label -> store), not one path {str(paths)!r}")
+    paths = list(paths)
     if not paths:
         raise StoreError("combine: no stores given")
+    if labels is not None:
+        labels = check_labels(labels, len(paths), "combine: labels")
     stores = [_scored_part(path, variables) for path in paths]
-    labels = unique_labels([str(ds.attrs.get("model", Path(path).name)) for ds, path in zip(stores, paths)])
+    labels = labels if labels is not None else unique_labels(model_labels(stores, paths))
     attrs: dict[str, Any] = {"stores": [str(p) for p in paths], "align": align}
     if align == "depth" and (bins is not None or not _same_depths(stores)):
         bins = bins if bins is not None else max(ds.sizes["layer"] for ds in stores)
