@@ -155,3 +155,18 @@ def test_every_evaluate_metric_runs_under_an_edit(toy_model, held_out):  # noqa:
     for metric in ("perplexity", "token_accuracy", "vqa_accuracy", "ans_prob"):
         assert result[metric]["mean"] == pytest.approx(expected[metric]["mean"], rel=1e-5), metric
     assert result["perplexity"]["mean"] != pytest.approx(evaluate_model(model, adapter, split, settings=settings)["perplexity"]["mean"])
+
+
+def test_ablate_asks_each_sample_what_trace_and_evaluate_ask(held_out):  # noqa: F811
+    """Issue 18 item 3: a sample's options are f(seed, its id, the whole dataset's pool),
+    whatever --limit selects and whichever command draws them."""
+    from mechhi.data.format import load_dataset
+    from mechhi.evaluate.metrics import format_options
+    from mechhi.trace.job import TraceConfig, prompt_fields
+
+    test = load_dataset(held_out).split("test")
+    traced = prompt_fields(TraceConfig(template="vqa"), test.samples[:3], test)  # `trace --limit 3`
+    for limit in (3, 10):
+        items = EvalData(str(held_out), "test", limit, 0, progress=False).items
+        assert [{"options": format_options(it.options)} for it in items[:3]] == traced, limit
+        assert all(it.options[it.answer] == s.description for it, s in zip(items, test.samples))

@@ -366,7 +366,7 @@ def test_every_score_command_prints_json_only(tiny_model_dir, dataset_dir, tmp_p
 # ---------------------------------------------------------------- templates and devices (item 7)
 def test_trace_with_the_vqa_template_draws_options_as_evaluation_does(tiny_model_dir, dataset_dir, tmp_path):
     from mechhi.evaluate.metrics import format_options
-    from mechhi.evaluate.vqa import vqa_items
+    from mechhi.evaluate.vqa import option_pool, vqa_items
     from mechhi.models.loading import load
     from mechhi.trace.attention import AttentionTracer
 
@@ -381,14 +381,52 @@ def test_trace_with_the_vqa_template_draws_options_as_evaluation_does(tiny_model
     model, adapter = load(str(tiny_model_dir), device="cpu", dtype="float32")
     from mechhi.data.format import load_dataset
 
-    samples = load_dataset(data).samples
-    options = format_options(vqa_items(samples, [None] * len(samples), seed=0)[0].options)
+    dataset = load_dataset(data)
+    samples = dataset.samples
+    options = format_options(vqa_items(samples, [None] * len(samples), seed=0, pool=option_pool(dataset))[0].options)
     batch = adapter.prepare([samples[0].image()], [samples[0].description], template="vqa",
                             fields=[{"options": options}])  # fmt: skip
     cube = AttentionTracer(model, adapter).trace(batch)[0]  # (L, H, V)
     rows, cols = int(ds.grid_rows[0]), int(ds.grid_cols[0])
     stored = ds.attention.isel(sample=0).values[:, :, :rows, :cols].reshape(cube.shape[0], cube.shape[1], -1)
     np.testing.assert_allclose(stored, cube[..., : rows * cols], rtol=1e-5, atol=1e-7)
+
+
+def test_a_samples_vqa_prompt_does_not_depend_on_the_limit(tiny_model_dir, tmp_path):
+    """Options are f(seed, sample id, the whole dataset's descriptions): the first 4 samples
+    are asked the same under --limit 4, --limit 20 and no limit (their attention is the
+    same), and a resumed trace with another --limit asks the same too."""
+    from mechhi.data.format import load_dataset
+    from mechhi.toyworld.world import build_synthetic
+    from mechhi.trace.job import load_samples, prompt_fields
+
+    data = build_synthetic(tmp_path / "data", n_images=9, seed=0, progress=False)
+    assert len(load_dataset(data)) > 20
+    stores = {}
+    for limit in (4, 20, None):
+        store = stores[limit] = tmp_path / f"limit-{limit}.zarr"
+        cli_trace(tiny_model_dir, data, store, "--template", "vqa", "--split", "all",
+                  *(("--limit", str(limit)) if limit else ()))  # fmt: skip
+    first = {limit: open_store(store).attention.isel(sample=slice(0, 4)).values for limit, store in stores.items()}
+    np.testing.assert_allclose(first[4], first[None], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(first[20], first[None], rtol=1e-5, atol=1e-7)
+    twenty = open_store(stores[20]).attention.values
+    np.testing.assert_allclose(twenty, open_store(stores[None]).attention.isel(sample=slice(0, 20)).values,
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    # the prompt text itself: each sample's options under any limit and in any order
+    _, adapter = load_tiny_adapter(tiny_model_dir)
+    whole = TraceConfig(dataset=str(data), template="vqa", split="all")
+    dataset = load_samples(whole, adapter)
+    everything = prompt_fields(whole, dataset.samples, dataset)
+    assert prompt_fields(whole, dataset.samples[:4], dataset) == everything[:4]
+    assert prompt_fields(whole, dataset.samples[::-1], dataset) == everything[::-1]
+    assert len({f["options"] for f in everything}) == len(everything)
+
+
+def load_tiny_adapter(model_dir):
+    from mechhi.models.loading import load
+
+    return load(str(model_dir), device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("option, value, fragment", [

@@ -341,7 +341,9 @@ class KeyObjectDataset(Sequence[Sample]):
 
     ``fingerprint`` identifies the content (annotations bytes and image file sizes) so a
     store can tell whether it was traced on the same data. ``notes`` are records that are
-    used but deserve a look (an image with an EXIF orientation tag).
+    used but deserve a look (an image with an EXIF orientation tag). ``all_descriptions``:
+    every object's description in the whole dataset, kept by its splits (what VQA options
+    are drawn from, so that a sample's options do not depend on the split or a limit).
     """
 
     def __init__(
@@ -352,6 +354,7 @@ class KeyObjectDataset(Sequence[Sample]):
         fingerprint: str,
         split_name: str | None = None,
         notes: list[Skipped] | None = None,
+        all_descriptions: frozenset[str] | None = None,
     ) -> None:
         self.root = root
         self.records = records
@@ -364,6 +367,8 @@ class KeyObjectDataset(Sequence[Sample]):
             Sample(i, r.image_id, o.object_id, o.description, root / r.file, r, o)
             for i, (r, o) in enumerate(pairs)
         ]
+        self.all_descriptions = all_descriptions if all_descriptions is not None else \
+            frozenset(o.description for _, o in pairs)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -386,7 +391,8 @@ class KeyObjectDataset(Sequence[Sample]):
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; splits are {', '.join(SPLITS)}")
         records = [r for r in self.records if r.split == name]
-        return KeyObjectDataset(self.root, records, self.skipped, self.fingerprint, name, self.notes)
+        return KeyObjectDataset(self.root, records, self.skipped, self.fingerprint, name, self.notes,
+                                self.all_descriptions)  # fmt: skip
 
     def split_counts(self) -> dict[str | None, int]:
         """Number of images per split (None for records without one)."""

@@ -69,7 +69,7 @@ class TraceConfig:
     skip_bad: bool = False  # skip invalid records (recorded in the store) instead of failing
     revision: str | None = None
     max_description_tokens: int = DEFAULT_MAX_DESCRIPTION_TOKENS  # longer descriptions are bad records
-    vqa_seed: int = 0  # draws the vqa template's distractor options and the true option's place
+    vqa_seed: int = 0  # with each sample's id, draws the vqa template's distractors and the true option's place
     shard_samples: int | None = None  # samples per store shard file; None: store.layout.auto_shard_samples
     num_workers: int | None = None  # DataLoader processes preparing batches (None: by device, see loader; 0: in process)
     device_map: str | None = None  # accelerate placement over several devices ("auto", ...); then device stays "auto"
@@ -130,7 +130,7 @@ def trace_dataset(
         samples = dataset.samples[: config.limit] if config.limit else dataset.samples
         if not samples:
             raise ValueError(f"no samples to trace in {config.dataset} (split {config.split!r})")
-        fields = prompt_fields(config, samples)
+        fields = prompt_fields(config, samples, dataset)
         grids = _grids(adapter, samples)
         ranks.on_main(lambda: create_store(
             path,
@@ -176,18 +176,19 @@ def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
     return dataset.split(config.split)
 
 
-def prompt_fields(config: TraceConfig, samples: Sequence[Sample]) -> list[dict[str, str]]:
+def prompt_fields(config: TraceConfig, samples: Sequence[Sample], dataset: KeyObjectDataset) -> list[dict[str, str]]:
     """Each sample's template fields. ``vqa``: the paper's closed-ended question with
-    options A-D, the true description and three others drawn (seeded) from the traced
-    samples' descriptions exactly as `mechhi evaluate` draws them; the answer slot holds
-    the true description, so the traced rows are still the description's tokens."""
+    options A-D, the true description and three others drawn from the whole dataset's
+    descriptions exactly as `mechhi evaluate` draws them (`evaluate.vqa.sample_options`:
+    the same for a sample whatever ``--limit`` selects); the answer slot holds the true
+    description, so the traced rows are still the description's tokens."""
     if config.template != "vqa":
         return [{} for _ in samples]
     from ..evaluate.metrics import format_options
-    from ..evaluate.vqa import vqa_items
+    from ..evaluate.vqa import option_pool, sample_options
 
-    items = vqa_items(samples, [None] * len(samples), seed=config.vqa_seed)  # images are not needed to draw
-    return [{"options": format_options(item.options)} for item in items]
+    pool = option_pool(dataset)
+    return [{"options": format_options(sample_options(s, pool, seed=config.vqa_seed)[0])} for s in samples]
 
 
 def pending_samples(path: Path) -> np.ndarray:
@@ -239,7 +240,10 @@ def _attrs(config: TraceConfig, model: Any, adapter: VLMAdapter, dataset: KeyObj
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if config.template == "vqa":
+        from ..evaluate.vqa import VQA_DRAW
+
         attrs["vqa_seed"] = config.vqa_seed
+        attrs["vqa_draw"] = VQA_DRAW
     return attrs
 
 
