@@ -4,6 +4,7 @@ time, lost chunks, provenance, and the CLI contract."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -479,6 +480,51 @@ def test_the_store_records_where_its_numbers_come_from(tiny_model_dir, dataset_d
     other = open_store(trace_dataset(config(copy, dataset_dir, tmp_path / "t.zarr"), progress=False))
     assert other.attrs["model_revision"] != ds.attrs["model_revision"]
     assert hashlib.sha256(bytes(data)).hexdigest() != hashlib.sha256(weights.read_bytes() + b"x").hexdigest()
+
+
+def test_a_store_knows_its_dataset_by_content_from_any_path_and_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 18 item 9: the dataset is recorded by its resolved path and fingerprint; the
+    same content named by another path resumes the store, another content is refused, and
+    the store's samples are found from any working directory (old relative records too)."""
+    import shutil
+
+    import zarr
+
+    from mechhi.trace.probe_scores import store_samples, store_source
+
+    project = tmp_path / "project"
+    write_toy_dataset(project / "ds", n_images=3)
+    (project / "stores").mkdir()
+    monkeypatch.chdir(project)
+    store = project / "stores" / "s.zarr"
+    cli_trace(tiny_model_dir, "ds", store)
+    recorded = open_store(store).attrs["dataset"]
+    path, _, fingerprint = recorded.rpartition("#")
+    assert path == str((project / "ds").resolve()) and len(fingerprint) == 16
+    again = cli_trace(tiny_model_dir, project / "ds", store)  # the same content by its absolute path
+    assert "nothing to trace" in again.stderr
+    shutil.copytree(project / "ds", project / "copy")
+    assert "nothing to trace" in cli_trace(tiny_model_dir, project / "copy", store).stderr  # a copy: same content
+    other = tmp_path / "other"
+    write_toy_dataset(other, n_images=4)
+    refused = one_line_error(cli_trace(tiny_model_dir, other, store, exit_code=1))
+    assert "different run" in refused and "dataset" in refused
+    _, adapter = load_tiny_adapter(tiny_model_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert store_source(open_store(store))[0] == path
+    assert [s.image_id for s in store_samples(open_store(store), adapter)] == open_store(store).image_id.values.tolist()
+    # a store of an earlier version recorded the path as given: found beside the store, by its fingerprint
+    zarr.open_group(store, mode="r+").attrs["dataset"] = f"ds#{fingerprint}"
+    assert Path(store_source(open_store(store))[0]) == project / "ds"
+    assert len(store_samples(open_store(store), adapter)) == open_store(store).sizes["sample"]
+    zarr.open_group(store, mode="r+").attrs["dataset"] = "ds#0000000000000000"  # none with that content
+    with pytest.raises(ValueError, match="changed since it was traced"):
+        store_source(open_store(store))
+    zarr.open_group(store, mode="r+").attrs["dataset"] = f"gone#{fingerprint}"
+    with pytest.raises(ValueError, match="gone is not on this machine"):
+        store_source(open_store(store))
 
 
 def test_the_bundled_model_is_recorded_by_its_name_and_a_hub_model_by_its_commit(monkeypatch):

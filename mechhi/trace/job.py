@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..bundled import BUNDLED_DATASET_ID, BUNDLED_MODEL_ID, default_store, local_path, recorded_name
+from ..bundled import BUNDLED_DATASET_ID, BUNDLED_MODEL_ID, default_store, local_path
 from ..data.format import KeyObjectDataset, Sample, load_dataset
 from ..models import TEMPLATE_NAMES, AdapterError, PreparedBatch, VLMAdapter
 from ..models.loading import load, provenance
@@ -41,6 +41,7 @@ from ..store import (
     SampleMeta, WriterLock, create_store, describe, done_mask, missing_data, open_store, pad_grid, shard_samples,
     write_batch,
 )  # fmt: skip
+from ..store.dataset_ref import DatasetRef
 from . import loader
 from .attention import AttentionTracer
 from .distributed import SINGLE, Ranks
@@ -232,7 +233,7 @@ def _attrs(config: TraceConfig, model: Any, adapter: VLMAdapter, dataset: KeyObj
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "prompt_template": config.template,
         "prompt": adapter.prompt_text(config.template),
-        "dataset": f"{recorded_name(config.dataset)}#{dataset.fingerprint}",
+        "dataset": str(DatasetRef.of(config.dataset, dataset.fingerprint)),  # see store.dataset_ref
         "split": dataset.split_name or "all",
         "max_description_tokens": config.max_description_tokens,
         "binarize": asdict(BinarizeRule()),
