@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..bundled import BUNDLED_DATASET_ID, BUNDLED_MODEL_ID, default_store, local_path
-from ..data.format import KeyObjectDataset, Sample, load_dataset
+from ..data.format import LARGE_IMAGE, KeyObjectDataset, Sample, load_dataset
 from ..models import TEMPLATE_NAMES, AdapterError, PreparedBatch, VLMAdapter
 from ..models.loading import load, provenance
 from ..store import (
@@ -160,8 +160,8 @@ def trace_dataset(
 def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
     """The samples to trace. By default only the "trace" split, when the dataset has one:
     layers must be chosen on images that the fine-tuning evaluation never sees.
-    Descriptions longer than ``config.max_description_tokens`` (or the context) are bad
-    records: refused, or skipped with ``skip_bad``."""
+    Descriptions longer than ``config.max_description_tokens`` (or the context) and images
+    the model's processor refuses are bad records: refused, or skipped with ``skip_bad``."""
     tokenizer = adapter.tokenizer
     context = getattr(adapter.text_config, "max_position_embeddings", None)
     dataset = load_dataset(
@@ -169,7 +169,11 @@ def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
         skip_bad=config.skip_bad,
         count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         max_description_tokens=min(config.max_description_tokens, context or config.max_description_tokens),
+        use=adapter,  # an image size the processor refuses is a bad record
     )
+    for note in dataset.notes:
+        if note.reason.startswith(LARGE_IMAGE):
+            print(f"note: {note.message}", file=sys.stderr)
     if config.split == "all":
         return dataset
     if config.split == "auto":
