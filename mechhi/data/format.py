@@ -597,8 +597,8 @@ def _read_line(
         limit = Image.MAX_IMAGE_PIXELS
         if limit and width * height > limit:
             checks.notes.append(Skipped(line, image_id, None, f"{LARGE_IMAGE}: {obj['file']} is {height}x{width} "
-                                        f"({width * height / 1e6:.0f} Mpx, over Pillow's decompression-bomb limit of "
-                                        f"{limit / 1e6:.0f} Mpx); a model gets it decoded reduced to the size it "
+                                        f"({width * height / 1e6:.3g} Mpx, over Pillow's decompression-bomb limit of "
+                                        f"{limit / 1e6:.3g} Mpx); a model gets it decoded reduced to the size it "
                                         "resizes to"))  # fmt: skip
 
     objects = []
