@@ -172,7 +172,7 @@ def test_dataset_build_prints_only_its_result_on_stdout(tmp_path):
     assert json.loads(invoke(["dataset", "check", tmp_path / "toy", "--json"]).stdout)["images"] == 3
 
 
-# ----------------------------------------------------------------------------- issue 18: sizes the model refuses or shrinks
+# ----------------------------------------------------------------------------- sizes the model refuses or shrinks
 def one_image_dataset(root, images: dict[str, Image.Image]) -> None:
     """A dataset with one object (a box in the middle) per image."""
     from mechhi.data.format import DatasetWriter, ImageRecord, KeyObject
@@ -182,7 +182,8 @@ def one_image_dataset(root, images: dict[str, Image.Image]) -> None:
             w, h = image.size
             mask = np.zeros((h, w), bool)
             mask[h // 4 : max(h // 4 + 1, 3 * h // 4), w // 4 : max(w // 4 + 1, 3 * w // 4)] = True
-            writer.add(ImageRecord(image_id, "", w, h, None, (KeyObject.from_mask("0", "a red square", mask),)), image)
+            objects = (KeyObject.from_mask("0", "a red square", mask),)
+            writer.add(ImageRecord(image_id, "", w, h, None, objects), image)
 
 
 def test_an_image_the_processor_refuses_is_a_bad_record_that_check_finds_and_trace_skips(tmp_path):
@@ -191,21 +192,23 @@ def test_an_image_the_processor_refuses_is_a_bad_record_that_check_finds_and_tra
     from tests.conftest import WORDS
 
     data = tmp_path / "data"
-    one_image_dataset(data, {"wide": Image.new("RGB", (2000, 1), "red"), "fine": Image.new("RGB", (84, 56), "red"),
-                             "also": Image.new("RGB", (56, 84), "blue")})  # fmt: skip
-    checked = invoke(["dataset", "check", data], exit_code=1)  # the default model: the bundled toy (a Qwen2-VL)
+    one_image_dataset(data, {"wide": Image.new("RGB", (2000, 1), "red"),
+                             "fine": Image.new("RGB", (84, 56), "red"), "also": Image.new("RGB", (56, 84), "blue")})  # fmt: skip
+    checked = invoke(["dataset", "check", data], exit_code=1)  # default model: the bundled toy (a Qwen2-VL)
     bad = [line for line in checked.stdout.splitlines() if line.startswith("bad")]
     assert len(bad) == 1 and "line 1 (image 'wide')" in bad[0] and "refuses a 1x2000 image" in bad[0]
     assert "aspect ratio must be smaller than 200" in bad[0] and "no problems" not in checked.stdout
     model = tmp_path / "model"
     Qwen2VLAdapter.build_tiny(model, words=WORDS, layers=2)
-    assert invoke_json(["dataset", "check", data, "--model", model], exit_code=1)["problems"] == [bad[0].removeprefix("bad ")]
+    problems = invoke_json(["dataset", "check", data, "--model", model], exit_code=1)["problems"]
+    assert problems == [bad[0].removeprefix("bad ")]
     args = ["trace", "--model", model, "--dataset", data, "--device", "cpu"]
     failed = one_line_error(invoke([*args, "--store", tmp_path / "a.zarr"], exit_code=1))
     assert "image 'wide'" in failed and "aspect ratio" in failed
     invoke([*args, "--store", tmp_path / "b.zarr", "--skip-bad"])
     ds = open_store(tmp_path / "b.zarr")
-    assert ds.image_id.values.tolist() == ["fine", "also"] and [s["image_id"] for s in ds.attrs["skipped"]] == ["wide"]
+    assert ds.image_id.values.tolist() == ["fine", "also"]
+    assert [s["image_id"] for s in ds.attrs["skipped"]] == ["wide"]
 
 
 def test_a_large_image_is_one_note_and_is_decoded_reduced_to_what_the_processor_uses(tmp_path, monkeypatch):

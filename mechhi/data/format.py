@@ -179,7 +179,7 @@ class ImageUse(Protocol):
     def shrink_factor(self, image_size: tuple[int, int], factors: Sequence[int]) -> int: ...
 
 
-ORIGINAL_SIZE = "mechhi.original_size"  # Image.info key: the upright (width, height) of an image decoded reduced
+ORIGINAL_SIZE = "mechhi.original_size"  # Image.info key: upright (width, height) of an image decoded reduced
 JPEG_DRAFT_FACTORS = (2, 4, 8)  # what libjpeg decodes at directly (`Image.draft`)
 REDUCE_FACTORS = (2, 4, 8, 16, 32, 64)  # `Image.reduce` after a full decode, for other formats
 REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK")  # averaged per channel by `Image.reduce`
@@ -588,7 +588,8 @@ def _read_line(
     width, height = _image_fields(obj, lambda r: bad(r, image_id))
     refused = checks.use.image_size_problem((width, height)) if checks.use is not None else None
     if refused:
-        raise bad(f"the model's processor refuses a {height}x{width} image (HxW): {_one_line(refused)}", image_id)
+        raise bad(f"the model's processor refuses a {height}x{width} image (HxW): {_one_line(refused)}",
+                  image_id)  # fmt: skip
     if checks.check_images:
         tag = _check_image_file(root, obj["file"], width, height, lambda r: bad(r, image_id), checks.use)
         if tag != 1:
@@ -596,10 +597,11 @@ def _read_line(
                                         "it is used upright, so width, height and masks must be as displayed"))  # fmt: skip
         limit = Image.MAX_IMAGE_PIXELS
         if limit and width * height > limit:
-            checks.notes.append(Skipped(line, image_id, None, f"{LARGE_IMAGE}: {obj['file']} is {height}x{width} "
-                                        f"({width * height / 1e6:.3g} Mpx, over Pillow's decompression-bomb limit of "
-                                        f"{limit / 1e6:.3g} Mpx); a model gets it decoded reduced to the size it "
-                                        "resizes to"))  # fmt: skip
+            checks.notes.append(Skipped(
+                line, image_id, None, f"{LARGE_IMAGE}: {obj['file']} is {height}x{width} "
+                f"({width * height / 1e6:.3g} Mpx, over Pillow's decompression-bomb limit of "
+                f"{limit / 1e6:.3g} Mpx); a model gets it decoded reduced to the size it resizes to"
+            ))  # fmt: skip
 
     objects = []
     object_ids: set[str] = set()

@@ -45,7 +45,7 @@ class EvalSet:
     @classmethod
     def build(cls, adapter: VLMAdapter, split: KeyObjectDataset | Sequence[Sample], settings: EvalSettings, *,
               template: str = "caption", images: ImageCache | None = None) -> EvalSet:  # fmt: skip
-        """Prepare ``split`` (up to ``settings.limit``); distractors come from the whole dataset (`option_pool`)."""
+        """Prepare ``split`` (up to ``settings.limit``); distractors from the whole dataset."""
         samples = list(split)[: settings.limit] if settings.limit else list(split)
         if not samples:
             raise ValueError("evaluate: the dataset split is empty")

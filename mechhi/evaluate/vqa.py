@@ -33,14 +33,14 @@ def option_pool(data: KeyObjectDataset | Sequence[Sample]) -> list[str]:
     return sorted({o.description for s in data for o in s.record.objects})
 
 
-def sample_options(sample: Sample, pool: Sequence[str], *, seed: int) -> tuple[tuple[str, str, str, str], int]:
+def sample_options(sample: Sample, pool: Sequence[str], *, seed: int) -> tuple[tuple[str, ...], int]:
     """(options A-D, index of the true one) for ``sample``: three distractors from ``pool``
     that name no object of its image, and the true description at a drawn place."""
     present = {o.description for o in sample.record.objects}
     candidates = sorted(set(pool) - present)
     if len(candidates) < 3:
-        raise ValueError(f"VQA for image {sample.image_id!r} object {sample.object_id!r}: the dataset has only "
-                         f"{len(candidates)} other descriptions to draw 3 distractors from")  # fmt: skip
+        raise ValueError(f"VQA for image {sample.image_id!r} object {sample.object_id!r}: the dataset has "
+                         f"only {len(candidates)} other descriptions to draw 3 distractors from")  # fmt: skip
     rng = np.random.default_rng(_sample_entropy(seed, sample.image_id, sample.object_id))
     options = [candidates[i] for i in rng.choice(len(candidates), size=3, replace=False)]
     answer = int(rng.integers(4))
@@ -48,7 +48,8 @@ def sample_options(sample: Sample, pool: Sequence[str], *, seed: int) -> tuple[t
     return tuple(options), answer  # type: ignore[return-value]
 
 
-def vqa_items(samples: Sequence[Sample], images: Sequence[Any], *, seed: int, pool: Sequence[str]) -> list[VQAItem]:
+def vqa_items(samples: Sequence[Sample], images: Sequence[Any], *, seed: int,
+              pool: Sequence[str]) -> list[VQAItem]:  # fmt: skip
     """One 4-option question per sample (`sample_options`); ``pool``: `option_pool` of the
     samples' dataset."""
     items = []

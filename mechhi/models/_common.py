@@ -331,7 +331,7 @@ class VLMAdapter:
         layouts = []
         for i, (image, prompt) in enumerate(zip(images, rendered)):
             query = locate_last(ids[i], answer_token_ids(self.tokenizer, prompt), valid[i])
-            views = tuple(self.visual_views(inputs, i, displayed_size(image)))  # boxes in the full image's pixels
+            views = tuple(self.visual_views(inputs, i, displayed_size(image)))  # boxes in full-size pixels
             layouts.append(SampleLayout(query_positions=query, views=views))
         return PreparedBatch(inputs=inputs, layouts=layouts)
 

@@ -37,7 +37,8 @@ class DatasetRef:
         """The store attribute read back; one without ``#fingerprint`` (hand-made stores) has
         none; a ``{"path", "fingerprint"}`` mapping is read as that pair."""
         if isinstance(attr, dict):
-            return cls(str(attr.get("path") or ""), str(attr["fingerprint"]) if attr.get("fingerprint") else None)
+            fingerprint = attr.get("fingerprint")
+            return cls(str(attr.get("path") or ""), str(fingerprint) if fingerprint else None)
         where, sep, fingerprint = str(attr or "").rpartition("#")
         return cls(where, fingerprint or None) if sep else cls(str(attr or ""), None)
 

@@ -70,7 +70,7 @@ class TraceConfig:
     skip_bad: bool = False  # skip invalid records (recorded in the store) instead of failing
     revision: str | None = None
     max_description_tokens: int = DEFAULT_MAX_DESCRIPTION_TOKENS  # longer descriptions are bad records
-    vqa_seed: int = 0  # with each sample's id, draws the vqa template's distractors and the true option's place
+    vqa_seed: int = 0  # with each sample's id, draws the vqa template's distractors and the true one's place
     shard_samples: int | None = None  # samples per store shard file; None: store.layout.auto_shard_samples
     num_workers: int | None = None  # DataLoader processes preparing batches (None: by device, see loader; 0: in process)
     device_map: str | None = None  # accelerate placement over several devices ("auto", ...); then device stays "auto"
@@ -181,7 +181,8 @@ def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
     return dataset.split(config.split)
 
 
-def prompt_fields(config: TraceConfig, samples: Sequence[Sample], dataset: KeyObjectDataset) -> list[dict[str, str]]:
+def prompt_fields(config: TraceConfig, samples: Sequence[Sample],
+                  dataset: KeyObjectDataset) -> list[dict[str, str]]:  # fmt: skip
     """Each sample's template fields. ``vqa``: the paper's closed-ended question with
     options A-D, the true description and three others drawn from the whole dataset's
     descriptions exactly as `mechhi evaluate` draws them (`evaluate.vqa.sample_options`:

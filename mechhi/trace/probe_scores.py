@@ -51,7 +51,8 @@ def variable(probe: str) -> str:
 
 def store_source(ds: xr.Dataset) -> tuple[str, str, str]:
     """(dataset directory, split, prompt template) the store was traced on, from its attrs."""
-    return str(store_dataset(ds)), str(ds.attrs.get("split") or "all"), str(ds.attrs.get("prompt_template") or "caption")
+    split, template = str(ds.attrs.get("split") or "all"), str(ds.attrs.get("prompt_template") or "caption")
+    return str(store_dataset(ds)), split, template
 
 
 def store_dataset(ds: xr.Dataset) -> Path:
@@ -75,12 +76,13 @@ def store_dataset(ds: xr.Dataset) -> Path:
         candidates += [folder / recorded for folder in Path(source).resolve().parents]
     changed = None
     for candidate in dict.fromkeys(c for c in candidates if c.is_dir()):
-        if ref.fingerprint is None or load_dataset(candidate, skip_bad=True, check_images=False).fingerprint == \
-                ref.fingerprint:  # fmt: skip
+        held = ref.fingerprint and load_dataset(candidate, skip_bad=True, check_images=False).fingerprint
+        if held == ref.fingerprint:
             return candidate
         changed = changed or candidate
     if changed is not None:
-        raise ValueError(f"the store's dataset {changed} changed since it was traced (fingerprint differs): retrace it")
+        raise ValueError(f"the store's dataset {changed} changed since it was traced (fingerprint differs): "
+                         "retrace it")  # fmt: skip
     raise ValueError(f"the store's dataset {ref.where} is not on this machine"
                      + ("" if recorded.is_absolute() else " (looked here and beside the store)"))
 
