@@ -167,3 +167,18 @@ def test_n_heads_out_of_range_is_one_line_and_a_model_of_another_depth_is_refuse
     assert "'--n-heads'" in line and "greater than or equal to 1" in line, line
     line = one_line_error(invoke([*base, "--model", shallow_model], exit_code=1))
     assert "disagree" in line and "12 layers x 4 heads" in line and "6 x 4" in line, line
+
+
+def test_ablate_asks_each_sample_what_trace_and_evaluate_ask(held_out):  # noqa: F811
+    """Issue 18 item 3: a sample's options are f(seed, its id, the whole dataset's pool),
+    whatever --limit selects and whichever command draws them."""
+    from mechhi.data.format import load_dataset
+    from mechhi.evaluate.metrics import format_options
+    from mechhi.trace.job import TraceConfig, prompt_fields
+
+    test = load_dataset(held_out).split("test")
+    traced = prompt_fields(TraceConfig(template="vqa"), test.samples[:3], test)  # `trace --limit 3`
+    for limit in (3, 10):
+        items = EvalData(str(held_out), "test", limit, 0, progress=False).items
+        assert [{"options": format_options(it.options)} for it in items[:3]] == traced, limit
+        assert all(it.options[it.answer] == s.description for it, s in zip(items, test.samples))

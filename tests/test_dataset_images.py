@@ -170,3 +170,91 @@ def test_dataset_build_prints_only_its_result_on_stdout(tmp_path):
     assert result.stdout.splitlines() == [f"dataset written to {tmp_path / 'toy'}"]
     assert "synthetic images" in result.stderr  # the progress bar
     assert json.loads(invoke(["dataset", "check", tmp_path / "toy", "--json"]).stdout)["images"] == 3
+
+
+# ----------------------------------------------------------------------------- sizes the model refuses or shrinks
+def one_image_dataset(root, images: dict[str, Image.Image]) -> None:
+    """A dataset with one object (a box in the middle) per image."""
+    from mechhi.data.format import DatasetWriter, ImageRecord, KeyObject
+
+    with DatasetWriter(root) as writer:
+        for image_id, image in images.items():
+            w, h = image.size
+            mask = np.zeros((h, w), bool)
+            mask[h // 4 : max(h // 4 + 1, 3 * h // 4), w // 4 : max(w // 4 + 1, 3 * w // 4)] = True
+            objects = (KeyObject.from_mask("0", "a red square", mask),)
+            writer.add(ImageRecord(image_id, "", w, h, None, objects), image)
+
+
+def test_an_image_the_processor_refuses_is_a_bad_record_that_check_finds_and_trace_skips(tmp_path):
+    from mechhi.models.qwen2_vl import Qwen2VLAdapter
+    from mechhi.store import open_store
+    from tests.conftest import WORDS
+
+    data = tmp_path / "data"
+    one_image_dataset(data, {"wide": Image.new("RGB", (2000, 1), "red"),
+                             "fine": Image.new("RGB", (84, 56), "red"), "also": Image.new("RGB", (56, 84), "blue")})  # fmt: skip
+    checked = invoke(["dataset", "check", data], exit_code=1)  # default model: the bundled toy (a Qwen2-VL)
+    bad = [line for line in checked.stdout.splitlines() if line.startswith("bad")]
+    assert len(bad) == 1 and "line 1 (image 'wide')" in bad[0] and "refuses a 1x2000 image" in bad[0]
+    assert "aspect ratio must be smaller than 200" in bad[0] and "no problems" not in checked.stdout
+    model = tmp_path / "model"
+    Qwen2VLAdapter.build_tiny(model, words=WORDS, layers=2)
+    problems = invoke_json(["dataset", "check", data, "--model", model], exit_code=1)["problems"]
+    assert problems == [bad[0].removeprefix("bad ")]
+    args = ["trace", "--model", model, "--dataset", data, "--device", "cpu"]
+    failed = one_line_error(invoke([*args, "--store", tmp_path / "a.zarr"], exit_code=1))
+    assert "image 'wide'" in failed and "aspect ratio" in failed
+    invoke([*args, "--store", tmp_path / "b.zarr", "--skip-bad"])
+    ds = open_store(tmp_path / "b.zarr")
+    assert ds.image_id.values.tolist() == ["fine", "also"]
+    assert [s["image_id"] for s in ds.attrs["skipped"]] == ["wide"]
+
+
+def test_a_large_image_is_one_note_and_is_decoded_reduced_to_what_the_processor_uses(tmp_path, monkeypatch):
+    """Pillow's bomb limit lowered to 0.2 Mpx: a 600x600 image is "large", a 700x700 one
+    (over twice the limit) a bomb. The large one is noted in one line naming its record and
+    reaches the processor decoded reduced, its boxes still in full-size pixels."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    from mechhi.data.format import ORIGINAL_SIZE, open_image
+    from tests.conftest import tiny
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 255, (600, 600, 3), dtype=np.uint8)
+    data = tmp_path / "data"
+    one_image_dataset(data, {"small": Image.new("RGB", (56, 56), "red"), "big": Image.fromarray(big)})
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(data / "images" / "big.png")  # what Pillow alone says, in several lines
+    checked = invoke(["dataset", "check", data])
+    assert "DecompressionBomb" not in checked.output and "no problems" in checked.stdout
+    notes = [line for line in checked.stdout.splitlines() if line.startswith("note")]
+    assert len(notes) == 1 and "line 2 (image 'big')" in notes[0] and "600x600 (0.36 Mpx" in notes[0]
+
+    _, adapter = tiny("qwen2-vl", "gqa")
+    size = adapter.processor.image_processor.size
+    target_h, target_w = smart_resize(600, 600, factor=28, min_pixels=size["shortest_edge"],
+                                      max_pixels=size["longest_edge"])  # fmt: skip
+    image = open_image(data / "images" / "big.png", use=adapter)
+    factor = 600 // image.width
+    assert image.size == (600 // factor, 600 // factor) and image.info[ORIGINAL_SIZE] == (600, 600)
+    assert factor >= 2 and image.width >= target_w  # reduced, not below what the processor resizes to
+    blocks = big.reshape(600 // factor, factor, 600 // factor, factor, 3).mean((1, 3))  # the reference: block means
+    assert np.abs(np.asarray(image, float) - blocks).max() <= 1
+    layout = adapter.prepare([image], ["a red square"]).layouts[0]
+    assert layout.views[0].box == (0.0, 0.0, 600.0, 600.0)  # where the full-size mask is
+    assert layout.views[0].grid == adapter.grid_sizes((600, 600))["image"] == (target_h // 28, target_w // 28)
+    jpeg = tmp_path / "big.jpg"
+    Image.fromarray(big).save(jpeg, quality=95)
+    drafted = open_image(jpeg, use=adapter)
+    assert drafted.width in (300, 150, 75) and drafted.width >= target_w and drafted.info[ORIGINAL_SIZE] == (600, 600)
+
+    Image.fromarray(np.zeros((700, 700, 3), np.uint8)).save(data / "images" / "big.png")  # over twice the limit
+    lines = [json.loads(line) for line in (data / "annotations.jsonl").read_text().splitlines()]
+    lines[1]["width"] = lines[1]["height"] = 700
+    lines[1]["objects"][0]["mask"] = rle_json(box_mask(700, 700, (100, 100, 300, 300)))
+    (data / "annotations.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    bombed = invoke(["dataset", "check", data], exit_code=1)
+    bad = [line for line in bombed.stdout.splitlines() if line.startswith("bad")]
+    assert len(bad) == 1 and "image 'big'" in bad[0] and "decompression bomb" in bad[0].lower()

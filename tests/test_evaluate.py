@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -35,3 +37,50 @@ def test_closed_vqa_matches_a_hand_loop():
     np.testing.assert_allclose(got["ans_prob"].mean, np.mean(probability), atol=1e-6)
     np.testing.assert_allclose(got["ans_prob"].se, np.std(probability, ddof=1) / np.sqrt(3), atol=1e-6)
     assert 0 < got["ans_prob"].mean < 1 and got["ans_prob"].mean != 0.25, "random model: not degenerate"
+
+
+# ----------------------------------------------------------------------------- VQA options (issue 18, item 3)
+def vqa_options_dataset(tmp_path):
+    from mechhi.toyworld.world import build_synthetic
+
+    return build_synthetic(tmp_path / "data", n_images=8, seed=3, progress=False)
+
+
+def test_a_samples_options_do_not_depend_on_which_samples_are_drawn_with_it(tmp_path):
+    from mechhi.data.format import load_dataset
+    from mechhi.evaluate.vqa import option_pool, vqa_items
+
+    dataset = load_dataset(vqa_options_dataset(tmp_path))
+    test = dataset.split("train")
+    samples, pool = test.samples, option_pool(test)
+    assert set(pool) == {s.description for s in dataset} and len(pool) > len({s.description for s in samples})
+
+    def drawn(chosen):
+        return {(s.image_id, s.object_id): (it.options, it.answer)
+                for s, it in zip(chosen, vqa_items(chosen, [None] * len(chosen), seed=5, pool=pool))}  # fmt: skip
+
+    every = drawn(samples)
+    assert drawn(samples[::-1]) == every  # another order
+    assert drawn(samples[-2:]) == {k: every[k] for k in list(every)[-2:]}  # a subset that skips the first
+    whole = drawn(dataset.samples)  # drawn in the whole dataset: the same question
+    assert {k: whole[k] for k in every} == every
+    for sample in samples:  # what a question must be, whatever the draw
+        options, answer = every[(sample.image_id, sample.object_id)]
+        assert options[answer] == sample.description and len(set(options)) == 4
+        assert not {o.description for o in sample.record.objects} & (set(options) - {sample.description})
+    assert len({a for _, a in whole.values()}) == 4  # the true letter moves
+
+
+def test_evaluate_asks_the_questions_trace_asks_under_any_limit(tmp_path):
+    from mechhi.data.format import load_dataset
+    from mechhi.evaluate.prepared import EvalSet, EvalSettings
+    from mechhi.trace.job import TraceConfig, prompt_fields
+
+    _, adapter = tiny("qwen2-vl", "gqa")
+    test = load_dataset(vqa_options_dataset(tmp_path)).split("train")
+    traced = prompt_fields(TraceConfig(template="vqa"), test.samples[:2], test)  # `trace --limit 2`
+    for limit in (2, None):
+        built = EvalSet.build(adapter, test, EvalSettings(limit=limit, batch_size=2, generate=0))
+        for sample, fields, answer in zip(test.samples[:2], traced, built.answers):
+            options = re.split(r"(?:^| )[A-D]\) ", fields["options"])[1:]  # "A) ... B) ...": the traced prompt
+            assert len(options) == 4 and options[answer] == sample.description, (limit, options)

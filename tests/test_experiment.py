@@ -17,7 +17,7 @@ from mechhi.data.format import load_dataset
 from mechhi.evaluate.audit import audit_adapter
 from mechhi.evaluate.experiment import ExperimentConfig, run_experiment
 from mechhi.evaluate.job import EvalSettings, EvaluateConfig, evaluate_model, run_evaluate
-from mechhi.evaluate.vqa import vqa_items
+from mechhi.evaluate.vqa import option_pool, vqa_items
 from mechhi.finetune import TrainSettings, attach_lora
 from tests.test_finetune import scored_store, tiny_dataset, toy_tiny
 
@@ -66,13 +66,13 @@ def test_vqa_items_are_seeded_and_never_offer_a_second_true_option(env):
     test = load_dataset(env["data"], split="train")
     samples = test.samples
     images = [None] * len(samples)
-    items = vqa_items(samples, images, seed=1)
+    items = vqa_items(samples, images, seed=1, pool=option_pool(test))
     for s, item in zip(samples, items):
         assert item.options[item.answer] == s.description
         present = {o.description for o in s.record.objects}
         others = [o for i, o in enumerate(item.options) if i != item.answer]
         assert len(set(item.options)) == 4 and not present & set(others)
-    again = vqa_items(samples, images, seed=1)
+    again = vqa_items(samples, images, seed=1, pool=option_pool(test))
     assert [(i.options, i.answer) for i in again] == [(i.options, i.answer) for i in items]
     assert len(items) >= 8
     assert {i.answer for i in items} == {0, 1, 2, 3}  # the true letter moves

@@ -4,6 +4,7 @@ time, lost chunks, provenance, and the CLI contract."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -490,7 +491,7 @@ def test_every_score_command_prints_json_only(tiny_model_dir, dataset_dir, tmp_p
 # ---------------------------------------------------------------- templates and devices (item 7)
 def test_trace_with_the_vqa_template_draws_options_as_evaluation_does(tiny_model_dir, dataset_dir, tmp_path):
     from mechhi.evaluate.metrics import format_options
-    from mechhi.evaluate.vqa import vqa_items
+    from mechhi.evaluate.vqa import option_pool, vqa_items
     from mechhi.models.loading import load
     from mechhi.trace.attention import AttentionTracer
 
@@ -505,14 +506,52 @@ def test_trace_with_the_vqa_template_draws_options_as_evaluation_does(tiny_model
     model, adapter = load(str(tiny_model_dir), device="cpu", dtype="float32")
     from mechhi.data.format import load_dataset
 
-    samples = load_dataset(data).samples
-    options = format_options(vqa_items(samples, [None] * len(samples), seed=0)[0].options)
+    dataset = load_dataset(data)
+    samples = dataset.samples
+    options = format_options(vqa_items(samples, [None] * len(samples), seed=0, pool=option_pool(dataset))[0].options)
     batch = adapter.prepare([samples[0].image()], [samples[0].description], template="vqa",
                             fields=[{"options": options}])  # fmt: skip
     cube = AttentionTracer(model, adapter).trace(batch)[0]  # (L, H, V)
     rows, cols = int(ds.grid_rows[0]), int(ds.grid_cols[0])
     stored = ds.attention.isel(sample=0).values[:, :, :rows, :cols].reshape(cube.shape[0], cube.shape[1], -1)
     np.testing.assert_allclose(stored, cube[..., : rows * cols], rtol=1e-5, atol=1e-7)
+
+
+def test_a_samples_vqa_prompt_does_not_depend_on_the_limit(tiny_model_dir, tmp_path):
+    """Options are f(seed, sample id, the whole dataset's descriptions): the first 4 samples
+    are asked the same under --limit 4, --limit 20 and no limit (their attention is the
+    same), and a resumed trace with another --limit asks the same too."""
+    from mechhi.data.format import load_dataset
+    from mechhi.toyworld.world import build_synthetic
+    from mechhi.trace.job import load_samples, prompt_fields
+
+    data = build_synthetic(tmp_path / "data", n_images=9, seed=0, progress=False)
+    assert len(load_dataset(data)) > 20
+    stores = {}
+    for limit in (4, 20, None):
+        store = stores[limit] = tmp_path / f"limit-{limit}.zarr"
+        cli_trace(tiny_model_dir, data, store, "--template", "vqa", "--split", "all",
+                  *(("--limit", str(limit)) if limit else ()))  # fmt: skip
+    first = {limit: open_store(store).attention.isel(sample=slice(0, 4)).values for limit, store in stores.items()}
+    np.testing.assert_allclose(first[4], first[None], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(first[20], first[None], rtol=1e-5, atol=1e-7)
+    twenty = open_store(stores[20]).attention.values
+    np.testing.assert_allclose(twenty, open_store(stores[None]).attention.isel(sample=slice(0, 20)).values,
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    # the prompt text itself: each sample's options under any limit and in any order
+    _, adapter = load_tiny_adapter(tiny_model_dir)
+    whole = TraceConfig(dataset=str(data), template="vqa", split="all")
+    dataset = load_samples(whole, adapter)
+    everything = prompt_fields(whole, dataset.samples, dataset)
+    assert prompt_fields(whole, dataset.samples[:4], dataset) == everything[:4]
+    assert prompt_fields(whole, dataset.samples[::-1], dataset) == everything[::-1]
+    assert len({f["options"] for f in everything}) == len(everything)
+
+
+def load_tiny_adapter(model_dir):
+    from mechhi.models.loading import load
+
+    return load(str(model_dir), device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("option, value, fragment", [
@@ -565,6 +604,51 @@ def test_the_store_records_where_its_numbers_come_from(tiny_model_dir, dataset_d
     other = open_store(trace_dataset(config(copy, dataset_dir, tmp_path / "t.zarr"), progress=False))
     assert other.attrs["model_revision"] != ds.attrs["model_revision"]
     assert hashlib.sha256(bytes(data)).hexdigest() != hashlib.sha256(weights.read_bytes() + b"x").hexdigest()
+
+
+def test_a_store_knows_its_dataset_by_content_from_any_path_and_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 18 item 9: the dataset is recorded by its resolved path and fingerprint; the
+    same content named by another path resumes the store, another content is refused, and
+    the store's samples are found from any working directory (old relative records too)."""
+    import shutil
+
+    import zarr
+
+    from mechhi.trace.probe_scores import store_samples, store_source
+
+    project = tmp_path / "project"
+    write_toy_dataset(project / "ds", n_images=3)
+    (project / "stores").mkdir()
+    monkeypatch.chdir(project)
+    store = project / "stores" / "s.zarr"
+    cli_trace(tiny_model_dir, "ds", store)
+    recorded = open_store(store).attrs["dataset"]
+    path, _, fingerprint = recorded.rpartition("#")
+    assert path == str((project / "ds").resolve()) and len(fingerprint) == 16
+    again = cli_trace(tiny_model_dir, project / "ds", store)  # the same content by its absolute path
+    assert "nothing to trace" in again.stderr
+    shutil.copytree(project / "ds", project / "copy")
+    assert "nothing to trace" in cli_trace(tiny_model_dir, project / "copy", store).stderr  # a copy: same content
+    other = tmp_path / "other"
+    write_toy_dataset(other, n_images=4)
+    refused = one_line_error(cli_trace(tiny_model_dir, other, store, exit_code=1))
+    assert "different run" in refused and "dataset" in refused
+    _, adapter = load_tiny_adapter(tiny_model_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert store_source(open_store(store))[0] == path
+    assert [s.image_id for s in store_samples(open_store(store), adapter)] == open_store(store).image_id.values.tolist()
+    # a store of an earlier version recorded the path as given: found beside the store, by its fingerprint
+    zarr.open_group(store, mode="r+").attrs["dataset"] = f"ds#{fingerprint}"
+    assert Path(store_source(open_store(store))[0]) == project / "ds"
+    assert len(store_samples(open_store(store), adapter)) == open_store(store).sizes["sample"]
+    zarr.open_group(store, mode="r+").attrs["dataset"] = "ds#0000000000000000"  # none with that content
+    with pytest.raises(ValueError, match="changed since it was traced"):
+        store_source(open_store(store))
+    zarr.open_group(store, mode="r+").attrs["dataset"] = f"gone#{fingerprint}"
+    with pytest.raises(ValueError, match="gone is not on this machine"):
+        store_source(open_store(store))
 
 
 def test_the_bundled_model_is_recorded_by_its_name_and_a_hub_model_by_its_commit(monkeypatch):

@@ -90,18 +90,29 @@ def _required(value: Optional[Path], flag: str) -> Path:
 
 @dataset_app.command("check")
 @friendly_errors
-def dataset_check(directory: Annotated[Path, typer.Argument(help="Dataset directory.")], as_json: JsonOpt = False) -> None:
-    """Validate a dataset (every image decoded); list every bad record and every note
-    (e.g. an EXIF-rotated image); exit 1 if any record is bad."""
+def dataset_check(
+    directory: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    model: Annotated[Optional[str], typer.Option(
+        help="Check image sizes against this model's processor (HF id or directory; default: the bundled toy).")] = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Validate a dataset (every image decoded, its size asked of the model's processor);
+    list every bad record and every note (e.g. an EXIF-rotated or a very large image);
+    exit 1 if any record is bad."""
+    from mechhi.bundled import BUNDLED_MODEL_ID
     from mechhi.data.format import load_dataset
+    from mechhi.models.loading import load_adapter
 
-    ds = load_dataset(directory, skip_bad=True)
+    model = model or BUNDLED_MODEL_ID
+    ds = load_dataset(directory, skip_bad=True, use=load_adapter(model))
     problems, notes = ds.skipped, ds.notes
     if as_json:
-        print_json({"dataset": str(directory), "images": len(ds.records), "samples": len(ds.samples),
-                    "problems": [p.message for p in problems], "notes": [n.message for n in notes]})  # fmt: skip
+        print_json({"dataset": str(directory), "model": model, "images": len(ds.records),
+                    "samples": len(ds.samples), "problems": [p.message for p in problems],
+                    "notes": [n.message for n in notes]})  # fmt: skip
     else:
-        console.print(f"{ds.root}: {len(ds.records)} images, {len(ds.samples)} usable objects")
+        console.print(f"{ds.root}: {len(ds.records)} images, {len(ds.samples)} usable objects "
+                      f"(sizes checked against {model}'s processor)", highlight=False)  # fmt: skip
         for problem in problems:
             console.print(f"[red]bad[/] {problem.message}", highlight=False)
         for note in notes:

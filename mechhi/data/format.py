@@ -43,9 +43,10 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -169,25 +170,75 @@ class ImageProblem(ValueError):
     """An image file that cannot be used; the message says why."""
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
+class ImageUse(Protocol):
+    """How a model uses images (a `VLMAdapter` is one): which sizes its processor refuses,
+    and by how much an image may be decoded reduced without changing what it makes of it."""
+
+    def image_size_problem(self, image_size: tuple[int, int]) -> str | None: ...
+
+    def shrink_factor(self, image_size: tuple[int, int], factors: Sequence[int]) -> int: ...
+
+
+ORIGINAL_SIZE = "mechhi.original_size"  # Image.info key: upright (width, height) of an image decoded reduced
+JPEG_DRAFT_FACTORS = (2, 4, 8)  # what libjpeg decodes at directly (`Image.draft`)
+REDUCE_FACTORS = (2, 4, 8, 16, 32, 64)  # `Image.reduce` after a full decode, for other formats
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK")  # averaged per channel by `Image.reduce`
+LARGE_IMAGE = "large image"  # how a note on an image over Pillow's decompression-bomb limit starts
+
+
+def open_image(path: str | os.PathLike, *, use: ImageUse | None = None) -> Image.Image:
     """The image as every consumer uses it: decoded in full (a truncated file fails here,
     not inside the model), upright by its EXIF orientation, 8-bit RGB.
 
     A 16-bit single-channel image (e.g. a 16-bit grey PNG, mode ``I;16``) is scaled to
     8 bits (v / 257); Pillow's own conversion would clip it to white. Floating-point
     pixels are refused: their range is unknown.
+
+    ``use``: the model the image is for. An image much larger than its processor resizes
+    to is then decoded reduced (JPEG by libjpeg's scaled decode, others by averaging
+    blocks after the decode) by the largest factor `ImageUse.shrink_factor` allows; its
+    full size is kept in ``info[ORIGINAL_SIZE]`` (`displayed_size`), where masks and token
+    boxes stay. Pillow's decompression-bomb warning is not printed: `check_dataset` notes
+    such an image in one line naming its record.
     """
     try:
-        with Image.open(path) as im:
+        with _quiet_bombs(), Image.open(path) as im:
+            full = _upright_size(im)
+            jpeg = im.format == "JPEG"
+            factor = use.shrink_factor(full, JPEG_DRAFT_FACTORS if jpeg else REDUCE_FACTORS) if use else 1
+            if factor > 1 and jpeg:
+                im.draft(im.mode, (-(-im.width // factor), -(-im.height // factor)))
             im.load()
-            return _rgb8(ImageOps.exif_transpose(im))
+            if factor > 1 and not jpeg:
+                small = im.reduce(factor) if im.mode in REDUCIBLE_MODES else _rgb8(im).reduce(factor)
+                small.info = dict(im.info)  # the EXIF orientation, applied below
+                im = small
+            upright = _rgb8(ImageOps.exif_transpose(im))
     except (OSError, Image.DecompressionBombError) as error:
         raise ImageProblem(f"cannot be decoded ({_one_line(error)})") from None
+    if upright.size != full:
+        upright.info[ORIGINAL_SIZE] = full
+    return upright
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) the image has as displayed: its full size where `open_image`
+    decoded it reduced (the size its record, masks and token boxes are in)."""
+    return tuple(image.info.get(ORIGINAL_SIZE, image.size))  # type: ignore[return-value]
+
+
+@contextmanager
+def _quiet_bombs() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning silenced: a large image is reported once, by
+    `check_dataset`, in one line naming its record."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), from the header only."""
-    with Image.open(path) as im:
+    with _quiet_bombs(), Image.open(path) as im:
         return _upright_size(im)
 
 
@@ -293,13 +344,13 @@ class Sample:
     record: ImageRecord = field(repr=False)
     obj: KeyObject = field(repr=False)
 
-    def image(self) -> Image.Image:
+    def image(self, use: ImageUse | None = None) -> Image.Image:
         """The image as `open_image` reads it: upright 8-bit RGB (loaded on each call:
-        samples stay cheap to hold)."""
+        samples stay cheap to hold); for ``use``, a large one decoded reduced."""
         if not self.image_path.is_file():
             raise DatasetError(f"image {self.image_id!r}: file {self.image_path} does not exist")
         try:
-            return open_image(self.image_path)
+            return open_image(self.image_path, use=use)
         except ImageProblem as problem:
             raise DatasetError(f"image {self.image_id!r}: file {self.image_path} {problem}") from None
 
@@ -341,7 +392,9 @@ class KeyObjectDataset(Sequence[Sample]):
 
     ``fingerprint`` identifies the content (annotations bytes and image file sizes) so a
     store can tell whether it was traced on the same data. ``notes`` are records that are
-    used but deserve a look (an image with an EXIF orientation tag).
+    used but deserve a look (an image with an EXIF orientation tag). ``all_descriptions``:
+    every object's description in the whole dataset, kept by its splits (what VQA options
+    are drawn from, so that a sample's options do not depend on the split or a limit).
     """
 
     def __init__(
@@ -352,6 +405,7 @@ class KeyObjectDataset(Sequence[Sample]):
         fingerprint: str,
         split_name: str | None = None,
         notes: list[Skipped] | None = None,
+        all_descriptions: frozenset[str] | None = None,
     ) -> None:
         self.root = root
         self.records = records
@@ -364,6 +418,8 @@ class KeyObjectDataset(Sequence[Sample]):
             Sample(i, r.image_id, o.object_id, o.description, root / r.file, r, o)
             for i, (r, o) in enumerate(pairs)
         ]
+        self.all_descriptions = all_descriptions if all_descriptions is not None else \
+            frozenset(o.description for _, o in pairs)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -386,7 +442,8 @@ class KeyObjectDataset(Sequence[Sample]):
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; splits are {', '.join(SPLITS)}")
         records = [r for r in self.records if r.split == name]
-        return KeyObjectDataset(self.root, records, self.skipped, self.fingerprint, name, self.notes)
+        return KeyObjectDataset(self.root, records, self.skipped, self.fingerprint, name, self.notes,
+                                self.all_descriptions)  # fmt: skip
 
     def split_counts(self) -> dict[str | None, int]:
         """Number of images per split (None for records without one)."""
@@ -403,6 +460,7 @@ class _Checks:
     check_images: bool
     count_tokens: Callable[[str], int] | None
     max_description_tokens: int | None
+    use: ImageUse | None = None
     notes: list[Skipped] = field(default_factory=list)
 
 
@@ -421,6 +479,7 @@ def load_dataset(
     count_tokens: Callable[[str], int] | None = None,
     max_description_tokens: int | None = None,
     check_images: bool = True,
+    use: ImageUse | None = None,
 ) -> KeyObjectDataset:
     """Read and validate a dataset directory.
 
@@ -429,7 +488,9 @@ def load_dataset(
     goes on. ``check_images=False`` does not touch image files at all (for annotations
     whose images are not present, e.g. the paper's published masks).
     ``count_tokens`` with ``max_description_tokens`` rejects descriptions longer than that
-    many tokens. An annotations file without a single record is an error.
+    many tokens. ``use`` (a model adapter): an image size its processor refuses is a bad
+    record, and images are decoded for the check as that model will get them (`open_image`).
+    An annotations file without a single record is an error.
 
     >>> ds = load_dataset("data/toy", split="trace")          # doctest: +SKIP
     >>> ds[0].description, ds[0].mask().shape                   # doctest: +SKIP
@@ -446,7 +507,7 @@ def load_dataset(
     if not ann.is_file():
         raise DatasetError(f"dataset directory {root} has no {ANNOTATIONS}")
     data = ann.read_bytes()
-    checks = _Checks(check_images, count_tokens, max_description_tokens)
+    checks = _Checks(check_images, count_tokens, max_description_tokens, use)
 
     records: list[ImageRecord] = []
     skipped: list[Skipped] = []
@@ -525,11 +586,22 @@ def _read_line(
     if isinstance(obj["file"], str):
         files.append(obj["file"])
     width, height = _image_fields(obj, lambda r: bad(r, image_id))
+    refused = checks.use.image_size_problem((width, height)) if checks.use is not None else None
+    if refused:
+        raise bad(f"the model's processor refuses a {height}x{width} image (HxW): {_one_line(refused)}",
+                  image_id)  # fmt: skip
     if checks.check_images:
-        tag = _check_image_file(root, obj["file"], width, height, lambda r: bad(r, image_id))
+        tag = _check_image_file(root, obj["file"], width, height, lambda r: bad(r, image_id), checks.use)
         if tag != 1:
             checks.notes.append(Skipped(line, image_id, None, f"image file {obj['file']} has EXIF orientation {tag}: "
                                         "it is used upright, so width, height and masks must be as displayed"))  # fmt: skip
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and width * height > limit:
+            checks.notes.append(Skipped(
+                line, image_id, None, f"{LARGE_IMAGE}: {obj['file']} is {height}x{width} "
+                f"({width * height / 1e6:.3g} Mpx, over Pillow's decompression-bomb limit of "
+                f"{limit / 1e6:.3g} Mpx); a model gets it decoded reduced to the size it resizes to"
+            ))  # fmt: skip
 
     objects = []
     object_ids: set[str] = set()
@@ -576,17 +648,17 @@ def _image_fields(obj: dict, bad: Callable[[str], _Bad]) -> tuple[int, int]:
 
 
 def _check_image_file(
-    root: Path, file: str, width: int, height: int, bad: Callable[[str], _Bad]
+    root: Path, file: str, width: int, height: int, bad: Callable[[str], _Bad], use: ImageUse | None
 ) -> int:
-    """Check that the image decodes in full (as `open_image` reads it) at the record's
-    size as displayed; return its EXIF orientation."""
+    """Check that the image decodes in full (as `open_image` reads it for ``use``) at the
+    record's size as displayed; return its EXIF orientation."""
     path = root / file
     if not path.is_file():
         raise bad(f"image file {file} does not exist")
     try:
-        with Image.open(path) as im:
+        with _quiet_bombs(), Image.open(path) as im:
             (w, h), tag = _upright_size(im), orientation(im)
-        open_image(path)
+        open_image(path, use=use if (w, h) == (width, height) else None)
     except (OSError, Image.DecompressionBombError) as e:
         raise bad(f"image file {file} cannot be read ({_one_line(e)})") from None
     except ImageProblem as problem:

@@ -48,6 +48,7 @@ from ..models import VLMAdapter
 from .job import evaluate_adapter, evaluate_model
 from .prepared import EvalSet, EvalSettings
 from .tables import build_report, write_report
+from .vqa import VQA_DRAW
 
 KINDS = ("original", "top", "bottom", "random", "depth", "full")
 
@@ -116,7 +117,7 @@ def _setup_key(config: ExperimentConfig, setup: Setup, ranking: str | None) -> s
     """Fingerprint of everything a setup's row depends on (config less paths, store ranking)."""
     skip = ("out", "device", "threads", "setups", "random_seeds", "depth_band")
     fields = {k: v for k, v in asdict(config).items() if k not in skip}
-    fields.update(setup=setup.name, seed=setup.seed, ranking=ranking)
+    fields.update(setup=setup.name, seed=setup.seed, ranking=ranking, vqa_draw=VQA_DRAW)
     if setup.group.startswith("depth"):
         fields["depth_band"] = config.depth_band
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]

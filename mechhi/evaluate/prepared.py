@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..data.format import Sample
+from ..data.format import KeyObjectDataset, Sample
 from ..finetune import ImageCache
 from ..models import PreparedBatch, VLMAdapter
 from .metrics import caption_batches, letter_ids, vqa_batches
-from .vqa import vqa_items
+from .vqa import option_pool, vqa_items
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class EvalSettings:
 
     limit: int | None = 200  # samples of the split (None: all)
     batch_size: int = 16
-    vqa_seed: int = 0  # draws the distractor options and the true option's letter
+    vqa_seed: int = 0  # with each sample's id, draws its distractor options and the true option's letter
     generate: int = 3  # greedy captions for the first N samples (0: none)
     max_new_tokens: int = 12
     probe_size: int = 4  # samples in the audit's fixed probe batch
@@ -43,9 +43,9 @@ class EvalSet:
     images: ImageCache  # the decoded images, for what still prepares its own inputs (captions, the audit)
 
     @classmethod
-    def build(cls, adapter: VLMAdapter, split: Sequence[Sample], settings: EvalSettings, *, template: str = "caption",
-              images: ImageCache | None = None) -> EvalSet:  # fmt: skip
-        """Prepare ``split`` (up to ``settings.limit``); distractors come from the whole split."""
+    def build(cls, adapter: VLMAdapter, split: KeyObjectDataset | Sequence[Sample], settings: EvalSettings, *,
+              template: str = "caption", images: ImageCache | None = None) -> EvalSet:  # fmt: skip
+        """Prepare ``split`` (up to ``settings.limit``); distractors from the whole dataset."""
         samples = list(split)[: settings.limit] if settings.limit else list(split)
         if not samples:
             raise ValueError("evaluate: the dataset split is empty")
@@ -54,6 +54,6 @@ class EvalSet:
         size = settings.batch_size
         captions = list(caption_batches(adapter, pictures, [s.description for s in samples], template=template,
                                         batch_size=size))  # fmt: skip
-        items = vqa_items(samples, pictures, seed=settings.vqa_seed, pool=[s.description for s in split])
+        items = vqa_items(samples, pictures, seed=settings.vqa_seed, pool=option_pool(split))
         questions = list(vqa_batches(adapter, items, batch_size=size))
         return cls(samples, captions, questions, [it.answer for it in items], letter_ids(adapter), images)

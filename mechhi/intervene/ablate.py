@@ -76,7 +76,7 @@ class AblateConfig:
     dataset: str | None = None  # evaluation data (default: held-out toy-world scenes, built on first use)
     split: str = "test"
     limit: int | None = 100  # evaluation samples (None: the whole split)
-    vqa_seed: int = 0  # draws the distractor options
+    vqa_seed: int = 0  # with each sample's id, draws its distractor options (as `evaluate` and `trace` do)
     words: tuple[str, ...] = field(default_factory=lambda: tuple(COLOURS))  # concept of the pursuit / logit-lens probes
     template: str = "caption"
     batch_size: int = 16
@@ -126,14 +126,15 @@ class EvalData:
 
     @cached_property
     def items(self) -> list[Any]:
-        from ..evaluate.vqa import vqa_items
+        from ..evaluate.vqa import option_pool, vqa_items
 
-        pool = [s.description for s in self.split]  # distractors from the whole split, as `evaluate` draws them
-        return vqa_items(self.samples, self.images, seed=self.vqa_seed, pool=pool)
+        return vqa_items(self.samples, self.images, seed=self.vqa_seed, pool=option_pool(self.split))
 
     def fields(self) -> dict[str, Any]:
+        from ..evaluate.vqa import VQA_DRAW
+
         return {"data": self.split.fingerprint, "split": self.split.split_name, "n": len(self.samples),
-                "vqa_seed": self.vqa_seed}  # fmt: skip
+                "vqa_seed": self.vqa_seed, "vqa_draw": VQA_DRAW}  # fmt: skip
 
 
 def plan(config: AblateConfig, scores: xr.DataArray, n_layers: int, n_heads: int) -> list[Setup]:

@@ -42,7 +42,8 @@ def head_means(
     count = 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        batch = adapter.prepare([s.image() for s in chunk], [s.description for s in chunk], template=template)
+        batch = adapter.prepare([s.image(adapter) for s in chunk], [s.description for s in chunk],
+                                template=template)  # fmt: skip
         batch = batch.to(tracer.device, tracer.dtype)
         real = batch.inputs["attention_mask"].to(torch.float64)[..., None]  # (B, T, 1)
         with torch.inference_mode(), tracer.nn.trace(**batch.inputs) as trace:

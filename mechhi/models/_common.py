@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.format import displayed_size
+
 
 class AdapterError(ValueError):
     """A model, processor or prompt that an adapter cannot handle; the message says why."""
@@ -329,7 +331,7 @@ class VLMAdapter:
         layouts = []
         for i, (image, prompt) in enumerate(zip(images, rendered)):
             query = locate_last(ids[i], answer_token_ids(self.tokenizer, prompt), valid[i])
-            views = tuple(self.visual_views(inputs, i, image.size))
+            views = tuple(self.visual_views(inputs, i, displayed_size(image)))  # boxes in full-size pixels
             layouts.append(SampleLayout(query_positions=query, views=views))
         return PreparedBatch(inputs=inputs, layouts=layouts)
 
@@ -377,6 +379,38 @@ class VLMAdapter:
             layout = self.prepare([blank], [GRID_PROBE_ANSWER]).layouts[0]
             cache[key] = {v.name: v.grid for v in layout.views}
         return dict(cache[key])
+
+    # -- image sizes (`mechhi.data.format.ImageUse`) ---------------------------------------
+    def image_size_problem(self, image_size: tuple[int, int]) -> str | None:
+        """Why the processor refuses an image of ``image_size`` (width, height), or None.
+        Asked of the processor's own size rule (`grid_sizes`), not of a limit copied here, so
+        whatever it refuses (Qwen2-VL: an aspect ratio over 200) is a bad record found by
+        `mechhi dataset check --model` and skipped by `trace --skip-bad`, before any forward."""
+        try:
+            self.grid_sizes(image_size)
+        except (ValueError, ZeroDivisionError, OverflowError) as error:
+            return str(error) or type(error).__name__
+        return None
+
+    def resized_size(self, image_size: tuple[int, int]) -> tuple[int, int] | None:
+        """The (width, height) the processor resizes an image of ``image_size`` to; None
+        where the adapter does not know it (images are then decoded in full)."""
+        return None
+
+    def shrink_factor(self, image_size: tuple[int, int], factors: Sequence[int]) -> int:
+        """The largest of ``factors`` by which an image of ``image_size`` may be decoded
+        reduced (each side divided, rounded up) with the processor making the same of it:
+        still at least the size it resizes to, and the same token grids. 1: in full."""
+        target = self.resized_size(image_size)
+        if target is None:
+            return 1
+        width, height = image_size
+        grids = self.grid_sizes(image_size)
+        for factor in sorted(factors, reverse=True):
+            small = (-(-width // factor), -(-height // factor))
+            if small[0] >= target[0] and small[1] >= target[1] and self.grid_sizes(small) == grids:
+                return factor
+        return 1
 
     # -- tiny models for tests --------------------------------------------------------
     @classmethod

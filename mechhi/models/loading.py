@@ -82,20 +82,14 @@ def load(
     >>> model, adapter = load("Qwen/Qwen2-VL-2B-Instruct")            # doctest: +SKIP
     >>> model, adapter = load("Qwen/Qwen2-VL-72B-Instruct", device_map="auto")  # doctest: +SKIP
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     source = local_path(model_id)
     torch_device = resolve_device(device)
     if device_map is not None:
         check_device_map(device_map, device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    try:
-        config = AutoConfig.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as error:
-        hint = "" if Path(source).exists() else " (not a local directory; hub downloads need network access)"
-        raise AdapterError(f"cannot load model config from {str(model_id)!r}{hint}: {error}".splitlines()[0]) from None
-    family = adapter_class(config)
-    processor = AutoProcessor.from_pretrained(source, revision=revision)
+    family, _, processor = _family_config_processor(model_id, revision)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -104,6 +98,25 @@ def load(
     else:
         model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).to(torch_device).eval()
     return model, family(model.config, processor)
+
+
+def load_adapter(model_id: str | Path, *, revision: str | None = None) -> VLMAdapter:
+    """The model's adapter from its config and processor alone, no weights: what checking
+    a dataset against the model's processor needs (`mechhi dataset check --model`)."""
+    family, config, processor = _family_config_processor(model_id, revision)
+    return family(config, processor)
+
+
+def _family_config_processor(model_id: str | Path, revision: str | None) -> tuple[type[VLMAdapter], Any, Any]:
+    from transformers import AutoConfig, AutoProcessor
+
+    source = local_path(model_id)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as error:
+        hint = "" if Path(source).exists() else " (not a local directory; hub downloads need network access)"
+        raise AdapterError(f"cannot load model config from {str(model_id)!r}{hint}: {error}".splitlines()[0]) from None
+    return adapter_class(config), config, AutoProcessor.from_pretrained(source, revision=revision)
 
 
 def check_device_map(device_map: str | dict, device: str) -> None:

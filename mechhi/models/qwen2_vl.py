@@ -46,19 +46,28 @@ class Qwen2VLAdapter(VLMAdapter):
         return [VisualView("image", positions, (rows, cols), (0.0, 0.0, float(width), float(height)))]
 
     def grid_sizes(self, image_size: tuple[int, int]) -> dict[str, tuple[int, int]]:
-        """The processor's own rule: `smart_resize` to multiples of patch x merge pixels,
-        within its pixel bounds; one token per merged patch."""
+        """The processor's own rule (`resized_size`); one token per merged patch."""
+        resized = self.resized_size(image_size)
+        if resized is None:
+            return super().grid_sizes(image_size)
+        image_processor = self.processor.image_processor
+        side = int(image_processor.patch_size) * int(image_processor.merge_size)
+        return {"image": (resized[1] // side, resized[0] // side)}
+
+    def resized_size(self, image_size: tuple[int, int]) -> tuple[int, int] | None:
+        """`smart_resize` to multiples of patch x merge pixels within the processor's pixel
+        bounds (it raises for what the processor refuses, e.g. an aspect ratio over 200)."""
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
         image_processor = self.processor.image_processor
         if not getattr(image_processor, "do_resize", True):
-            return super().grid_sizes(image_size)
+            return None
         patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
         size = image_processor.size
         width, height = image_size
         resized_h, resized_w = smart_resize(int(height), int(width), factor=patch * merge,
                                             min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])  # fmt: skip
-        return {"image": (resized_h // (patch * merge), resized_w // (patch * merge))}
+        return resized_w, resized_h
 
     @classmethod
     def build_tiny(

@@ -20,10 +20,12 @@ import xarray as xr
 
 from .layout import auto_shard_samples, sharded
 from .lock import process_alive, this_host
+from .dataset_ref import DatasetRef
 from .read import open_store
 from .schema import (
-    COMPATIBLE_ATTRS, MAIN_VIEW, REQUIRED_ATTRS, SCHEMA_VERSION, SampleMeta, StoreError, _mechhi_version,
-    attention_name, grid_coords, grid_dims, is_traced_variable, json_attrs, mask_name, relative_depth,
+    COMPATIBLE_ATTRS, MAIN_VIEW, PROMPT_DRAW_ATTRS, REQUIRED_ATTRS, SCHEMA_VERSION, SampleMeta, StoreError,
+    _mechhi_version, attention_name, grid_coords, grid_dims, is_traced_variable, json_attrs, mask_name,
+    relative_depth,
 )  # fmt: skip
 
 
@@ -175,14 +177,21 @@ def _remove_stale_staging(path: Path) -> None:
             shutil.rmtree(candidate, ignore_errors=True)
 
 
+def _same_attr(key: str, have: Any, wanted: Any) -> bool:
+    """Whether a store's attribute fits the run's; a dataset fits by content, named by any path."""
+    if key == "dataset":
+        return DatasetRef.parse(have).same_content(DatasetRef.parse(wanted))
+    return json_attrs({key: have}) == json_attrs({key: wanted})
+
+
 def check_compatible(path: Path, wanted: xr.Dataset, attrs: dict[str, Any]) -> None:
     """StoreError naming every difference between the store at `path` and the run that
     `wanted` (a skeleton) and `attrs` describe; probe-written variables are ignored."""
     have = open_store(path, check_done=False)  # a damaged done file: the trace repairs it
     diffs = [
         f"{key}: store has {have.attrs.get(key)!r}, wanted {attrs[key]!r}"
-        for key in COMPATIBLE_ATTRS
-        if json_attrs({key: have.attrs.get(key)}) != json_attrs({key: attrs[key]})
+        for key in (*COMPATIBLE_ATTRS, *(k for k in PROMPT_DRAW_ATTRS if k in attrs))
+        if not _same_attr(key, have.attrs.get(key), attrs[key])
     ]
     for dim, size in wanted.sizes.items():
         if have.sizes.get(dim) != size:

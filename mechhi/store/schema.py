@@ -65,6 +65,8 @@ MAIN_VIEW = "image"
 REQUIRED_ATTRS = ("model", "model_revision", "dtype", "prompt_template", "dataset")
 # What must match for create_store to resume an existing store instead of failing.
 COMPATIBLE_ATTRS = ("model", "model_revision", "dataset", "prompt_template", "dtype")
+# What must match as well where the run records it: how the vqa template's options were drawn.
+PROMPT_DRAW_ATTRS = ("vqa_seed", "vqa_draw")
 
 
 class StoreError(ValueError):

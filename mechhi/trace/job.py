@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..bundled import BUNDLED_DATASET_ID, BUNDLED_MODEL_ID, default_store, local_path, recorded_name
-from ..data.format import KeyObjectDataset, Sample, load_dataset
+from ..bundled import BUNDLED_DATASET_ID, BUNDLED_MODEL_ID, default_store, local_path
+from ..data.format import LARGE_IMAGE, KeyObjectDataset, Sample, load_dataset
 from ..models import TEMPLATE_NAMES, AdapterError, PreparedBatch, VLMAdapter
 from ..models.loading import load, provenance
 from ..store import (
@@ -42,6 +42,7 @@ from ..store import (
     unflagged, write_batch,
 )  # fmt: skip
 from ..store.verify import repair, samples_text
+from ..store.dataset_ref import DatasetRef
 from . import loader
 from .attention import AttentionTracer
 from .distributed import SINGLE, Ranks
@@ -70,7 +71,7 @@ class TraceConfig:
     skip_bad: bool = False  # skip invalid records (recorded in the store) instead of failing
     revision: str | None = None
     max_description_tokens: int = DEFAULT_MAX_DESCRIPTION_TOKENS  # longer descriptions are bad records
-    vqa_seed: int = 0  # draws the vqa template's distractor options and the true option's place
+    vqa_seed: int = 0  # with each sample's id, draws the vqa template's distractors and the true one's place
     shard_samples: int | None = None  # samples per store shard file; None: store.layout.auto_shard_samples
     num_workers: int | None = None  # DataLoader processes preparing batches (None: by device, see loader; 0: in process)
     device_map: str | None = None  # accelerate placement over several devices ("auto", ...); then device stays "auto"
@@ -131,7 +132,7 @@ def trace_dataset(
         samples = dataset.samples[: config.limit] if config.limit else dataset.samples
         if not samples:
             raise ValueError(f"no samples to trace in {config.dataset} (split {config.split!r})")
-        fields = prompt_fields(config, samples)
+        fields = prompt_fields(config, samples, dataset)
         grids = _grids(adapter, samples)
         ranks.on_main(lambda: create_store(
             path,
@@ -160,8 +161,8 @@ def trace_dataset(
 def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
     """The samples to trace. By default only the "trace" split, when the dataset has one:
     layers must be chosen on images that the fine-tuning evaluation never sees.
-    Descriptions longer than ``config.max_description_tokens`` (or the context) are bad
-    records: refused, or skipped with ``skip_bad``."""
+    Descriptions longer than ``config.max_description_tokens`` (or the context) and images
+    the model's processor refuses are bad records: refused, or skipped with ``skip_bad``."""
     tokenizer = adapter.tokenizer
     context = getattr(adapter.text_config, "max_position_embeddings", None)
     dataset = load_dataset(
@@ -169,7 +170,11 @@ def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
         skip_bad=config.skip_bad,
         count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         max_description_tokens=min(config.max_description_tokens, context or config.max_description_tokens),
+        use=adapter,  # an image size the processor refuses is a bad record
     )
+    for note in dataset.notes:
+        if note.reason.startswith(LARGE_IMAGE):
+            print(f"note: {note.message}", file=sys.stderr)
     if config.split == "all":
         return dataset
     if config.split == "auto":
@@ -177,18 +182,20 @@ def load_samples(config: TraceConfig, adapter: VLMAdapter) -> KeyObjectDataset:
     return dataset.split(config.split)
 
 
-def prompt_fields(config: TraceConfig, samples: Sequence[Sample]) -> list[dict[str, str]]:
+def prompt_fields(config: TraceConfig, samples: Sequence[Sample],
+                  dataset: KeyObjectDataset) -> list[dict[str, str]]:  # fmt: skip
     """Each sample's template fields. ``vqa``: the paper's closed-ended question with
-    options A-D, the true description and three others drawn (seeded) from the traced
-    samples' descriptions exactly as `mechhi evaluate` draws them; the answer slot holds
-    the true description, so the traced rows are still the description's tokens."""
+    options A-D, the true description and three others drawn from the whole dataset's
+    descriptions exactly as `mechhi evaluate` draws them (`evaluate.vqa.sample_options`:
+    the same for a sample whatever ``--limit`` selects); the answer slot holds the true
+    description, so the traced rows are still the description's tokens."""
     if config.template != "vqa":
         return [{} for _ in samples]
     from ..evaluate.metrics import format_options
-    from ..evaluate.vqa import vqa_items
+    from ..evaluate.vqa import option_pool, sample_options
 
-    items = vqa_items(samples, [None] * len(samples), seed=config.vqa_seed)  # images are not needed to draw
-    return [{"options": format_options(item.options)} for item in items]
+    pool = option_pool(dataset)
+    return [{"options": format_options(sample_options(s, pool, seed=config.vqa_seed)[0])} for s in samples]
 
 
 def pending_samples(path: Path) -> np.ndarray:
@@ -239,7 +246,7 @@ def _attrs(config: TraceConfig, model: Any, adapter: VLMAdapter, dataset: KeyObj
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "prompt_template": config.template,
         "prompt": adapter.prompt_text(config.template),
-        "dataset": f"{recorded_name(config.dataset)}#{dataset.fingerprint}",
+        "dataset": str(DatasetRef.of(config.dataset, dataset.fingerprint)),  # see store.dataset_ref
         "split": dataset.split_name or "all",
         "max_description_tokens": config.max_description_tokens,
         "binarize": asdict(BinarizeRule()),
@@ -247,7 +254,10 @@ def _attrs(config: TraceConfig, model: Any, adapter: VLMAdapter, dataset: KeyObj
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if config.template == "vqa":
+        from ..evaluate.vqa import VQA_DRAW
+
         attrs["vqa_seed"] = config.vqa_seed
+        attrs["vqa_draw"] = VQA_DRAW
     return attrs
 
 

@@ -97,7 +97,8 @@ class PrepareBatch:
         indices = [int(item[0]) for item in items]
         try:
             samples: list[Sample] = [item[1] for item in items]
-            batch = self.adapter.prepare([s.image() for s in samples], [s.description for s in samples],
+            batch = self.adapter.prepare([s.image(self.adapter) for s in samples],
+                                         [s.description for s in samples],
                                          template=self.template, fields=[item[2] for item in items])  # fmt: skip
             coverage = [layout.coverage(s.mask()) for layout, s in zip(batch.layouts, samples)]
         except Exception as error:  # noqa: BLE001 - handed to the main process, raised there

@@ -52,25 +52,48 @@ def variable(probe: str) -> str:
 
 def store_source(ds: xr.Dataset) -> tuple[str, str, str]:
     """(dataset directory, split, prompt template) the store was traced on, from its attrs."""
-    recorded = ds.attrs.get("dataset")
-    if not recorded:
+    split, template = str(ds.attrs.get("split") or "all"), str(ds.attrs.get("prompt_template") or "caption")
+    return str(store_dataset(ds)), split, template
+
+
+def store_dataset(ds: xr.Dataset) -> Path:
+    """The directory of the store's dataset on this machine, checked by its content fingerprint.
+
+    A store records the resolved path (`mechhi.store.dataset_ref`); one of an earlier
+    version may hold a path relative to where `mechhi trace` ran, so a relative path is also
+    looked for under the store's folder and each folder above it, and the first candidate
+    with the recorded fingerprint is taken (a directory of other content is never used)."""
+    from ..bundled import local_path
+    from ..data.format import load_dataset
+    from ..store.dataset_ref import DatasetRef
+
+    if not ds.attrs.get("dataset"):
         raise ValueError("the store records no dataset (attrs 'dataset'): cannot rerun its samples")
-    path = str(recorded).rsplit("#", 1)[0]
-    if not Path(path).is_dir():
-        raise ValueError(f"the store's dataset {path} is not on this machine")
-    return path, str(ds.attrs.get("split") or "all"), str(ds.attrs.get("prompt_template") or "caption")
+    ref = DatasetRef.parse(ds.attrs["dataset"])
+    recorded = Path(local_path(ref.where))
+    candidates = [recorded]
+    source = ds.encoding.get("source")
+    if not recorded.is_absolute() and source:
+        candidates += [folder / recorded for folder in Path(source).resolve().parents]
+    changed = None
+    for candidate in dict.fromkeys(c for c in candidates if c.is_dir()):
+        held = ref.fingerprint and load_dataset(candidate, skip_bad=True, check_images=False).fingerprint
+        if held == ref.fingerprint:
+            return candidate
+        changed = changed or candidate
+    if changed is not None:
+        raise ValueError(f"the store's dataset {changed} changed since it was traced (fingerprint differs): "
+                         "retrace it")  # fmt: skip
+    raise ValueError(f"the store's dataset {ref.where} is not on this machine"
+                     + ("" if recorded.is_absolute() else " (looked here and beside the store)"))
 
 
 def store_samples(ds: xr.Dataset, adapter: VLMAdapter) -> list[Any]:
     """The dataset samples the store holds, in its order (a store traced with --limit holds
     the first N), checked against the store's image ids and descriptions."""
-    from ..data.format import load_dataset
     from .job import TraceConfig, load_samples
 
     path, split, _ = store_source(ds)
-    recorded = str(ds.attrs["dataset"]).rsplit("#", 1)
-    if len(recorded) == 2 and load_dataset(path).fingerprint != recorded[1]:
-        raise ValueError(f"the store's dataset {path} changed since it was traced (fingerprint differs): retrace it")
     samples = load_samples(TraceConfig(dataset=path, split=split), adapter).samples[: ds.sizes["sample"]]
     ids = [(s.image_id, s.description) for s in samples]
     if ids != list(zip(ds["image_id"].values.tolist(), ds["description"].values.tolist())):

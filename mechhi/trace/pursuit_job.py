@@ -90,7 +90,8 @@ def head_signals(
     with progress_bar("head outputs", len(samples), show=progress) as bar:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            batch = adapter.prepare([s.image() for s in chunk], [s.description for s in chunk], template=template)
+            batch = adapter.prepare([s.image(adapter) for s in chunk], [s.description for s in chunk],
+                                    template=template)  # fmt: skip
             chunks.append(tracer.trace(batch, positions=positions))
             bar.advance(len(chunk))
     values = np.concatenate(chunks)
