@@ -38,7 +38,8 @@ from ..evaluate.metrics import letter_ids, predictions_from_logits, vqa_batches,
 from ..intervene.ablate import EvalData
 from ..intervene.cache import ResultCache
 from ..intervene.effects import paired_change, summary
-from ..intervene.session import Session, default_store, progress_bar, write_report
+from ..intervene.session import Session, default_store, write_report
+from ..progress import tracked
 from .groups import check_group, token_groups
 from .knockout import Knockout, KnockoutRunner, windows
 
@@ -143,7 +144,7 @@ def run_knockout(config: KnockoutConfig = KnockoutConfig(), *, progress: bool = 
 
     intact, _ = values_of(None)
     rows = []
-    for pair, layers in progress_bar(setups, progress, "knocking out"):
+    for pair, layers in tracked(setups, "knocking out", show=progress):
         source, target = parse_pair(pair)
         values, cached = values_of(Knockout(source, target, layers, config.heads))
         rows.append({

@@ -27,7 +27,8 @@ from scipy import stats
 
 from ..intervene.ablate import EvalData
 from ..intervene.cache import ResultCache
-from ..intervene.session import Session, default_store, progress_bar, write_report
+from ..intervene.session import Session, default_store, write_report
+from ..progress import tracked
 from .attribution import attribute_heads
 from .counterfactual import CHANGES, make_pair
 from .groups import check_group
@@ -122,7 +123,7 @@ def run_patch(config: PatchConfig = PatchConfig(), *, progress: bool = True, top
     patcher: list[Patcher] = []
     terms: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     skipped: list[str] = []
-    for sample in progress_bar(data.samples, progress, f"patching ({config.method})"):
+    for sample in tracked(data.samples, f"patching ({config.method})", show=progress):
         for method in methods:
             fields = {"model": session.model_name, "numerics": session.numerics, "data": data.fields()["data"],
                       "sample": [sample.image_id, sample.object_id], "method": method, "change": config.change,
