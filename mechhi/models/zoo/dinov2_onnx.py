@@ -80,7 +80,7 @@ def infer_config(state: dict[str, np.ndarray], graph: Any, prefix: str = PREFIX)
     if mlp % hidden:
         raise ValueError(f"DINOv2 MLP width {mlp} is not a multiple of the hidden size {hidden}")
     return {
-        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": attention_heads(graph, prefix),
+        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": attention_heads(graph, hidden, prefix),
         "mlp_ratio": mlp // hidden, "patch_size": int(patch), "image_size": int(side * patch),
         "layer_norm_eps": layer_norm_eps(graph, prefix), "layerscale_value": 1.0, "use_swiglu_ffn": False,
         "num_channels": state["embeddings.patch_embeddings.projection.weight"].shape[1],
@@ -104,15 +104,18 @@ def layer_norm_eps(graph: Any, prefix: str = PREFIX) -> float:
     return float(f"{np.float32(small[0]):.6g}")  # the float32 constant, as the float it was written from
 
 
-def attention_heads(graph: Any, prefix: str = PREFIX) -> int:
-    """Heads from the first layer's (batch, seq, heads, head_dim) reshape of the query."""
+def attention_heads(graph: Any, hidden: int, prefix: str = PREFIX) -> int:
+    """Heads from the first layer's (batch, seq, heads, head_dim) reshape of the query
+    (4.x exports write the heads, 5.x exports -1 and the head width)."""
     for node in graph.node:
-        if node.op_type == "Reshape" and node.name.startswith(f"/{prefix}/encoder/layer.0/attention/attention/"):
+        if node.op_type == "Reshape" and node.name.startswith(f"/{prefix}/encoder/layer.0/attention/"):
             for source in graph.node:
                 if node.input[1] in source.output and source.op_type == "Concat":
                     dims = [_constant_value(graph, i) for i in source.input]
-                    if len(dims) == 4 and dims[2] and dims[3]:
+                    if len(dims) == 4 and dims[2] and dims[2] > 0:
                         return int(dims[2])
+                    if len(dims) == 4 and dims[2] == -1 and dims[3] and dims[3] > 0:
+                        return hidden // int(dims[3])
     raise ValueError("no attention-head count found in the ONNX graph")
 
 
@@ -152,8 +155,15 @@ def dinov2_from_onnx(path: Path) -> Any:
     return model
 
 
-def check_against_onnxruntime(model: Any, path: Path, *, size: int = 224, seed: int = 0,
-                              output: str = f"/{PREFIX}/layernorm/Add_1_output_0") -> float:  # fmt: skip
+def backbone_output(graph: Any, prefix: str = PREFIX) -> str:
+    """The tensor the backbone's final layernorm produces (its last node's output)."""
+    nodes = [n for n in graph.node if n.name.startswith(f"/{prefix}/layernorm/")]
+    if not nodes:
+        raise ValueError(f"no /{prefix}/layernorm/ nodes in the ONNX graph")
+    return nodes[-1].output[0]
+
+
+def check_against_onnxruntime(model: Any, path: Path, *, size: int = 224, seed: int = 0) -> float:
     """Max |Dinov2Model.last_hidden_state - onnxruntime's backbone output| on one seeded
     normalised image of ``size`` px: the graph is cut at the backbone's final layernorm."""
     onnx, _ = _onnx()
@@ -162,6 +172,7 @@ def check_against_onnxruntime(model: Any, path: Path, *, size: int = 224, seed: 
     except ImportError:
         raise ImportError("the ONNX check needs `onnxruntime`: pip install 'mechhi[pretrained]'") from None
     proto = onnx.load(str(path))
+    output = backbone_output(proto.graph)
     del proto.graph.output[:]
     proto.graph.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
     options = onnxruntime.SessionOptions()

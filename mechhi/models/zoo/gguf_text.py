@@ -37,10 +37,16 @@ def _gguf():
 
 def load_gguf(path: Path) -> tuple[Any, Any]:
     """(causal LM in float32, eval; its tokenizer) from one GGUF file."""
-    _gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return load_gguf_model(path), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def load_gguf_model(path: Path) -> Any:
+    """The causal LM of a GGUF file, dequantised to float32 by transformers, as a plain model."""
+    _gguf()
+    from transformers import AutoModelForCausalLM
+
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # The weights are plain float32 now, but the loaded model still counts as "quantised
     # with gguf" (not serialisable): move them into a plain model of the same config.
@@ -50,7 +56,7 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
     model = type(loaded)(config)  # on CPU: its rotary buffers are computed, not loaded
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def unpermute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
