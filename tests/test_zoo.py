@@ -17,7 +17,7 @@ import torch
 from mechhi.models.zoo import catalog, sources
 from mechhi.models.zoo.catalog import Part, RegistryFile
 
-pytest.importorskip("onnx", reason="the zoo's conversions need the 'pretrained' extra (make pretrained)")
+NEEDS_EXTRA = "the zoo's conversions need the 'pretrained' extra (make pretrained installs it)"
 
 
 # ----------------------------------------------------------------------------- ONNX -> Dinov2
@@ -37,6 +37,8 @@ class _Backbone(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny_dinov2_onnx(tmp_path_factory):
+    pytest.importorskip("onnx", reason=NEEDS_EXTRA)
+    pytest.importorskip("onnxruntime", reason=NEEDS_EXTRA)
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
@@ -99,7 +101,7 @@ def _permute_for_gguf(weight: np.ndarray, heads: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny_llama_gguf(tmp_path_factory):
-    gguf = pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf", reason=NEEDS_EXTRA)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -331,3 +333,36 @@ def test_built_model_parts_match_their_sources(built_model):
     layers = {k: v for k, v in CHECKED_TENSORS.items() if k != "token_embd.weight"}  # the vocabulary grew by <image>
     differences = check_dequantisation(shim, gguf_file, layers)
     assert set(differences) == set(layers) and max(differences.values()) == 0.0
+
+
+def test_projector_choice_and_file_prefixes(tmp_path, monkeypatch):
+    import importlib
+
+    from safetensors.torch import save_file
+
+    build_module = importlib.import_module("mechhi.models.zoo.build")  # the package exports the function `build`
+
+    monkeypatch.setattr(build_module, "shipped_projector", lambda name: tmp_path / "projector.safetensors")
+    assert build_module.choose_projector("dinov2-smollm2", "auto") is None  # none shipped: seeded init
+    with pytest.raises(FileNotFoundError, match="no trained projector"):
+        build_module.choose_projector("dinov2-smollm2", "trained")
+    weight = torch.arange(6.0).reshape(2, 3)
+    save_file({"model.multi_modal_projector.linear_1.weight": weight, "linear_2.bias": torch.ones(2)},
+              str(tmp_path / "projector.safetensors"))  # fmt: skip
+    assert build_module.choose_projector("dinov2-smollm2", "auto") == tmp_path / "projector.safetensors"
+    assert build_module.choose_projector("dinov2-smollm2", "untrained") is None
+    state = build_module.load_projector(tmp_path / "projector.safetensors")
+    assert set(state) == {"linear_1.weight", "linear_2.bias"} and torch.equal(state["linear_1.weight"], weight)
+
+
+def test_untrained_projector_is_seeded():
+    from transformers import LlavaConfig
+
+    from mechhi.models.zoo.llava_assembly import fresh_projector
+
+    config = LlavaConfig(vision_config={"model_type": "dinov2", "hidden_size": 8, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2},
+                         text_config={"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
+                                      "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 10})  # fmt: skip
+    a, b, c = fresh_projector(config, 0), fresh_projector(config, 0), fresh_projector(config, 1)
+    assert torch.equal(a.linear_1.weight, b.linear_1.weight) and not torch.equal(a.linear_1.weight, c.linear_1.weight)
