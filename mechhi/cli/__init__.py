@@ -1,5 +1,5 @@
 """The `mechhi` command line: thin typer commands over the engine, one module per
-pipeline stage (trace, score, store, intervene, figures, data, finetune, toy).
+pipeline stage (trace, score, store, intervene, figures, data, finetune, toy, zoo).
 
 Each command parses options, calls one engine function and prints its result on stdout
 (a table, or JSON with ``--json``); progress, warnings and messages go to stderr. Library
@@ -20,6 +20,7 @@ from . import finetune  # noqa: E402, F401  # isort: skip
 from . import figures  # noqa: E402, F401  # isort: skip
 from . import data  # noqa: E402, F401  # isort: skip
 from . import toy  # noqa: E402, F401  # isort: skip
+from . import zoo  # noqa: E402, F401  # isort: skip
 from . import bench  # noqa: E402, F401  # isort: skip
 
 

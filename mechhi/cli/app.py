@@ -1,4 +1,4 @@
-"""The typer apps: ``mechhi`` and its ``dataset`` and ``toy`` groups. Commands register
+"""The typer apps: ``mechhi`` and its ``dataset``, ``toy`` and ``zoo`` groups. Commands register
 themselves on them from their stage's module."""
 
 from __future__ import annotations
@@ -13,4 +13,6 @@ app = typer.Typer(
 dataset_app = typer.Typer(no_args_is_help=True, help="Build, inspect and validate key-object datasets.")
 toy_app = typer.Typer(no_args_is_help=True, help="The bundled toy world: train and check the small model.")
 app.add_typer(dataset_app, name="dataset")
+zoo_app = typer.Typer(no_args_is_help=True, help="Pretrained models assembled offline: build and list them.")
 app.add_typer(toy_app, name="toy")
+app.add_typer(zoo_app, name="zoo")
