@@ -80,3 +80,38 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert learning_rate(0, config) == 1.0
     assert learning_rate(6, config) == pytest.approx(0.5)  # half way through the cosine
     assert learning_rate(11, config) == pytest.approx(0.0)
+
+
+def _metric(mean: float) -> dict:
+    return {"mean": mean, "se": 0.01, "n": 40}
+
+
+def fake_metrics(steps_done: int) -> dict:
+    quality = {"caption_token_accuracy": _metric(0.8125), "caption_perplexity": _metric(1.9876),
+               "vqa_accuracy": _metric(0.6875), "vqa_ans_prob": _metric(0.5432)}  # fmt: skip
+    untrained = {k: _metric(v) for k, v in zip(quality, (0.1234, 87.65, 0.2468, 0.2501))}
+    hi = {"best_layer": 7, "best_layer_mean_hi": 0.2222, "best_head_hi": 0.4567, "mean_hi": 0.1111, "top4_layers": [7]}
+    hi_untrained = {**hi, "best_head_hi": 0.0987, "best_layer": 3}
+    return {"trained": quality, "untrained": untrained, "head_impact_trained": hi, "head_impact_untrained": hi_untrained,
+            "text_only": {"prompt": "The capital of France is", "trained_next_token": " Paris",
+                          "untrained_next_token": " Paris", "max_abs_logit_difference": 0.0},
+            "training": {"config": CONFIG.__dict__, "steps_done": steps_done, "steps_planned": 4, "minutes": 3.5},
+            "held_out": {"seed": 99991, "images": 40, "hi_images": 8}, "trained_parameters": 553536}  # fmt: skip
+
+
+def test_the_card_command_writes_its_numbers_from_metrics_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechhi.cli import app
+
+    (tmp_path / "metrics.json").write_text(json.dumps(fake_metrics(steps_done=2)))
+    (tmp_path / LOG_FILE).write_text("".join(json.dumps({"step": s, "caption_loss": 3.0 / s}) + "\n" for s in (1, 2)))
+    result = CliRunner().invoke(app, ["zoo", "card", "dinov2-smollm2", "--projector-dir", str(tmp_path), "--from-metrics"])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| caption answer-token accuracy"))
+    assert "0.812 ± 0.010" in row and "0.123 ± 0.010" in row
+    assert "| best head HI | 0.457 | 0.099 |" in card
+    assert "' Paris'" in card and "cut short**: 2 of 4" in card
+    assert (tmp_path / "training_curve.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "metrics.json").read_text()) == fake_metrics(steps_done=2)

@@ -131,12 +131,13 @@ class _Progress:
 
 def train_projector(
     model: torch.nn.Module, adapter: VLMAdapter, config: ProjectorConfig, out_dir: Path, *,
-    progress: bool = True, stop_after: int | None = None,
+    progress: bool = True, stop_after: int | None = None, max_minutes: float | None = None,
 ) -> Path:
     """Train ``model``'s projector in place; write ``projector.safetensors`` (the state dict
     of ``model.model.multi_modal_projector``, what `mechhi zoo build --projector trained`
     loads), the training log and config into ``out_dir``. Resumes from the checkpoint
-    there; ``stop_after`` ends the run after that step as a kill would (checkpoint kept)."""
+    there; ``stop_after`` ends the run after that step as a kill would (checkpoint kept);
+    ``max_minutes`` does the same once the run's wall time (across resumes) passes it."""
     from safetensors.torch import save_file
 
     torch.set_num_threads(config.threads)
@@ -181,12 +182,15 @@ def train_projector(
             log.flush()
             if bar is not None:
                 bar.update(entry)
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
+            out_of_time = max_minutes is not None and time.time() - began > 60 * max_minutes
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == end or out_of_time:
                 staging = checkpoint.with_suffix(".tmp")  # write then rename: a kill never leaves half a file
                 torch.save({"projector": projector.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
                             "seconds": time.time() - began, "config": asdict(config)}, staging)  # fmt: skip
                 os.replace(staging, checkpoint)
                 save_file({k: v.detach().contiguous() for k, v in projector.state_dict().items()}, out_dir / PROJECTOR_FILE)
+            if out_of_time:
+                break
     if bar is not None:
         bar.close()
     return out_dir / PROJECTOR_FILE
