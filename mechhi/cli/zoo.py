@@ -63,6 +63,9 @@ def zoo_train_projector(
     batch_size: Annotated[int, typer.Option(min=1, help="Scenes per step.")] = 8,
     vqa_per_step: Annotated[int, typer.Option(min=0, help="Of the batch, scenes asked a closed question.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the training scenes.")] = 0,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate.")] = 1e-3,
+    crop: Annotated[Optional[int], typer.Option(min=14, help="Processor crop in px while training (default: the "
+                                                "folder's; 112 = 64 image tokens).")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(min=0.1, help="Stop (checkpointed) after this much wall time.")] = None,
 ) -> None:
     """LLaVA stage 1: train only the projector on the toy world, the tower and language model frozen (resumes)."""
@@ -71,7 +74,8 @@ def zoo_train_projector(
     from mechhi.models.zoo.build import shipped_projector
     from mechhi.pretrained_recipe.projector import ProjectorConfig, train_projector
 
-    config = ProjectorConfig(steps=steps, batch_size=batch_size, vqa_per_step=vqa_per_step, seed=seed)
+    config = ProjectorConfig(steps=steps, batch_size=batch_size, vqa_per_step=vqa_per_step, seed=seed, lr=lr,
+                             crop_size=crop)
     model, adapter = load(model_dir or default_out(name), device="cpu", dtype="float32")
     path = train_projector(model, adapter, config, out or shipped_projector(name).parent, max_minutes=max_minutes)
     console.print(str(path))

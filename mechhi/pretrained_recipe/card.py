@@ -12,7 +12,7 @@ import torch
 
 from ..toyworld.card import head_impact_summary, measure
 from ..toyworld.model import HELD_OUT_SEED, ToyConfig
-from .projector import CONFIG_FILE, LOG_FILE, PROJECTOR_FILE, ProjectorConfig
+from .projector import CONFIG_FILE, LOG_FILE, PROJECTOR_FILE, ProjectorConfig, use_crop
 
 CHANCE_VQA = 0.25  # four options
 
@@ -36,6 +36,8 @@ def card_metrics(model_dir: Path, projector_dir: Path, *, n_images: int = 40, hi
     from ..models.loading import load
 
     model, adapter = load(model_dir, device="cpu", dtype="float32")
+    config = ProjectorConfig.read(Path(projector_dir) / CONFIG_FILE)
+    use_crop(adapter, config.crop_size)  # both projectors measured at the crop the trained one learnt
     world = ToyConfig()  # held-out scenes at 224 px, the toy card's
     untrained_word, untrained_logits = text_only_check(model, adapter, prompt)
     metrics: dict[str, Any] = {"untrained": measure(model, adapter, n_images=n_images, config=world)}
@@ -52,7 +54,6 @@ def card_metrics(model_dir: Path, projector_dir: Path, *, n_images: int = 40, hi
         "max_abs_logit_difference": float((trained_logits - untrained_logits).abs().max()),
     }  # fmt: skip
     log = [json.loads(line) for line in (Path(projector_dir) / LOG_FILE).read_text().splitlines()]
-    config = ProjectorConfig.read(Path(projector_dir) / CONFIG_FILE)
     metrics["training"] = {"config": json.loads((Path(projector_dir) / CONFIG_FILE).read_text()),
                            "steps_done": log[-1]["step"], "steps_planned": config.steps,
                            "minutes": round(log[-1]["seconds"] / 60, 1)}  # fmt: skip
@@ -107,7 +108,7 @@ SmolLM2-135M-Instruct stay frozen; only the 2-layer GELU projector
 model's heads are the pretrained ones. Trained by `mechhi zoo train-projector` on toy-world
 scenes never seen twice: {c["batch_size"] - c["vqa_per_step"]} captioned + {c["vqa_per_step"]} closed questions (options A-D,
 {c["lure_share"]} of distractors one attribute from a present object) per step, AdamW at lr {c["lr"]}
-(warm-up {c["warmup"]} steps, cosine to zero), seed {c["seed"]}: {tr["steps_done"]} steps in {tr["minutes"]} minutes on 2 shared CPU cores.
+(warm-up {c["warmup"]} steps, cosine to zero), seed {c["seed"]}, crop {c.get("crop_size") or "as built"} px: {tr["steps_done"]} steps in {tr["minutes"]} minutes on 2 shared CPU cores.
 {short}
 ## Quality on held-out scenes (world seed {held["seed"]}, {held["images"]} images; mean ± SE)
 
