@@ -25,10 +25,11 @@ def text_only_check(model: Any, adapter: Any, prompt: str) -> tuple[str, torch.T
     return adapter.tokenizer.decode([int(logits.argmax())]), logits
 
 
-def card_metrics(model_dir: Path, projector_dir: Path, *, n_images: int = 40, hi_images: int = 8,
-                 prompt: str = "The capital of France is") -> dict:  # fmt: skip
-    """Everything the card reports, measured now: the model in ``model_dir`` with its own
-    (untrained) projector, and again with the one trained in ``projector_dir``."""
+def measure_projector(model_dir: Path, projector_dir: Path, *, trained: bool, n_images: int = 40,
+                      hi_images: int = 8, prompt: str = "The capital of France is") -> dict:  # fmt: skip
+    """One side of the card: the model in ``model_dir`` with its own (untrained) projector,
+    or with the one trained in ``projector_dir``; quality, Head Impact and the text-only
+    check (its logits kept as a list, so the two sides can be compared later)."""
     import tempfile
 
     from safetensors.torch import load_file
@@ -38,28 +39,41 @@ def card_metrics(model_dir: Path, projector_dir: Path, *, n_images: int = 40, hi
     model, adapter = load(model_dir, device="cpu", dtype="float32")
     config = ProjectorConfig.read(Path(projector_dir) / CONFIG_FILE)
     use_crop(adapter, config.crop_size)  # both projectors measured at the crop the trained one learnt
-    world = ToyConfig()  # held-out scenes at 224 px, the toy card's
-    untrained_word, untrained_logits = text_only_check(model, adapter, prompt)
-    metrics: dict[str, Any] = {"untrained": measure(model, adapter, n_images=n_images, config=world)}
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics["head_impact_untrained"] = head_impact_summary(model, adapter, Path(tmp), n_images=hi_images,
-                                                               name="untrained")  # fmt: skip
+    if trained:
         model.model.multi_modal_projector.load_state_dict(load_file(Path(projector_dir) / PROJECTOR_FILE))
-        trained_word, trained_logits = text_only_check(model, adapter, prompt)
-        metrics["trained"] = measure(model, adapter, n_images=n_images, config=world)
-        metrics["head_impact_trained"] = head_impact_summary(model, adapter, Path(tmp), n_images=hi_images,
-                                                             name="trained")  # fmt: skip
-    metrics["text_only"] = {
-        "prompt": prompt, "trained_next_token": trained_word, "untrained_next_token": untrained_word,
-        "max_abs_logit_difference": float((trained_logits - untrained_logits).abs().max()),
-    }  # fmt: skip
+    word, logits = text_only_check(model, adapter, prompt)
+    name = "trained" if trained else "untrained"
+    with tempfile.TemporaryDirectory() as tmp:
+        hi = head_impact_summary(model, adapter, Path(tmp), n_images=hi_images, name=name)
+    return {"quality": measure(model, adapter, n_images=n_images, config=ToyConfig()), "head_impact": hi,
+            "next_token": word, "logits": logits.tolist(), "prompt": prompt}  # fmt: skip
+
+
+def combine(trained: dict, untrained: dict, projector_dir: Path, *, n_images: int, hi_images: int) -> dict:
+    """The card's metrics from its two measured sides and the training log."""
     log = [json.loads(line) for line in (Path(projector_dir) / LOG_FILE).read_text().splitlines()]
-    metrics["training"] = {"config": json.loads((Path(projector_dir) / CONFIG_FILE).read_text()),
-                           "steps_done": log[-1]["step"], "steps_planned": config.steps,
-                           "minutes": round(log[-1]["seconds"] / 60, 1)}  # fmt: skip
-    metrics["held_out"] = {"seed": HELD_OUT_SEED, "images": n_images, "hi_images": hi_images}
-    metrics["trained_parameters"] = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
-    return metrics
+    config = ProjectorConfig.read(Path(projector_dir) / CONFIG_FILE)
+    difference = (torch.tensor(trained["logits"]) - torch.tensor(untrained["logits"])).abs().max()
+    from safetensors.torch import load_file
+
+    return {
+        "trained": trained["quality"], "untrained": untrained["quality"],
+        "head_impact_trained": trained["head_impact"], "head_impact_untrained": untrained["head_impact"],
+        "text_only": {"prompt": trained["prompt"], "trained_next_token": trained["next_token"],
+                      "untrained_next_token": untrained["next_token"], "max_abs_logit_difference": float(difference)},
+        "training": {"config": json.loads((Path(projector_dir) / CONFIG_FILE).read_text()),
+                     "steps_done": log[-1]["step"], "steps_planned": config.steps,
+                     "minutes": round(log[-1]["seconds"] / 60, 1)},
+        "held_out": {"seed": HELD_OUT_SEED, "images": n_images, "hi_images": hi_images},
+        "trained_parameters": sum(v.numel() for v in load_file(Path(projector_dir) / PROJECTOR_FILE).values()),
+    }  # fmt: skip
+
+
+def card_metrics(model_dir: Path, projector_dir: Path, *, n_images: int = 40, hi_images: int = 8) -> dict:
+    """Everything the card reports, measured now, both projectors on the same held-out scenes."""
+    sides = {trained: measure_projector(model_dir, projector_dir, trained=trained, n_images=n_images,
+                                        hi_images=hi_images) for trained in (False, True)}  # fmt: skip
+    return combine(sides[True], sides[False], projector_dir, n_images=n_images, hi_images=hi_images)
 
 
 def plot_curve(log_path: Path, out: Path) -> Path:
