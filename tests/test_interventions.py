@@ -159,7 +159,7 @@ class _Sample:
     def __init__(self, image, description):
         self._image, self.description = image, description
 
-    def image(self):
+    def image(self, use=None):  # as Sample.image: ``use`` (an adapter) may decode it reduced
         return self._image
 
 
