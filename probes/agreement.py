@@ -1,8 +1,9 @@
 """Do the probes agree? Rank correlations between their head (and layer) rankings.
 
-Head Impact, the attention-mass lift, Head Pursuit and the logit lens each rank the same
-heads by a different idea of "this head matters for the image" (where it looks, how much
-of its look lands on the object, what it writes). If they rank heads alike, they measure
+Head Impact, the attention-mass lift, spatial entropy, Head Pursuit and the logit lens each
+rank the same heads by a different idea of "this head matters for the image" (where it
+looks, how much of its look lands on the object, what it writes); activation patching, its
+attribution estimate and attention knockout by what the answer loses without it. If they rank heads alike, they measure
 one thing; if not, choosing heads "by the probe" depends on the probe. Spearman's rho
 (ranks, linear) and Kendall's tau-b (pairs in the same order) come from scipy, each with
 its p-value, over the heads both probes score (NaN dropped pairwise); at the ``layer``
@@ -40,16 +41,25 @@ def _correlations(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, fl
 
 
 def _units(scores: xr.Dataset, level: str) -> dict[str, np.ndarray]:
-    """Each probe's scores as a flat array over heads (layer-major) or layers."""
-    if level == "head":
-        return {str(p): scores[p].transpose("layer", "head").values.ravel().astype(float) for p in scores.data_vars}
-    return {str(p): mean_over(scores[p], "head").transpose("layer").values.astype(float) for p in scores.data_vars}
+    """Each probe's scores as a flat array over heads (layer-major) or layers. A probe
+    scored per layer only (no ``head`` dim, e.g. a one-layer knockout) is all NaN at the
+    head level, so it pairs with nothing there."""
+    n_heads = scores.sizes["layer"] * scores.sizes.get("head", 1)
+    out = {}
+    for p in scores.data_vars:
+        score = scores[p]
+        if level == "head":
+            flat = score.transpose("layer", "head").values.ravel() if "head" in score.dims else np.full(n_heads, np.nan)
+        else:
+            flat = (mean_over(score, "head") if "head" in score.dims else score).transpose("layer").values
+        out[str(p)] = flat.astype(float)
+    return out
 
 
 def agreement(scores: xr.Dataset) -> xr.Dataset:
     """Spearman and Kendall correlations between every pair of probes' rankings.
 
-    ``scores``: one (layer, head) variable per probe, higher = more important. Returns
+    ``scores``: one (layer, head) or (layer,) variable per probe, higher = more important. Returns
     ``spearman``, ``spearman_p``, ``kendall``, ``kendall_p`` and ``n`` over dims
     (level, probe, other), level = head | layer; the diagonal is 1.
     """

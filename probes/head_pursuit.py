@@ -18,6 +18,7 @@ a token with a large unembedding norm would be picked for its norm, not its dire
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,49 +74,81 @@ def somp(signal: np.ndarray, dictionary: np.ndarray, k: int) -> Pursuit:
 
 
 def random_dictionary(like: np.ndarray, seed: int) -> np.ndarray:
-    """Gaussian atoms of the dictionary's shape: the chance reference for its explained variance."""
+    """Gaussian atoms of the dictionary's shape: a chance reference where no vocabulary is at hand."""
     return np.random.default_rng(seed).normal(size=np.shape(like))
 
 
+def random_rows(pool: np.ndarray, count: int, draws: int, *, seed: int = 0, exclude: Sequence[int] = ()) -> np.ndarray:
+    """(draws, count, d): ``draws`` dictionaries of ``count`` rows of ``pool`` each (without
+    replacement within a draw, never a row in ``exclude``), seeded.
+
+    The control for a concept of ``count`` words is as many random vocabulary rows: they
+    share the unembedding's geometry (its anisotropy, its common directions), which a
+    Gaussian draw lacks, so the gap to the concept is the concept's, not the vocabulary's.
+    """
+    allowed = np.setdiff1d(np.arange(len(pool)), np.asarray(exclude, dtype=int))
+    if len(allowed) < count:
+        raise ValueError(f"random_rows: {len(allowed)} rows to draw {count} from")
+    rng = np.random.default_rng(seed)
+    return np.stack([np.asarray(pool[np.sort(rng.choice(allowed, count, replace=False))]) for _ in range(draws)])
+
+
 def pursue_heads(
-    signals: xr.DataArray, dictionary: np.ndarray, words: list[str], k: int, *, control_seed: int = 0
-) -> xr.Dataset:
+    signals: xr.DataArray, dictionary: np.ndarray, words: list[str], k: int, *, controls: np.ndarray | None = None,
+    control_seed: int = 0, control_draws: int = 10,
+) -> xr.Dataset:  # fmt: skip
     """SOMP for every (layer, head) of ``signals`` (sample, layer, head, hidden) on the
     concept ``dictionary`` (len(words), hidden).
 
     Returns per (layer, head): ``explained`` (variance ratio after k atoms), ``top_word``
-    (the support atom of largest weight) and ``explained_random``, the same pursuit on as
-    many random directions (seeded): k atoms explain some variance of any signal, more of a
-    low-rank one, so a head's score means something only against this; and
-    ``explained_curve`` along ``step``.
+    (the support atom of largest weight), ``explained_curve`` along ``step``, and the
+    control: the same pursuit on each of the ``controls`` dictionaries (draw, len(words),
+    hidden; `random_rows` of the unembedding), or without them on ``control_draws``
+    Gaussian ones (0: no control, NaN). k atoms explain some variance of any signal, more of a low-rank one, so
+    a head's score means something only against this: ``explained_control`` per draw,
+    ``explained_random`` its median, ``explained_random_q25`` / ``_q75`` its IQR.
     """
     if len(words) != len(dictionary):
         raise ValueError(f"pursue_heads: {len(words)} words for {len(dictionary)} atoms")
+    if controls is None:
+        drawn = [random_dictionary(dictionary, control_seed + i) for i in range(control_draws)]
+        controls = np.stack(drawn) if drawn else np.empty((0, *np.shape(dictionary)))
+        kind = "gaussian"
+    else:
+        kind = "vocabulary rows"
+    if controls.ndim != 3 or controls.shape[1:] != np.shape(dictionary):
+        raise ValueError(f"pursue_heads: controls {controls.shape} must be (draws, {len(words)}, hidden)")
     values = signals.transpose("sample", "layer", "head", "hidden").values
     n_layers, n_heads = values.shape[1:3]
-    control = random_dictionary(dictionary, control_seed)
     curve = np.full((n_layers, n_heads, k), np.nan)
-    chance = np.full((n_layers, n_heads), np.nan)
+    chance = np.full((n_layers, n_heads, len(controls)), np.nan)
     top = np.empty((n_layers, n_heads), dtype=object)
     for layer in range(n_layers):
         for head in range(n_heads):
             result = somp(values[:, layer, head], dictionary, k)
             curve[layer, head] = result.explained
             top[layer, head] = words[int(result.ranked_atoms()[0])]
-            chance[layer, head] = somp(values[:, layer, head], control, k).explained[-1]
+            for draw, control in enumerate(controls):
+                chance[layer, head, draw] = somp(values[:, layer, head], control, k).explained[-1]
     coords = {name: signals[name].values for name in ("layer", "head") if name in signals.coords}
     if "depth" in signals.coords:
         coords["depth"] = ("layer", signals["depth"].values)
+    q25, median, q75 = (np.percentile(chance, [25, 50, 75], axis=-1) if len(controls)
+                        else np.full((3, n_layers, n_heads), np.nan))  # fmt: skip
     return xr.Dataset(
         {
             "explained": (("layer", "head"), curve[..., -1]),
-            "explained_random": (("layer", "head"), chance),
+            "explained_random": (("layer", "head"), median),
+            "explained_random_q25": (("layer", "head"), q25),
+            "explained_random_q75": (("layer", "head"), q75),
+            "explained_control": (("layer", "head", "draw"), chance),
             "explained_curve": (("layer", "head", "step"), curve),
             "top_word": (("layer", "head"), top.astype(str)),
         },
-        coords={**coords, "step": np.arange(1, k + 1)},
-        attrs={"probe": "head-pursuit", "k": k, "words": list(words), "control_seed": control_seed},
-    )
+        coords={**coords, "step": np.arange(1, k + 1), "draw": np.arange(len(controls))},
+        attrs={"probe": "head-pursuit", "k": k, "words": list(words), "control": kind,
+               "control_draws": len(controls), "control_seed": control_seed},
+    )  # fmt: skip
 
 
 def head_ranking(pursuit: xr.Dataset) -> xr.DataArray:

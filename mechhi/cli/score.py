@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -23,6 +24,7 @@ from .common import (
     TraceSplitOpt,
     _finite,
     console,
+    err_console,
     friendly_errors,
     open_traced,
     print_json,
@@ -51,9 +53,16 @@ def rank(
     compare_probes: Annotated[bool, typer.Option("--compare-probes", help="Instead: rank correlations (Spearman, "
                                                  "Kendall) between the head rankings of head-impact, attention-mass, "
                                                  "spatial-entropy, pursuit and logit-lens (the last two run the "
-                                                 "store's model).")] = False,
+                                                 "store's model), and the patching, attribution and knockout results "
+                                                 "beside the store where they exist.")] = False,
     words: Annotated[Optional[str], typer.Option(help="With --compare-probes: the pursuit / logit-lens concept "
                                                  "(default: the toy world's colours).")] = None,
+    change: Annotated[Optional[str], typer.Option(help="With --compare-probes: which `mechhi patch --change` result "
+                                                  "beside the store to include (needed when there are several).")] = None,
+    knockout: Annotated[Optional[Path], typer.Option(help="With --compare-probes: a `mechhi knockout --window 1` "
+                                                     "knockout.json, included per layer.")] = None,
+    knockout_pair: Annotated[str, typer.Option(help="With --knockout: the group pair whose per-layer drop in the "
+                                               "answer's log-probability scores a layer.")] = "image->last",
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -62,7 +71,8 @@ def rank(
     With --json also every head of the layers shown, best first: its score, standard error over samples and n.
     """
     if compare_probes:
-        return print_probe_agreement(store, words, device, as_json)
+        return print_probe_agreement(store, words, device, as_json, change=change, knockout=knockout,
+                                     knockout_pair=knockout_pair)  # fmt: skip
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r}; available: {', '.join(PROBES)}")
     if probe == "head-impact":
@@ -206,6 +216,9 @@ def pursuit(
     dtype: DtypeOpt = "auto",
     split: TraceSplitOpt = "auto",
     top: Annotated[int, typer.Option(min=1, help="Show the K heads whose writes the concept explains best.")] = 10,
+    control_draws: Annotated[int, typer.Option(min=0, help="Control: this many dictionaries of as many random "
+                                               "vocabulary rows as words; median and IQR.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the control's draws.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Head Pursuit (Basile et al. 2025): heads ranked by how much of their residual-stream
@@ -217,7 +230,7 @@ def pursuit(
     config = PursuitConfig(
         model=model or defaults.model, dataset=str(dataset) if dataset else defaults.dataset,
         words=tuple(w.strip() for w in words.split(",") if w.strip()) if words else defaults.words, k=k, positions=positions, limit=limit,
-        batch_size=batch_size, device=device, dtype=dtype, split=split,
+        batch_size=batch_size, device=device, dtype=dtype, split=split, control_draws=control_draws, control_seed=seed,
     )  # fmt: skip
     result = run_pursuit(config, progress=True)  # the bar is on stderr: --json stays clean
     ranking = head_ranking(result)
@@ -226,19 +239,26 @@ def pursuit(
         layer, head = int(ranking["layer"][i]), int(ranking["head"][i])
         at = result.sel(layer=layer, head=head)
         rows.append({"rank": i + 1, "layer": layer, "head": head, "explained": _finite(at.explained),
-                     "explained_random": _finite(at.explained_random), "top_word": str(at.top_word.values)})  # fmt: skip
+                     "explained_random": _finite(at.explained_random),
+                     "explained_random_iqr": [_finite(at.explained_random_q25), _finite(at.explained_random_q75)],
+                     "top_word": str(at.top_word.values)})  # fmt: skip
     if as_json:
         print_json({"model": config.model, "dataset": config.dataset, "words": list(config.words), "k": config.k,
-                    "positions": config.positions, "samples": result.attrs["samples"], "heads": rows[:top]})  # fmt: skip
+                    "positions": config.positions, "samples": result.attrs["samples"],
+                    "control": {"kind": result.attrs["control"], "draws": config.control_draws, "seed": seed},
+                    "heads": rows[:top]})  # fmt: skip
         return
     table = Table(title=f"Head Pursuit of {', '.join(config.words)} (k={config.k}, {config.positions} tokens)")
-    for column in ("rank", "layer", "head", "explained variance", "by random atoms", "top word"):
+    for column in ("rank", "layer", "head", "explained variance", "random rows (median)", "IQR", "top word"):
         table.add_column(column, justify="right")
     for row in rows[:top]:
         shown = ["n/a" if row[key] is None else f"{row[key]:.3f}" for key in ("explained", "explained_random")]
-        table.add_row(str(row["rank"]), str(row["layer"]), str(row["head"]), *shown, row["top_word"])
+        low, high = row["explained_random_iqr"]
+        iqr = "n/a" if low is None else f"{low:.3f}-{high:.3f}"
+        table.add_row(str(row["rank"]), str(row["layer"]), str(row["head"]), *shown, iqr, row["top_word"])
     console.print(table)
-    console.print("by random atoms: the same pursuit on as many random directions, the chance reference.")
+    console.print(f"random rows: the same pursuit on {config.control_draws} draws of {len(config.words)} random "
+                  "vocabulary rows each (never a concept word), the chance reference: median and IQR.")  # fmt: skip
 
 
 @app.command()
@@ -341,19 +361,29 @@ def print_repeated_measures(repeated: dict) -> None:
     console.print(table)
 
 
-def print_probe_agreement(store, words: str | None, device: str, as_json: bool) -> None:
-    """`rank --compare-probes`: every probe's head scores, then their rank correlations."""
+def print_probe_agreement(store, words: str | None, device: str, as_json: bool, *, change: str | None = None,
+                          knockout: Path | None = None, knockout_pair: str = "image->last") -> None:  # fmt: skip
+    """`rank --compare-probes`: every probe's head scores and the causal results beside the
+    store (`mechhi.flow.causal_scores`), then their rank correlations."""
+    from mechhi.flow.causal_scores import causal_scores
     from mechhi.trace.probe_scores import ModelProbeSettings, probe_scores
     from probes.agreement import agreement, agreement_records
 
     ds = open_traced(store)
     settings = ModelProbeSettings(words=tuple(w.strip() for w in words.split(",") if w.strip()) if words else
                                   ModelProbeSettings().words, device=device)  # fmt: skip
-    result = agreement(probe_scores(ds, settings=settings, progress=not as_json))
+    causal, missing = causal_scores(ds, Path(store), change=change, knockout=knockout, knockout_pair=knockout_pair)
+    for note in missing:
+        err_console.print(f"[yellow]not included[/]: {note}", highlight=False)
+    scores = probe_scores(ds, settings=settings, progress=not as_json).assign(causal)
+    result = agreement(scores)
     rows = agreement_records(result, "head") + agreement_records(result, "layer")
     if as_json:
         print_json({"store": str(store), "model": ds.attrs.get("model"), "words": list(settings.words),
-                    "n_heads": int(result.n.sel(level="head").max()), "pairs": rows})  # fmt: skip
+                    "n_heads": int(result.n.sel(level="head").max()), "probes": [str(p) for p in scores.data_vars],
+                    "causal": {"change": change, "knockout": str(knockout) if knockout else None,
+                               "knockout_pair": knockout_pair if knockout else None, "missing": missing},
+                    "pairs": rows})  # fmt: skip
         return
     for level in ("head", "layer"):
         table = Table(title=f"Probe agreement on {level} rankings (Spearman rho, Kendall tau): {ds.attrs.get('model')}")
@@ -361,10 +391,10 @@ def print_probe_agreement(store, words: str | None, device: str, as_json: bool) 
             table.add_column(column, no_wrap=True)
         for column in ("rho", "p", "tau", "p", f"{level}s"):
             table.add_column(column, justify="right")
-        for r in (r for r in rows if r["level"] == level):
+        for r in (r for r in rows if r["level"] == level and r["n"]):
             shown = ["n/a" if r[key] is None else f"{r[key]:+.3f}" for key in ("spearman", "kendall")]
             table.add_row(r["probe"].replace("_", "-"), r["other"].replace("_", "-"), shown[0], _p(r["spearman_p"]),
                           shown[1], _p(r["kendall_p"]), str(r["n"]))  # fmt: skip
         console.print(table)
     console.print(f"pursuit / logit-lens: concept {', '.join(settings.words)}; layer level: each probe's scores "
-                  "averaged over heads first.")  # fmt: skip
+                  "averaged over heads first" + ("; knockout: per layer only." if knockout else "."))  # fmt: skip

@@ -28,13 +28,13 @@ import torch
 from ..evaluate.metrics import LETTERS, format_options
 from ..finetune.loss import answer_loss
 from ..models import PreparedBatch, VLMAdapter
+from ..models.zoo.build import PROJECTOR_CONFIG as CONFIG_FILE
+from ..models.zoo.build import PROJECTOR_FILE
 from ..toyworld.curriculum import caption_of, training_question
 from ..toyworld.model import TRAIN_SEED_OFFSET
 from ..toyworld.world import WorldConfig, render_one
 
-PROJECTOR_FILE = "projector.safetensors"
 LOG_FILE = "training_log.jsonl"
-CONFIG_FILE = "projector_config.json"
 CHECKPOINT_FILE = "projector_checkpoint.pt"
 
 

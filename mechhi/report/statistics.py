@@ -95,9 +95,11 @@ def statistics(report: ReportInput) -> Section:
 
 # ---------------------------------------------------------------- probe agreement
 def agreement_rows(pairs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
-    """One row per (level, probe pair), as `agreement_records` lists them."""
+    """One row per (level, probe pair), as `agreement_records` lists them; pairs with no
+    unit in common (a per-layer knockout at the head level) are left out."""
     return [[p["level"], p["probe"].replace("_", "-"), p["other"].replace("_", "-"), number(p["spearman"], 3),
-             p_value(p["spearman_p"]), number(p["kendall"], 3), p_value(p["kendall_p"]), p["n"]] for p in pairs]  # fmt: skip
+             p_value(p["spearman_p"]), number(p["kendall"], 3), p_value(p["kendall_p"]), p["n"]]
+            for p in pairs if p["n"]]  # fmt: skip
 
 
 def store_agreement(ds) -> list[dict[str, Any]]:
@@ -126,7 +128,10 @@ def agreement(report: ReportInput) -> Section:
             if _same(entry.path, payload.get("store")):
                 used.add(j)
                 words = ", ".join(payload.get("words", []))
-                return _agreement_table(f"agreement-{i}", payload["pairs"], f"from {file.name}: pursuit / logit lens of {words}")
+                causal = [p for p in payload.get("probes", []) if p in ("patching", "attribution", "knockout")]
+                with_causal = f"; causal: {', '.join(causal)}" if causal else ""
+                return _agreement_table(f"agreement-{i}", payload["pairs"],
+                                        f"from {file.name}: pursuit / logit lens of {words}{with_causal}")  # fmt: skip
         if "attention" not in entry.ds.data_vars:
             return paragraph("attention-mass needs attention maps; this store was traced with --no-maps", "note")
         return _agreement_table(f"agreement-{i}", store_agreement(entry.ds), "Head Impact vs attention-mass lift, from the store")
@@ -139,6 +144,7 @@ def agreement(report: ReportInput) -> Section:
             parts.append(_agreement_table(f"agreement-file-{j}", payload["pairs"],
                                           f"from {file.name} (store {payload.get('store')})"))  # fmt: skip
     if not report.agreement:
-        parts.append(paragraph("Head Pursuit and the logit lens need a model run: pass --agreement FILE (the output "
-                               "of `mechhi rank --store S --compare-probes --json`) to include them.", "note"))  # fmt: skip
+        parts.append(paragraph("Head Pursuit, the logit lens and the causal results (patching, attribution, "
+                               "knockout) need model runs: pass --agreement FILE (the output of `mechhi rank --store S "
+                               "--compare-probes --json`) to include them.", "note"))  # fmt: skip
     return Section("agreement", "Probe agreement", join(parts))

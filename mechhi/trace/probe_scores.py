@@ -138,7 +138,8 @@ def _model_scores(ds: xr.Dataset, probes: Sequence[str], settings: ModelProbeSet
     signals, dictionary = pursuit_inputs(config, progress=progress, loaded=loaded)
     out = {}
     if "pursuit" in probes:
-        out["pursuit"] = pursue_heads(signals, dictionary, list(settings.words), settings.k)["explained"]
+        out["pursuit"] = pursue_heads(signals, dictionary, list(settings.words), settings.k,
+                                      control_draws=0)["explained"]  # a ranking: no chance reference needed
     if "logit-lens" in probes:
         out["logit_lens"] = logit_lens(signals, dictionary, settings.words)["mean_logit"]
     return out

@@ -38,8 +38,12 @@ class PursuitConfig:
     dtype: str = "auto"
     template: str = "caption"
     split: str = "auto"
+    control_draws: int = 10  # random vocabulary dictionaries of len(words) rows: median and IQR
+    control_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.control_draws < 0:
+            raise ValueError(f"--control-draws {self.control_draws}: must be at least 0")
         if len(set(self.words)) < 2:
             raise ValueError("pursuit needs at least two distinct concept words")
         if not 1 <= self.k <= len(self.words):
@@ -76,6 +80,20 @@ def concept_dictionary(model: torch.nn.Module, adapter: VLMAdapter, words: Seque
     """(len(words), hidden): the unembedding rows of the concept's tokens."""
     unembedding = model.get_output_embeddings().weight
     return unembedding[single_token_ids(adapter.tokenizer, words)].detach().float().cpu().numpy()
+
+
+def control_dictionaries(model: torch.nn.Module, adapter: VLMAdapter, words: Sequence[str], draws: int,
+                         seed: int = 0) -> np.ndarray:  # fmt: skip
+    """(draws, len(words), hidden): random unembedding rows, never a concept word's or the
+    image token's (`probes.head_pursuit.random_rows`)."""
+    from probes.head_pursuit import random_rows
+
+    unembedding = model.get_output_embeddings().weight.detach().float().cpu().numpy()
+    exclude = single_token_ids(adapter.tokenizer, words)
+    image_token = getattr(adapter, "image_token_id", None)
+    if image_token is not None:
+        exclude.append(int(image_token))
+    return random_rows(unembedding, len(words), draws, seed=seed, exclude=exclude)
 
 
 def head_signals(
@@ -125,8 +143,11 @@ def run_pursuit(config: PursuitConfig = PursuitConfig(), *, progress: bool = Tru
     """Head Pursuit of ``config.words`` on every head; see ``probes.head_pursuit.pursue_heads``."""
     from probes.head_pursuit import pursue_heads
 
+    loaded = loaded or load(config.model, device=config.device, dtype=config.dtype)
     signals, dictionary = pursuit_inputs(config, progress=progress, loaded=loaded)
-    result = pursue_heads(signals, dictionary, list(config.words), config.k)
+    controls = control_dictionaries(*loaded, config.words, config.control_draws, config.control_seed)
+    result = pursue_heads(signals, dictionary, list(config.words), config.k, controls=controls,
+                          control_seed=config.control_seed)  # fmt: skip
     result.attrs.update({"model": config.model, "dataset": config.dataset, "positions": config.positions,
                          "samples": signals.sizes["sample"]})  # fmt: skip
     return result

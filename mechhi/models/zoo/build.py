@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ CHECK = "check.json"
 ONNX_TOLERANCE = 1e-4  # float32 on the same input; the conversion measures ~1.6e-5
 GGUF_TOLERANCE = 0.0  # both dequantise the same 4-bit blocks in float32: exactly equal
 PROJECTOR_FILE = "projector.safetensors"
+PROJECTOR_CONFIG = "projector_config.json"  # what `mechhi zoo train-projector` trained with
 VERSIONED = ("mechhi", "torch", "transformers", "gguf", "onnx", "onnxruntime", "huggingface_hub")
 
 
@@ -63,10 +64,10 @@ def build(name: str, out: Path | None = None, *, source: str = "auto", projector
     ``registry``. ``projector``: ``trained`` (the projector shipped with mechhi),
     ``untrained`` (seeded fresh init) or ``auto`` (trained when shipped).
     """
-    spec = recipe(name)
     out = Path(out) if out is not None else default_out(name)
     cache = Path(cache) if cache is not None else mechhi_home() / "cache"
     projector_file = choose_projector(name, projector)
+    spec = trained_recipe(recipe(name), projector_file)
     wanted = build_key(spec, source, projector_file)
     finished = read_provenance(out)
     if finished is not None:
@@ -144,6 +145,16 @@ def choose_projector(name: str, projector: str) -> Path | None:
     if projector == "trained" and not shipped.is_file():
         raise FileNotFoundError(f"--projector trained: no trained projector for {name} is shipped ({shipped})")
     return shipped if projector != "untrained" and shipped.is_file() else None
+
+
+def trained_recipe(spec: Recipe, projector_file: Path | None) -> Recipe:
+    """The recipe at the crop its trained projector was trained at (``projector_config.json``
+    beside the file): the model then sees images as in training, with as many image tokens."""
+    config = projector_file.with_name(PROJECTOR_CONFIG) if projector_file else None
+    if config is None or not config.is_file():
+        return spec
+    crop = json.loads(config.read_text()).get("crop_size")
+    return replace(spec, crop_size=int(crop)) if crop else spec
 
 
 def load_projector(path: Path) -> dict[str, torch.Tensor]:

