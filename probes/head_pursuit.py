@@ -151,8 +151,16 @@ def pursue_heads(
     )  # fmt: skip
 
 
-def head_ranking(pursuit: xr.Dataset) -> xr.DataArray:
-    """Heads by explained variance, best first, as a 1-D array over a stacked (layer, head) index."""
-    stacked = pursuit["explained"].stack(unit=("layer", "head"))
+RANK_BY = ("explained", "excess")
+
+
+def head_ranking(pursuit: xr.Dataset, by: str = "explained") -> xr.DataArray:
+    """Heads by explained variance (``by="explained"``), or by its excess over the control's
+    median (``"excess"``: a head whose write is low-rank is explained by any few rows, the
+    concept's or not), best first, as a 1-D array over a stacked (layer, head) index."""
+    if by not in RANK_BY:
+        raise ValueError(f"--rank-by {by!r}: choose from {', '.join(RANK_BY)}")
+    score = pursuit["explained"] if by == "explained" else pursuit["explained"] - pursuit["explained_random"]
+    stacked = score.stack(unit=("layer", "head"))
     order = np.argsort(-stacked.values, kind="stable")
     return stacked.isel(unit=order)

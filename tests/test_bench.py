@@ -42,7 +42,8 @@ def test_processor_makes_the_promised_visual_tokens(name, target):
 
 def test_geometries_at_the_large_sizes():
     tokens = {name: [c.geometry(t).visual_tokens for t in (4096, 8192)] for name, c in CONFIGS.items()}
-    assert tokens == {"qwen2-vl-2b": [4096, 8192], "paligemma2-3b": [4096, 8100], "smolvlm": [4131, 8181]}
+    assert tokens == {"qwen2-vl-2b": [4096, 8192], "paligemma2-3b": [4096, 8100], "smolvlm": [4131, 8181],
+                      "smollm2-llava": [4096, 8281]}
 
 
 def test_real_dimensions_reach_the_model():

@@ -27,21 +27,21 @@ def _write_patch(store, method: str, change: str, effect: np.ndarray) -> None:
     result.to_zarr(folder / f"patch-{method}-{change}-heads-all.zarr", mode="w", consolidated=False)
 
 
-def _knockout_report(n_layers: int, drops: list[float], pair: str = "image->last") -> dict:
+def _knockout_report(n_layers: int, drops: list[float], pair: str = "image->description") -> dict:
     rows = [{"pair": pair, "window": [i, i], "layers": [i],
              "change": {"answer_logprob": {"mean": -d, "se": 0.1, "n": 8}}} for i, d in enumerate(drops)]  # fmt: skip
     return {"model": "m", "n_layers": n_layers, "pairs": [pair], "rows": rows}
 
 
 def test_knockout_scores_are_the_drop_per_layer_and_need_one_layer_windows():
-    scores = knockout_layer_scores(_knockout_report(3, [0.5, 2.0, -0.1]), "image->last")
+    scores = knockout_layer_scores(_knockout_report(3, [0.5, 2.0, -0.1]), "image->description")
     np.testing.assert_allclose(scores.values, [0.5, 2.0, -0.1])
-    with pytest.raises(ValueError, match="no pair 'question->last'; it has image->last"):
+    with pytest.raises(ValueError, match="no pair 'question->last'; it has image->description"):
         knockout_layer_scores(_knockout_report(3, [0, 0, 0]), "question->last")
     wide = _knockout_report(2, [1.0, 1.0])
     wide["rows"][0]["layers"] = [0, 1]
     with pytest.raises(ValueError, match="--window 1"):
-        knockout_layer_scores(wide, "image->last")
+        knockout_layer_scores(wide, "image->description")
 
 
 def test_compare_probes_includes_the_causal_results_beside_the_store(toy_store, tmp_path):  # noqa: F811

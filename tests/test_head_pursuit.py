@@ -108,3 +108,14 @@ def test_vocabulary_row_controls_are_drawn_without_the_concept_and_summarised_by
     assert result.attrs["control"] == "vocabulary rows" and result.sizes["draw"] == 12
     none = pursue_heads(signals, vocabulary[:4], words, k=2, control_draws=0)
     assert np.isnan(none.explained_random.values).all() and none.sizes["draw"] == 0
+
+
+def test_ranking_by_excess_over_the_control_puts_the_concept_head_above_a_low_rank_one():
+    ds = xr.Dataset({"explained": (("layer", "head"), [[0.6, 0.3]]),
+                     "explained_random": (("layer", "head"), [[0.58, 0.05]])},
+                    coords={"layer": [0], "head": [0, 1]})  # fmt: skip
+    assert int(head_ranking(ds)["head"][0]) == 0  # most explained: the low-rank head any rows explain
+    excess = head_ranking(ds, by="excess")
+    assert int(excess["head"][0]) == 1 and float(excess[0]) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="--rank-by 'best'"):
+        head_ranking(ds, by="best")

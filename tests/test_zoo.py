@@ -396,12 +396,13 @@ def test_catalog_crop_size_sets_the_token_count():
 # ----------------------------------------------------------------------------- the cached build (slow)
 
 
-def _built():
+def _built(name: str = "dinov2-smollm2"):
     from mechhi.models.zoo import default_out, read_provenance
 
-    folder = default_out("dinov2-smollm2")
+    folder = default_out(name)
     if read_provenance(folder) is None:
-        pytest.skip(f"the pretrained model is not built in {folder}: `make pretrained` builds it")
+        target = "make pretrained" + ("" if name == "dinov2-smollm2" else f" PRETRAINED={name}")
+        pytest.skip(f"the pretrained model {name} is not built in {folder}: `{target}` builds it")
     return folder
 
 
@@ -416,19 +417,38 @@ def built_model():
 
 @pytest.mark.slow
 def test_built_model_tracer_equals_eager_attention(built_model):
+    _, model, adapter = built_model
+    assert (adapter.n_layers, adapter.n_heads) == (30, 9) and model.config.text_config.num_key_value_heads == 3
+    _tracer_equals_eager(model, adapter, (30, 9))
+
+
+def _tracer_equals_eager(model, adapter, shape: tuple[int, int]) -> None:
     from mechhi.trace import AttentionTracer
     from tests.conftest import noise_image
     from tests.test_tracing import eager_reference
 
-    _, model, adapter = built_model
-    assert (adapter.n_layers, adapter.n_heads) == (30, 9) and model.config.text_config.num_key_value_heads == 3
     images = [noise_image(200, 300, seed=0), noise_image(224, 224, seed=1)]
     batch = adapter.prepare(images, ["a red circle", "a small blue square"])
     cube = AttentionTracer(model, adapter).trace(batch)
     for i, ref in enumerate(eager_reference(model, batch)):
-        assert ref.shape == (30, 9, 256)
+        assert ref.shape == (*shape, model.config.image_seq_length)  # the build's crop sets the token count
         np.testing.assert_allclose(cube[i, :, :, : ref.shape[-1]], ref, atol=1e-5, rtol=0)
         assert not np.allclose(ref, ref.mean())
+
+
+@pytest.mark.slow
+def test_built_gemma3_tracer_equals_eager_attention():
+    """Gemma 3 in the LLaVA build: 18 layers, 1 KV head, sliding-window layers."""
+    from mechhi.models.loading import load
+
+    _built("dinov2-gemma3")
+    model, adapter = load("dinov2-gemma3", device="cpu", dtype="float32")
+    assert (adapter.n_layers, adapter.n_heads) == (18, 4) and model.config.text_config.num_key_value_heads == 1
+    _tracer_equals_eager(model, adapter, (18, 4))
+    tokenizer = adapter.processor.tokenizer
+    ids = tokenizer("The capital of France is the city of", return_tensors="pt")
+    with torch.no_grad():
+        assert tokenizer.decode([int(model(**ids).logits[0, -1].argmax())]) == " Paris"
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from PIL import Image
 
 from ..models import PreparedBatch, VLMAdapter
 from ..models.idefics3 import Idefics3Adapter
+from ..models.llava import LlavaAdapter
 from ..models.paligemma import PaliGemmaAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
 
@@ -76,6 +77,7 @@ class BenchConfig:
     text: TextDims
     build: dict[str, Any] = field(default_factory=dict)  # family-specific build_tiny arguments
     tied: bool = False  # the checkpoint's output embedding is its input embedding
+    default: bool = True  # benchmarked when no --configs is given
 
     def geometry(self, target: int) -> Geometry:
         return GEOMETRIES[self.family.family](target)
@@ -122,7 +124,15 @@ def smolvlm_geometry(target: int) -> Geometry:
     return Geometry((rows * cols + 1) * per_tile, (cols * tile, rows * tile), build, {"tiles_per_side": cols})
 
 
-GEOMETRIES = {"qwen2-vl": qwen2_vl_geometry, "paligemma": paligemma_geometry, "idefics3": smolvlm_geometry}
+def llava_geometry(target: int) -> Geometry:
+    """A square crop of side x side patches of 14 px (CLS dropped): side^2 tokens."""
+    side = max(1, round(math.sqrt(target)))
+    crop = 14 * side
+    return Geometry(side * side, (crop, crop), {"crop": crop, "shortest_edge": crop, "patch": 14})
+
+
+GEOMETRIES = {"qwen2-vl": qwen2_vl_geometry, "paligemma": paligemma_geometry, "idefics3": smolvlm_geometry,
+              "llava": llava_geometry}  # fmt: skip
 
 CONFIGS: dict[str, BenchConfig] = {
     c.name: c
@@ -141,6 +151,12 @@ CONFIGS: dict[str, BenchConfig] = {
              "sliding_window": 4096, "attn_implementation": "eager"},
         ),
         BenchConfig(
+            # the zoo's pretrained build (`mechhi zoo build dinov2-smollm2`): SmolLM2-135M in LLaVA
+            "smollm2-llava", "HuggingFaceTB/SmolLM2-135M-Instruct (zoo: dinov2-smollm2)", LlavaAdapter,
+            TextDims(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152),
+            tied=True, default=False,  # the small real depth: `--configs smollm2-llava`
+        ),
+        BenchConfig(
             "smolvlm", "HuggingFaceTB/SmolVLM-Instruct", Idefics3Adapter,
             TextDims(layers=24, hidden=2048, heads=32, kv_heads=32, head_dim=64, intermediate=8192, vocab=49152),
         ),
@@ -148,6 +164,7 @@ CONFIGS: dict[str, BenchConfig] = {
 }  # fmt: skip
 
 
+DEFAULT_CONFIGS = tuple(name for name, c in CONFIGS.items() if c.default)
 NARROW = "-narrow"
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..models.loading import resolve_device
-from .configs import CONFIGS, NARROW, config_named, narrow_name, qwen2_vl_geometry
+from .configs import DEFAULT_CONFIGS, NARROW, config_named, narrow_name, qwen2_vl_geometry
 from .job import PROGRESS, Job
 from .memory import available_bytes
 from .modes import eager_extra_bytes
@@ -46,7 +46,7 @@ class BenchError(RuntimeError):
 class BenchOptions:
     """What `mechhi bench` measures; `QUICK` is the ``--quick`` set."""
 
-    configs: tuple[str, ...] = tuple(CONFIGS)
+    configs: tuple[str, ...] = DEFAULT_CONFIGS
     targets: tuple[int, ...] = (256, 1024, 4096, 8192)  # visual tokens per sample
     layers: int | None = None  # None: each checkpoint's own depth
     batch_size: int = 1

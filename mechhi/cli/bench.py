@@ -22,7 +22,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @friendly_errors
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="2 layers, 256 and 1024 visual tokens, 2 rounds (minutes on 2 CPU cores).")] = False,
-    configs: Annotated[Optional[str], typer.Option(help="Comma-separated: qwen2-vl-2b, paligemma2-3b, smolvlm (default: all).")] = None,
+    configs: Annotated[Optional[str], typer.Option(help="Comma-separated: qwen2-vl-2b, paligemma2-3b, smolvlm (the default: these three), smollm2-llava (the zoo model's SmolLM2-135M).")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="Visual tokens per sample, comma-separated (default 256,1024,4096,8192).")] = None,
     layers: Annotated[Optional[int], typer.Option(min=2, help="Decoder layers (default: each checkpoint's depth).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per forward in the size sweep.")] = 1,

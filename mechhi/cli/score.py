@@ -62,7 +62,7 @@ def rank(
     knockout: Annotated[Optional[Path], typer.Option(help="With --compare-probes: a `mechhi knockout --window 1` "
                                                      "knockout.json, included per layer.")] = None,
     knockout_pair: Annotated[str, typer.Option(help="With --knockout: the group pair whose per-layer drop in the "
-                                               "answer's log-probability scores a layer.")] = "image->last",
+                                               "answer's log-probability scores a layer.")] = "image->description",
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -219,6 +219,8 @@ def pursuit(
     control_draws: Annotated[int, typer.Option(min=0, help="Control: this many dictionaries of as many random "
                                                "vocabulary rows as words; median and IQR.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the control's draws.")] = 0,
+    rank_by: Annotated[str, typer.Option(help="Order heads by explained variance, or by its excess over the "
+                                         "control's median (excess).")] = "explained",
     as_json: JsonOpt = False,
 ) -> None:
     """Head Pursuit (Basile et al. 2025): heads ranked by how much of their residual-stream
@@ -226,6 +228,10 @@ def pursuit(
     from mechhi.trace.pursuit_job import PursuitConfig, run_pursuit
     from probes.head_pursuit import head_ranking
 
+    from probes.head_pursuit import RANK_BY
+
+    if rank_by not in RANK_BY:
+        raise ValueError(f"--rank-by {rank_by!r}: choose from {', '.join(RANK_BY)}")
     defaults = PursuitConfig()
     config = PursuitConfig(
         model=model or defaults.model, dataset=str(dataset) if dataset else defaults.dataset,
@@ -233,7 +239,7 @@ def pursuit(
         batch_size=batch_size, device=device, dtype=dtype, split=split, control_draws=control_draws, control_seed=seed,
     )  # fmt: skip
     result = run_pursuit(config, progress=True)  # the bar is on stderr: --json stays clean
-    ranking = head_ranking(result)
+    ranking = head_ranking(result, by=rank_by)
     rows = []
     for i in range(ranking.sizes["unit"]):
         layer, head = int(ranking["layer"][i]), int(ranking["head"][i])
@@ -246,6 +252,7 @@ def pursuit(
         print_json({"model": config.model, "dataset": config.dataset, "words": list(config.words), "k": config.k,
                     "positions": config.positions, "samples": result.attrs["samples"],
                     "control": {"kind": result.attrs["control"], "draws": config.control_draws, "seed": seed},
+                    "rank_by": rank_by,
                     "heads": rows[:top]})  # fmt: skip
         return
     table = Table(title=f"Head Pursuit of {', '.join(config.words)} (k={config.k}, {config.positions} tokens)")
@@ -362,7 +369,7 @@ def print_repeated_measures(repeated: dict) -> None:
 
 
 def print_probe_agreement(store, words: str | None, device: str, as_json: bool, *, change: str | None = None,
-                          knockout: Path | None = None, knockout_pair: str = "image->last") -> None:  # fmt: skip
+                          knockout: Path | None = None, knockout_pair: str = "image->description") -> None:  # fmt: skip
     """`rank --compare-probes`: every probe's head scores and the causal results beside the
     store (`mechhi.flow.causal_scores`), then their rank correlations."""
     from mechhi.flow.causal_scores import causal_scores

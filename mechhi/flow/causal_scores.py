@@ -3,7 +3,7 @@
 `mechhi patch` leaves one labelled zarr per (method, change) in ``<store>.patch``: exact
 activation patching and its attribution estimate, an effect per (layer, head). `mechhi
 knockout` leaves a report of (pair, window) changes; with one-layer windows its
-``image->last`` row (or another pair) is a per-layer causal score. They are read, never
+``image->description`` row (or another pair) is a per-layer causal score. They are read, never
 run here: a causal run is minutes to hours, so `rank --compare-probes` takes what exists
 and says, in one line each, how to make what does not.
 
@@ -53,7 +53,7 @@ def knockout_layer_scores(report: dict[str, Any], pair: str, metric: str = "answ
 
 def causal_scores(
     ds: xr.Dataset, store: Path, *, change: str | None = None, knockout: Path | None = None,
-    knockout_pair: str = "image->last",
+    knockout_pair: str = "image->description",
 ) -> tuple[dict[str, xr.DataArray], list[str]]:  # fmt: skip
     """(score per probe found, one note per probe missing) for the store ``ds`` at ``store``."""
     scores: dict[str, xr.DataArray] = {}
@@ -71,7 +71,7 @@ def causal_scores(
                              f"{ds.sizes['layer']} x {ds.sizes['head']}: patched on another model")  # fmt: skip
         scores[probe] = result["effect"].load().assign_coords(layer=ds["layer"].values, head=ds["head"].values)
     if knockout is None:
-        notes.append(f"knockout: not given (`mechhi knockout --store {store} --window 1 --pairs {knockout_pair}` "
+        notes.append(f"knockout: not given (`mechhi knockout --store {store} --window 1 --pairs \"{knockout_pair}\"` "
                      "then --knockout DIR/knockout.json)")  # fmt: skip
     else:
         path = Path(knockout)

@@ -132,8 +132,14 @@ class LlavaAdapter(VLMAdapter):
         crop: int = 56,
         shortest_edge: int = 70,
         vision_layers: int = 2,
+        intermediate: int | None = None,
+        vocab_size: int | None = None,
     ) -> tuple[Any, Any]:
         """Tiny LLaVA: ``vision_layers``-layer CLIP on a ``crop`` px centre crop, tiny Llama decoder.
+
+        ``intermediate`` (default 4 x hidden) and ``vocab_size`` (default: the tokenizer's
+        size; larger leaves unused rows) let a benchmark give the decoder a real model's
+        dimensions.
 
         ``shortest_edge`` > ``crop`` makes the crop cut into the short side too, so the
         crop box is a strict sub-rectangle of every image.
@@ -163,8 +169,8 @@ class LlavaAdapter(VLMAdapter):
         # initializer_range 0.2 (Llama's 0.02 gives near-uniform attention in a 64-wide
         # model, which would let a wrong token order pass the equivalence tests).
         text = dict(
-            model_type="llama", vocab_size=len(tokenizer), hidden_size=heads * head_dim,
-            intermediate_size=4 * heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
+            model_type="llama", vocab_size=max(len(tokenizer), vocab_size or 0), hidden_size=heads * head_dim,
+            intermediate_size=intermediate or 4 * heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads, head_dim=head_dim, initializer_range=0.2,
             pad_token_id=ids("<pad>"), eos_token_id=ids("</s>"), bos_token_id=ids("<s>"),
         )  # fmt: skip

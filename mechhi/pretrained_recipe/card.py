@@ -127,9 +127,9 @@ scenes never seen twice: {c["batch_size"] - c["vqa_per_step"]} captioned + {c["v
 Why crop {c.get("crop_size") or "as built"}: the frozen language model's forward and backward pass dominate a step and
 grow with the sequence, and the image tokens are most of it: a 112 px crop gives 8 x 8 = 64
 tokens instead of 256 at 224 px (a 30-layer forward + backward of a batch of 8 at 64 image tokens
-took 25 s on 2 idle cores, at 144 tokens 128-148 s with the cores shared). The toy world's small
-objects (15-22 px at 112) still cover one or two 14 px patches. The projector works per token, so it loads into
-the 224 px build too; measured here at the crop it was trained on.
+took 9-10 s on 2 idle cores in this run, about twice that with the cores shared; 144 tokens took 128-148 s shared). The toy world's small
+objects (15-22 px at 112) still cover one or two 14 px patches. `mechhi zoo build` builds the model at the
+crop its projector was trained at (it reads `projector_config.json`), so a trace sees images as training did.
 
 ## Quality on held-out scenes (world seed {held["seed"]}, {held["images"]} images; mean ± SE)
 
