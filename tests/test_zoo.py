@@ -484,7 +484,8 @@ def test_built_model_parts_match_their_sources(built_model):
                              "named_parameters": lambda self: (("model." + k, v) for k, v in language.named_parameters())})()
     layers = {k: v for k, v in CHECKED_TENSORS.items() if k != "token_embd.weight"}  # the vocabulary grew by <image>
     differences = check_dequantisation(shim, gguf_file, layers)
-    assert set(differences) == set(layers) and max(differences.values()) == 0.0
+    assert set(differences) == set(layers) - {"blk.0.attn_q_norm.weight"}  # Llama has no q_norm
+    assert max(differences.values()) == 0.0
 
 
 def test_projector_choice_and_file_prefixes(tmp_path, monkeypatch):
