@@ -65,3 +65,22 @@ def test_other_command_line_errors_are_one_line_too(args):
     result = invoke(args, exit_code=1)
     line = one_line_error(result)
     assert "--help" in line and "╭" not in result.stderr, result.stderr
+
+
+def test_top_level_cli_py_is_the_app_every_entry_point_runs():
+    """The design card's cli.py: `python cli.py`, the `mechhi` script and `python -m mechhi`."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    import cli
+    from mechhi.cli import app
+
+    assert cli.app is app
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mechhi"]
+    assert script.value == "cli:app" and script.load() is app
+    root = Path(__file__).resolve().parents[1]
+    for command in ([sys.executable, "cli.py", "--help"], [sys.executable, "-m", "mechhi", "--help"]):
+        shown = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120, check=False)
+        assert shown.returncode == 0 and "trace" in shown.stdout, shown.stderr
