@@ -110,34 +110,42 @@ def tiny_llama_gguf(tmp_path_factory):
                          rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(2)
-    writer.add_context_length(128)
-    writer.add_embedding_length(32)
-    writer.add_feed_forward_length(64)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(8)
-    writer.add_vocab_size(64)
+    header = {"head_count_kv": 2, "rope_freq_base": 10000.0, "layer_norm_rms_eps": 1e-5, "rope_dimension_count": 8}
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    tensors = {}
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    tensors["token_embd.weight"] = state["model.embed_tokens.weight"]
+    tensors["output_norm.weight"] = state["model.norm.weight"]
     for layer in range(2):
         for hf, gg in names.items():
             value = state[f"model.layers.{layer}.{hf}.weight"]
             if gg in ("attn_q", "attn_k"):
                 value = _permute_for_gguf(value, 4 if gg == "attn_q" else 2)
-            writer.add_tensor(f"blk.{layer}.{gg}.weight", np.ascontiguousarray(value))
+            tensors[f"blk.{layer}.{gg}.weight"] = value
+    _write_gguf(gguf, path, "llama", header, tensors)
+    return model, path
+
+
+def _write_gguf(gguf, path: Path, architecture: str, header: dict, tensors: dict[str, np.ndarray]) -> None:
+    """A GGUF file of a 2-layer, 4-head, hidden-32 model: the shared header, ``header``'s
+    extra keys (each ``writer.add_<key>(value)``) and the tensors, in order."""
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_vocab_size(64)
+    for key, value in header.items():
+        getattr(writer, f"add_{key}")(value)
+    for name, value in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(value))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return model, path
 
 
 def test_gguf_loads_as_the_llama_it_was_written_from(tiny_llama_gguf):
@@ -196,34 +204,20 @@ def tiny_gemma3_gguf(tmp_path_factory):
             if "norm" in name:
                 param.normal_(0, 0.3)  # zeros (the init) would not tell w from 1 + w
     path = tmp_path_factory.mktemp("gguf3") / "tiny-gemma3.gguf"
-    writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_block_count(2)
-    writer.add_context_length(128)
-    writer.add_embedding_length(32)
-    writer.add_feed_forward_length(64)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(1)
-    writer.add_key_length(8)
-    writer.add_value_length(8)
-    writer.add_sliding_window(4)
-    writer.add_rope_freq_base(model.config.rope_parameters["full_attention"]["rope_theta"])
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_vocab_size(64)
+    header = {"head_count_kv": 1, "key_length": 8, "value_length": 8, "sliding_window": 4, "layer_norm_rms_eps": 1e-6,
+              "rope_freq_base": model.config.rope_parameters["full_attention"]["rope_theta"]}  # fmt: skip
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
 
     def stored(name: str, value: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(value + 1.0 if name.endswith("norm.weight") else value)
+        return value + 1.0 if name.endswith("norm.weight") else value
 
-    writer.add_tensor("token_embd.weight", stored("token_embd.weight", state["model.embed_tokens.weight"]))
-    writer.add_tensor("output_norm.weight", stored("output_norm.weight", state["model.norm.weight"]))
+    tensors = {"token_embd.weight": stored("token_embd.weight", state["model.embed_tokens.weight"]),
+               "output_norm.weight": stored("output_norm.weight", state["model.norm.weight"])}  # fmt: skip
     for layer in range(2):
         for hf, gg in GEMMA3_NAMES.items():
             name = f"blk.{layer}.{gg}.weight"
-            writer.add_tensor(name, stored(name, state[f"model.layers.{layer}.{hf}.weight"]))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            tensors[name] = stored(name, state[f"model.layers.{layer}.{hf}.weight"])
+    _write_gguf(gguf, path, "gemma3", header, tensors)
     return model, path
 
 
