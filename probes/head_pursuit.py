@@ -78,19 +78,25 @@ def random_dictionary(like: np.ndarray, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=np.shape(like))
 
 
+def random_row_ids(n_rows: int, count: int, draws: int, *, seed: int = 0, exclude: Sequence[int] = ()) -> np.ndarray:
+    """(draws, count) row indices: ``count`` of ``range(n_rows)`` per draw, without
+    replacement within a draw and never one in ``exclude``, sorted, seeded."""
+    allowed = np.setdiff1d(np.arange(n_rows), np.asarray(exclude, dtype=int))
+    if len(allowed) < count:
+        raise ValueError(f"random_rows: {len(allowed)} rows to draw {count} from")
+    rng = np.random.default_rng(seed)
+    return np.stack([np.sort(rng.choice(allowed, count, replace=False)) for _ in range(draws)])
+
+
 def random_rows(pool: np.ndarray, count: int, draws: int, *, seed: int = 0, exclude: Sequence[int] = ()) -> np.ndarray:
-    """(draws, count, d): ``draws`` dictionaries of ``count`` rows of ``pool`` each (without
-    replacement within a draw, never a row in ``exclude``), seeded.
+    """(draws, count, d): ``draws`` dictionaries of ``count`` rows of ``pool`` each
+    (`random_row_ids`).
 
     The control for a concept of ``count`` words is as many random vocabulary rows: they
     share the unembedding's geometry (its anisotropy, its common directions), which a
     Gaussian draw lacks, so the gap to the concept is the concept's, not the vocabulary's.
     """
-    allowed = np.setdiff1d(np.arange(len(pool)), np.asarray(exclude, dtype=int))
-    if len(allowed) < count:
-        raise ValueError(f"random_rows: {len(allowed)} rows to draw {count} from")
-    rng = np.random.default_rng(seed)
-    return np.stack([np.asarray(pool[np.sort(rng.choice(allowed, count, replace=False))]) for _ in range(draws)])
+    return np.asarray(pool)[random_row_ids(len(pool), count, draws, seed=seed, exclude=exclude)]
 
 
 def pursue_heads(

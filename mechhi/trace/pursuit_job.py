@@ -85,15 +85,18 @@ def concept_dictionary(model: torch.nn.Module, adapter: VLMAdapter, words: Seque
 def control_dictionaries(model: torch.nn.Module, adapter: VLMAdapter, words: Sequence[str], draws: int,
                          seed: int = 0) -> np.ndarray:  # fmt: skip
     """(draws, len(words), hidden): random unembedding rows, never a concept word's or the
-    image token's (`probes.head_pursuit.random_rows`)."""
-    from probes.head_pursuit import random_rows
+    image token's (`probes.head_pursuit.random_row_ids`); only the drawn rows are copied
+    off the model (a 262k vocabulary's full matrix is most of a small model)."""
+    from probes.head_pursuit import random_row_ids
 
-    unembedding = model.get_output_embeddings().weight.detach().float().cpu().numpy()
+    unembedding = model.get_output_embeddings().weight.detach()
     exclude = single_token_ids(adapter.tokenizer, words)
     image_token = getattr(adapter, "image_token_id", None)
     if image_token is not None:
         exclude.append(int(image_token))
-    return random_rows(unembedding, len(words), draws, seed=seed, exclude=exclude)
+    ids = random_row_ids(unembedding.shape[0], len(words), draws, seed=seed, exclude=exclude)
+    return unembedding[torch.as_tensor(ids.ravel(), device=unembedding.device)].float().cpu().numpy().reshape(
+        *ids.shape, unembedding.shape[1])  # fmt: skip
 
 
 def head_signals(
