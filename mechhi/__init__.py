@@ -11,7 +11,7 @@ and fine-tune the layers the scores pick.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from mechhi.version import __version__
 
 __all__ = ["__version__", "combine", "open_store"]
 
@@ -19,7 +19,7 @@ __all__ = ["__version__", "combine", "open_store"]
 def __getattr__(name: str):
     # The store pulls in xarray/zarr/dask; import it only when it is used.
     if name in ("open_store", "combine"):
-        from . import store
+        from mechhi import store
 
         return getattr(store, name)
     raise AttributeError(f"module 'mechhi' has no attribute {name!r}")

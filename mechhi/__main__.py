@@ -1,6 +1,6 @@
 """``python -m mechhi ...`` (and ``torchrun ... -m mechhi trace ...``): the command line."""
 
-from mechhi.cli import main
+from mechhi.commands import main
 
 if __name__ == "__main__":
     main()

@@ -89,8 +89,9 @@ class PlainLines:
 
 
 @contextlib.contextmanager
-def progress_bar(label: str, total: int, *, show: bool = True, completed: int = 0,
-                 transient: bool = False) -> Iterator[Advance]:  # fmt: skip
+def progress_bar(
+    label: str, total: int, *, show: bool = True, completed: int = 0, transient: bool = False
+) -> Iterator[Advance]:
     """Yields an ``Advance``: a rich bar on a terminal, plain lines elsewhere, nothing
     unless ``show``. ``completed`` units were done before (a resumed run)."""
     if not show:
@@ -104,14 +105,25 @@ def progress_bar(label: str, total: int, *, show: bool = True, completed: int = 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=transient) as bar:
         yield _Rich(bar, bar.add_task(label, total=total, completed=completed, info=""))
 
 
-def tracked(items: Sequence[T] | Iterable[T], label: str, *, show: bool = True, transient: bool = False,
-            total: int | None = None) -> Iterator[T]:  # fmt: skip
+def tracked(
+    items: Sequence[T] | Iterable[T],
+    label: str,
+    *,
+    show: bool = True,
+    transient: bool = False,
+    total: int | None = None,
+) -> Iterator[T]:
     """Iterate ``items`` with ``progress_bar`` advancing once per item."""
     count = total if total is not None else len(items)  # type: ignore[arg-type]
     with progress_bar(label, count, show=show, transient=transient) as bar:

@@ -7,4 +7,5 @@ and are labelled once at the edge.
 - ``probes.attention_mass``: threshold-free baselines beside it: attention on the
   image, the object's share of it, and that share over the object's area share.
 - ``probes.maps``: reading a store's maps sample by sample for any per-sample kernel.
+- ``probes.registry``: every probe by name, what it needs, how it scores a head.
 """

@@ -3,13 +3,14 @@
 Head Impact, the attention-mass lift, spatial entropy, Head Pursuit and the logit lens each
 rank the same heads by a different idea of "this head matters for the image" (where it
 looks, how much of its look lands on the object, what it writes); activation patching, its
-attribution estimate and attention knockout by what the answer loses without it. If they rank heads alike, they measure
-one thing; if not, choosing heads "by the probe" depends on the probe. Spearman's rho
-(ranks, linear) and Kendall's tau-b (pairs in the same order) come from scipy, each with
+attribution estimate and attention knockout by what the answer loses without it. If they
+rank heads alike, they measure one thing; if not, choosing heads "by the probe" depends on
+the probe. Spearman's rho (ranks, linear) and Kendall's tau-b (pairs in the same order)
+come from scipy, each with
 its p-value, over the heads both probes score (NaN dropped pairwise); at the ``layer``
 level each probe's scores are first averaged over heads, as the layer rankings do.
 
->>> agreement(scores)                         # scores: (layer, head), one variable per probe  # doctest: +SKIP
+>>> agreement(scores)                        # scores: (layer, head), one variable per probe  # doctest: +SKIP
 <xarray.Dataset> Dimensions: (level: 2, probe: 4, other: 4) ...
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .maps import mean_over
+from probes.maps import mean_over
 
 LEVELS = ("head", "layer")
 
@@ -49,7 +50,11 @@ def _units(scores: xr.Dataset, level: str) -> dict[str, np.ndarray]:
     for p in scores.data_vars:
         score = scores[p]
         if level == "head":
-            flat = score.transpose("layer", "head").values.ravel() if "head" in score.dims else np.full(n_heads, np.nan)
+            flat = (
+                score.transpose("layer", "head").values.ravel()
+                if "head" in score.dims
+                else np.full(n_heads, np.nan)
+            )
         else:
             flat = (mean_over(score, "head") if "head" in score.dims else score).transpose("layer").values
         out[str(p)] = flat.astype(float)
@@ -76,8 +81,11 @@ def agreement(scores: xr.Dataset) -> xr.Dataset:
     names = ("spearman", "spearman_p", "kendall", "kendall_p", "n")
     data = {name: (dims, out[m]) for m, name in enumerate(names)}
     data["n"] = (dims, np.nan_to_num(out[4]).astype(int))
-    return xr.Dataset(data, coords={"level": list(LEVELS), "probe": probes, "other": probes},
-                      attrs={"method": "scipy.stats.spearmanr / kendalltau (tau-b), NaN dropped pairwise"})  # fmt: skip
+    return xr.Dataset(
+        data,
+        coords={"level": list(LEVELS), "probe": probes, "other": probes},
+        attrs={"method": "scipy.stats.spearmanr / kendalltau (tau-b), NaN dropped pairwise"},
+    )
 
 
 def agreement_records(result: xr.Dataset, level: str = "head") -> list[dict[str, Any]]:
@@ -90,7 +98,16 @@ def agreement_records(result: xr.Dataset, level: str = "head") -> list[dict[str,
     at = result.sel(level=level)
     probes = [str(p) for p in at.probe.values]
     return [
-        {"level": level, "probe": a, "other": b, "n": int(at.n.sel(probe=a, other=b)),
-         **{name: num(at[name].sel(probe=a, other=b)) for name in ("spearman", "spearman_p", "kendall", "kendall_p")}}
-        for i, a in enumerate(probes) for b in probes[i + 1 :]
-    ]  # fmt: skip
+        {
+            "level": level,
+            "probe": a,
+            "other": b,
+            "n": int(at.n.sel(probe=a, other=b)),
+            **{
+                name: num(at[name].sel(probe=a, other=b))
+                for name in ("spearman", "spearman_p", "kendall", "kendall_p")
+            },
+        }
+        for i, a in enumerate(probes)
+        for b in probes[i + 1 :]
+    ]

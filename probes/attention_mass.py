@@ -27,8 +27,8 @@ import numpy as np
 import xarray as xr
 
 from mechhi.store import MAIN_VIEW, attention_name
-
-from .maps import done_samples, for_each_sample, labels, mean_over, pool_views, rank_layers
+from probes.maps import done_samples, for_each_sample, labels, mean_over, pool_views, rank_layers
+from probes.registry import Probe, register_probe
 
 MEASURES = ("visual_mass", "object_share", "object_lift")
 
@@ -84,3 +84,13 @@ def layer_ranking(mass: xr.Dataset, measure: str = "object_lift") -> xr.DataArra
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; choose from {', '.join(MEASURES)}")
     return rank_layers(layer_means(mass)[measure], f"mean_{measure}")
+
+
+PROBE = register_probe(
+    Probe(
+        "attention-mass",
+        ("store",),
+        "the object's share of the head's image attention over its area share",
+        lambda inputs: head_means(attention_mass(inputs.ds))["object_lift"],
+    )
+)

@@ -30,9 +30,8 @@ import xarray as xr
 from scipy import ndimage
 
 from mechhi.store import MAIN_VIEW, attention_name
-
-from .head_impact import BinarizeRule, binarize_mask, iou
-from .maps import done_samples, map_samples, own_grids
+from probes.head_impact import BinarizeRule, binarize_mask, iou
+from probes.maps import done_samples, map_samples, own_grids
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 MEASURES = ("box_iou", "mask_iou")
@@ -92,8 +91,14 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / (area(a) + area(b) - inter)
 
 
-def sample_grounding(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray], layers: np.ndarray,
-                     heads: np.ndarray, sigma: float = 0.0, rule: BinarizeRule = BinarizeRule()) -> np.ndarray:  # fmt: skip
+def sample_grounding(
+    attention: dict[str, np.ndarray],
+    coverage: dict[str, np.ndarray],
+    layers: np.ndarray,
+    heads: np.ndarray,
+    sigma: float = 0.0,
+    rule: BinarizeRule = BinarizeRule(),
+) -> np.ndarray:
     """(box_iou, mask_iou) of one sample grounded by the heads (layers[i], heads[i])
     (positions along the store's layer and head dims)."""
     att, cov = own_grids(attention, coverage)[MAIN_VIEW]  # (L, H, r, c), (r, c)
@@ -140,8 +145,9 @@ def whole_image(ds: xr.Dataset, rule: BinarizeRule = BinarizeRule()) -> xr.Datas
     return _summarise(values, ds["sample"].values, {"heads": [], "smooth": 0.0})
 
 
-def ground(ds: xr.Dataset, heads: Sequence[tuple[int, int]], sigma: float = 0.0,
-           rule: BinarizeRule = BinarizeRule()) -> xr.Dataset:  # fmt: skip
+def ground(
+    ds: xr.Dataset, heads: Sequence[tuple[int, int]], sigma: float = 0.0, rule: BinarizeRule = BinarizeRule()
+) -> xr.Dataset:
     """box_iou and mask_iou (sample) of grounding every traced sample by ``heads`` ((layer,
     head) labels); attrs: the heads, sigma, and each IoU's mean and accuracy at IoU >= 0.5
     over the samples where it is defined."""
@@ -154,8 +160,10 @@ def ground(ds: xr.Dataset, heads: Sequence[tuple[int, int]], sigma: float = 0.0,
     layer_index, head_index = [], []
     for layer, head in heads:
         if layer not in ds["layer"].values or head not in ds["head"].values:
-            raise ValueError(f"head {layer}:{head} is not in the store ({ds.sizes['layer']} layers x "
-                             f"{ds.sizes['head']} heads)")  # fmt: skip
+            raise ValueError(
+                f"head {layer}:{head} is not in the store ({ds.sizes['layer']} layers x "
+                f"{ds.sizes['head']} heads)"
+            )
         layer_index.append(int(np.flatnonzero(ds["layer"].values == layer)[0]))
         head_index.append(int(np.flatnonzero(ds["head"].values == head)[0]))
     layers, head_positions = np.array(layer_index), np.array(head_index)

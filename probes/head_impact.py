@@ -27,30 +27,45 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from mechhi.store import MAIN_VIEW, StoreLocked, WriterLock, attention_name, json_attrs, open_store, write_scores
-
-from . import sinks
-from .maps import done_samples, for_each_sample, labels, mean_over, pool_views, rank_layers
-from .statistics import holm
-from .sinks import SINK_TAU
+from mechhi.store import (
+    MAIN_VIEW,
+    StoreLocked,
+    WriterLock,
+    attention_name,
+    json_attrs,
+    open_store,
+    write_scores,
+)
+from probes import sinks
+from probes.maps import done_samples, for_each_sample, labels, mean_over, pool_views, rank_layers
+from probes.registry import Probe, ProbeInputs, register_probe
+from probes.sinks import SINK_TAU
+from probes.statistics import holm
 
 ATTENTION_RULES = ("mean", "mean-without-sinks")
+
 
 @dataclass(frozen=True)
 class BinarizeRule:
     """How attention scores and object coverage become token sets; recorded in the
     store attrs ('binarize') so a HI number always says how it was made."""
 
-    attention: str = "mean"  # token in A iff score > mean score over the sample's valid visual tokens (all views)
+    attention: str = (
+        "mean"  # token in A iff score > mean score over the sample's valid visual tokens (all views)
+    )
     mask_threshold: float = 0.5  # token in M iff coverage >= threshold
-    keep_best_token: bool = True  # if no token reaches the threshold, M = the best-covered token(s) (ties: all)
-    # "mean-without-sinks": each head's sink tokens (attention > sink_tau x its mean, probes.sinks) are left out
-    # of its mean and of A; recorded only with that rule, so the default rule's record is unchanged.
+    keep_best_token: bool = (
+        True  # if no token reaches the threshold, M = the best-covered token(s) (ties: all)
+    )
+    # "mean-without-sinks": each head's sink tokens (attention > sink_tau x its mean, probes.sinks) are left
+    # out of its mean and of A; recorded only with that rule, so the default rule's record is unchanged.
     sink_tau: float = SINK_TAU
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_RULES:
-            raise ValueError(f"BinarizeRule.attention={self.attention!r}: choose from {', '.join(ATTENTION_RULES)}")
+            raise ValueError(
+                f"BinarizeRule.attention={self.attention!r}: choose from {', '.join(ATTENTION_RULES)}"
+            )
         if not float(self.sink_tau) > 1.0:
             raise ValueError(f"BinarizeRule.sink_tau={self.sink_tau!r} must be above 1")
         if not 0.0 < float(self.mask_threshold) <= 1.0:
@@ -64,7 +79,9 @@ class BinarizeRule:
 
     def describe(self) -> str:
         best = "; an object below it keeps its best-covered token(s)" if self.keep_best_token else ""
-        sinks = f", each head's sinks (> {self.sink_tau:g} x its mean) left out" if self.excludes_sinks else ""
+        sinks = (
+            f", each head's sinks (> {self.sink_tau:g} x its mean) left out" if self.excludes_sinks else ""
+        )
         return (
             f"attention: score > mean over the sample's visual tokens (all views){sinks}; "
             f"mask: coverage >= {self.mask_threshold}{best}"
@@ -155,7 +172,8 @@ def _traced_iou(ds: xr.Dataset, done: np.ndarray, rule: BinarizeRule) -> tuple[n
     recorded = ds.attrs.get("binarize")
     if recorded is not None and json_attrs({"r": recorded}) != json_attrs({"r": rule.to_dict()}):
         raise ValueError(
-            f"store has no attention maps and its iou was binarised with {recorded}; cannot rescore with {rule.to_dict()}"
+            f"store has no attention maps and its iou was binarised with {recorded}; "
+            f"cannot rescore with {rule.to_dict()}"
         )
     iou_values = ds["iou"].transpose("sample", "layer", "head").values.astype(np.float64)
     return np.where(done[:, None, None], iou_values, np.nan), recorded
@@ -345,9 +363,30 @@ def ensure_scored(path: str | Path, rule: BinarizeRule | None = None) -> Scored:
         return Scored(ds, note)
     scores = score(ds, rule)
     if done < total:
-        note = f"scoring in memory ({rule.describe()}): only {done} of {total} samples are traced, so nothing is saved"
+        note = (
+            f"scoring in memory ({rule.describe()}): only {done} of {total} samples are traced, "
+            "so nothing is saved"
+        )
     elif note is None:
         note = f"scoring in memory ({rule.describe()}); the store keeps its own scores"
     merged = ds.drop_vars([name for name in scores.data_vars if name in ds]).assign(scores.data_vars)
     merged.attrs = {**ds.attrs, **scores.attrs}
     return Scored(merged, note)
+
+
+def _probe_score(inputs: ProbeInputs) -> xr.DataArray:
+    """The store's HI where it is scored, else scored now with the default rule."""
+    ds = inputs.ds
+    if "head_impact" in ds.data_vars and not bool(ds.head_impact.isnull().all()):
+        return ds["head_impact"].compute()
+    return score(ds)["head_impact"]
+
+
+PROBE = register_probe(
+    Probe(
+        "head-impact",
+        ("store",),
+        "mean IoU of the above-mean attention with the object mask (Sergeev & Kotelnikov)",
+        _probe_score,
+    )
+)

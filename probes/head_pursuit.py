@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
+from probes.registry import Probe, ProbeInputs, register_probe
+
 
 @dataclass(frozen=True)
 class Pursuit:
@@ -78,7 +80,9 @@ def random_dictionary(like: np.ndarray, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=np.shape(like))
 
 
-def random_row_ids(n_rows: int, count: int, draws: int, *, seed: int = 0, exclude: Sequence[int] = ()) -> np.ndarray:
+def random_row_ids(
+    n_rows: int, count: int, draws: int, *, seed: int = 0, exclude: Sequence[int] = ()
+) -> np.ndarray:
     """(draws, count) row indices: ``count`` of ``range(n_rows)`` per draw, without
     replacement within a draw and never one in ``exclude``, sorted, seeded."""
     allowed = np.setdiff1d(np.arange(n_rows), np.asarray(exclude, dtype=int))
@@ -88,7 +92,9 @@ def random_row_ids(n_rows: int, count: int, draws: int, *, seed: int = 0, exclud
     return np.stack([np.sort(rng.choice(allowed, count, replace=False)) for _ in range(draws)])
 
 
-def random_rows(pool: np.ndarray, count: int, draws: int, *, seed: int = 0, exclude: Sequence[int] = ()) -> np.ndarray:
+def random_rows(
+    pool: np.ndarray, count: int, draws: int, *, seed: int = 0, exclude: Sequence[int] = ()
+) -> np.ndarray:
     """(draws, count, d): ``draws`` dictionaries of ``count`` rows of ``pool`` each
     (`random_row_ids`).
 
@@ -100,9 +106,15 @@ def random_rows(pool: np.ndarray, count: int, draws: int, *, seed: int = 0, excl
 
 
 def pursue_heads(
-    signals: xr.DataArray, dictionary: np.ndarray, words: list[str], k: int, *, controls: np.ndarray | None = None,
-    control_seed: int = 0, control_draws: int = 10,
-) -> xr.Dataset:  # fmt: skip
+    signals: xr.DataArray,
+    dictionary: np.ndarray,
+    words: list[str],
+    k: int,
+    *,
+    controls: np.ndarray | None = None,
+    control_seed: int = 0,
+    control_draws: int = 10,
+) -> xr.Dataset:
     """SOMP for every (layer, head) of ``signals`` (sample, layer, head, hidden) on the
     concept ``dictionary`` (len(words), hidden).
 
@@ -110,8 +122,8 @@ def pursue_heads(
     (the support atom of largest weight), ``explained_curve`` along ``step``, and the
     control: the same pursuit on each of the ``controls`` dictionaries (draw, len(words),
     hidden; `random_rows` of the unembedding), or without them on ``control_draws``
-    Gaussian ones (0: no control, NaN). k atoms explain some variance of any signal, more of a low-rank one, so
-    a head's score means something only against this: ``explained_control`` per draw,
+    Gaussian ones (0: no control, NaN). k atoms explain some variance of any signal, more of a
+    low-rank one, so a head's score means something only against this: ``explained_control`` per draw,
     ``explained_random`` its median, ``explained_random_q25`` / ``_q75`` its IQR.
     """
     if len(words) != len(dictionary):
@@ -139,8 +151,11 @@ def pursue_heads(
     coords = {name: signals[name].values for name in ("layer", "head") if name in signals.coords}
     if "depth" in signals.coords:
         coords["depth"] = ("layer", signals["depth"].values)
-    q25, median, q75 = (np.percentile(chance, [25, 50, 75], axis=-1) if len(controls)
-                        else np.full((3, n_layers, n_heads), np.nan))  # fmt: skip
+    q25, median, q75 = (
+        np.percentile(chance, [25, 50, 75], axis=-1)
+        if len(controls)
+        else np.full((3, n_layers, n_heads), np.nan)
+    )
     return xr.Dataset(
         {
             "explained": (("layer", "head"), curve[..., -1]),
@@ -152,9 +167,15 @@ def pursue_heads(
             "top_word": (("layer", "head"), top.astype(str)),
         },
         coords={**coords, "step": np.arange(1, k + 1), "draw": np.arange(len(controls))},
-        attrs={"probe": "head-pursuit", "k": k, "words": list(words), "control": kind,
-               "control_draws": len(controls), "control_seed": control_seed},
-    )  # fmt: skip
+        attrs={
+            "probe": "head-pursuit",
+            "k": k,
+            "words": list(words),
+            "control": kind,
+            "control_draws": len(controls),
+            "control_seed": control_seed,
+        },
+    )
 
 
 RANK_BY = ("explained", "excess")
@@ -170,3 +191,19 @@ def head_ranking(pursuit: xr.Dataset, by: str = "explained") -> xr.DataArray:
     stacked = score.stack(unit=("layer", "head"))
     order = np.argsort(-stacked.values, kind="stable")
     return stacked.isel(unit=order)
+
+
+def _probe_score(inputs: ProbeInputs) -> xr.DataArray:
+    signals, dictionary = inputs.head_writes()
+    # a ranking: no chance reference needed, so no control draws
+    return pursue_heads(signals, dictionary, list(inputs.words), inputs.k, control_draws=0)["explained"]
+
+
+PROBE = register_probe(
+    Probe(
+        "pursuit",
+        ("model", "words"),
+        "share of the head's write that SOMP explains with the concept's unembeddings (Basile et al.)",
+        _probe_score,
+    )
+)

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
+from probes.registry import Probe, ProbeInputs, register_probe
+
 
 def _one_step(x: np.ndarray, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """SOMP's first step in closed form for (L, H, S, d) writes and (W, d) unit rows ->
@@ -69,3 +71,18 @@ def logit_lens(signals: xr.DataArray, dictionary: np.ndarray, words: Sequence[st
         coords={**coords, "word": list(words)},
         attrs={"probe": "logit-lens", "words": list(words)},
     )
+
+
+def _probe_score(inputs: ProbeInputs) -> xr.DataArray:
+    signals, dictionary = inputs.head_writes()
+    return logit_lens(signals, dictionary, inputs.words)["mean_logit"]
+
+
+PROBE = register_probe(
+    Probe(
+        "logit-lens",
+        ("model", "words"),
+        "mean direct logit of the concept's words in the head's write",
+        _probe_score,
+    )
+)

@@ -23,7 +23,9 @@ BLOCK_BYTES = 64 * 2**20
 SampleKernel = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], np.ndarray]
 
 
-def pool_views(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pool_views(
+    attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Flatten and concatenate every view: -> (L, H, V) attention, (V,) coverage.
 
     Why pool: a model that sees an image twice (tile mosaic + global view) looks at the
@@ -62,7 +64,9 @@ def map_samples(ds: xr.Dataset, done: np.ndarray, kernel: SampleKernel, shape: t
     grounding's IoU, say)."""
     views = store_views(ds)
     out = np.full((ds.sizes["sample"], *shape), np.nan)
-    per_sample = sum(ds[attention_name(v)].isel(sample=0).size * ds[attention_name(v)].dtype.itemsize for v in views)
+    per_sample = sum(
+        ds[attention_name(v)].isel(sample=0).size * ds[attention_name(v)].dtype.itemsize for v in views
+    )
     block = max(1, BLOCK_BYTES // max(per_sample, 1))
     todo = np.flatnonzero(done)
     for start in range(0, todo.size, block):
@@ -82,8 +86,13 @@ def _read_block(ds: xr.Dataset, views: list[str], sel: np.ndarray) -> tuple[dict
     samples ``sel``; a chunk that does not decode is named by its sample."""
 
     def read(part: np.ndarray) -> tuple[dict, dict]:
-        att = {v: ds[attention_name(v)].isel(sample=part).transpose("sample", "layer", "head", *grid_dims(v)).values
-               for v in views}  # fmt: skip
+        att = {
+            v: ds[attention_name(v)]
+            .isel(sample=part)
+            .transpose("sample", "layer", "head", *grid_dims(v))
+            .values
+            for v in views
+        }
         cov = {v: ds[mask_name(v)].isel(sample=part).transpose("sample", *grid_dims(v)).values for v in views}
         return att, cov
 
@@ -94,8 +103,10 @@ def _read_block(ds: xr.Dataset, views: list[str], sel: np.ndarray) -> tuple[dict
             try:
                 read(np.array([s]))
             except (RuntimeError, OSError, ValueError) as err:
-                raise ValueError(f"sample {int(ds['sample'].values[s])}: its stored data cannot be read ({err}); "
-                                 "run `mechhi store verify --deep --repair`, then rerun `mechhi trace`") from None
+                raise ValueError(
+                    f"sample {int(ds['sample'].values[s])}: its stored data cannot be read ({err}); "
+                    "run `mechhi store verify --deep --repair`, then rerun `mechhi trace`"
+                ) from None
         raise
 
 
@@ -133,7 +144,9 @@ def rank_layers(per_layer: xr.DataArray, name: str) -> xr.DataArray:
     return ranked.assign_coords(rank=("layer", np.arange(1, order.size + 1))).rename(name)
 
 
-def own_grids(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def own_grids(
+    attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each view's maps cropped to the sample's own grid: view -> ((L, H, r, c), (r, c)).
 
     The store pads every sample's grid to the largest one with NaN (bottom and right), so

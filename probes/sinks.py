@@ -39,8 +39,7 @@ import numpy as np
 import xarray as xr
 
 from mechhi.store import MAIN_VIEW, attention_name
-
-from .maps import done_samples, labels, map_samples, mean_over, pool_views
+from probes.maps import done_samples, labels, map_samples, mean_over, pool_views
 
 SINK_TAU = 20.0
 TOP_K = 2
@@ -60,8 +59,12 @@ def sink_tokens(attention: np.ndarray, valid: np.ndarray, tau: float = SINK_TAU)
     return np.asarray(valid, bool) & (a > tau * mean) & (mean > 0)
 
 
-def sample_sinks(attention: dict[str, np.ndarray], coverage: dict[str, np.ndarray], tau: float = SINK_TAU,
-                 top_k: int = TOP_K) -> np.ndarray:  # fmt: skip
+def sample_sinks(
+    attention: dict[str, np.ndarray],
+    coverage: dict[str, np.ndarray],
+    tau: float = SINK_TAU,
+    top_k: int = TOP_K,
+) -> np.ndarray:
     """(5, L, H) of one sample: sink_share, n_sinks, top_share, sink_coverage, and the
     number of valid tokens (the same for every head), all views pooled."""
     att, cov = pool_views(attention, coverage)  # (L, H, V), (V,)
@@ -99,7 +102,9 @@ def sinks(ds: xr.Dataset, tau: float = SINK_TAU, top_k: int = TOP_K) -> xr.Datas
     n_tokens = values[:, len(MEASURES), 0, 0]
     data["n_tokens"] = ("sample", n_tokens)
     data["uniform_top_share"] = ("sample", np.minimum(top_k, n_tokens) / n_tokens)
-    return xr.Dataset(data, coords=labels(ds), attrs={"probe": "sinks", "tau": float(tau), "top_k": int(top_k)})
+    return xr.Dataset(
+        data, coords=labels(ds), attrs={"probe": "sinks", "tau": float(tau), "top_k": int(top_k)}
+    )
 
 
 def excluded(attention: np.ndarray, valid: np.ndarray, tau: float = SINK_TAU) -> np.ndarray:
@@ -123,27 +128,43 @@ def summary(result: xr.Dataset, top: int = 5) -> dict[str, Any]:
     flat = per_head.stack(unit=("layer", "head"))
     order = np.argsort(-np.nan_to_num(flat.values, nan=-1.0), kind="stable")[:top]
     layers = [
-        {"layer": int(layer), "mean_sink_share": num(mean_over(per_head.sel(layer=layer), "head")),
-         "share_with_sinks": num(mean_over(per_head_has.sel(layer=layer), "head")),
-         "mean_top_share": num(mean_over(mean_over(result["top_share"].sel(layer=layer), "sample"), "head"))}
+        {
+            "layer": int(layer),
+            "mean_sink_share": num(mean_over(per_head.sel(layer=layer), "head")),
+            "share_with_sinks": num(mean_over(per_head_has.sel(layer=layer), "head")),
+            "mean_top_share": num(
+                mean_over(mean_over(result["top_share"].sel(layer=layer), "sample"), "head")
+            ),
+        }
         for layer in result["layer"].values
-    ]  # fmt: skip
+    ]
     heads = [
-        {"layer": int(flat["layer"].values[i]), "head": int(flat["head"].values[i]),
-         "mean_sink_share": num(flat.values[i]),
-         "share_with_sinks": num(per_head_has.sel(layer=flat["layer"].values[i], head=flat["head"].values[i])),
-         "sink_coverage": num(mean_over(result["sink_coverage"].sel(layer=flat["layer"].values[i],
-                                                                    head=flat["head"].values[i]), "sample"))}
+        {
+            "layer": int(flat["layer"].values[i]),
+            "head": int(flat["head"].values[i]),
+            "mean_sink_share": num(flat.values[i]),
+            "share_with_sinks": num(
+                per_head_has.sel(layer=flat["layer"].values[i], head=flat["head"].values[i])
+            ),
+            "sink_coverage": num(
+                mean_over(
+                    result["sink_coverage"].sel(layer=flat["layer"].values[i], head=flat["head"].values[i]),
+                    "sample",
+                )
+            ),
+        }
         for i in order
-    ]  # fmt: skip
+    ]
     coverage = result["sink_coverage"].values
     return {
-        "tau": result.attrs["tau"], "top_k": result.attrs["top_k"],
+        "tau": result.attrs["tau"],
+        "top_k": result.attrs["top_k"],
         "samples": int(np.isfinite(result["n_tokens"].values).sum()),
         "share_with_sinks": num(mean_over(has, ("sample", "layer", "head"))),
         "mean_sink_share": num(mean_over(result["sink_share"], ("sample", "layer", "head"))),
         "mean_top_share": num(mean_over(result["top_share"], ("sample", "layer", "head"))),
         "uniform_top_share": num(mean_over(result["uniform_top_share"], "sample")),
         "sink_coverage": num(np.nanmean(coverage)) if np.isfinite(coverage).any() else None,
-        "layers": layers, "heads": heads,
-    }  # fmt: skip
+        "layers": layers,
+        "heads": heads,
+    }

@@ -39,8 +39,8 @@ import xarray as xr
 from scipy import ndimage
 
 from mechhi.store import MAIN_VIEW, attention_name
-
-from .maps import done_samples, labels, map_samples, mean_over, own_grids, rank_layers
+from probes.maps import done_samples, labels, map_samples, mean_over, own_grids, rank_layers
+from probes.registry import Probe, register_probe
 
 PAPER_K = 10
 MEASURES = ("visual_mass", "spatial_entropy")
@@ -187,16 +187,26 @@ def select_heads(loc: xr.Dataset, k: int | None = None) -> xr.Dataset:
     selected = (frequency >= frequency_threshold) & (frequency > 0)
     shape = mass.shape
     dims = ("layer", "head")
-    coords = {name: coord for name, coord in mass.coords.items()}
+    coords = dict(mass.coords.items())
     return xr.Dataset(
-        {"mean_visual_mass": mass, "mean_spatial_entropy": entropy,
-         "candidate": (dims, candidate.reshape(shape)), "selection_frequency": (dims, frequency.reshape(shape)),
-         "selected": (dims, selected.reshape(shape))},
+        {
+            "mean_visual_mass": mass,
+            "mean_spatial_entropy": entropy,
+            "candidate": (dims, candidate.reshape(shape)),
+            "selection_frequency": (dims, frequency.reshape(shape)),
+            "selected": (dims, selected.reshape(shape)),
+        },
         coords=coords,
-        attrs={"probe": "spatial-entropy", "per_sample_k": int(k), "mass_threshold": mass_threshold,
-               "frequency_threshold": frequency_threshold, "n_candidates": int(candidate.sum()),
-               "n_selected": int(selected.sum()), "samples": int(traced)},
-    )  # fmt: skip
+        attrs={
+            "probe": "spatial-entropy",
+            "per_sample_k": int(k),
+            "mass_threshold": mass_threshold,
+            "frequency_threshold": frequency_threshold,
+            "n_candidates": int(candidate.sum()),
+            "n_selected": int(selected.sum()),
+            "samples": int(traced),
+        },
+    )
 
 
 def chosen_heads(selection: xr.Dataset, n: int | None = None) -> list[tuple[int, int]]:
@@ -207,8 +217,9 @@ def chosen_heads(selection: xr.Dataset, n: int | None = None) -> list[tuple[int,
     frequency = flat["selection_frequency"].values
     keep = np.flatnonzero(flat["selected"].values if n is None else frequency > 0)
     if n is not None and not 1 <= n <= keep.size:
-        raise ValueError(f"--n-heads {n}: spatial entropy selects {keep.size} heads in some sample "
-                         f"(need 1..{keep.size})")
+        raise ValueError(
+            f"--n-heads {n}: spatial entropy selects {keep.size} heads in some sample (need 1..{keep.size})"
+        )
     entropy = np.nan_to_num(flat["mean_spatial_entropy"].values[keep], nan=np.inf)
     order = keep[np.lexsort((entropy, -frequency[keep]))][:n]
     return [(int(flat["layer"].values[i]), int(flat["head"].values[i])) for i in order]
@@ -218,3 +229,13 @@ def layer_ranking(selection: xr.Dataset) -> xr.DataArray:
     """Layers by mean selection frequency over their heads, best first, with ``rank`` and
     ``depth`` coords like the other probes' rankings."""
     return rank_layers(mean_over(selection["selection_frequency"], "head"), "mean_selection_frequency")
+
+
+PROBE = register_probe(
+    Probe(
+        "spatial-entropy",
+        ("store",),
+        "how often the head is among a sample's most focused image-attending heads (Kang et al.)",
+        lambda inputs: select_heads(localization(inputs.ds))["selection_frequency"],
+    )
+)

@@ -112,20 +112,28 @@ def friedman(ds: xr.Dataset, *, unit: str = "image") -> xr.Dataset:
     sums, counts = _per_unit(ds, unit)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(counts > 0, sums / counts, np.nan)  # (U, L, H)
-        by_layer = np.where(np.isfinite(mean).any(2), np.nansum(mean, 2) / np.isfinite(mean).sum(2), np.nan)  # (U, L)
+        by_layer = np.where(
+            np.isfinite(mean).any(2), np.nansum(mean, 2) / np.isfinite(mean).sum(2), np.nan
+        )  # (U, L)
     layers = [int(x) for x in ds["layer"].values]
     rows = [_friedman(by_layer)] + [_friedman(mean[:, i, :]) for i in range(len(layers))]
     statistic, df, p_value, n_blocks, w = (np.array(col) for col in zip(*rows))
     return xr.Dataset(
-        {"statistic": ("test", statistic.astype(float)), "df": ("test", df.astype(int)),
-         "p_value": ("test", p_value.astype(float)), "p_holm": ("test", holm(p_value)),
-         "n_blocks": ("test", n_blocks.astype(int)),
-         "kendall_w": ("test", w.astype(float))},
-        coords={"test": ["layers"] + [f"heads in layer {l}" for l in layers],
-                "across": ("test", ["layer"] + ["head"] * len(layers)),
-                "within_layer": ("test", [np.nan] + [float(l) for l in layers])},
+        {
+            "statistic": ("test", statistic.astype(float)),
+            "df": ("test", df.astype(int)),
+            "p_value": ("test", p_value.astype(float)),
+            "p_holm": ("test", holm(p_value)),
+            "n_blocks": ("test", n_blocks.astype(int)),
+            "kendall_w": ("test", w.astype(float)),
+        },
+        coords={
+            "test": ["layers"] + [f"heads in layer {l}" for l in layers],
+            "across": ("test", ["layer"] + ["head"] * len(layers)),
+            "within_layer": ("test", [np.nan] + [float(l) for l in layers]),
+        },
         attrs={"test": "scipy.stats.friedmanchisquare", "blocks": unit, "p_holm": "Holm over these tests"},
-    )  # fmt: skip
+    )
 
 
 # Bytes of resampled (sums, counts) that one vectorised bootstrap call may hold: scipy
@@ -140,9 +148,15 @@ def _resample_batch(n_units: int, n_values: int) -> int:
 
 
 def bootstrap_layers(
-    ds: xr.Dataset, *, k: int = 3, n_resamples: int = 2000, confidence: float = 0.95, unit: str = "image",
-    seed: int = 0, method: str = "BCa",
-) -> xr.Dataset:  # fmt: skip
+    ds: xr.Dataset,
+    *,
+    k: int = 3,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    unit: str = "image",
+    seed: int = 0,
+    method: str = "BCa",
+) -> xr.Dataset:
     """Each layer's mean HI with a bootstrap confidence interval, and the share of resamples
     that put it among the ``k`` best layers, resampling ``unit`` s (images by default).
 
@@ -167,18 +181,40 @@ def bootstrap_layers(
     flat = (sums.reshape(n_units, -1), counts.reshape(n_units, -1))  # (U, L*H) each
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BCa on a degenerate (constant) layer warns and gives NaN
-        result = stats.bootstrap(flat, layer_means, paired=True, vectorized=True, axis=0, n_resamples=n_resamples,
-                                 confidence_level=confidence, method=method, rng=seed,
-                                 batch=_resample_batch(n_units, flat[0].shape[1]))  # fmt: skip
+        result = stats.bootstrap(
+            flat,
+            layer_means,
+            paired=True,
+            vectorized=True,
+            axis=0,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method=method,
+            rng=seed,
+            batch=_resample_batch(n_units, flat[0].shape[1]),
+        )
     point = layer_means(*flat, axis=0)  # (L,)
     return xr.Dataset(
-        {"mean_hi": ("layer", point), "ci_low": ("layer", result.confidence_interval.low),
-         "ci_high": ("layer", result.confidence_interval.high),
-         "top_k_share": ("layer", top_k_share(result.bootstrap_distribution, k))},
-        coords={"layer": ds["layer"].values, **({"depth": ("layer", ds["depth"].values)} if "depth" in ds.coords else {})},
-        attrs={"k": k, "n_resamples": n_resamples, "confidence": confidence, "unit": unit, "n_units": n_units,
-               "seed": seed, "method": f"scipy.stats.bootstrap ({method})"},
-    )  # fmt: skip
+        {
+            "mean_hi": ("layer", point),
+            "ci_low": ("layer", result.confidence_interval.low),
+            "ci_high": ("layer", result.confidence_interval.high),
+            "top_k_share": ("layer", top_k_share(result.bootstrap_distribution, k)),
+        },
+        coords={
+            "layer": ds["layer"].values,
+            **({"depth": ("layer", ds["depth"].values)} if "depth" in ds.coords else {}),
+        },
+        attrs={
+            "k": k,
+            "n_resamples": n_resamples,
+            "confidence": confidence,
+            "unit": unit,
+            "n_units": n_units,
+            "seed": seed,
+            "method": f"scipy.stats.bootstrap ({method})",
+        },
+    )
 
 
 def top_k_share(distribution: np.ndarray, k: int) -> np.ndarray:

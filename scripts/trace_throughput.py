@@ -5,8 +5,8 @@ all three alike.
 
     python scripts/trace_throughput.py --dataset /tmp/syn1000 --limit 200 --before 9cbbeac
 
-``--before REV``: the git revision whose `mechhi/trace/job.py` is the old loop (imported
-from ``git show REV:mechhi/trace/job.py`` beside the current package). Each trace gets a
+``--before REV``: the git revision whose `mechhi/trace/trace_dataset.py` is the old loop (imported
+from ``git show REV:mechhi/trace/trace_dataset.py`` beside the current package). Each trace gets a
 fresh store and the already loaded model, so model loading is not timed; dataset
 loading, grid sizing, store creation, data loading, the forward and the writes are. The
 forward-only rate runs the same model through `AttentionTracer.trace` on batches prepared
@@ -30,18 +30,22 @@ from pathlib import Path
 
 from mechhi.models.loading import load
 from mechhi.trace.attention import AttentionTracer
-from mechhi.trace.job import TraceConfig, load_samples, prompt_fields, trace_dataset
+from mechhi.trace.trace_dataset import TraceConfig, load_samples, prompt_fields
 
 
 def old_job(revision: str):
     """The trace job module of ``revision``, importable next to today's package."""
-    source = subprocess.run(["git", "show", f"{revision}:mechhi/trace/job.py"], check=True, capture_output=True,
-                            text=True).stdout  # fmt: skip
+    source = subprocess.run(
+        ["git", "show", f"{revision}:mechhi/trace/trace_dataset.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     spec = importlib.util.spec_from_loader("mechhi.trace._job_before", loader=None)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "mechhi.trace"
     sys.modules[spec.name] = module
-    exec(compile(source, f"{revision}:mechhi/trace/job.py", "exec"), module.__dict__)
+    exec(compile(source, f"{revision}:mechhi/trace/trace_dataset.py", "exec"), module.__dict__)
     return module
 
 
@@ -57,10 +61,15 @@ def timed_forward(config, loaded) -> tuple[float, float]:
     model, adapter = loaded
     samples = load_samples(config, adapter).samples[: config.limit]
     fields = prompt_fields(config, samples)
-    batches = [adapter.prepare([s.image() for s in samples[i : i + config.batch_size]],
-                               [s.description for s in samples[i : i + config.batch_size]],
-                               template=config.template, fields=fields[i : i + config.batch_size])
-               for i in range(0, len(samples), config.batch_size)]  # fmt: skip
+    batches = [
+        adapter.prepare(
+            [s.image() for s in samples[i : i + config.batch_size]],
+            [s.description for s in samples[i : i + config.batch_size]],
+            template=config.template,
+            fields=fields[i : i + config.batch_size],
+        )
+        for i in range(0, len(samples), config.batch_size)
+    ]
     tracer = AttentionTracer(model, adapter)
     start, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
@@ -84,13 +93,22 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    config = TraceConfig(model=args.model, dataset=args.dataset, split="all", limit=args.limit,
-                         batch_size=args.batch_size, device=args.device, num_workers=args.num_workers)  # fmt: skip
+    config = TraceConfig(
+        model=args.model,
+        dataset=args.dataset,
+        split="all",
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.num_workers,
+    )
     loaded = load(config.model, device=config.device, dtype=config.dtype)
-    import mechhi.trace.job as new
+    import mechhi.trace.trace_dataset as new
 
-    modes = {"after": lambda w: timed_trace(new, config, loaded, w, "after"),
-             "forward_only": lambda w: timed_forward(config, loaded)}  # fmt: skip
+    modes = {
+        "after": lambda w: timed_trace(new, config, loaded, w, "after"),
+        "forward_only": lambda w: timed_forward(config, loaded),
+    }
     if args.before:
         before = old_job(args.before)
         modes = {"before": lambda w: timed_trace(before, config, loaded, w, "before"), **modes}
@@ -102,15 +120,26 @@ def main() -> None:
                 wall, used = run(Path(work))
                 seconds[name].append(wall)
                 cpu[name].append(used)
-                print(f"round {round_ + 1}: {name} {args.limit / wall:.2f} samples/s, "
-                      f"{used / args.limit:.3f} CPU s/sample", file=sys.stderr)  # fmt: skip
+                print(
+                    f"round {round_ + 1}: {name} {args.limit / wall:.2f} samples/s, "
+                    f"{used / args.limit:.3f} CPU s/sample",
+                    file=sys.stderr,
+                )
     rate = {name: args.limit / statistics.median(s) for name, s in seconds.items()}
     cpu_per_sample = {name: statistics.median(s) / args.limit for name, s in cpu.items()}
-    result = {"samples": args.limit, "batch_size": args.batch_size, "num_workers": config.workers(next(loaded[0].parameters()).device),
-              "device": str(next(loaded[0].parameters()).device), "dtype": str(next(loaded[0].parameters()).dtype),
-              "threads": __import__("torch").get_num_threads(), "seconds": seconds, "samples_per_s": rate,
-              "cpu_s_per_sample": cpu_per_sample, "after_over_forward_only": rate["after"] / rate["forward_only"],
-              "after_over_forward_only_cpu": cpu_per_sample["forward_only"] / cpu_per_sample["after"]}  # fmt: skip
+    result = {
+        "samples": args.limit,
+        "batch_size": args.batch_size,
+        "num_workers": config.workers(next(loaded[0].parameters()).device),
+        "device": str(next(loaded[0].parameters()).device),
+        "dtype": str(next(loaded[0].parameters()).dtype),
+        "threads": __import__("torch").get_num_threads(),
+        "seconds": seconds,
+        "samples_per_s": rate,
+        "cpu_s_per_sample": cpu_per_sample,
+        "after_over_forward_only": rate["after"] / rate["forward_only"],
+        "after_over_forward_only_cpu": cpu_per_sample["forward_only"] / cpu_per_sample["after"],
+    }
     if "before" in rate:
         result["after_over_before"] = rate["after"] / rate["before"]
         result["before_over_forward_only"] = rate["before"] / rate["forward_only"]

@@ -33,15 +33,18 @@ class PageFacts:
     images: list[dict]  # {"alt", "complete", "width"} per <img>
     outside_requests: list[str] = field(default_factory=list)  # every request but the page itself
     title: str = ""
-    sections: list[str] = field(default_factory=list)  # ids of the <section>s the browser lays out (height > 0)
+    sections: list[str] = field(
+        default_factory=list
+    )  # ids of the <section>s the browser lays out (height > 0)
 
     @property
     def broken_images(self) -> list[dict]:
         return [i for i in self.images if not (i["complete"] and i["width"] > 0)]
 
 
-def open_page(page_path: Path, screenshot: Path | None = None, *, full_page: bool = False,
-              section: str | None = None) -> PageFacts:  # fmt: skip
+def open_page(
+    page_path: Path, screenshot: Path | None = None, *, full_page: bool = False, section: str | None = None
+) -> PageFacts:
     """Load `page_path` in headless Chromium and read back what it shows; the screenshot
     shows the whole page, or the window scrolled to `section` (an element id), or its top."""
     from playwright.sync_api import sync_playwright
@@ -66,12 +69,14 @@ def open_page(page_path: Path, screenshot: Path | None = None, *, full_page: boo
                 ranking_rows=page.locator("table#ranking-0 tbody tr").count(),
                 ranking_columns=page.locator("table#ranking-0 thead th").all_inner_texts(),
                 images=page.eval_on_selector_all(
-                    "img", "els => els.map(e => ({alt: e.alt, complete: e.complete, width: e.naturalWidth}))"),
+                    "img", "els => els.map(e => ({alt: e.alt, complete: e.complete, width: e.naturalWidth}))"
+                ),
                 outside_requests=[u for u in seen if u != url and not u.startswith("data:")],
                 title=page.title(),
                 sections=page.eval_on_selector_all(
-                    "section", "els => els.filter(e => e.getBoundingClientRect().height > 0).map(e => e.id)"),
-            )  # fmt: skip
+                    "section", "els => els.filter(e => e.getBoundingClientRect().height > 0).map(e => e.id)"
+                ),
+            )
             if screenshot is not None:
                 if section:
                     page.evaluate("id => document.getElementById(id).scrollIntoView()", section)
@@ -83,7 +88,12 @@ def open_page(page_path: Path, screenshot: Path | None = None, *, full_page: boo
 
 
 if __name__ == "__main__":  # pragma: no cover - a developer's screenshot tool
-    shot, at = (Path(sys.argv[2]) if len(sys.argv) > 2 else None), (sys.argv[3] if len(sys.argv) > 3 else None)
+    shot, at = (
+        (Path(sys.argv[2]) if len(sys.argv) > 2 else None),
+        (sys.argv[3] if len(sys.argv) > 3 else None),
+    )
     facts = open_page(Path(sys.argv[1]), shot, section=at)
-    print(f"{facts.title}: {facts.ranking_rows} ranking rows, {len(facts.images)} images "
-          f"({len(facts.broken_images)} broken), {len(facts.outside_requests)} outside requests")  # fmt: skip
+    print(
+        f"{facts.title}: {facts.ranking_rows} ranking rows, {len(facts.images)} images "
+        f"({len(facts.broken_images)} broken), {len(facts.outside_requests)} outside requests"
+    )

@@ -28,9 +28,11 @@ def ablate_values(heads) -> dict[str, list[float]]:
     """Per-sample NLL, VQA correctness, AnsProb of a setup: a fixed draw per head set (more heads, worse)."""
     rng = _rng(heads)
     hurt = 0.1 * len(heads)
-    return {"nll": (0.4 + hurt + rng.random(N_SAMPLES)).tolist(),
-            "vqa_correct": (rng.random(N_SAMPLES) > 0.2 + hurt).astype(float).tolist(),
-            "ans_prob": np.clip(rng.random(N_SAMPLES) - hurt, 0, 1).tolist()}  # fmt: skip
+    return {
+        "nll": (0.4 + hurt + rng.random(N_SAMPLES)).tolist(),
+        "vqa_correct": (rng.random(N_SAMPLES) > 0.2 + hurt).astype(float).tolist(),
+        "ans_prob": np.clip(rng.random(N_SAMPLES) - hurt, 0, 1).tolist(),
+    }
 
 
 def ablate_result(store: Path, out: Path) -> dict:
@@ -49,8 +51,9 @@ def ablate_result(store: Path, out: Path) -> dict:
     def values(_session, _config, _data, _cache, setup):
         return ablate_values(setup.heads), False
 
-    config = ablate.AblateConfig(store=str(store), n_heads=2, mode="zero", seeds=SEEDS, out=str(out), device="cpu",
-                                 dtype="float32")  # fmt: skip
+    config = ablate.AblateConfig(
+        store=str(store), n_heads=2, mode="zero", seeds=SEEDS, out=str(out), device="cpu", dtype="float32"
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ablate, "EvalData", Data)
         patch.setattr(ablate, "_setup_values", values)
@@ -76,7 +79,9 @@ class _Sample:
 
 def edit_samples(n: int = 6) -> list[_Sample]:
     """Images showing "a <colour> <shape>"."""
-    return [_Sample(f"img{i}", _Record("", (_Object(f"a {COLOURS[i % 3]} {SHAPES[i % 2]}"),))) for i in range(n)]
+    return [
+        _Sample(f"img{i}", _Record("", (_Object(f"a {COLOURS[i % 3]} {SHAPES[i % 2]}"),))) for i in range(n)
+    ]
 
 
 def edit_captions(heads, samples: list[_Sample]) -> list[str]:
@@ -88,7 +93,11 @@ def edit_captions(heads, samples: list[_Sample]) -> list[str]:
     for s in samples:
         _, colour, shape = s.record.objects[0].description.split()
         pick = rng.integers(3)
-        out.append([f"a {shape}", f"a {colour} {shape}", f"a {COLOURS[(COLOURS.index(colour) + 1) % 3]} {shape}"][pick])
+        out.append(
+            [f"a {shape}", f"a {colour} {shape}", f"a {COLOURS[(COLOURS.index(colour) + 1) % 3]} {shape}"][
+                pick
+            ]
+        )
     return out
 
 
@@ -101,7 +110,9 @@ def edit_result(store: Path, out: Path) -> dict:
     def scores(session, _config, _cache):
         ds = session.ds
         values = np.arange(ds.sizes["layer"] * ds.sizes["head"], dtype=float).reshape(ds.sizes["layer"], -1)
-        return xr.DataArray(values, dims=("layer", "head"), coords={"layer": ds["layer"].values, "head": ds["head"].values})
+        return xr.DataArray(
+            values, dims=("layer", "head"), coords={"layer": ds["layer"].values, "head": ds["head"].values}
+        )
 
     def captions(_session, _config, picked, _fingerprint, heads, _cache):
         return edit_captions(heads, picked), False
@@ -109,8 +120,16 @@ def edit_result(store: Path, out: Path) -> dict:
     class Split:
         fingerprint = "fp"
 
-    config = edit.EditConfig(store=str(store), words=COLOURS, control_words=SHAPES, k=2, seeds=SEEDS, out=str(out),
-                             device="cpu", dtype="float32")  # fmt: skip
+    config = edit.EditConfig(
+        store=str(store),
+        words=COLOURS,
+        control_words=SHAPES,
+        k=2,
+        seeds=SEEDS,
+        out=str(out),
+        device="cpu",
+        dtype="float32",
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(edit, "pursuit_scores", scores)
         patch.setattr(edit, "_captions", captions)

@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny random-weight models of every supported family, and a small
-multi-view store for the probes.
+"""Shared fixtures: tiny random-weight models of every supported family, a small
+multi-view store for the probes, a tiny model and a dataset on disk for the trace
+commands, and the bundled toy model with a store traced from it for the causal checks.
 
-Each family adapter lists ``tiny_cases`` (name -> `build_tiny` keyword arguments); the
-tests are parametrised over all of them, so a new family is tested by adding its file.
+`mechhi.models.tiny.CASES` lists each family's test variants (name -> `build_tiny`
+keyword arguments); the tests are parametrised over all of them, so a new family is
+tested by adding its adapter and its tiny builder.
+
+Every fixture that more than one test module uses is defined here; test modules import
+no fixtures from one another. Plain helpers live in helper modules (helpers.py,
+references.py, toy_dataset.py, ...), imported as usual.
 """
 
 from __future__ import annotations
@@ -16,24 +22,58 @@ import torch
 import zarr
 from PIL import Image
 
-from mechhi.models import FAMILIES, adapter_for
+from mechhi.bundled import BUNDLED_MODEL
+from mechhi.models import adapter_for
+from mechhi.models.tiny import CASES as TINY_CASES
+from mechhi.models.tiny import build_tiny, tiny_qwen2_vl
+from mechhi.models.toy import HELD_OUT_SEED, vocabulary
 from mechhi.store import SampleMeta, create_store, pad_grid, write_batch
+from tests.toy_dataset import write_toy_dataset
 
 # One thread: tiny models gain nothing from two, and OpenMP's spinning threads slow a
 # busy 2-core machine down many times over.
 torch.set_num_threads(1)
 
-WORDS = "red green blue yellow circle square triangle star small large".split()
+# The tiers (pytest marks, given here by module so the list is the layout): ``integration``
+# runs commands end to end (the CLI, stores on disk, several processes, a browser, the
+# README's blocks); every other test is ``unit`` (a function against an independent
+# reference, in memory or on a tmp store). ``slow`` is marked by hand and kept out of
+# `make test` (`make test-slow`). `make test-unit` runs the unit tier alone.
+INTEGRATION = (
+    "test_readme",
+    "test_cli_",
+    "test_trace_job",
+    "test_trace_pipeline",
+    "test_trace_distributed",
+    "test_finetune_accelerate",
+    "test_report_browser",
+    "test_store_scale",
+    "test_experiment",
+    "test_score_cli_causal",
+    "test_bench",
+    "test_report",
+)
 
-CASES = [(f.family, case) for f in FAMILIES for case in f.tiny_cases]
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        item.add_marker("integration" if module.startswith(INTEGRATION) else "unit")
+        if module == "test_readme":
+            # its blocks run in order, each on what the earlier ones made: one worker under -n
+            item.add_marker(pytest.mark.xdist_group("readme"))
 
 
-@functools.lru_cache(maxsize=None)
+WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "small", "large"]
+
+CASES = [(family, case) for family, cases in TINY_CASES.items() for case in cases]
+
+
+@functools.cache
 def tiny(family: str, case: str):
     """(model, adapter) for one tiny case, float32, eval mode, built once per session."""
-    cls = next(f for f in FAMILIES if f.family == family)
     torch.manual_seed(0)
-    model, processor = cls.build_tiny(words=WORDS, **cls.tiny_cases[case])
+    model, processor = build_tiny(family, words=WORDS, **TINY_CASES[family][case])
     model = model.float().eval()
     return model, adapter_for(model.config, processor)
 
@@ -67,7 +107,11 @@ def multiview_maps(seed: int) -> tuple[dict, dict]:
     """Per sample and view, own-grid attention (L, H, r, c) and coverage (r, c)."""
     rng = np.random.default_rng(seed)
     att = {(s, v): rng.random((L, H) + g) for s, grids in enumerate(GRIDS) for v, g in grids.items()}
-    cov = {(s, v): rng.choice([0.0, 0.1, 0.3, 0.5, 0.9], size=g) for s, grids in enumerate(GRIDS) for v, g in grids.items()}
+    cov = {
+        (s, v): rng.choice([0.0, 0.1, 0.3, 0.5, 0.9], size=g)
+        for s, grids in enumerate(GRIDS)
+        for v, g in grids.items()
+    }
     cov[(3, "image")][:] = 0.2  # a small object: keep-best claims every tied token
     cov[(3, "global")][:] = 0.1
     return att, cov
@@ -90,3 +134,64 @@ def multiview_store(tmp_path: Path) -> tuple[Path, dict, dict]:
     # Sample 2 as after a kill between its data write and its done flag: data there, not done.
     zarr.open_array(str(path / "done"), mode="r+")[2] = False
     return path, att, cov
+
+
+# ---------------------------------------------------------------- the trace commands' model and dataset
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-qwen2vl")
+    tiny_qwen2_vl(directory, words=WORDS, layers=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dataset")
+    write_toy_dataset(root)
+    return root
+
+
+# ---------------------------------------------------------------- the causal checks: the bundled toy model
+STORE_SAMPLES = 12
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    from mechhi.models.loading import load
+
+    return load(BUNDLED_MODEL, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def toy_store(toy_model, tmp_path_factory):
+    """The bundled trace set's first samples, traced by the bundled model and scored."""
+    from mechhi.trace.trace_dataset import TraceConfig, trace_dataset
+    from probes.head_impact import score_store
+
+    path = tmp_path_factory.mktemp("store") / "toy.zarr"
+    trace_dataset(
+        TraceConfig(store=str(path), limit=STORE_SAMPLES, device="cpu"), progress=False, loaded=toy_model
+    )
+    score_store(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    from mechhi.data.synthetic import build_synthetic
+
+    return build_synthetic(
+        tmp_path_factory.mktemp("held-out") / "data",
+        n_images=8,
+        seed=HELD_OUT_SEED,
+        splits={"test": 1.0},
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def shallow_model(tmp_path_factory):
+    """A tiny Qwen2-VL with the toy's words but 6 decoder layers (the toy has 12)."""
+    directory = tmp_path_factory.mktemp("shallow")
+    tiny_qwen2_vl(directory, words=vocabulary(), layers=6, heads=4)
+    return directory

@@ -39,7 +39,13 @@ def make_store(
     rng = np.random.default_rng(seed)
     ids = image_ids or [f"img{i}" for i in range(len(grids))]
     metas = [SampleMeta(ids[i], "0", f"object {i}", {"image": g}) for i, g in enumerate(grids)]
-    attrs = {"model": model, "model_revision": "r0", "dtype": "float32", "prompt_template": template, "dataset": dataset}
+    attrs = {
+        "model": model,
+        "model_revision": "r0",
+        "dtype": "float32",
+        "prompt_template": template,
+        "dataset": dataset,
+    }
     create_store(path, samples=metas, n_layers=n_layers, n_heads=n_heads, attrs=attrs, maps=maps)
     rows, cols = max(g[0] for g in grids), max(g[1] for g in grids)
     att = attention or [rng.random((n_layers, n_heads) + g) for g in grids]
@@ -75,13 +81,28 @@ def make_dataset(root: Path, n: int) -> str:
     return f"{root}#{load_dataset(root).fingerprint}"
 
 
-def store_with_images(tmp_path: Path, *, n: int = 5, n_layers: int = 4, n_heads: int = 3, seed: int = 0,
-                      model: str = "/abs/path/to/toy-model") -> xr.Dataset:  # fmt: skip
+def store_with_images(
+    tmp_path: Path,
+    *,
+    n: int = 5,
+    n_layers: int = 4,
+    n_heads: int = 3,
+    seed: int = 0,
+    model: str = "/abs/path/to/toy-model",
+) -> xr.Dataset:
     """A scored store over `make_dataset`: 4 x 4 token grids, the coverage exact for each object."""
     dataset = make_dataset(tmp_path / "data", n)
     coverage = [object_mask(k).reshape(4, 16, 4, 16).mean(axis=(1, 3)) for k in range(n)]
-    return make_store(tmp_path / "s.zarr", n_layers=n_layers, n_heads=n_heads, grids=[(4, 4)] * n, seed=seed,
-                      model=model, dataset=dataset, coverage=coverage)  # fmt: skip
+    return make_store(
+        tmp_path / "s.zarr",
+        n_layers=n_layers,
+        n_heads=n_heads,
+        grids=[(4, 4)] * n,
+        seed=seed,
+        model=model,
+        dataset=dataset,
+        coverage=coverage,
+    )
 
 
 # ---------------------------------------------------------------- an experiment's results.json
@@ -89,24 +110,43 @@ def fake_entries() -> list[dict]:
     """Setups as `mechhi experiment` records them: original, top-3, random-3 over 3 seeds."""
 
     def entry(name: str, group: str, mean: float, se: float, seed: int = 0, layers=(0, 1, 2)) -> dict:
-        metrics = {m: {"mean": mean + i, "se": se} for i, m in enumerate(("vqa_accuracy", "ans_prob", "perplexity"))}
+        metrics = {
+            m: {"mean": mean + i, "se": se} for i, m in enumerate(("vqa_accuracy", "ans_prob", "perplexity"))
+        }
         trained = group != "original"
-        return {"name": name, "group": group, "spec": group if trained else None, "seed": seed, "metrics": metrics,
-                "layers": list(layers) if trained else [],
-                "params": {"total": 1000, "trainable": 15 if trained else 0, "trainable_pct": 1.5 if trained else 0.0},
-                "training": {"loss_curve": [(0, 2.0), (10, 0.5)], "best_step": 10, "best_val_loss": 0.6,
-                             "stopped_early": False},
-                "audit": {"lora_B_norm": 2.5, "probe_max_abs_logit_shift": 6.0, "flags": []}}  # fmt: skip
+        return {
+            "name": name,
+            "group": group,
+            "spec": group if trained else None,
+            "seed": seed,
+            "metrics": metrics,
+            "layers": list(layers) if trained else [],
+            "params": {
+                "total": 1000,
+                "trainable": 15 if trained else 0,
+                "trainable_pct": 1.5 if trained else 0.0,
+            },
+            "training": {
+                "loss_curve": [(0, 2.0), (10, 0.5)],
+                "best_step": 10,
+                "best_val_loss": 0.6,
+                "stopped_early": False,
+            },
+            "audit": {"lora_B_norm": 2.5, "probe_max_abs_logit_shift": 6.0, "flags": []},
+        }
 
-    return [entry("original", "original", 0.6, 0.03), entry("top-3", "top-3", 0.4, 0.02),
-            *(entry(f"random-3 (seed {s})", "random-3", 0.3 + 0.1 * s, 0.01, s, (3 + s, 5, 7)) for s in range(3))]  # fmt: skip
+    return [
+        entry("original", "original", 0.6, 0.03),
+        entry("top-3", "top-3", 0.4, 0.02),
+        *(entry(f"random-3 (seed {s})", "random-3", 0.3 + 0.1 * s, 0.01, s, (3 + s, 5, 7)) for s in range(3)),
+    ]
 
 
 def fake_experiment(out: Path) -> dict:
     """A results.json written by the experiment's own writer, from `fake_entries`."""
     from dataclasses import dataclass
 
-    from mechhi.evaluate.tables import build_report, write_report
+    from mechhi.evaluate.tables import build_report, write_tables
 
     @dataclass
     class Config:
@@ -114,5 +154,5 @@ def fake_experiment(out: Path) -> dict:
         random_seeds: tuple = (0, 1, 2)
 
     report = build_report(Config(), "/abs/zoo/toy", "/abs/data/toy-finetune", fake_entries())
-    write_report(report, out)
+    write_tables(report, out)
     return report

@@ -13,7 +13,7 @@ from typing import Any
 
 from typer.testing import CliRunner, Result
 
-from mechhi.cli import app
+from mechhi.commands import app
 
 
 def invoke(args: Sequence[str], *, exit_code: int | None = 0) -> Result:
@@ -46,3 +46,24 @@ def one_line_error(result: Result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) >= 1 and lines[-1].startswith("error: "), result.stderr
     return lines[-1]
+
+
+def cli_trace(model_dir, data, store, *extra, exit_code=0) -> Result:
+    """``mechhi trace`` of ``data`` by ``model_dir`` into ``store`` on the CPU, 3 images a batch."""
+    return invoke(
+        [
+            "trace",
+            "--model",
+            model_dir,
+            "--dataset",
+            data,
+            "--store",
+            store,
+            "--device",
+            "cpu",
+            "--batch-size",
+            "3",
+            *extra,
+        ],
+        exit_code=exit_code,
+    )

@@ -17,6 +17,7 @@ from PIL import Image
 
 from mechhi.models import AdapterError, adapter_for
 from mechhi.models.idefics3 import Idefics3Adapter, tile_marker
+from mechhi.models.tiny import tiny_idefics3
 from tests.conftest import WORDS, noise_image, tiny
 
 TOKEN_PX = 28  # one mosaic token in pixels (tiles case, unresized images)
@@ -200,7 +201,7 @@ def test_save_reload_round_trip(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
-    model, processor = Idefics3Adapter.build_tiny(tmp_path, words=WORDS)
+    model, processor = tiny_idefics3(tmp_path, words=WORDS)
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     adapter = adapter_for(reloaded.config, AutoProcessor.from_pretrained(tmp_path))
     assert isinstance(adapter, Idefics3Adapter)

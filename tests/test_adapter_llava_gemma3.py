@@ -17,6 +17,7 @@ from mechhi.models import AdapterError, adapter_for
 from mechhi.models._common import box_coverage
 from mechhi.models.gemma3 import Gemma3Adapter
 from mechhi.models.llava import LlavaAdapter, crop_box
+from mechhi.models.tiny import build_tiny
 from mechhi.trace import AttentionTracer
 from tests.conftest import WORDS, noise_image, tiny
 
@@ -34,7 +35,7 @@ def cell_rect(box, grid, r, c, inset=0.0):
 def painted(width, height, rect) -> Image.Image:
     """Black image with a white rectangle (pixel rows/cols whose centres fall inside ``rect``)."""
     array = np.zeros((height, width, 3), dtype=np.uint8)
-    x0, y0, x1, y1 = (int(round(v)) for v in rect)
+    x0, y0, x1, y1 = (round(v) for v in rect)
     array[max(y0, 0) : y1, max(x0, 0) : x1] = 255
     return Image.fromarray(array)
 
@@ -54,10 +55,13 @@ def llava_with_image_processor(image_processor) -> LlavaAdapter:
     _, adapter = tiny("llava", "gqa")
     old = adapter.processor
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=old.tokenizer, patch_size=old.patch_size,
+        image_processor=image_processor,
+        tokenizer=old.tokenizer,
+        patch_size=old.patch_size,
         vision_feature_select_strategy=old.vision_feature_select_strategy,
-        num_additional_image_tokens=old.num_additional_image_tokens, chat_template=old.chat_template,
-    )  # fmt: skip
+        num_additional_image_tokens=old.num_additional_image_tokens,
+        chat_template=old.chat_template,
+    )
     return LlavaAdapter(adapter.config, processor)
 
 
@@ -188,8 +192,10 @@ def test_gemma3_refuses_pan_and_scan():
     _, adapter = tiny("gemma3", "gqa")
     processor = Gemma3Processor(
         image_processor=Gemma3ImageProcessor(size={"height": 56, "width": 56}, do_pan_and_scan=True),
-        tokenizer=adapter.tokenizer, chat_template=adapter.processor.chat_template, image_seq_length=16,
-    )  # fmt: skip
+        tokenizer=adapter.tokenizer,
+        chat_template=adapter.processor.chat_template,
+        image_seq_length=16,
+    )
     with pytest.raises(AdapterError, match="do_pan_and_scan"):
         Gemma3Adapter(adapter.config, processor)
 
@@ -295,7 +301,7 @@ def test_painted_cell_reaches_the_token_the_adapter_names(family, local_vision, 
     cell (r, c) changes the decoder input at exactly ``positions[r * cols + c]``."""
     cls = LlavaAdapter if family == "llava" else Gemma3Adapter
     torch.manual_seed(0)
-    model, processor = cls.build_tiny(words=WORDS, **local_vision)
+    model, processor = build_tiny(family, words=WORDS, **local_vision)
     adapter = cls(model.config, processor)
     width, height = 300, 200
     view = adapter.prepare([noise_image(height, width)], ["a red circle"]).layouts[0].view("image")
@@ -305,8 +311,6 @@ def test_painted_cell_reaches_the_token_the_adapter_names(family, local_vision, 
     change = (language_inputs(model, spot.inputs) - language_inputs(model, black.inputs))[0].norm(dim=-1)
     changed = np.flatnonzero(change.numpy() > 1e-4)
     assert changed.tolist() == [view.positions[cell[0] * view.grid[1] + cell[1]]]
-
-
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
@@ -328,7 +332,7 @@ def test_save_reload_offline_picks_the_adapter(family, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cls = LlavaAdapter if family == "llava" else Gemma3Adapter
     torch.manual_seed(0)
-    model, processor = cls.build_tiny(tmp_path, words=WORDS)
+    model, processor = build_tiny(family, tmp_path, words=WORDS)
     config = AutoConfig.from_pretrained(tmp_path)
     reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()

@@ -14,6 +14,7 @@ from PIL import Image
 
 from mechhi.models import AdapterError, adapter_for
 from mechhi.models.paligemma import PaliGemmaAdapter
+from mechhi.models.tiny import CASES, tiny_paligemma
 from mechhi.trace import AttentionTracer
 from tests.conftest import WORDS, noise_image, tiny
 
@@ -31,7 +32,7 @@ def cell_slices(cell: tuple[int, int], rows: int, cols: int) -> tuple[slice, sli
     return ys, slice(c * WIDTH // cols, (c + 1) * WIDTH // cols)
 
 
-@pytest.fixture(params=list(PaliGemmaAdapter.tiny_cases))
+@pytest.fixture(params=list(CASES["paligemma"]))
 def case(request):
     return tiny("paligemma", request.param)
 
@@ -214,8 +215,8 @@ def test_save_and_reload_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(1)
-    case = PaliGemmaAdapter.tiny_cases["gemma2"]
-    model, processor = PaliGemmaAdapter.build_tiny(tmp_path, words=WORDS, **case)
+    case = CASES["paligemma"]["gemma2"]
+    model, processor = tiny_paligemma(tmp_path, words=WORDS, **case)
     reloaded = PaliGemmaForConditionalGeneration.from_pretrained(tmp_path).eval()  # default attention
     reprocessor = AutoProcessor.from_pretrained(tmp_path)
     adapter = adapter_for(reloaded.config, reprocessor)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from mechhi.models import adapter_for
 from mechhi.models.qwen2_vl import Qwen2VLAdapter
+from mechhi.models.tiny import tiny_qwen2_vl
 from tests.conftest import WORDS, tiny
 
 HEIGHT, WIDTH = 224, 168  # multiples of 28 inside the tiny processor's pixel budget: no resize
@@ -51,7 +52,10 @@ def test_token_order_matches_pixel_values(qwen):
 def test_description_positions_decode_to_the_description(qwen):
     _, adapter = qwen
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(56, 84), (224, 224), (84, 56)]]
+    images = [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        for h, w in [(56, 84), (224, 224), (84, 56)]
+    ]
     descriptions = ["a red circle", "a small green star", "blue square"]
     batch = adapter.prepare(images, descriptions)
     for i, (layout, text) in enumerate(zip(batch.layouts, descriptions)):
@@ -64,8 +68,12 @@ def test_description_positions_decode_to_the_description(qwen):
 def test_vqa_answer_is_the_letter_after_the_options(qwen):
     _, adapter = qwen
     image = Image.new("RGB", (56, 56), "white")
-    batch = adapter.prepare([image], ["B"], template="vqa",
-                            fields=[{"options": "A) a red circle B) a blue star C) a red star D) B"}])  # fmt: skip
+    batch = adapter.prepare(
+        [image],
+        ["B"],
+        template="vqa",
+        fields=[{"options": "A) a red circle B) a blue star C) a red star D) B"}],
+    )
     (position,) = batch.layouts[0].query_positions
     ids = batch.inputs["input_ids"][0].tolist()
     assert adapter.tokenizer.convert_ids_to_tokens(ids[position]) == "B"
@@ -77,10 +85,12 @@ def test_save_reload_offline_and_adapter_lookup(tmp_path, monkeypatch):
     from mechhi.models.loading import load
 
     torch.manual_seed(0)
-    model, processor = Qwen2VLAdapter.build_tiny(tmp_path, words=WORDS)
+    model, processor = tiny_qwen2_vl(tmp_path, words=WORDS)
     reloaded, adapter = load(tmp_path, device="cpu", dtype="float32")
     assert isinstance(adapter, Qwen2VLAdapter)
     assert isinstance(adapter_for(model.config, processor), Qwen2VLAdapter)
     batch = adapter.prepare([Image.new("RGB", (84, 84), "red")], ["a red circle"])
     with torch.no_grad():
-        np.testing.assert_allclose(reloaded(**batch.inputs).logits, model.eval()(**batch.inputs).logits, atol=1e-6)
+        np.testing.assert_allclose(
+            reloaded(**batch.inputs).logits, model.eval()(**batch.inputs).logits, atol=1e-6
+        )

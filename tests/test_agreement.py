@@ -17,11 +17,15 @@ def probe_set(seed: int = 0) -> xr.Dataset:
     b = a.copy()
     b[5, 3] = np.nan  # a head one probe does not score
     return xr.Dataset(
-        {"same": (("layer", "head"), a), "monotone": (("layer", "head"), np.exp(3 * a)),
-         "reversed": (("layer", "head"), -a), "noisy": (("layer", "head"), a + rng.normal(0, 0.3, a.shape)),
-         "gappy": (("layer", "head"), b)},
+        {
+            "same": (("layer", "head"), a),
+            "monotone": (("layer", "head"), np.exp(3 * a)),
+            "reversed": (("layer", "head"), -a),
+            "noisy": (("layer", "head"), a + rng.normal(0, 0.3, a.shape)),
+            "gappy": (("layer", "head"), b),
+        },
         coords=coords,
-    )  # fmt: skip
+    )
 
 
 def test_known_answers():
@@ -32,7 +36,10 @@ def test_known_answers():
     assert float(heads.spearman.sel(probe="same", other="reversed")) == pytest.approx(-1.0)
     assert float(heads.kendall.sel(probe="reversed", other="same")) == pytest.approx(-1.0)
     np.testing.assert_allclose(np.diag(heads.spearman.values), 1.0)
-    assert int(heads.n.sel(probe="same", other="gappy")) == 23 and int(heads.n.sel(probe="same", other="noisy")) == 24
+    assert (
+        int(heads.n.sel(probe="same", other="gappy")) == 23
+        and int(heads.n.sel(probe="same", other="noisy")) == 24
+    )
 
 
 def test_against_scipy_directly():
@@ -71,4 +78,7 @@ def test_a_per_layer_probe_joins_the_layer_level_only():
     heads = result.sel(level="head", probe="knockout")
     assert int(heads.n.sel(other="same")) == 0 and np.isnan(float(heads.spearman.sel(other="same")))
     layers = result.sel(level="layer", probe="knockout")
-    assert float(layers.spearman.sel(other="same")) == pytest.approx(-1.0) and int(layers.n.sel(other="same")) == 6
+    assert (
+        float(layers.spearman.sel(other="same")) == pytest.approx(-1.0)
+        and int(layers.n.sel(other="same")) == 6
+    )

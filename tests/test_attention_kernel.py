@@ -66,7 +66,9 @@ def qk():
 
 
 def run(q, k, mask, **kw):
-    return description_attention(q, k, mask, index(), scaling=kw.pop("scaling", D**-0.5), **kw).numpy()[:, :, :4]
+    return description_attention(q, k, mask, index(), scaling=kw.pop("scaling", D**-0.5), **kw).numpy()[
+        :, :, :4
+    ]
 
 
 def test_none_mask_is_causal(qk):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mechhi.cli import app
+from mechhi.commands import app
 from mechhi.store import open_store
 from probes.attention_mass import attention_mass, head_means, layer_ranking, sample_mass
 from tests.conftest import GRIDS, H, L
@@ -74,13 +74,20 @@ def test_attention_mass_matches_slow_loop(multiview_store, monkeypatch):
     monkeypatch.setattr("probes.maps.BLOCK_BYTES", 1)
     mass = attention_mass(open_store(path))
     for s in range(len(GRIDS)):
-        got = np.stack([mass[m].sel(sample=s).transpose("layer", "head").values for m in ("visual_mass", "object_share", "object_lift")])
+        got = np.stack(
+            [
+                mass[m].sel(sample=s).transpose("layer", "head").values
+                for m in ("visual_mass", "object_share", "object_lift")
+            ]
+        )
         if s == 2:  # not done
             assert np.isnan(got).all()
         else:
             np.testing.assert_allclose(got, slow_mass(att, cov, s), rtol=1e-6)
     lift = np.stack([slow_mass(att, cov, s)[2] for s in (0, 1, 3, 4)])  # (4, L, H)
-    np.testing.assert_allclose(head_means(mass).object_lift.transpose("layer", "head").values, lift.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        head_means(mass).object_lift.transpose("layer", "head").values, lift.mean(0), rtol=1e-6
+    )
     ranking = layer_ranking(mass)
     per_layer = lift.mean(0).mean(1)
     assert ranking.layer.values.tolist() == np.argsort(-per_layer, kind="stable").tolist()

@@ -20,6 +20,7 @@ import mechhi.trace.attention as attention_module
 from mechhi.bench.memory import TensorBytes
 from mechhi.bench.modes import floor, twin
 from mechhi.models.qwen2_vl import Qwen2VLAdapter
+from mechhi.models.tiny import tiny_qwen2_vl
 from mechhi.trace import AttentionTracer
 from mechhi.trace.sites import resolve
 from tests.conftest import WORDS, noise_image
@@ -31,7 +32,7 @@ SLACK = 16 * 1024  # index tensors and the like
 def extra_bytes(layers: int, side: int) -> tuple[int, int, dict]:
     """(capture peak - floor peak, the allowed bound, sizes) on a tiny Qwen2-VL."""
     torch.manual_seed(0)
-    model, processor = Qwen2VLAdapter.build_tiny(words=WORDS, layers=layers, max_pixels=28 * 28 * 1024)
+    model, processor = tiny_qwen2_vl(words=WORDS, layers=layers, max_pixels=28 * 28 * 1024)
     adapter = Qwen2VLAdapter(model.config, processor)
     batch = adapter.prepare([noise_image(side, side)], [DESCRIPTION])
     plain, tracer = twin(model), AttentionTracer(model, adapter)
@@ -40,8 +41,14 @@ def extra_bytes(layers: int, side: int) -> tuple[int, int, dict]:
         floor(plain, batch)
     with TensorBytes() as capture_bytes:
         tracer.trace(batch)
-    sizes = {"B": 1, "H": adapter.n_heads, "Q": len(batch.layouts[0].query_positions), "L": layers,
-             "S": batch.inputs["input_ids"].shape[1], "V": len(batch.layouts[0].views[0].positions)}  # fmt: skip
+    sizes = {
+        "B": 1,
+        "H": adapter.n_heads,
+        "Q": len(batch.layouts[0].query_positions),
+        "L": layers,
+        "S": batch.inputs["input_ids"].shape[1],
+        "V": len(batch.layouts[0].views[0].positions),
+    }
     rows = sizes["B"] * sizes["H"] * sizes["Q"] * sizes["S"] * 4  # one (B, H, Q, S) float32
     result = sizes["L"] * sizes["B"] * sizes["H"] * sizes["V"] * 4
     return capture_bytes.peak - floor_bytes.peak, 4 * rows + result + SLACK, sizes

@@ -38,7 +38,12 @@ def _se(d: np.ndarray) -> float:
 
 def by_hand_change(heads, base_heads, metric: str) -> tuple[float, float]:
     """(change, paired SE) of a metric from the per-sample values, without mechhi.intervene.effects."""
-    key = {"perplexity": "nll", "vqa_correct": "vqa_correct", "vqa_accuracy": "vqa_correct", "ans_prob": "ans_prob"}[metric]
+    key = {
+        "perplexity": "nll",
+        "vqa_correct": "vqa_correct",
+        "vqa_accuracy": "vqa_correct",
+        "ans_prob": "ans_prob",
+    }[metric]
     x, y = np.array(ablate_values(heads)[key]), np.array(ablate_values(base_heads)[key])
     if metric == "perplexity":  # exp of the mean NLL; delta method: exp(m) * values
         return math.exp(x.mean()) - math.exp(y.mean()), _se(math.exp(x.mean()) * x - math.exp(y.mean()) * y)
@@ -48,8 +53,18 @@ def by_hand_change(heads, base_heads, metric: str) -> tuple[float, float]:
 def test_ablation_cells_are_the_changes_by_hand(results):
     _, ablated, _ = results
     table = figures.load_results(results[0] / "ablate")
-    assert table.setups == ("unablated", "top-2", "bottom-2", "matched random (3 seeds)", "depth random (3 seeds)")
-    assert table.baseline == "unablated" and [m.name for m in table.metrics] == ["perplexity", "vqa_accuracy", "ans_prob"]
+    assert table.setups == (
+        "unablated",
+        "top-2",
+        "bottom-2",
+        "matched random (3 seeds)",
+        "depth random (3 seeds)",
+    )
+    assert table.baseline == "unablated" and [m.name for m in table.metrics] == [
+        "perplexity",
+        "vqa_accuracy",
+        "ans_prob",
+    ]
     heads = {s["name"]: s["heads"] for s in ablated["setups"]}
     for metric in ("perplexity", "vqa_accuracy", "ans_prob"):
         cells = table.cells[metric]
@@ -63,7 +78,9 @@ def test_ablation_cells_are_the_changes_by_hand(results):
             cell = cells[f"{group} random (3 seeds)"]
             assert cell.mean == pytest.approx(np.mean([c for c, _ in changes]))
             assert cell.se == pytest.approx(np.mean([s for _, s in changes]))
-            assert cell.spread_sd == pytest.approx(np.std([c for c, _ in changes], ddof=1)) and cell.n_seeds == 3
+            assert (
+                cell.spread_sd == pytest.approx(np.std([c for c, _ in changes], ddof=1)) and cell.n_seeds == 3
+            )
 
 
 def count(caption: str, words) -> int:
@@ -80,7 +97,9 @@ def test_edit_cells_are_word_counts_by_hand(results):
     heads = {s["name"]: s["heads"] for s in edited["setups"]}
 
     def ratio(name):  # words per caption, edited over unedited
-        return sum(count(c, COLOURS) for c in edit_captions(heads[name], samples)) / sum(count(c, COLOURS) for c in base)
+        return sum(count(c, COLOURS) for c in edit_captions(heads[name], samples)) / sum(
+            count(c, COLOURS) for c in base
+        )
 
     def right_share(captions):
         said = sum(count(c, COLOURS) for c in captions)
@@ -90,9 +109,13 @@ def test_edit_cells_are_word_counts_by_hand(results):
     assert table.cells["concept"]["top-2"].mean == pytest.approx(ratio("top-2"))
     ratios = [ratio(f"matched (seed {s})") for s in SEEDS]
     matched = table.cells["concept"]["matched random (3 seeds)"]
-    assert matched.mean == pytest.approx(np.mean(ratios)) and matched.spread_sd == pytest.approx(np.std(ratios, ddof=1))
+    assert matched.mean == pytest.approx(np.mean(ratios)) and matched.spread_sd == pytest.approx(
+        np.std(ratios, ddof=1)
+    )
     top_captions = edit_captions(heads["top-2"], samples)
-    assert table.cells["concept_precision"]["top-2"].mean == pytest.approx(right_share(top_captions) - right_share(base))
+    assert table.cells["concept_precision"]["top-2"].mean == pytest.approx(
+        right_share(top_captions) - right_share(base)
+    )
     assert table.cells["control"]["top-2"].mean == pytest.approx(1.0)  # the shapes are never touched
 
 
@@ -104,7 +127,8 @@ def test_figure_has_one_point_per_setup(results):
         assert [t.get_text() for t in ax.get_xticklabels()] == list(table.setups)
         points = [c for c in ax.containers if c.lines[0].get_marker() == "o"]
         assert [p.lines[0].get_ydata()[0] for p in points] == pytest.approx(
-            [table.cells[metric.name][s].mean for s in table.setups])
+            [table.cells[metric.name][s].mean for s in table.setups]
+        )
         assert len(ax.containers) - len(points) == 2  # the seed spreads of the two random groups
 
 
@@ -128,7 +152,10 @@ def test_result_kinds_are_told_apart(results, tmp_path):
 
 def test_plot_results_on_each_kind(results, tmp_path):
     tmp, _, _ = results
-    for args, name in ((["--results", tmp / "ablate" / "ablate.json"], "a.svg"), (["--experiment", tmp / "edit"], "e.png")):
+    for args, name in (
+        (["--results", tmp / "ablate" / "ablate.json"], "a.svg"),
+        (["--experiment", tmp / "edit"], "e.png"),
+    ):
         out = tmp_path / name
         result = invoke(["plot", "results", *args, "--out", out])
         assert result.stdout == f"{out}\n" and out.stat().st_size > 5000
@@ -138,8 +165,12 @@ def test_plot_results_errors_are_one_line(results, tmp_path):
     tmp, _, _ = results
     bogus = tmp_path / "bogus.json"
     bogus.write_text(json.dumps({"hello": 1}))
-    line = one_line_error(invoke(["plot", "results", "--results", bogus, "--out", tmp_path / "x.png"], exit_code=1))
+    line = one_line_error(
+        invoke(["plot", "results", "--results", bogus, "--out", tmp_path / "x.png"], exit_code=1)
+    )
     assert f"{bogus} is none of the known results" in line
-    both = invoke(["plot", "results", "--results", bogus, "--experiment", tmp / "edit", "--out", tmp_path / "x.png"],
-                  exit_code=1)  # fmt: skip
+    both = invoke(
+        ["plot", "results", "--results", bogus, "--experiment", tmp / "edit", "--out", tmp_path / "x.png"],
+        exit_code=1,
+    )
     assert "give --experiment or --results, not both" in one_line_error(both)

@@ -11,25 +11,33 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from mechhi.cli import app
+from mechhi.commands import app
 from mechhi.flow.causal_scores import causal_scores, knockout_layer_scores
 from mechhi.store import open_store
-from tests.causal_fixtures import toy_model, toy_store  # noqa: F401  (fixtures)
 
 
 def _write_patch(store, method: str, change: str, effect: np.ndarray) -> None:
     ds = open_store(store)
     folder = store.with_suffix(".patch")
     folder.mkdir(exist_ok=True)
-    result = xr.Dataset({"effect": (("layer", "head"), effect), "se": (("layer", "head"), np.zeros_like(effect))},
-                        coords={"layer": np.arange(effect.shape[0]), "head": np.arange(effect.shape[1])},
-                        attrs={"model": ds.attrs["model"], "method": method, "change": change})  # fmt: skip
+    result = xr.Dataset(
+        {"effect": (("layer", "head"), effect), "se": (("layer", "head"), np.zeros_like(effect))},
+        coords={"layer": np.arange(effect.shape[0]), "head": np.arange(effect.shape[1])},
+        attrs={"model": ds.attrs["model"], "method": method, "change": change},
+    )
     result.to_zarr(folder / f"patch-{method}-{change}-heads-all.zarr", mode="w", consolidated=False)
 
 
 def _knockout_report(n_layers: int, drops: list[float], pair: str = "image->description") -> dict:
-    rows = [{"pair": pair, "window": [i, i], "layers": [i],
-             "change": {"answer_logprob": {"mean": -d, "se": 0.1, "n": 8}}} for i, d in enumerate(drops)]  # fmt: skip
+    rows = [
+        {
+            "pair": pair,
+            "window": [i, i],
+            "layers": [i],
+            "change": {"answer_logprob": {"mean": -d, "se": 0.1, "n": 8}},
+        }
+        for i, d in enumerate(drops)
+    ]
     return {"model": "m", "n_layers": n_layers, "pairs": [pair], "rows": rows}
 
 
@@ -44,7 +52,7 @@ def test_knockout_scores_are_the_drop_per_layer_and_need_one_layer_windows():
         knockout_layer_scores(wide, "image->description")
 
 
-def test_compare_probes_includes_the_causal_results_beside_the_store(toy_store, tmp_path):  # noqa: F811
+def test_compare_probes_includes_the_causal_results_beside_the_store(toy_store, tmp_path):
     import shutil
 
     store = tmp_path / "toy.zarr"
@@ -61,7 +69,17 @@ def test_compare_probes_includes_the_causal_results_beside_the_store(toy_store, 
     assert set(scores) == {"patching", "attribution", "knockout"} and missing == []
     assert scores["knockout"].dims == ("layer",)
 
-    args = ["rank", "--store", str(store), "--compare-probes", "--device", "cpu", "--json", "--knockout", str(knockout)]
+    args = [
+        "rank",
+        "--store",
+        str(store),
+        "--compare-probes",
+        "--device",
+        "cpu",
+        "--json",
+        "--knockout",
+        str(knockout),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -69,12 +87,14 @@ def test_compare_probes_includes_the_causal_results_beside_the_store(toy_store, 
     pairs = {(p["level"], p["probe"], p["other"]): p for p in payload["pairs"]}
     assert pairs[("head", "patching", "attribution")]["spearman"] == pytest.approx(-1.0)
     assert pairs[("head", "patching", "attribution")]["n"] == n_layers * n_heads
-    assert pairs[("layer", "patching", "knockout")]["spearman"] == pytest.approx(1.0)  # both rise with the layer
+    assert pairs[("layer", "patching", "knockout")]["spearman"] == pytest.approx(
+        1.0
+    )  # both rise with the layer
     assert pairs[("head", "patching", "knockout")]["n"] == 0
     assert payload["causal"]["missing"] == []
 
 
-def test_compare_probes_says_what_is_missing_and_how_to_make_it(toy_store, tmp_path):  # noqa: F811
+def test_compare_probes_says_what_is_missing_and_how_to_make_it(toy_store, tmp_path):
     import shutil
 
     store = tmp_path / "toy.zarr"

@@ -9,21 +9,25 @@ import scipy.sparse
 from PIL import Image
 from typer.testing import CliRunner
 
-from mechhi.cli import app
+from mechhi.commands import app
 from mechhi.data import load_dataset
-from tests.test_data_paper import SOURCE, needs_source
+from tests.paper_data import SOURCE, needs_source
 
 runner = CliRunner()
 
 
 def test_build_synthetic_check_and_show(tmp_path):
     out = tmp_path / "toy"
-    built = runner.invoke(app, ["dataset", "build", "--source", "synthetic", "--out", str(out), "--n-images", "6"])
+    built = runner.invoke(
+        app, ["dataset", "build", "--source", "synthetic", "--out", str(out), "--n-images", "6"]
+    )
     assert built.exit_code == 0, built.output
     assert len(load_dataset(out).records) == 6
     checked = runner.invoke(app, ["dataset", "check", str(out), "--json"])
     assert checked.exit_code == 0 and json.loads(checked.stdout)["problems"] == []
-    shown = runner.invoke(app, ["dataset", "show", str(out), "--png", str(tmp_path / "sheet.png"), "--n", "4"])
+    shown = runner.invoke(
+        app, ["dataset", "show", str(out), "--png", str(tmp_path / "sheet.png"), "--n", "4"]
+    )
     assert shown.exit_code == 0, shown.output
     assert Image.open(tmp_path / "sheet.png").size[0] > 400
 
@@ -47,8 +51,21 @@ def test_build_paper_reports_kept_and_dropped(tmp_path):
         h, w = scipy.sparse.load_npz(SOURCE / "masks" / files[0][0]).shape if files else (480, 640)
         Image.new("RGB", (w, h)).save(images / e["image_file_name"])
     out = tmp_path / "paper"
-    built = runner.invoke(app, ["dataset", "build", "--source", "paper", "--paper-dir", str(SOURCE),
-                                "--images", str(images), "--out", str(out)])  # fmt: skip
+    built = runner.invoke(
+        app,
+        [
+            "dataset",
+            "build",
+            "--source",
+            "paper",
+            "--paper-dir",
+            str(SOURCE),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+        ],
+    )
     assert built.exit_code == 0, built.output
     ds = load_dataset(out)
     assert len(ds.records) == 6 and "missing image" in built.output

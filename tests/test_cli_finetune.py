@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mechhi.cli import app
-from mechhi.models.qwen2_vl import Qwen2VLAdapter
-from mechhi.toyworld.model import vocabulary
-from tests.test_finetune import scored_store, tiny_dataset
+from mechhi.commands import app
+from mechhi.models.tiny import tiny_qwen2_vl
+from mechhi.models.toy import vocabulary
+from tests.finetune_inputs import scored_store, tiny_dataset
 
 runner = CliRunner()
 
@@ -27,11 +27,28 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-ft")
     for name, seed, shape in (("a", 0, {}), ("b", 1, {}), ("c", 0, {"heads": 2})):
         torch.manual_seed(seed)
-        Qwen2VLAdapter.build_tiny(root / name, words=vocabulary(), layers=4, **shape)
+        tiny_qwen2_vl(root / name, words=vocabulary(), layers=4, **shape)
     w = {"root": root, "data": tiny_dataset(root / "data"), "store": scored_store(root / "s.zarr", 4)}
-    w["finetune"] = ["finetune", "--store", str(w["store"]), "--select", "top-1", "--out", str(root / "adapter"),
-                     "--dataset", str(w["data"]), "--model", str(root / "a"), "--max-steps", "2", "--batch-size", "2",
-                     "--device", "cpu", "--json"]  # fmt: skip
+    w["finetune"] = [
+        "finetune",
+        "--store",
+        str(w["store"]),
+        "--select",
+        "top-1",
+        "--out",
+        str(root / "adapter"),
+        "--dataset",
+        str(w["data"]),
+        "--model",
+        str(root / "a"),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     w["first"] = runner.invoke(app, w["finetune"])
     return w
 
@@ -43,9 +60,24 @@ def _one_message(stderr: str) -> str:
 
 
 def _evaluate(world, model: str, *extra: str):
-    return runner.invoke(app, ["evaluate", "--adapter", str(world["root"] / "adapter"), "--model",
-                               str(world["root"] / model), "--dataset", str(world["data"]), "--limit", "4",
-                               "--device", "cpu", "--json", *extra])  # fmt: skip
+    return runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--adapter",
+            str(world["root"] / "adapter"),
+            "--model",
+            str(world["root"] / model),
+            "--dataset",
+            str(world["data"]),
+            "--limit",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+            *extra,
+        ],
+    )
 
 
 def test_finetune_json_is_all_of_stdout_and_a_rerun_says_it_is_done(world):
@@ -83,19 +115,47 @@ def test_an_adapter_of_another_shape_is_refused_with_what_does_not_fit(world):
     line = _one_message(result.stderr)
     assert "does not fit" in line, line
     # k_proj of layer 0 (the first module): hidden 64 -> 2 kv heads x 16 in the adapter, 32 -> 32 in model c
-    assert re.search(r"layers\.0\.self_attn\.k_proj maps 32 -> 32 features in '[^']*c', 64 -> 32 in the adapter", line)
+    assert re.search(
+        r"layers\.0\.self_attn\.k_proj maps 32 -> 32 features in '[^']*c', 64 -> 32 in the adapter", line
+    )
     assert "state_dict" not in line and "size mismatch" not in line
 
 
 def test_experiment_json_is_all_of_stdout_progress_goes_to_stderr_and_a_rerun_says_it_is_done(world):
     out = world["root"] / "experiment"
-    args = ["experiment", "--store", str(world["store"]), "--dataset", str(world["data"]), "--model",
-            str(world["root"] / "a"), "--k", "1", "--seeds", "1", "--max-steps", "1", "--limit", "4", "--out", str(out),
-            "--device", "cpu", "--json"]  # fmt: skip
+    args = [
+        "experiment",
+        "--store",
+        str(world["store"]),
+        "--dataset",
+        str(world["data"]),
+        "--model",
+        str(world["root"] / "a"),
+        "--k",
+        "1",
+        "--seeds",
+        "1",
+        "--max-steps",
+        "1",
+        "--limit",
+        "4",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert list(report["table4"][0]["cells"]) == ["original", "top-1", "bottom-1", "random-1", "depth-1", "full"]
+    assert list(report["table4"][0]["cells"]) == [
+        "original",
+        "top-1",
+        "bottom-1",
+        "random-1",
+        "depth-1",
+        "full",
+    ]
     assert "[1/6] original" in result.stderr and "[5/6] depth-1 (seed 0)" in result.stderr
     assert (out / "results.json").is_file()
     again = runner.invoke(app, args)
@@ -105,17 +165,25 @@ def test_experiment_json_is_all_of_stdout_progress_goes_to_stderr_and_a_rerun_sa
 
 def test_finetune_logs_its_steps_while_stderr_is_a_file(world):
     """Under CliRunner stderr is not a terminal (as with `2> log`): a plain line per step here (2 steps)."""
-    assert re.search(r"^fine-tuning: 1/2 \(50%\) \d+\.\d s loss \d", world["first"].stderr, re.M), world["first"].stderr
+    assert re.search(r"^fine-tuning: 1/2 \(50%\) \d+\.\d s loss \d", world["first"].stderr, re.M), world[
+        "first"
+    ].stderr
     assert re.search(r"^fine-tuning: 2/2 \(100%\) \d+\.\d s loss \d", world["first"].stderr, re.M)
 
 
 def test_finetune_prints_a_table_not_a_python_dict(world):
     summary = json.loads(world["first"].stdout)
-    table = runner.invoke(app, [a for a in world["finetune"] if a != "--json"])  # the finished run: no training
+    table = runner.invoke(
+        app, [a for a in world["finetune"] if a != "--json"]
+    )  # the finished run: no training
     assert table.exit_code == 0, table.stderr
     assert "{" not in table.stdout and "'total'" not in table.stdout, table.stdout
     row = next(line for line in table.stdout.splitlines() if str(summary["out"])[-20:] in line)
     params = summary["params"]
-    for cell in (f"{params['total']:,}", f"{params['trainable']:,}", f"{params['trainable_pct']:.4f}",
-                 f"{summary['best_val_loss']:.4f}"):  # fmt: skip
+    for cell in (
+        f"{params['total']:,}",
+        f"{params['trainable']:,}",
+        f"{params['trainable_pct']:.4f}",
+        f"{summary['best_val_loss']:.4f}",
+    ):
         assert cell in row, (cell, row)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import typer.main
 
-from mechhi.cli import app
+from mechhi.commands import app
 from tests.helpers import invoke, one_line_error
 
 
@@ -51,7 +51,9 @@ def test_a_non_finite_float_is_one_line_naming_the_option(path, option, low, val
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize(("path", "option", "low"), RANGED_INTS, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    ("path", "option", "low"), RANGED_INTS, ids=lambda v: v if isinstance(v, str) else None
+)
 def test_a_value_below_the_range_is_one_line_and_exit_1(path, option, low):
     result = invoke([*path, option, str(low - 1)], exit_code=1)
     line = one_line_error(result)
@@ -59,8 +61,10 @@ def test_a_value_below_the_range_is_one_line_and_exit_1(path, option, low):
     assert "╭" not in result.stderr and "Usage:" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("args", [["ablate", "--n-heads", "two"], ["rank", "--no-such-option"], ["no-such-command"],
-                                  ["dataset", "check"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "args",
+    [["ablate", "--n-heads", "two"], ["rank", "--no-such-option"], ["no-such-command"], ["dataset", "check"]],
+)
 def test_other_command_line_errors_are_one_line_too(args):
     result = invoke(args, exit_code=1)
     line = one_line_error(result)
@@ -75,7 +79,7 @@ def test_top_level_cli_py_is_the_app_every_entry_point_runs():
     from pathlib import Path
 
     import cli
-    from mechhi.cli import app
+    from mechhi.commands import app
 
     assert cli.app is app
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mechhi"]

@@ -53,15 +53,22 @@ ANNS = [
     dict(id=10, image_id=1, category_id=1, iscrowd=0, segmentation=[[2, 2, 30, 3, 28, 25, 4, 20]]),
     dict(id=11, image_id=1, category_id=1, iscrowd=0, segmentation=[[35, 30, 45, 30, 45, 38]]),
     dict(id=12, image_id=1, category_id=2, iscrowd=0, segmentation=_rle(_box(H1, W1, 30, 39, 2, 20))),
-    dict(id=13, image_id=1, category_id=3, iscrowd=0,
-         segmentation=_uncompressed(_box(H1, W1, 0, 10, 40, 50))),
-    dict(id=14, image_id=1, category_id=4, iscrowd=1,
-         segmentation=_uncompressed(_box(H1, W1, 10, 30, 30, 48))),
+    dict(
+        id=13, image_id=1, category_id=3, iscrowd=0, segmentation=_uncompressed(_box(H1, W1, 0, 10, 40, 50))
+    ),
+    dict(
+        id=14, image_id=1, category_id=4, iscrowd=1, segmentation=_uncompressed(_box(H1, W1, 10, 30, 30, 48))
+    ),
     dict(id=15, image_id=1, category_id=4, iscrowd=0, segmentation=[[1, 36, 3, 36, 3, 38, 1, 38]]),
     dict(id=16, image_id=1, category_id=5, iscrowd=0, segmentation=[[1, 2, 3, 4]]),
     # image 2: an apple in two parts; a dog whose RLE has the wrong size
-    dict(id=20, image_id=2, category_id=2, iscrowd=0,
-         segmentation=[[1, 1, 10, 1, 10, 10, 1, 10], [20, 20, 30, 20, 30, 28, 20, 28]]),
+    dict(
+        id=20,
+        image_id=2,
+        category_id=2,
+        iscrowd=0,
+        segmentation=[[1, 1, 10, 1, 10, 10, 1, 10], [20, 20, 30, 20, 30, 28, 20, 28]],
+    ),
     dict(id=21, image_id=2, category_id=1, iscrowd=0, segmentation=_rle(_box(H1, W1, 0, 5, 0, 5))),
     # image 3: missing file; image 4: file of the wrong size; image 9: not in images
     dict(id=30, image_id=3, category_id=1, iscrowd=0, segmentation=[[1, 1, 8, 1, 8, 8]]),
@@ -69,10 +76,17 @@ ANNS = [
     dict(id=90, image_id=9, category_id=1, iscrowd=0, segmentation=[[1, 1, 8, 1, 8, 8]]),
     dict(id=91, image_id=1, category_id=77, iscrowd=0, segmentation=[[1, 1, 8, 1, 8, 8]]),
 ]
-CATEGORIES = [dict(id=1, name="dog"), dict(id=2, name="apple"), dict(id=3, name="scissors"),
-              dict(id=4, name="person"), dict(id=5, name="kite")]
-IMAGES = [dict(id=i, file_name=f"{i:012d}.jpg", height=h, width=w)
-          for i, h, w in ((1, H1, W1), (2, H2, W2), (3, 20, 20), (4, 20, 20), (5, 20, 20))]
+CATEGORIES = [
+    dict(id=1, name="dog"),
+    dict(id=2, name="apple"),
+    dict(id=3, name="scissors"),
+    dict(id=4, name="person"),
+    dict(id=5, name="kite"),
+]
+IMAGES = [
+    dict(id=i, file_name=f"{i:012d}.jpg", height=h, width=w)
+    for i, h, w in ((1, H1, W1), (2, H2, W2), (3, 20, 20), (4, 20, 20), (5, 20, 20))
+]
 
 
 @pytest.fixture
@@ -88,10 +102,17 @@ def coco(tmp_path):
     inst = tmp_path / "instances.json"
     inst.write_text(json.dumps({"images": IMAGES, "annotations": ANNS, "categories": CATEGORIES}))
     caps = tmp_path / "captions.json"
-    caps.write_text(json.dumps({"images": IMAGES, "annotations": [
-        dict(id=1, image_id=1, caption="  Two dogs and\nan apple. "),
-        dict(id=2, image_id=1, caption="Not the first one."),
-    ]}))
+    caps.write_text(
+        json.dumps(
+            {
+                "images": IMAGES,
+                "annotations": [
+                    dict(id=1, image_id=1, caption="  Two dogs and\nan apple. "),
+                    dict(id=2, image_id=1, caption="Not the first one."),
+                ],
+            }
+        )
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         ref = COCO(str(inst))
     return inst, caps, images, ref
@@ -117,10 +138,18 @@ def test_masks_match_pycocotools(coco, tmp_path):
     assert got["10"].obj.attributes["instances"] == 2
     assert [o.object_id for o in got["10"].record.objects] == ["10", "12", "13"]  # largest first
     assert (report.kept_images, report.kept_objects) == (2, 4)
-    assert report.dropped == Counter({
-        "smaller instance": 1, "crowd": 1, "small area": 1, "bad segmentation": 2,
-        "missing image": 1, "image size mismatch": 1, "unknown image": 1, "unknown category": 1,
-    })
+    assert report.dropped == Counter(
+        {
+            "smaller instance": 1,
+            "crowd": 1,
+            "small area": 1,
+            "bad segmentation": 2,
+            "missing image": 1,
+            "image size mismatch": 1,
+            "unknown image": 1,
+            "unknown category": 1,
+        }
+    )
     assert report.dropped_images == Counter(
         {"missing image": 1, "image size mismatch": 1, "no annotations": 1}
     )
@@ -150,8 +179,9 @@ def test_category_filter_and_crowd(coco, tmp_path):
     assert set(_samples(tmp_path / "a")) == {"10"}
     build_from_coco(inst, images, tmp_path / "b", categories=[2, "scissors"], min_area=20, progress=False)
     assert set(_samples(tmp_path / "b")) == {"12", "13", "20"}
-    build_from_coco(inst, images, tmp_path / "c", categories=["person"], skip_crowd=False, min_area=20,
-                    progress=False)
+    build_from_coco(
+        inst, images, tmp_path / "c", categories=["person"], skip_crowd=False, min_area=20, progress=False
+    )
     crowd = _samples(tmp_path / "c")["14"]
     np.testing.assert_array_equal(crowd.mask(), ref.annToMask(ref.anns[14]).astype(bool))
     with pytest.raises(ValueError, match="unknown COCO category 'cat'"):
@@ -163,8 +193,9 @@ def test_unique_and_max_objects(coco, tmp_path):
     report = build_from_coco(inst, images, tmp_path / "a", instances="unique", min_area=20, progress=False)
     assert set(_samples(tmp_path / "a")) == {"12", "13", "20"}
     assert report.dropped["several instances"] == 3  # two dogs, the tiny person (beside a crowd)
-    report = build_from_coco(inst, images, tmp_path / "b", max_objects_per_image=2, min_area=20,
-                             progress=False)
+    report = build_from_coco(
+        inst, images, tmp_path / "b", max_objects_per_image=2, min_area=20, progress=False
+    )
     assert set(_samples(tmp_path / "b")) == {"10", "12", "20"}  # scissors is image 1's smallest
     assert report.dropped["over max objects"] == 1
 

@@ -44,13 +44,19 @@ def tiny_florence():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=300,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     corpus = ["a red circle and a blue square", "a green star", "Locate the phrases"]
     backend.train_from_iterator(corpus, trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
     locs = [f"<loc_{i}>" for i in range(1000)]
@@ -60,21 +66,41 @@ def tiny_florence():
         size={"height": 32, "width": 32}, do_center_crop=False, image_seq_length=17
     )
     processor = Florence2Processor(
-        image_processor=image_processor, tokenizer=tok,
+        image_processor=image_processor,
+        tokenizer=tok,
         post_processor_config={
-            "pure_text": {}, "phrase_grounding": {"banned_grounding_tokens": ["the image"]},
+            "pure_text": {},
+            "phrase_grounding": {"banned_grounding_tokens": ["the image"]},
         },
     )
     text = dict(
-        model_type="bart", vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_position_embeddings=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.eos_token_id,
+        model_type="bart",
+        vocab_size=len(tok),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=tok.eos_token_id,
     )
     vision = dict(
-        depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
-        patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[1, 2], num_groups=[1, 2],
-        window_size=2, projection_dim=32, drop_path_rate=0.0,
+        depths=[1, 1],
+        patch_size=[7, 3],
+        patch_stride=[4, 2],
+        patch_padding=[3, 1],
+        patch_prenorm=[False, True],
+        embed_dim=[16, 32],
+        num_heads=[1, 2],
+        num_groups=[1, 2],
+        window_size=2,
+        projection_dim=32,
+        drop_path_rate=0.0,
     )
     torch.manual_seed(0)
     config = Florence2Config(text_config=text, vision_config=vision, image_token_id=tok.image_token_id)
@@ -86,20 +112,29 @@ def tiny_sam():
     from transformers.models.sam2 import Sam2ImageProcessor
 
     backbone = dict(
-        model_type="sam2_hiera_det_model", hidden_size=8, image_size=[64, 64],
-        window_positional_embedding_background_size=[2, 2], blocks_per_stage=[1, 1, 2, 1],
-        embed_dim_per_stage=[8, 16, 32, 64], num_attention_heads_per_stage=[1, 1, 1, 1],
-        window_size_per_stage=[4, 4, 2, 2], global_attention_blocks=[3],
+        model_type="sam2_hiera_det_model",
+        hidden_size=8,
+        image_size=[64, 64],
+        window_positional_embedding_background_size=[2, 2],
+        blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[8, 16, 32, 64],
+        num_attention_heads_per_stage=[1, 1, 1, 1],
+        window_size_per_stage=[4, 4, 2, 2],
+        global_attention_blocks=[3],
     )
     vision = dict(
-        model_type="sam2_vision_model", backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
-        backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=16,
+        model_type="sam2_vision_model",
+        backbone_config=backbone,
+        backbone_channel_list=[64, 32, 16, 8],
+        backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]],
+        fpn_hidden_size=16,
     )
     config = Sam2Config(
         vision_config=vision,
         prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                                 iou_head_hidden_dim=16),
+        mask_decoder_config=dict(
+            hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=16
+        ),
     )
     torch.manual_seed(1)
     processor = Sam2Processor(
@@ -134,7 +169,8 @@ class ScriptedGenerate:
         self.prompts += prompts
         rows = [
             [self.tok.eos_token_id, self.tok.bos_token_id]
-            + self.tok(self.answer(p), add_special_tokens=False).input_ids + [self.tok.eos_token_id]
+            + self.tok(self.answer(p), add_special_tokens=False).input_ids
+            + [self.tok.eos_token_id]
             for p in prompts
         ]
         width = max(map(len, rows))
@@ -192,14 +228,26 @@ def test_phrases_boxes_and_masks_reach_the_dataset(models, images_dir, tmp_path,
     prompts_seen, h1 = capture(sam_model.prompt_encoder, kwargs=True)
     outputs_seen, h2 = capture(sam_model)
     try:
-        report = build_from_images(images_dir, tmp_path / "out", config=GroundingConfig(**CONFIG),
-                                   limit=2, progress=False, florence=models[0], sam=models[1])
+        report = build_from_images(
+            images_dir,
+            tmp_path / "out",
+            config=GroundingConfig(**CONFIG),
+            limit=2,
+            progress=False,
+            florence=models[0],
+            sam=models[1],
+        )
     finally:
         h1.remove(), h2.remove()
 
     # a.png: caption -> two phrases; b.png: same caption, same answer
     assert report.images_processed == 2 and report.captions_generated == 2
-    assert report.objects_kept == 4 and report.dropped == {"no_phrase": 0, "low_score": 0, "empty_mask": 0, "duplicate_phrase": 0}
+    assert report.objects_kept == 4 and report.dropped == {
+        "no_phrase": 0,
+        "low_score": 0,
+        "empty_mask": 0,
+        "duplicate_phrase": 0,
+    }
     # <MORE_DETAILED_CAPTION> by default, not <CAPTION>
     assert sum(p.startswith("What does the image describe") for p in fake.prompts) == 0
     assert sum(p.startswith("Describe with a paragraph") for p in fake.prompts) == 2
@@ -234,8 +282,15 @@ def test_multimask_keeps_the_best_of_three(models, images_dir, tmp_path, monkeyp
     outputs_seen, handle = capture(models[1][0])
     config = GroundingConfig(**CONFIG, multimask_output=True)
     try:
-        build_from_images(images_dir, tmp_path / "out", config=config, limit=1, progress=False,
-                          florence=models[0], sam=models[1])
+        build_from_images(
+            images_dir,
+            tmp_path / "out",
+            config=config,
+            limit=1,
+            progress=False,
+            florence=models[0],
+            sam=models[1],
+        )
     finally:
         handle.remove()
     (out,) = outputs_seen
@@ -256,8 +311,9 @@ def test_score_threshold_filters(models, images_dir, tmp_path, monkeypatch):
     drop = build_from_images(images_dir, tmp_path / "drop", config=strict, **kw)
     assert keep.objects_kept == 4 and keep.dropped["low_score"] == 0
     assert drop.objects_kept == 0 and drop.dropped["low_score"] == 4
-    assert str(drop).startswith("2 images processed (0 already done), 0 objects kept; dropped: "
-                                "no_phrase=0, low_score=4")
+    assert str(drop).startswith(
+        "2 images processed (0 already done), 0 objects kept; dropped: no_phrase=0, low_score=4"
+    )
     empty = load_dataset(tmp_path / "drop")
     assert len(empty.records) == 2 and len(empty) == 0  # images written without objects
 
@@ -271,8 +327,13 @@ def test_duplicates_no_phrase_and_user_captions(models, images_dir, tmp_path, mo
     outputs_seen, handle = capture(models[1][0])
     try:
         report = build_from_images(
-            images_dir, tmp_path / "out", config=GroundingConfig(**CONFIG), progress=False,
-            captions={"b.png": "a green star", "c": "a purple cloud"}, florence=models[0], sam=models[1],
+            images_dir,
+            tmp_path / "out",
+            config=GroundingConfig(**CONFIG),
+            progress=False,
+            captions={"b.png": "a green star", "c": "a purple cloud"},
+            florence=models[0],
+            sam=models[1],
         )
     finally:
         handle.remove()
@@ -306,8 +367,15 @@ def test_resume_skips_done_images(models, images_dir, tmp_path, monkeypatch):
 
 def test_real_generate_runs_end_to_end(models, images_dir, tmp_path):
     """Unscripted: random weights produce garbage text, which must parse without error."""
-    report = build_from_images(images_dir, tmp_path / "out", config=GroundingConfig(**CONFIG), limit=2,
-                               progress=False, florence=models[0], sam=models[1])
+    report = build_from_images(
+        images_dir,
+        tmp_path / "out",
+        config=GroundingConfig(**CONFIG),
+        limit=2,
+        progress=False,
+        florence=models[0],
+        sam=models[1],
+    )
     assert report.images_processed == 2
     ds = load_dataset(tmp_path / "out")
     assert len(ds.records) == 2 and len(ds) == report.objects_kept
@@ -343,8 +411,15 @@ def test_models_load_from_local_directories(models, images_dir, tmp_path):
 def test_too_long_caption_names_the_image(models, images_dir, tmp_path):
     message = r"b\.png: Florence-2 prompt is \d+ tokens .* more than the model's 128"
     with pytest.raises(DatasetError, match=message):
-        build_from_images(images_dir, tmp_path / "out", config=GroundingConfig(**CONFIG), progress=False,
-                          captions={"b.png": "a red circle " * 40}, florence=models[0], sam=models[1])
+        build_from_images(
+            images_dir,
+            tmp_path / "out",
+            config=GroundingConfig(**CONFIG),
+            progress=False,
+            captions={"b.png": "a red circle " * 40},
+            florence=models[0],
+            sam=models[1],
+        )
 
 
 def test_missing_model_fails_with_a_clear_message(models, images_dir, tmp_path):

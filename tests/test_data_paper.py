@@ -8,9 +8,7 @@ expected counts are recomputed here straight from the json, not through the conv
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +17,8 @@ from PIL import Image
 
 from mechhi.data import load_dataset
 from mechhi.data.paper import build_from_paper
+from tests.paper_data import SOURCE, needs_source
 
-SOURCE = Path(os.environ.get("MECHHI_PAPER_DATA", Path(__file__).parents[2] / "shared/data/sergeev2025"))
-needs_source = pytest.mark.skipif(
-    not (SOURCE / "dataset_masks.json").is_file(), reason=f"paper dataset not found at {SOURCE}"
-)
 # entries 2 and 11 repeat phrases, 3 has low scores, 267 has labels but no masks,
 # 277 has no phrase at all; the rest are the first ones in the file.
 PICK = [2, 3, 11, 267, 277] + [i for i in range(40) if i not in (2, 3, 11)][:15]
@@ -146,17 +141,24 @@ def tiny_source(tmp_path):
         scipy.sparse.save_npz(src / "masks" / name, scipy.sparse.csr_matrix(m.astype(np.float32)))
     (src / "masks" / "broken.npz").write_bytes(b"not a zip")
     entries = [
-        _entry(1, ["a cat", "a dog", "a dog", "a dog"], [0.9, 0.95, 0.5, 0.9],
-               ["a.npz", "b.npz", "a.npz", "c.npz"]),
+        _entry(
+            1,
+            ["a cat", "a dog", "a dog", "a dog"],
+            [0.9, 0.95, 0.5, 0.9],
+            ["a.npz", "b.npz", "a.npz", "c.npz"],
+        ),
         _entry(1, ["a cat"], [0.9], ["a.npz"]),  # duplicate image entry
         _entry(2, [], [], []),  # no grounded phrases
         {**_entry(3, ["x", "y"], [], []), "annotation_full_text": "labels without masks"},  # length mismatch
         _entry(4, ["a cat"], [0.9], ["a.npz"]),  # missing image
         _entry(5, ["a cat"], [0.9], ["a.npz"]),  # unreadable image
-        _entry(6, ["", "missing", "broken", "shape", "empty", "nan", "box", "ok"],
-               [0.9, 0.9, 0.9, 0.9, 0.9, float("nan"), 0.9, 0.9],
-               ["a.npz", "nope.npz", "broken.npz", "wrong.npz", "empty.npz", "a.npz", "a.npz", "b.npz"],
-               boxes=[[0.0, 0.0, 4.0, 4.0]] * 6 + [[1.0, 2.0]] + [[0.0, 0.0, 4.0, 4.0]]),
+        _entry(
+            6,
+            ["", "missing", "broken", "shape", "empty", "nan", "box", "ok"],
+            [0.9, 0.9, 0.9, 0.9, 0.9, float("nan"), 0.9, 0.9],
+            ["a.npz", "nope.npz", "broken.npz", "wrong.npz", "empty.npz", "a.npz", "a.npz", "b.npz"],
+            boxes=[[0.0, 0.0, 4.0, 4.0]] * 6 + [[1.0, 2.0]] + [[0.0, 0.0, 4.0, 4.0]],
+        ),
         _entry(7, ["low"], [0.1], ["a.npz"]),  # no objects left
         {"image_id": 8, "grounding": {}},  # malformed
         _entry(9, ["a cat"], [0.9], ["a.npz"], name="../escape.jpg"),  # malformed file name
@@ -171,24 +173,33 @@ def tiny_source(tmp_path):
 def test_every_anomaly_is_reported(tiny_source, tmp_path):
     src, images, masks = tiny_source
     report = build_from_paper(src, images, tmp_path / "out", progress=False)
-    assert report.dropped == Counter({
-        "low mask score": 2,  # image 1's second "a dog", image 7
-        "duplicate image entry": 1,
-        "length mismatch": 2,
-        "missing image": 1,
-        "unreadable image": 1,
-        "empty label": 1,
-        "missing mask file": 1,
-        "unreadable mask file": 1,
-        "mask shape mismatch": 1,
-        "empty mask": 1,
-        "bad mask score": 1,
-        "bad box": 1,
-    })
-    assert report.dropped_images == Counter({
-        "duplicate image entry": 1, "no grounded phrases": 1, "length mismatch": 1,
-        "missing image": 1, "unreadable image": 1, "no objects left": 1, "malformed entry": 2,
-    })
+    assert report.dropped == Counter(
+        {
+            "low mask score": 2,  # image 1's second "a dog", image 7
+            "duplicate image entry": 1,
+            "length mismatch": 2,
+            "missing image": 1,
+            "unreadable image": 1,
+            "empty label": 1,
+            "missing mask file": 1,
+            "unreadable mask file": 1,
+            "mask shape mismatch": 1,
+            "empty mask": 1,
+            "bad mask score": 1,
+            "bad box": 1,
+        }
+    )
+    assert report.dropped_images == Counter(
+        {
+            "duplicate image entry": 1,
+            "no grounded phrases": 1,
+            "length mismatch": 1,
+            "missing image": 1,
+            "unreadable image": 1,
+            "no objects left": 1,
+            "malformed entry": 2,
+        }
+    )
     assert ("000000000006", "broken", "unreadable mask file") in [d[:3] for d in report.details]
     assert report.extra_mask_files == ["extra.npz"]
     assert report.merged_boxes == 1  # "a dog" b.npz + c.npz

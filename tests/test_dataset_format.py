@@ -1,7 +1,7 @@
 """The dataset format: RLE masks, validation with one-line messages, resumable writing.
 
-The test datasets are written by hand here (json + PIL + pycocotools directly), not with
-`DatasetWriter`, so the loader is checked against an independent writer.
+The test datasets are written by hand (tests/dataset_files.py: json + PIL + pycocotools
+directly), not with `DatasetWriter`, so the loader is checked against an independent writer.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mechhi.data.format import (
     load_dataset,
     rle_counts,
 )
+from tests.dataset_files import SIZES, box_mask, good_lines, rle_json, write_dataset
 
 # pycocotools' own decode warns under numpy 2 (its __array__ lacks `copy`); harmless
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -101,51 +102,6 @@ def test_malformed_rle_is_rejected(rle, fragment):
 # ----------------------------------------------------------------------------- a dataset
 
 
-def box_mask(h: int, w: int, box: tuple[int, int, int, int]) -> np.ndarray:
-    y0, x0, y1, x1 = box
-    m = np.zeros((h, w), bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
-def rle_json(mask: np.ndarray) -> dict:
-    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()}
-
-
-# Three images (different sizes), two objects each: 6 samples.
-SIZES = {"img0": (20, 30), "img1": (24, 16), "img2": (18, 18)}  # (height, width)
-
-
-def good_lines() -> list[dict]:
-    lines = []
-    for k, (image_id, (h, w)) in enumerate(SIZES.items()):
-        objects = [
-            {
-                "object_id": str(j),
-                "description": f"a thing number {j}",
-                "mask": rle_json(box_mask(h, w, (2 + j * 5, 1, 5 + j * 5, 6 + k))),
-                "attributes": {"n": str(j)},
-            }
-            for j in range(2)
-        ]
-        question = {"question": "What is it?", "options": ["a thing number 0", "x", "y", "z"],
-                    "answer": 0, "object_id": "0"}
-        lines.append({"image_id": image_id, "file": f"images/{image_id}.png", "width": w,
-                      "height": h, "caption": "two things", "split": ["trace", "train", "test"][k],
-                      "objects": objects, "questions": [question]})
-    return lines
-
-
-def write_dataset(root: Path, lines: list[dict | str]) -> Path:
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for image_id, (h, w) in SIZES.items():
-        Image.new("RGB", (w, h), (10, 20, 30)).save(root / "images" / f"{image_id}.png")
-    text = "".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines)
-    (root / "annotations.jsonl").write_text(text)
-    return root
-
-
 def test_good_dataset_loads(tmp_path):
     ds = load_dataset(write_dataset(tmp_path, good_lines()))
     assert len(ds) == 6 and len(ds.records) == 3 and ds.skipped == []
@@ -192,6 +148,7 @@ def _edit(line: int, fn):
 def _set_obj(j, key, value):
     def fn(rec, root):
         rec["objects"][j][key] = value
+
     return fn
 
 
@@ -207,26 +164,88 @@ def _resized_image(rec, root):
 BAD = [
     ("missing image", _edit(2, _missing_image), None, 2, "img1", None, "does not exist"),
     ("image size", _edit(2, _resized_image), None, 2, "img1", None, "is 7x5 but the record says 24x16"),
-    ("mask size", _edit(2, _set_obj(1, "mask", rle_json(np.ones((16, 24), bool)))), None,
-     2, "img1", "1", "mask is 16x24 but the image is 24x16"),
-    ("empty mask", _edit(3, _set_obj(0, "mask", rle_json(np.zeros((18, 18), bool)))), None,
-     3, "img2", "0", "mask is empty"),
-    ("short RLE", _edit(3, _set_obj(0, "mask", {"size": [18, 18], "counts": "02"})), None,
-     3, "img2", "0", "cover 2 pixels"),
-    ("empty description", _edit(1, _set_obj(1, "description", "  ")), None,
-     1, "img0", "1", "description is empty"),
-    ("long description", _edit(1, _set_obj(0, "description", "one two three four five six")), 5,
-     1, "img0", "0", "6 tokens, more than the limit of 5"),
-    ("duplicate object", _edit(2, _set_obj(1, "object_id", "0")), None,
-     2, "img1", "0", "duplicate object_id"),
-    ("missing key", _edit(2, lambda rec, root: rec.pop("width") and None), None,
-     2, "img1", None, "missing key(s) width"),
-    ("duplicate image", _edit(3, lambda rec, root: rec.update(image_id="img0")), None,
-     3, "img0", None, "duplicate image_id"),
-    ("bad split", _edit(3, lambda rec, root: rec.update(split="holdout")), None,
-     3, "img2", None, "split must be one of"),
-    ("malformed JSON", _edit(2, lambda rec, root: json.dumps(rec)[:-7]), None,
-     2, None, None, "invalid JSON"),
+    (
+        "mask size",
+        _edit(2, _set_obj(1, "mask", rle_json(np.ones((16, 24), bool)))),
+        None,
+        2,
+        "img1",
+        "1",
+        "mask is 16x24 but the image is 24x16",
+    ),
+    (
+        "empty mask",
+        _edit(3, _set_obj(0, "mask", rle_json(np.zeros((18, 18), bool)))),
+        None,
+        3,
+        "img2",
+        "0",
+        "mask is empty",
+    ),
+    (
+        "short RLE",
+        _edit(3, _set_obj(0, "mask", {"size": [18, 18], "counts": "02"})),
+        None,
+        3,
+        "img2",
+        "0",
+        "cover 2 pixels",
+    ),
+    (
+        "empty description",
+        _edit(1, _set_obj(1, "description", "  ")),
+        None,
+        1,
+        "img0",
+        "1",
+        "description is empty",
+    ),
+    (
+        "long description",
+        _edit(1, _set_obj(0, "description", "one two three four five six")),
+        5,
+        1,
+        "img0",
+        "0",
+        "6 tokens, more than the limit of 5",
+    ),
+    (
+        "duplicate object",
+        _edit(2, _set_obj(1, "object_id", "0")),
+        None,
+        2,
+        "img1",
+        "0",
+        "duplicate object_id",
+    ),
+    (
+        "missing key",
+        _edit(2, lambda rec, root: rec.pop("width") and None),
+        None,
+        2,
+        "img1",
+        None,
+        "missing key(s) width",
+    ),
+    (
+        "duplicate image",
+        _edit(3, lambda rec, root: rec.update(image_id="img0")),
+        None,
+        3,
+        "img0",
+        None,
+        "duplicate image_id",
+    ),
+    (
+        "bad split",
+        _edit(3, lambda rec, root: rec.update(split="holdout")),
+        None,
+        3,
+        "img2",
+        None,
+        "split must be one of",
+    ),
+    ("malformed JSON", _edit(2, lambda rec, root: json.dumps(rec)[:-7]), None, 2, None, None, "invalid JSON"),
 ]
 
 

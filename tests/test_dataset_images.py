@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from mechhi.data.format import DatasetError, check_dataset, load_dataset
+from tests.dataset_files import SIZES, box_mask, good_lines, rle_json, write_dataset
 from tests.helpers import invoke, invoke_json, one_line_error
-from tests.test_dataset_format import SIZES, box_mask, good_lines, rle_json, write_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -51,14 +51,13 @@ def test_a_truncated_image_is_a_bad_record_that_check_names(tmp_path):
 
 
 def test_trace_skip_bad_skips_a_truncated_image(tmp_path):
-    from tests.test_trace_job import write_toy_dataset
-
-    from mechhi.models.qwen2_vl import Qwen2VLAdapter
+    from mechhi.models.tiny import tiny_qwen2_vl
     from mechhi.store import open_store
     from tests.conftest import WORDS
+    from tests.toy_dataset import write_toy_dataset
 
     model = tmp_path / "model"
-    Qwen2VLAdapter.build_tiny(model, words=WORDS, layers=2)
+    tiny_qwen2_vl(model, words=WORDS, layers=2)
     data = tmp_path / "data"
     write_toy_dataset(data, n_images=3)
     noisy = data / "images" / "img001.png"
@@ -158,21 +157,24 @@ def test_an_empty_annotations_file_is_an_error(tmp_path):
 def test_building_into_a_different_build_names_the_cli_flag(tmp_path):
     out = tmp_path / "toy"
     invoke(["dataset", "build", "--source", "synthetic", "--out", out, "--n-images", "3"])
-    message = one_line_error(invoke(["dataset", "build", "--source", "synthetic", "--out", out, "--n-images", "4"],
-                                    exit_code=1))  # fmt: skip
+    message = one_line_error(
+        invoke(["dataset", "build", "--source", "synthetic", "--out", out, "--n-images", "4"], exit_code=1)
+    )
     assert "--overwrite" in message and "overwrite=True" not in message.split("(")[0]
     invoke(["dataset", "build", "--source", "synthetic", "--out", out, "--n-images", "4", "--overwrite"])
     assert len(load_dataset(out).records) == 4
 
 
 def test_dataset_build_prints_only_its_result_on_stdout(tmp_path):
-    result = invoke(["dataset", "build", "--source", "synthetic", "--out", tmp_path / "toy", "--n-images", "3"])
+    result = invoke(
+        ["dataset", "build", "--source", "synthetic", "--out", tmp_path / "toy", "--n-images", "3"]
+    )
     assert result.stdout.splitlines() == [f"dataset written to {tmp_path / 'toy'}"]
     assert "synthetic images" in result.stderr  # the progress bar
     assert json.loads(invoke(["dataset", "check", tmp_path / "toy", "--json"]).stdout)["images"] == 3
 
 
-# ----------------------------------------------------------------------------- sizes the model refuses or shrinks
+# ---------------------------------------------------------------------- sizes the model refuses or shrinks
 def one_image_dataset(root, images: dict[str, Image.Image]) -> None:
     """A dataset with one object (a box in the middle) per image."""
     from mechhi.data.format import DatasetWriter, ImageRecord, KeyObject
@@ -187,19 +189,25 @@ def one_image_dataset(root, images: dict[str, Image.Image]) -> None:
 
 
 def test_an_image_the_processor_refuses_is_a_bad_record_that_check_finds_and_trace_skips(tmp_path):
-    from mechhi.models.qwen2_vl import Qwen2VLAdapter
+    from mechhi.models.tiny import tiny_qwen2_vl
     from mechhi.store import open_store
     from tests.conftest import WORDS
 
     data = tmp_path / "data"
-    one_image_dataset(data, {"wide": Image.new("RGB", (2000, 1), "red"),
-                             "fine": Image.new("RGB", (84, 56), "red"), "also": Image.new("RGB", (56, 84), "blue")})  # fmt: skip
+    one_image_dataset(
+        data,
+        {
+            "wide": Image.new("RGB", (2000, 1), "red"),
+            "fine": Image.new("RGB", (84, 56), "red"),
+            "also": Image.new("RGB", (56, 84), "blue"),
+        },
+    )
     checked = invoke(["dataset", "check", data], exit_code=1)  # default model: the bundled toy (a Qwen2-VL)
     bad = [line for line in checked.stdout.splitlines() if line.startswith("bad")]
     assert len(bad) == 1 and "line 1 (image 'wide')" in bad[0] and "refuses a 1x2000 image" in bad[0]
     assert "aspect ratio must be smaller than 200" in bad[0] and "no problems" not in checked.stdout
     model = tmp_path / "model"
-    Qwen2VLAdapter.build_tiny(model, words=WORDS, layers=2)
+    tiny_qwen2_vl(model, words=WORDS, layers=2)
     problems = invoke_json(["dataset", "check", data, "--model", model], exit_code=1)["problems"]
     assert problems == [bad[0].removeprefix("bad ")]
     args = ["trace", "--model", model, "--dataset", data, "--device", "cpu"]
@@ -234,13 +242,16 @@ def test_a_large_image_is_one_note_and_is_decoded_reduced_to_what_the_processor_
 
     _, adapter = tiny("qwen2-vl", "gqa")
     size = adapter.processor.image_processor.size
-    target_h, target_w = smart_resize(600, 600, factor=28, min_pixels=size["shortest_edge"],
-                                      max_pixels=size["longest_edge"])  # fmt: skip
+    target_h, target_w = smart_resize(
+        600, 600, factor=28, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]
+    )
     image = open_image(data / "images" / "big.png", use=adapter)
     factor = 600 // image.width
     assert image.size == (600 // factor, 600 // factor) and image.info[ORIGINAL_SIZE] == (600, 600)
     assert factor >= 2 and image.width >= target_w  # reduced, not below what the processor resizes to
-    blocks = big.reshape(600 // factor, factor, 600 // factor, factor, 3).mean((1, 3))  # the reference: block means
+    blocks = big.reshape(600 // factor, factor, 600 // factor, factor, 3).mean(
+        (1, 3)
+    )  # the reference: block means
     assert np.abs(np.asarray(image, float) - blocks).max() <= 1
     layout = adapter.prepare([image], ["a red square"]).layouts[0]
     assert layout.views[0].box == (0.0, 0.0, 600.0, 600.0)  # where the full-size mask is
@@ -248,9 +259,15 @@ def test_a_large_image_is_one_note_and_is_decoded_reduced_to_what_the_processor_
     jpeg = tmp_path / "big.jpg"
     Image.fromarray(big).save(jpeg, quality=95)
     drafted = open_image(jpeg, use=adapter)
-    assert drafted.width in (300, 150, 75) and drafted.width >= target_w and drafted.info[ORIGINAL_SIZE] == (600, 600)
+    assert (
+        drafted.width in (300, 150, 75)
+        and drafted.width >= target_w
+        and drafted.info[ORIGINAL_SIZE] == (600, 600)
+    )
 
-    Image.fromarray(np.zeros((700, 700, 3), np.uint8)).save(data / "images" / "big.png")  # over twice the limit
+    Image.fromarray(np.zeros((700, 700, 3), np.uint8)).save(
+        data / "images" / "big.png"
+    )  # over twice the limit
     lines = [json.loads(line) for line in (data / "annotations.jsonl").read_text().splitlines()]
     lines[1]["width"] = lines[1]["height"] = 700
     lines[1]["objects"][0]["mask"] = rle_json(box_mask(700, 700, (100, 100, 300, 300)))

@@ -68,8 +68,12 @@ def test_shares_and_edge_cases():
 def test_seed_spread_and_how_many_seeds_go_as_far():
     changes = [-0.4, -0.1, -0.6, 0.2, -0.3]
     out = seed_spread(changes, probe=-0.4)
-    assert out["mean"] == pytest.approx(np.mean(changes)) and out["sd"] == pytest.approx(np.std(changes, ddof=1))
-    assert (out["q25"], out["median"], out["q75"]) == pytest.approx(tuple(np.percentile(changes, [25, 50, 75])))
+    assert out["mean"] == pytest.approx(np.mean(changes)) and out["sd"] == pytest.approx(
+        np.std(changes, ddof=1)
+    )
+    assert (out["q25"], out["median"], out["q75"]) == pytest.approx(
+        tuple(np.percentile(changes, [25, 50, 75]))
+    )
     assert out["as_extreme"] == pytest.approx(2 / 5)  # -0.4 and -0.6
     ratios = [1.1, 0.9, 1.4, 1.25]
     assert seed_spread(ratios, probe=1.25, centre=1.0)["as_extreme"] == pytest.approx(2 / 4)  # 1.4 and 1.25

@@ -7,12 +7,15 @@ import re
 import numpy as np
 import torch
 
-from mechhi.evaluate.metrics import LETTERS, VQAItem, closed_vqa, format_options, letter_ids
+from mechhi.data.vqa import LETTERS, VQAItem, format_options
+from mechhi.evaluate.metrics import closed_vqa, letter_ids
 from tests.conftest import noise_image, tiny
 
-OPTIONS = [("a red circle", "a blue star", "a green square", "a yellow star"),
-           ("a blue star", "a red circle", "a small star", "a large square"),
-           ("a green square", "a yellow star", "a blue star", "a red circle")]  # fmt: skip
+OPTIONS = [
+    ("a red circle", "a blue star", "a green square", "a yellow star"),
+    ("a blue star", "a red circle", "a small star", "a large square"),
+    ("a green square", "a yellow star", "a blue star", "a red circle"),
+]
 
 
 def test_closed_vqa_matches_a_hand_loop():
@@ -41,14 +44,14 @@ def test_closed_vqa_matches_a_hand_loop():
 
 # ----------------------------------------------------------------------------- VQA options (issue 18, item 3)
 def vqa_options_dataset(tmp_path):
-    from mechhi.toyworld.world import build_synthetic
+    from mechhi.data.synthetic import build_synthetic
 
     return build_synthetic(tmp_path / "data", n_images=8, seed=3, progress=False)
 
 
 def test_a_samples_options_do_not_depend_on_which_samples_are_drawn_with_it(tmp_path):
     from mechhi.data.format import load_dataset
-    from mechhi.evaluate.vqa import option_pool, vqa_items
+    from mechhi.data.vqa import option_pool, vqa_items
 
     dataset = load_dataset(vqa_options_dataset(tmp_path))
     test = dataset.split("train")
@@ -56,8 +59,10 @@ def test_a_samples_options_do_not_depend_on_which_samples_are_drawn_with_it(tmp_
     assert set(pool) == {s.description for s in dataset} and len(pool) > len({s.description for s in samples})
 
     def drawn(chosen):
-        return {(s.image_id, s.object_id): (it.options, it.answer)
-                for s, it in zip(chosen, vqa_items(chosen, [None] * len(chosen), seed=5, pool=pool))}  # fmt: skip
+        return {
+            (s.image_id, s.object_id): (it.options, it.answer)
+            for s, it in zip(chosen, vqa_items(chosen, [None] * len(chosen), seed=5, pool=pool))
+        }
 
     every = drawn(samples)
     assert drawn(samples[::-1]) == every  # another order
@@ -74,7 +79,7 @@ def test_a_samples_options_do_not_depend_on_which_samples_are_drawn_with_it(tmp_
 def test_evaluate_asks_the_questions_trace_asks_under_any_limit(tmp_path):
     from mechhi.data.format import load_dataset
     from mechhi.evaluate.prepared import EvalSet, EvalSettings
-    from mechhi.trace.job import TraceConfig, prompt_fields
+    from mechhi.trace.trace_dataset import TraceConfig, prompt_fields
 
     _, adapter = tiny("qwen2-vl", "gqa")
     test = load_dataset(vqa_options_dataset(tmp_path)).split("train")
@@ -82,5 +87,7 @@ def test_evaluate_asks_the_questions_trace_asks_under_any_limit(tmp_path):
     for limit in (2, None):
         built = EvalSet.build(adapter, test, EvalSettings(limit=limit, batch_size=2, generate=0))
         for sample, fields, answer in zip(test.samples[:2], traced, built.answers):
-            options = re.split(r"(?:^| )[A-D]\) ", fields["options"])[1:]  # "A) ... B) ...": the traced prompt
+            options = re.split(r"(?:^| )[A-D]\) ", fields["options"])[
+                1:
+            ]  # "A) ... B) ...": the traced prompt
             assert len(options) == 4 and options[answer] == sample.description, (limit, options)

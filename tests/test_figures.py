@@ -31,7 +31,7 @@ from tests.figure_stores import (
     make_store,
     object_mask,
     store_with_images,
-)  # fmt: skip
+)
 
 nan = np.nan
 DPI = 100
@@ -58,10 +58,15 @@ def texts(fig) -> list[str]:
 # ---------------------------------------------------------------- style and names
 @pytest.mark.parametrize(
     "model, expected",
-    [("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-2B-Instruct"), ("/home/me/zoo/toy-qwen2vl", "toy-qwen2vl"),
-     ("/home/me/zoo/toy-qwen2vl/", "toy-qwen2vl"), ("mechhi/zoo/toy-qwen2vl", "toy-qwen2vl"),
-     ("./toy", "toy"), ("gpt2", "gpt2")],
-)  # fmt: skip
+    [
+        ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-2B-Instruct"),
+        ("/home/me/zoo/toy-qwen2vl", "toy-qwen2vl"),
+        ("/home/me/zoo/toy-qwen2vl/", "toy-qwen2vl"),
+        ("mechhi/zoo/toy-qwen2vl", "toy-qwen2vl"),
+        ("./toy", "toy"),
+        ("gpt2", "gpt2"),
+    ],
+)
 def test_short_name(model, expected):
     assert short_name({"model": model}) == expected
 
@@ -72,10 +77,21 @@ def test_short_name_falls_back_to_the_store_stem():
 
 
 def test_labels_say_what_differs(tmp_path):
-    a = make_store(tmp_path / "a.zarr", n_layers=2, n_heads=2, grids=[(2, 2)], model="/m/toy", dataset="/d/one#1")
-    b = make_store(tmp_path / "b.zarr", n_layers=2, n_heads=2, grids=[(2, 2)], model="/n/toy", dataset="/d/two#1")
-    c = make_store(tmp_path / "c.zarr", n_layers=2, n_heads=2, grids=[(2, 2)], model="/m/toy", dataset="/d/one#1",
-                   template="vqa")  # fmt: skip
+    a = make_store(
+        tmp_path / "a.zarr", n_layers=2, n_heads=2, grids=[(2, 2)], model="/m/toy", dataset="/d/one#1"
+    )
+    b = make_store(
+        tmp_path / "b.zarr", n_layers=2, n_heads=2, grids=[(2, 2)], model="/n/toy", dataset="/d/two#1"
+    )
+    c = make_store(
+        tmp_path / "c.zarr",
+        n_layers=2,
+        n_heads=2,
+        grids=[(2, 2)],
+        model="/m/toy",
+        dataset="/d/one#1",
+        template="vqa",
+    )
     assert model_labels([a, b]) == ["toy (one)", "toy (two)"]
     assert model_labels([a, c]) == ["toy (t)", "toy (vqa)"]
     assert model_labels([a, open_store(tmp_path / "a.zarr")]) == ["toy", "toy"]  # identical: no invented "#2"
@@ -108,7 +124,9 @@ def test_heatmap_cells_are_the_store_scores(tmp_path):
     L, H = 5, 3  # not square: a transposed grid would show elsewhere
     store = tmp_path / "s.zarr"
     make_store(store, n_layers=L, n_heads=H, grids=[(2, 2), (2, 3)], model="/very/long/abs/path/toy")
-    values = np.array([[0.2, 0.3, 0.25], [0.1, 0.9, nan], [0.4, 0.35, 0.3], [0.5, 0.45, 0.6], [0.3, 0.2, 0.15]])
+    values = np.array(
+        [[0.2, 0.3, 0.25], [0.1, 0.9, nan], [0.4, 0.35, 0.3], [0.5, 0.45, 0.6], [0.3, 0.2, 0.15]]
+    )
     write_scores(store, xr.Dataset({"head_impact": (("layer", "head"), values)}))
     fig = figures.heatmap_figure([open_store(store)])
     ax = fig.axes[0]
@@ -154,7 +172,10 @@ def test_profile_against_scipy(tmp_path, along, other):
         assert got["se"].values[k] == pytest.approx(stats.sem(row))
     if along == "layer":  # layers are ordered: the line of mean on layer index is scipy's
         fit = stats.linregress(np.arange(len(hi)), hi.mean(1))
-        assert (got.attrs["slope"], got.attrs["intercept"]) == (pytest.approx(fit.slope), pytest.approx(fit.intercept))
+        assert (got.attrs["slope"], got.attrs["intercept"]) == (
+            pytest.approx(fit.slope),
+            pytest.approx(fit.intercept),
+        )
     else:  # head indices are nominal: no line across them
         assert "slope" not in got.attrs and "intercept" not in got.attrs
 
@@ -183,7 +204,9 @@ def test_layers_figure_draws_means_bands_and_fit(tmp_path):
 
 
 def test_compare_aligns_models_on_depth(tmp_path):
-    shallow = make_store(tmp_path / "a.zarr", n_layers=3, n_heads=2, grids=[(2, 2)], model="/x/shallow", seed=1)
+    shallow = make_store(
+        tmp_path / "a.zarr", n_layers=3, n_heads=2, grids=[(2, 2)], model="/x/shallow", seed=1
+    )
     deep = make_store(tmp_path / "b.zarr", n_layers=7, n_heads=2, grids=[(2, 2)], model="org/deep", seed=2)
     fig = figures.compare_figure([shallow, deep])
     ax = fig.axes[0]
@@ -207,8 +230,15 @@ def overlay_store(tmp_path: Path, dataset: str = "/nowhere#0") -> xr.Dataset:
     cov0 = np.zeros(OWN)
     cov0[0, 0:2] = [0.9, 0.6]
     cov0[1, 1] = 0.4
-    return make_store(tmp_path / "o.zarr", n_layers=2, n_heads=3, grids=[OWN, BIG], dataset=dataset,
-                      attention=[att0, rng.random((2, 3) + BIG)], coverage=[cov0, rng.random(BIG)])  # fmt: skip
+    return make_store(
+        tmp_path / "o.zarr",
+        n_layers=2,
+        n_heads=3,
+        grids=[OWN, BIG],
+        dataset=dataset,
+        attention=[att0, rng.random((2, 3) + BIG)],
+        coverage=[cov0, rng.random(BIG)],
+    )
 
 
 def test_overlay_maps_cut_to_the_own_grid(tmp_path):
@@ -223,8 +253,11 @@ def test_overlay_maps_cut_to_the_own_grid(tmp_path):
 
 def _contour_contains(ax, style_colour: str, points: np.ndarray) -> np.ndarray:
     """Which points lie inside the contour drawn in `style_colour`."""
-    contour = next(c for c in ax.collections if isinstance(c, ContourSet)
-                   and np.allclose(c.get_edgecolor()[0][:3], to_rgb(style_colour)))  # fmt: skip
+    contour = next(
+        c
+        for c in ax.collections
+        if isinstance(c, ContourSet) and np.allclose(c.get_edgecolor()[0][:3], to_rgb(style_colour))
+    )
     return np.array([any(p.contains_point(pt) for p in contour.get_paths()) for pt in points])
 
 
@@ -246,9 +279,12 @@ def test_overlay_pixels_and_contours(tmp_path):
     assert (pixel(pixels, left, 150, 120) == 128).all()  # the plain panel: the image's own colour
     centres = np.array([(50 * c + 25, 50 * r + 25) for r in range(3) for c in range(4)])
     chosen = overlay_maps(ds, sample=0, layer=1, head=2).attention_bin.ravel()
-    np.testing.assert_array_equal(_contour_contains(right, figures.overlay.ATTENTION_BIN_STYLE["colors"], centres), chosen)
-    np.testing.assert_array_equal(_contour_contains(left, figures.overlay.TOKEN_MASK_STYLE["colors"], centres),
-                                  [1, 1] + [0] * 10)  # fmt: skip
+    np.testing.assert_array_equal(
+        _contour_contains(right, figures.overlay.ATTENTION_BIN_STYLE["colors"], centres), chosen
+    )
+    np.testing.assert_array_equal(
+        _contour_contains(left, figures.overlay.TOKEN_MASK_STYLE["colors"], centres), [1, 1] + [0] * 10
+    )
     inside = _contour_contains(left, "white", np.array([(50, 25), (150, 100)]))
     assert list(inside) == [True, False]  # the object's pixel outline
     assert right.get_title() == f"layer 1 head 2: IoU {float(ds.iou.sel(sample=0, layer=1, head=2)):.2f}"
@@ -272,7 +308,7 @@ def contrast(a, b) -> float:
 def test_high_attention_stays_visible_over_any_object_colour(tmp_path, name):
     """The hottest cell, drawn over an image all of one toy colour, must stand out from it
     (WCAG contrast >= 2.5; inferno's yellow hot end over the toy's yellow gave 1.26)."""
-    from mechhi.toyworld.world import COLOURS
+    from mechhi.data.synthetic import COLOURS
 
     ds = overlay_store(tmp_path)
     flat = Image.new("RGB", (200, 150), COLOURS[name])
@@ -298,10 +334,14 @@ def test_overlay_errors(tmp_path):
     with pytest.raises(figures.PlotError, match="pass the image"):
         figures.overlay_figure(ds, sample=0, layer=1, head=2)
     with pytest.raises(figures.PlotError, match=r"layer 9 is not in the store \(its layers: 0..1\)"):
-        figures.overlay_figure(ds, sample=0, layer=9, head=0, picture=figures.Picture(Image.new("RGB", (8, 8))))
+        figures.overlay_figure(
+            ds, sample=0, layer=9, head=0, picture=figures.Picture(Image.new("RGB", (8, 8)))
+        )
     no_maps = make_store(tmp_path / "n.zarr", n_layers=2, n_heads=2, grids=[(2, 2)], maps=False)
     with pytest.raises(figures.PlotError, match="--no-maps"):
-        figures.overlay_figure(no_maps, sample=0, layer=0, head=0, picture=figures.Picture(Image.new("RGB", (8, 8))))
+        figures.overlay_figure(
+            no_maps, sample=0, layer=0, head=0, picture=figures.Picture(Image.new("RGB", (8, 8)))
+        )
 
 
 def test_top_heads_grid_is_the_best_heads(tmp_path):
@@ -331,12 +371,14 @@ def test_sheet_keeps_the_image_colours(tmp_path):
 # ---------------------------------------------------------------- results
 def test_results_from_the_experiment(tmp_path):
     table4 = experiment_table4(fake_entries())
-    (tmp_path / "results.json").write_text(json.dumps({"table4": table4, "model": "/a/b/toy", "dataset": "/d/ft"}))
+    (tmp_path / "results.json").write_text(
+        json.dumps({"table4": table4, "model": "/a/b/toy", "dataset": "/d/ft"})
+    )
     table = figures.load_results(tmp_path)
     assert table.setups == ("original", "top-3", "random-3") and table.baseline == "original"
     fig = figures.results_figure(table)
     for ax, row in zip(fig.axes, table4):
-        bars = [c for c in ax.containers]  # errorbar containers, in drawing order
+        bars = list(ax.containers)  # errorbar containers, in drawing order
         points = [b for b in bars if b.lines[0] is not None and b.lines[0].get_marker() == "o"]
         for bar, setup in zip(points, table.setups):
             cell = row["cells"][setup]
@@ -352,10 +394,18 @@ def test_results_from_the_experiment(tmp_path):
 
 
 def test_generic_result_schema_round_trips(tmp_path):
-    data = {"title": "ablation", "baseline": "none", "setups": ["none", "top-4 heads"],
-            "metrics": [{"name": "acc", "label": "accuracy"}],
-            "cells": {"acc": {"none": {"mean": 0.9, "se": 0.01}, "top-4 heads": {"mean": 0.5, "se": 0.02,
-                                                                                  "spread_sd": 0.1, "n_seeds": 3}}}}  # fmt: skip
+    data = {
+        "title": "ablation",
+        "baseline": "none",
+        "setups": ["none", "top-4 heads"],
+        "metrics": [{"name": "acc", "label": "accuracy"}],
+        "cells": {
+            "acc": {
+                "none": {"mean": 0.9, "se": 0.01},
+                "top-4 heads": {"mean": 0.5, "se": 0.02, "spread_sd": 0.1, "n_seeds": 3},
+            }
+        },
+    }
     table = figures.ResultTable.from_dict(data)
     assert figures.ResultTable.from_dict(table.to_dict()) == table
     (tmp_path / "r.json").write_text(json.dumps(data))

@@ -15,7 +15,6 @@ import torch
 import xarray as xr
 from safetensors.torch import load_file
 
-from mechhi.toyworld.world import WorldConfig, build_synthetic
 from mechhi.finetune import (
     CHECKPOINT_DIR,
     SELECTION_FILE,
@@ -31,10 +30,9 @@ from mechhi.finetune import (
     validation_loss,
 )
 from mechhi.models import FAMILIES
-from mechhi.models.qwen2_vl import Qwen2VLAdapter
-from mechhi.store import SampleMeta, create_store, write_scores
-from mechhi.toyworld.model import vocabulary
+from mechhi.models.tiny import CASES
 from tests.conftest import tiny
+from tests.finetune_inputs import scored_store, tiny_dataset, toy_tiny
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -54,40 +52,17 @@ def hand_store(means: np.ndarray = LAYER_MEANS) -> xr.Dataset:
     )
 
 
-def toy_tiny(layers: int = 4):
-    """A tiny random Qwen2-VL with the toy's vocabulary (size words included), float32."""
-    torch.manual_seed(0)
-    model, processor = Qwen2VLAdapter.build_tiny(words=vocabulary(), layers=layers)
-    return model.float().eval(), Qwen2VLAdapter(model.config, processor)
-
-
-def tiny_dataset(root: Path, n_images: int = 16) -> Path:
-    """Synthetic scenes at 56 px (4 visual tokens) with size words, train/val/test splits."""
-    return build_synthetic(root, n_images=n_images, seed=3, splits={"train": 0.5, "val": 0.25, "test": 0.25},
-                           config=WorldConfig(image_size=56, describe_size=True, max_objects=2),
-                           progress=False)  # fmt: skip
-
-
-def scored_store(path: Path, n_layers: int, means: np.ndarray | None = None, *, samples: int = 1,
-                 traced: int | None = None) -> Path:  # fmt: skip
-    """A real on-disk store (create_store + write_scores) with a hand-made head_impact;
-    the first ``traced`` samples (default all) flagged done."""
-    import zarr
-
-    means = np.linspace(0.1, 0.9, n_layers)[::-1] if means is None else means
-    metas = [SampleMeta(f"{i:06d}", "0", "a red circle", {"image": (2, 2)}) for i in range(samples)]
-    create_store(path, samples=metas, n_layers=n_layers, n_heads=4, maps=False,
-                 attrs={"model": "tiny-toy", "model_revision": "", "dtype": "float32", "prompt_template": "caption",
-                        "dataset": "tiny#0"})  # fmt: skip
-    hi = np.repeat(np.asarray(means, dtype=float)[:, None], 4, axis=1)  # (layer, head)
-    write_scores(path, xr.Dataset({"head_impact": (("layer", "head"), hi)}))
-    done = zarr.open_group(str(path), mode="r+")["done"]
-    done[: samples if traced is None else traced] = True
-    return path
-
-
-FAST = TrainSettings(max_steps=4, batch_size=2, grad_accum=2, lr=1e-2, warmup=1, eval_every=2, patience=0,
-                     val_limit=4, checkpoint_every=1)  # fmt: skip
+FAST = TrainSettings(
+    max_steps=4,
+    batch_size=2,
+    grad_accum=2,
+    lr=1e-2,
+    warmup=1,
+    eval_every=2,
+    patience=0,
+    val_limit=4,
+    checkpoint_every=1,
+)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -140,10 +115,14 @@ def test_provenance_from_a_store_on_disk(tmp_path):
     sel = select_layers(path, "top-2")
     assert sel.layers == (1, 3)
     prov = sel.provenance
-    assert prov["store"] == str(path.resolve()) and prov["model"] == "tiny-toy" and prov["dataset"] == "tiny#0"
+    assert (
+        prov["store"] == str(path.resolve()) and prov["model"] == "tiny-toy" and prov["dataset"] == "tiny#0"
+    )
     assert [r["layer"] for r in prov["ranking"]] == [1, 3, 4, 5, 0, 2]
     other = scored_store(tmp_path / "t.zarr", 6, np.array([0.2, 0.6, 0.1, 0.5, 0.4, 0.31]))
-    assert select_layers(other, "top-2").provenance["head_impact_fingerprint"] != prov["head_impact_fingerprint"]
+    assert (
+        select_layers(other, "top-2").provenance["head_impact_fingerprint"] != prov["head_impact_fingerprint"]
+    )
 
 
 def _valid_depth_matchings(top, pool, depth, band):
@@ -151,8 +130,11 @@ def _valid_depth_matchings(top, pool, depth, band):
     the independent reference for depth-K (brute force)."""
     import itertools
 
-    return {tuple(sorted(choice)) for choice in itertools.permutations(pool, len(top))
-            if all(abs(depth(l) - depth(t)) <= band + 1e-12 for t, l in zip(top, choice))}  # fmt: skip
+    return {
+        tuple(sorted(choice))
+        for choice in itertools.permutations(pool, len(top))
+        if all(abs(depth(l) - depth(t)) <= band + 1e-12 for t, l in zip(top, choice))
+    }
 
 
 def test_depth_k_matches_each_top_layer_within_its_band():
@@ -216,14 +198,20 @@ def test_sample_loss_is_the_mean_of_per_sample_answer_nll(tmp_path):
         ids = batch.inputs["input_ids"][0]
         with torch.no_grad():
             logp = torch.log_softmax(model(**batch.inputs).logits[0].double(), -1)
-        per_sample.append(float(np.mean([-logp[t - 1, ids[t]].item() for t in batch.layouts[0].query_positions])))
+        per_sample.append(
+            float(np.mean([-logp[t - 1, ids[t]].item() for t in batch.layouts[0].query_positions]))
+        )
     with torch.no_grad():
         whole = answer_loss(model, adapter.prepare(images, answers), reduction="sample")
-        halves = [answer_loss(model, adapter.prepare(images[i : i + 2], answers[i : i + 2]), reduction="sample")
-                  for i in (0, 2)]  # fmt: skip
+        halves = [
+            answer_loss(model, adapter.prepare(images[i : i + 2], answers[i : i + 2]), reduction="sample")
+            for i in (0, 2)
+        ]
         tokens = answer_loss(model, adapter.prepare(images, answers))
     assert float(whole) == pytest.approx(np.mean(per_sample), rel=1e-5)
-    assert float(whole) == pytest.approx(float(sum(halves) / 2), rel=1e-5)  # what DDP's average over 2 ranks gives
+    assert float(whole) == pytest.approx(
+        float(sum(halves) / 2), rel=1e-5
+    )  # what DDP's average over 2 ranks gives
     assert float(tokens) != pytest.approx(float(whole), rel=1e-3)  # the token mean weighs long answers more
 
 
@@ -246,21 +234,27 @@ def _expected_qkv(model: torch.nn.Module, prefix: str, layers: list[int]) -> set
 
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.family for f in FAMILIES])
 def test_lora_goes_on_exactly_the_chosen_qkv(family):
-    case = next(iter(family.tiny_cases))
+    case = next(iter(CASES[family.family]))
     base, adapter = tiny(family.family, case)
     model = copy.deepcopy(base)  # peft edits in place; the cached tiny model is shared
     n_layers = adapter.n_layers
     chosen = [n_layers - 1]
     expected = _expected_qkv(model, adapter.decoder_layers, chosen)
     assert len(expected) == 3
-    vision_linears = [n for n, m in model.named_modules() if n.startswith(adapter.vision_tower) and isinstance(m, torch.nn.Linear)]
+    vision_linears = [
+        n
+        for n, m in model.named_modules()
+        if n.startswith(adapter.vision_tower) and isinstance(m, torch.nn.Linear)
+    ]
     assert vision_linears  # the tower exists, so "never matched" below is a real check
     sizes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if n in expected}
 
     peft_model = attach_lora(model, adapter, chosen)
     from peft.tuners.lora import LoraLayer
 
-    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    wrapped = {
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
+    }
     assert wrapped == expected
     assert not any(n.startswith(adapter.vision_tower) for n in wrapped)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -280,7 +274,9 @@ def test_full_selection_wraps_every_decoder_layer():
     peft_model = attach_lora(model, adapter, list(range(adapter.n_layers)))
     from peft.tuners.lora import LoraLayer
 
-    assert {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)} == expected
+    assert {
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
+    } == expected
     peft_model.unload()
     assert not any("lora" in n for n, _ in model.named_parameters())  # unload gives the plain model back
 
@@ -292,13 +288,27 @@ def test_full_selection_wraps_every_decoder_layer():
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
     model, adapter = toy_tiny()
-    return {"root": root, "data": tiny_dataset(root / "data"), "store": scored_store(root / "s.zarr", 4),
-            "model": model, "adapter": adapter}  # fmt: skip
+    return {
+        "root": root,
+        "data": tiny_dataset(root / "data"),
+        "store": scored_store(root / "s.zarr", 4),
+        "model": model,
+        "adapter": adapter,
+    }
 
 
 def _config(setup, out: Path, **kw) -> FinetuneConfig:
-    return FinetuneConfig(**{"store": str(setup["store"]), "select": "top-2", "out": str(out),
-                             "dataset": str(setup["data"]), "model": "tiny-toy", "train": FAST, **kw})  # fmt: skip
+    return FinetuneConfig(
+        **{
+            "store": str(setup["store"]),
+            "select": "top-2",
+            "out": str(out),
+            "dataset": str(setup["data"]),
+            "model": "tiny-toy",
+            "train": FAST,
+            **kw,
+        }
+    )
 
 
 def test_training_lowers_the_loss_and_trains_lora_b(setup):
@@ -337,8 +347,11 @@ def _same_adapter(a_dir: Path, b_dir: Path, atol: float = 0.0) -> None:
 @pytest.fixture(scope="module")
 def straight(setup):
     """An uninterrupted run: the reference the interrupted ones must reproduce."""
-    return finetune(_config(setup, setup["root"] / "straight"), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]),
-                    progress=False)  # fmt: skip
+    return finetune(
+        _config(setup, setup["root"] / "straight"),
+        loaded=(copy.deepcopy(setup["model"]), setup["adapter"]),
+        progress=False,
+    )
 
 
 def test_resume_after_interruption_gives_the_same_adapter(setup, straight):
@@ -348,11 +361,17 @@ def test_resume_after_interruption_gives_the_same_adapter(setup, straight):
 
     out = setup["root"] / "resumed"
     with pytest.raises(Interrupt):
-        finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False,
-                 on_step=stop_at_2)  # fmt: skip
+        finetune(
+            _config(setup, out),
+            loaded=(copy.deepcopy(setup["model"]), setup["adapter"]),
+            progress=False,
+            on_step=stop_at_2,
+        )
     latest = json.loads((out / CHECKPOINT_DIR / "latest.json").read_text())
     assert latest["step"] == 2 and not (out / SELECTION_FILE).exists()
-    resumed = finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)
+    resumed = finetune(
+        _config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False
+    )
     _same_adapter(straight.out, resumed.out)
     assert [r["loss"] for r in resumed.history.train] == [r["loss"] for r in straight.history.train]
     assert not (out / CHECKPOINT_DIR).exists()  # a finished run keeps only the adapter
@@ -372,12 +391,18 @@ def test_a_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(se
     monkeypatch.setattr(accelerate.accelerator, "save_custom_state", dies_in_the_third_save)
     out = setup["root"] / "killed-mid-save"
     with pytest.raises(Interrupt):
-        finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)
+        finetune(
+            _config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False
+        )
     monkeypatch.undo()
     half = out / CHECKPOINT_DIR / "step-00000003.partial"
     assert half.is_dir() and (half / "optimizer.bin").is_file()  # a half checkpoint is on disk ...
-    assert json.loads((out / CHECKPOINT_DIR / "latest.json").read_text())["step"] == 2  # ... and not the latest
-    resumed = finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)
+    assert (
+        json.loads((out / CHECKPOINT_DIR / "latest.json").read_text())["step"] == 2
+    )  # ... and not the latest
+    resumed = finetune(
+        _config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False
+    )
     _same_adapter(straight.out, resumed.out)
     assert [r["loss"] for r in resumed.history.train] == [r["loss"] for r in straight.history.train]
 
@@ -388,15 +413,19 @@ def test_a_checkpoint_of_another_run_is_refused(setup):
 
     out = setup["root"] / "other-run"
     with pytest.raises(Interrupt):
-        finetune(_config(setup, out), loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False,
-                 on_step=stop_at_1)  # fmt: skip
+        finetune(
+            _config(setup, out),
+            loaded=(copy.deepcopy(setup["model"]), setup["adapter"]),
+            progress=False,
+            on_step=stop_at_1,
+        )
     other = _config(setup, out, select="top-1")
     with pytest.raises(ValueError, match="checkpoint of another fine-tuning run"):
         finetune(other, loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)
 
 
 def test_images_are_decoded_once_and_validation_is_prepared_once(setup, monkeypatch):
-    import mechhi.finetune.data as data_module
+    import mechhi.finetune.training_data as data_module
     from mechhi.finetune import micro_batch
 
     prepared = []
@@ -405,19 +434,33 @@ def test_images_are_decoded_once_and_validation_is_prepared_once(setup, monkeypa
     data = FinetuneData.read(setup["data"], val_limit=FAST.val_limit)
     every_step = TrainSettings(**{**FAST.__dict__, "eval_every": 1})  # 4 validations
     for name in ("once-a", "once-b"):  # two runs on one FinetuneData, as the experiment does
-        finetune(_config(setup, setup["root"] / name, train=every_step), data=data,
-                 loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)  # fmt: skip
-    assert len(prepared) == -(-FAST.val_limit // FAST.batch_size)  # the val batches, prepared once for both runs
-    drawn = {int(i) for j in range(FAST.max_steps * FAST.grad_accum)
-             for i in micro_batch(len(data.train), seed=FAST.seed, index=j, size=FAST.batch_size)}  # fmt: skip
+        finetune(
+            _config(setup, setup["root"] / name, train=every_step),
+            data=data,
+            loaded=(copy.deepcopy(setup["model"]), setup["adapter"]),
+            progress=False,
+        )
+    assert len(prepared) == -(
+        -FAST.val_limit // FAST.batch_size
+    )  # the val batches, prepared once for both runs
+    drawn = {
+        int(i)
+        for j in range(FAST.max_steps * FAST.grad_accum)
+        for i in micro_batch(len(data.train), seed=FAST.seed, index=j, size=FAST.batch_size)
+    }
     files = {data.train[i].image_path for i in drawn} | {s.image_path for s in data.val}
-    assert data.images.decoded == len(files) == len(data.images)  # each image file decoded once, over both runs
+    assert (
+        data.images.decoded == len(files) == len(data.images)
+    )  # each image file decoded once, over both runs
 
 
 def test_a_partly_traced_store_warns_how_many_samples_the_ranking_rests_on(setup, capsys):
     store = scored_store(setup["root"] / "partial.zarr", 4, samples=5, traced=3)
-    finetune(_config(setup, setup["root"] / "partial", store=str(store)),
-             loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)  # fmt: skip
+    finetune(
+        _config(setup, setup["root"] / "partial", store=str(store)),
+        loaded=(copy.deepcopy(setup["model"]), setup["adapter"]),
+        progress=False,
+    )
     err = capsys.readouterr().err
     assert "ranking rests on 3 of the store's 5 samples" in err
     meta = json.loads((setup["root"] / "partial" / SELECTION_FILE).read_text())
@@ -426,11 +469,16 @@ def test_a_partly_traced_store_warns_how_many_samples_the_ranking_rests_on(setup
 
 def test_early_stopping_stops_and_keeps_the_best(setup):
     bad_lr = TrainSettings(**{**FAST.__dict__, "lr": 5.0, "max_steps": 8, "eval_every": 1, "patience": 2})
-    result = finetune(_config(setup, setup["root"] / "early", train=bad_lr),
-                      loaded=(copy.deepcopy(setup["model"]), setup["adapter"]), progress=False)  # fmt: skip
+    result = finetune(
+        _config(setup, setup["root"] / "early", train=bad_lr),
+        loaded=(copy.deepcopy(setup["model"]), setup["adapter"]),
+        progress=False,
+    )
     vals = [v["loss"] for v in result.history.val]
     assert result.history.stopped_early and len(vals) < 8
-    assert vals.index(min(vals)) == len(vals) - 3 and result.history.best_loss == min(vals)  # 2 bad evals after it
+    assert vals.index(min(vals)) == len(vals) - 3 and result.history.best_loss == min(
+        vals
+    )  # 2 bad evals after it
     # the saved adapter holds the best weights, not the last ones
     from peft import PeftModel
 
@@ -438,4 +486,6 @@ def test_early_stopping_stops_and_keeps_the_best(setup):
 
     model = PeftModel.from_pretrained(copy.deepcopy(setup["model"]), str(result.out))
     val = load_split(setup["data"], "val", FAST.val_limit).samples
-    assert validation_loss(model, setup["adapter"], val, batch_size=2) == pytest.approx(result.history.best_loss, rel=1e-5)
+    assert validation_loss(model, setup["adapter"], val, batch_size=2) == pytest.approx(
+        result.history.best_loss, rel=1e-5
+    )

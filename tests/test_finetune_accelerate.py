@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from mechhi.finetune import LOG_FILE, SELECTION_FILE, FinetuneConfig, TrainSettings, finetune
-from mechhi.models.qwen2_vl import Qwen2VLAdapter
-from mechhi.toyworld.model import vocabulary
-from tests.test_finetune import scored_store, tiny_dataset
+from mechhi.models.tiny import tiny_qwen2_vl
+from mechhi.models.toy import vocabulary
+from tests.finetune_inputs import scored_store, tiny_dataset
 
 STEPS, BATCH, ACCUM = 3, 2, 2
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +37,34 @@ def _free_port() -> int:
 
 def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).with_name("accelerate")
-    launcher = [str(accelerate), "launch"] if accelerate.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    cmd = [*launcher, "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "mechhi", "finetune", *args]  # fmt: skip
+    launcher = (
+        [str(accelerate), "launch"]
+        if accelerate.exists()
+        else [sys.executable, "-m", "accelerate.commands.launch"]
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        *launcher,
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "mechhi",
+        "finetune",
+        *args,
+    ]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
@@ -50,20 +72,56 @@ def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     torch.manual_seed(0)
-    Qwen2VLAdapter.build_tiny(root / "model", words=vocabulary(), layers=2)
-    return {"root": root, "model": root / "model", "data": tiny_dataset(root / "data"),
-            "store": scored_store(root / "s.zarr", 2)}  # fmt: skip
+    tiny_qwen2_vl(root / "model", words=vocabulary(), layers=2)
+    return {
+        "root": root,
+        "model": root / "model",
+        "data": tiny_dataset(root / "data"),
+        "store": scored_store(root / "s.zarr", 2),
+    }
 
 
 def test_two_processes_with_half_the_batch_train_the_same_adapter(world):
-    settings = TrainSettings(max_steps=STEPS, batch_size=BATCH, grad_accum=ACCUM)  # the command's, otherwise default
-    one = finetune(FinetuneConfig(store=str(world["store"]), select="full", out=str(world["root"] / "one"),
-                                  dataset=str(world["data"]), model=str(world["model"]), device="cpu", train=settings),
-                   progress=False)  # fmt: skip
+    settings = TrainSettings(
+        max_steps=STEPS, batch_size=BATCH, grad_accum=ACCUM
+    )  # the command's, otherwise default
+    one = finetune(
+        FinetuneConfig(
+            store=str(world["store"]),
+            select="full",
+            out=str(world["root"] / "one"),
+            dataset=str(world["data"]),
+            model=str(world["model"]),
+            device="cpu",
+            train=settings,
+        ),
+        progress=False,
+    )
     two_dir = world["root"] / "two"
-    run = _launch(["--store", str(world["store"]), "--select", "full", "--out", str(two_dir), "--dataset",
-                   str(world["data"]), "--model", str(world["model"]), "--device", "cpu", "--max-steps", str(STEPS),
-                   "--batch-size", str(BATCH // 2), "--grad-accum", str(ACCUM), "--json"], processes=2)  # fmt: skip
+    run = _launch(
+        [
+            "--store",
+            str(world["store"]),
+            "--select",
+            "full",
+            "--out",
+            str(two_dir),
+            "--dataset",
+            str(world["data"]),
+            "--model",
+            str(world["model"]),
+            "--device",
+            "cpu",
+            "--max-steps",
+            str(STEPS),
+            "--batch-size",
+            str(BATCH // 2),
+            "--grad-accum",
+            str(ACCUM),
+            "--json",
+        ],
+        processes=2,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)  # only the main process prints, and only the result
     assert summary["layers"] == [0, 1]

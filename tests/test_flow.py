@@ -14,13 +14,13 @@ from scipy.stats import spearmanr
 
 import mechhi.bundled as bundled
 from mechhi.data.format import load_dataset
+from mechhi.data.synthetic import render_counterfactual, render_one
 from mechhi.flow.attribution import attribute_heads
 from mechhi.flow.counterfactual import make_pair
 from mechhi.flow.groups import GroupError, TokenGroups, token_groups
 from mechhi.flow.knockout import Knockout, KnockoutRunner, blocked_edges, windows
 from mechhi.flow.patching import Patcher, summarise
 from mechhi.models.loading import load
-from mechhi.toyworld.world import render_counterfactual, render_one
 from mechhi.trace.sites import resolve
 
 
@@ -56,7 +56,9 @@ def test_groups_partition_the_image_and_name_the_answer(toy, samples):
 @pytest.mark.parametrize("heads", [None, (0, 2)])
 def test_knockout_equals_eager_with_the_mask_entries_set_by_hand(toy, samples, heads):
     model, adapter = toy
-    eager, eager_adapter = load(bundled.BUNDLED_MODEL_ID, device="cpu", dtype="float32", attn_implementation="eager")
+    eager, eager_adapter = load(
+        bundled.BUNDLED_MODEL_ID, device="cpu", dtype="float32", attn_implementation="eager"
+    )
     batch, groups = _batch(adapter, samples)
     knockout = Knockout("image", "description", (1, 2, 3), heads)
     out = KnockoutRunner(model, adapter).logits(batch, groups, knockout)
@@ -74,7 +76,9 @@ def test_knockout_equals_eager_with_the_mask_entries_set_by_hand(toy, samples, h
 
     layers = resolve(eager, eager_adapter.decoder_layers)
     for layer in knockout.layers:
-        hooks.append(resolve(layers[layer], eager_adapter.attention).register_forward_pre_hook(close, with_kwargs=True))
+        hooks.append(
+            resolve(layers[layer], eager_adapter.attention).register_forward_pre_hook(close, with_kwargs=True)
+        )
     try:
         with torch.no_grad():
             reference = eager(**batch.inputs).logits
@@ -118,13 +122,18 @@ def test_a_toy_counterfactual_changes_only_the_object_pixels(change):
     assert differs.any() and not (differs & ~mask).any()
     assert (counter is None) == (change == "remove")
     if counter:
-        assert counter != record.objects[0].description and counter.split()[-1] == record.objects[0].description.split()[-1]
+        assert (
+            counter != record.objects[0].description
+            and counter.split()[-1] == record.objects[0].description.split()[-1]
+        )
 
 
 def test_the_counterfactual_of_a_dataset_sample_rerenders_its_scene(samples):
     pair = make_pair(samples[0], "colour", dataset=bundled.BUNDLED_DATASET)
     differs = (np.asarray(pair.corrupted, dtype=int) != np.asarray(pair.clean, dtype=int)).any(-1)
-    assert differs.any() and not (differs & ~samples[0].mask()).any()  # same scene, only the object recoloured
+    assert (
+        differs.any() and not (differs & ~samples[0].mask()).any()
+    )  # same scene, only the object recoloured
 
 
 def _hooked_patch(model, adapter, pair, patcher, heads):
@@ -134,8 +143,10 @@ def _hooked_patch(model, adapter, pair, patcher, heads):
     layers = resolve(model, adapter.decoder_layers)
     projections = [resolve(layers[i], f"{adapter.attention}.o_proj") for i in range(len(layers))]
     saved = {}
-    hooks = [p.register_forward_pre_hook(lambda m, a, i=i: saved.__setitem__(i, a[0].clone()))
-             for i, p in enumerate(projections)]  # fmt: skip
+    hooks = [
+        p.register_forward_pre_hook(lambda m, a, i=i: saved.__setitem__(i, a[0].clone()))
+        for i, p in enumerate(projections)
+    ]
     with torch.no_grad():
         model(**clean.inputs)
     for h in hooks:
@@ -166,7 +177,9 @@ def test_exact_head_patching_equals_a_hooked_reference(toy, samples):
     patcher = Patcher(model, adapter, batch_size=7)  # chunks split layers: every path of the batching runs
     pair = make_pair(samples[1], "colour", dataset=bundled.BUNDLED_DATASET)
     terms = patcher.patch_heads(pair)
-    assert terms["clean"] > terms["corrupted"]  # the clean word wins on the clean image, not on the counterfactual
+    assert (
+        terms["clean"] > terms["corrupted"]
+    )  # the clean word wins on the clean image, not on the counterfactual
     for layer, head in [(0, 0), (6, 2), (11, 3)]:
         expected = _hooked_patch(model, adapter, pair, patcher, [(layer, head)])
         assert terms["patched"][layer, head] == pytest.approx(expected, abs=1e-4)
@@ -186,8 +199,10 @@ def test_patching_clean_into_clean_changes_nothing(toy, samples):
 
 
 def test_summarise_normalises_with_a_delta_method_se():
-    terms = [{"clean": 4.0, "corrupted": 0.0, "patched": np.array([2.0, 0.0])},
-             {"clean": 2.0, "corrupted": 0.0, "patched": np.array([2.0, 1.0])}]  # fmt: skip
+    terms = [
+        {"clean": 4.0, "corrupted": 0.0, "patched": np.array([2.0, 0.0])},
+        {"clean": 2.0, "corrupted": 0.0, "patched": np.array([2.0, 1.0])},
+    ]
     result = summarise(terms)
     np.testing.assert_allclose(result["effect"], [4.0 / 6.0, 1.0 / 6.0])  # mean gained / mean gap
     assert float(result["gap"]) == 3.0
@@ -215,14 +230,28 @@ def test_attribution_ranks_heads_as_exact_patching_does_and_leaves_the_weights_a
 def test_patch_and_knockout_commands(tmp_path, toy):
     from typer.testing import CliRunner
 
-    from mechhi.cli import app
-    from mechhi.trace.job import TraceConfig, trace_dataset
+    from mechhi.commands import app
+    from mechhi.trace.trace_dataset import TraceConfig, trace_dataset
 
     store = tmp_path / "toy.zarr"
     trace_dataset(TraceConfig(store=str(store), limit=4, device="cpu"), progress=False, loaded=toy)
     runner = CliRunner()
-    args = ["patch", "--store", str(store), "--limit", "2", "--method", "both", "--device", "cpu",
-            "--dataset", str(bundled.BUNDLED_DATASET), "--split", "trace", "--json"]  # fmt: skip
+    args = [
+        "patch",
+        "--store",
+        str(store),
+        "--limit",
+        "2",
+        "--method",
+        "both",
+        "--device",
+        "cpu",
+        "--dataset",
+        str(bundled.BUNDLED_DATASET),
+        "--split",
+        "trace",
+        "--json",
+    ]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
@@ -230,12 +259,36 @@ def test_patch_and_knockout_commands(tmp_path, toy):
     again = json.loads(runner.invoke(app, args).stdout)
     assert again["results"]["exact"]["effect"] == report["results"]["exact"]["effect"]
     figure = tmp_path / "knockout.png"
-    ran = runner.invoke(app, ["knockout", "--store", str(store), "--limit", "2", "--window", "6", "--device", "cpu",
-                              "--pairs", "image->description", "--dataset", str(bundled.BUNDLED_DATASET),
-                              "--split", "trace", "--out", str(tmp_path / "ko"), "--figure", str(figure), "--json"])
+    ran = runner.invoke(
+        app,
+        [
+            "knockout",
+            "--store",
+            str(store),
+            "--limit",
+            "2",
+            "--window",
+            "6",
+            "--device",
+            "cpu",
+            "--pairs",
+            "image->description",
+            "--dataset",
+            str(bundled.BUNDLED_DATASET),
+            "--split",
+            "trace",
+            "--out",
+            str(tmp_path / "ko"),
+            "--figure",
+            str(figure),
+            "--json",
+        ],
+    )
     assert ran.exit_code == 0, ran.output
     knocked = json.loads(ran.stdout)
     assert [r["window"] for r in knocked["rows"]] == [[0, 5], [6, 11]] and figure.stat().st_size > 1000
-    assert knocked["rows"][0]["change"]["answer_logprob"]["mean"] < 0  # cutting the image off the answer hurts it
+    assert (
+        knocked["rows"][0]["change"]["answer_logprob"]["mean"] < 0
+    )  # cutting the image off the answer hurts it
     bad = runner.invoke(app, ["knockout", "--store", str(store), "--pairs", "image->nowhere"])
     assert bad.exit_code == 1 and "unknown token group 'nowhere'" in bad.output

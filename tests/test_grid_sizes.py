@@ -11,8 +11,20 @@ from tests.conftest import noise_image
 # (width, height): square, both aspect ratios, tiny (below Qwen2-VL's min_pixels), large
 # (above its max_pixels and the tiling threshold), odd sizes that round differently,
 # and extreme aspect ratios.
-SIZES = [(84, 84), (140, 112), (112, 140), (20, 30), (31, 17), (401, 299), (640, 480), (97, 1003),
-         (1203, 55), (223, 225), (56, 168), (333, 333)]  # fmt: skip
+SIZES = [
+    (84, 84),
+    (140, 112),
+    (112, 140),
+    (20, 30),
+    (31, 17),
+    (401, 299),
+    (640, 480),
+    (97, 1003),
+    (1203, 55),
+    (223, 225),
+    (56, 168),
+    (333, 333),
+]
 
 
 def processor_grids(adapter, size):

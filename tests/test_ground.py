@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.grounding import attended_region, box_iou, bounding_box, sample_grounding
-from tests.helpers import invoke, invoke_json, one_line_error
-from tests.test_trace_job import cli_trace, dataset_dir, tiny_model_dir  # noqa: F401  (fixtures)
+from probes.grounding import attended_region, bounding_box, box_iou, sample_grounding
+from tests.helpers import cli_trace, invoke, invoke_json, one_line_error
 
 
 def test_a_planted_box_grounds_with_iou_one():
@@ -45,10 +44,12 @@ def test_box_iou_and_the_largest_region_by_hand():
         attended_region(m, sigma=-1)
 
 
-def test_cli_ground(tiny_model_dir, dataset_dir, tmp_path):  # noqa: F811
+def test_cli_ground(tiny_model_dir, dataset_dir, tmp_path):
     store = tmp_path / "s.zarr"
     cli_trace(tiny_model_dir, dataset_dir, store)
-    payload = invoke_json(["ground", "--store", store, "--by", "spatial-entropy,head-impact", "--n-heads", "2"])
+    payload = invoke_json(
+        ["ground", "--store", store, "--by", "spatial-entropy,head-impact", "--n-heads", "2"]
+    )
     by = {g["by"]: g for g in payload["groundings"]}
     assert set(by) == {"spatial-entropy", "head-impact"} and all(len(g["heads"]) == 2 for g in by.values())
     from mechhi.store import open_store
@@ -57,8 +58,12 @@ def test_cli_ground(tiny_model_dir, dataset_dir, tmp_path):  # noqa: F811
     again = ground(open_store(store), [tuple(h) for h in by["head-impact"]["heads"]])
     assert by["head-impact"]["box_accuracy"] == pytest.approx(float((again.box_iou >= 0.5).mean()))
     assert 0.0 <= payload["whole_image"]["box_iou_mean"] <= 1.0
-    assert payload["overlap"][0]["shared"] == len({tuple(h) for h in by["head-impact"]["heads"]}
-                                                  & {tuple(h) for h in by["spatial-entropy"]["heads"]})  # fmt: skip
+    assert payload["overlap"][0]["shared"] == len(
+        {tuple(h) for h in by["head-impact"]["heads"]} & {tuple(h) for h in by["spatial-entropy"]["heads"]}
+    )
     assert "whole image" in invoke(["ground", "--store", store]).stdout
-    assert "--by nope: choose" in one_line_error(invoke(["ground", "--store", store, "--by", "nope"], exit_code=1))
-    assert "head 7:0 is not in the store" in str(pytest.raises(ValueError, ground, open_store(store), [(7, 0)]).value)
+    assert "--by nope: choose" in one_line_error(
+        invoke(["ground", "--store", store, "--by", "nope"], exit_code=1)
+    )
+    with pytest.raises(ValueError, match="head 7:0 is not in the store"):
+        ground(open_store(store), [(7, 0)])

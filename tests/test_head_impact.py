@@ -8,10 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-import zarr
 from scipy import stats
-
-from tests.conftest import GRIDS, H, L
 
 from mechhi.store import SampleMeta, create_store, open_store, write_batch
 from probes.head_impact import (
@@ -27,6 +24,7 @@ from probes.head_impact import (
     score,
     score_store,
 )
+from tests.conftest import GRIDS, H, L
 
 nan = np.nan
 
@@ -67,12 +65,12 @@ def test_small_object_keeps_best_tokens():
     coverage = np.array([[0.3, 0.1], [0.3, 0.0]])  # nothing reaches 0.5; best 0.3 ties at (0,0), (1,0)
     attention = np.array([[[[0.5, 0.1], [0.1, 0.1]]]])  # mean 0.2 -> A = {(0,0)}
     keep = sample_iou({"image": attention}, {"image": coverage})  # M = {(0,0), (1,0)} -> 1/2
-    drop = sample_iou({"image": attention}, {"image": coverage}, BinarizeRule(keep_best_token=False))  # M empty -> 0/1
+    drop = sample_iou(
+        {"image": attention}, {"image": coverage}, BinarizeRule(keep_best_token=False)
+    )  # M empty -> 0/1
     np.testing.assert_allclose(keep, [[0.5]])
     np.testing.assert_allclose(drop, [[0.0]])
-    np.testing.assert_array_equal(
-        binarize_mask(np.array([0.3, 0.1, 0.3, nan])), [True, False, True, False]
-    )
+    np.testing.assert_array_equal(binarize_mask(np.array([0.3, 0.1, 0.3, nan])), [True, False, True, False])
     # Once any token reaches the threshold, best-token claiming does not apply.
     np.testing.assert_array_equal(binarize_mask(np.array([0.5, 0.4, nan])), [True, False, False])
 
@@ -114,14 +112,19 @@ def test_head_impact_skips_nan_samples():
     coords = {"sample": [0, 1, 2], "layer": [0], "head": [0, 1, 2]}
     got = head_impact_from_iou(xr.DataArray(values, dims=("sample", "layer", "head"), coords=coords))
     expected = xr.DataArray(
-        [[0.75, 0.3, nan]], dims=("layer", "head"), coords={"layer": [0], "head": [0, 1, 2]}, name="head_impact"
+        [[0.75, 0.3, nan]],
+        dims=("layer", "head"),
+        coords={"layer": [0], "head": [0, 1, 2]},
+        name="head_impact",
     )
     xr.testing.assert_allclose(got, expected)
 
 
 def test_rule_validation_and_record():
     assert BinarizeRule().to_dict() == {"attention": "mean", "mask_threshold": 0.5, "keep_best_token": True}
-    assert BinarizeRule.from_dict(BinarizeRule(mask_threshold=0.3).to_dict()) == BinarizeRule(mask_threshold=0.3)
+    assert BinarizeRule.from_dict(BinarizeRule(mask_threshold=0.3).to_dict()) == BinarizeRule(
+        mask_threshold=0.3
+    )
     assert "0.5" in BinarizeRule().describe()
     with pytest.raises(ValueError, match="mask_threshold"):
         BinarizeRule(mask_threshold=0.0)
@@ -134,7 +137,9 @@ def hi_dataset(seed: int = 0) -> xr.Dataset:
     rng = np.random.default_rng(seed)
     values = rng.random((6, 3, 4))  # (sample, layer, head)
     values[rng.random(values.shape) < 0.2] = nan
-    iou_da = xr.DataArray(values, dims=("sample", "layer", "head"), coords={"layer": [0, 1, 2], "head": [0, 1, 2, 3]})
+    iou_da = xr.DataArray(
+        values, dims=("sample", "layer", "head"), coords={"layer": [0, 1, 2], "head": [0, 1, 2, 3]}
+    )
     return xr.Dataset({"iou": iou_da, "head_impact": head_impact_from_iou(iou_da)})
 
 
@@ -202,7 +207,11 @@ def test_layer_ranking_sorted_with_rank_and_depth():
     expected = xr.DataArray(
         [0.6, 0.2, 0.2, nan],
         dims="layer",
-        coords={"layer": [1, 0, 3, 2], "depth": ("layer", [1 / 3, 0.0, 1.0, 2 / 3]), "rank": ("layer", [1, 2, 3, 4])},
+        coords={
+            "layer": [1, 0, 3, 2],
+            "depth": ("layer", [1 / 3, 0.0, 1.0, 2 / 3]),
+            "rank": ("layer", [1, 2, 3, 4]),
+        },
         name="mean_head_impact",
     )
     xr.testing.assert_allclose(got, expected)
@@ -262,8 +271,14 @@ def test_score_store_writes_back(multiview_store):
 def test_score_no_maps_store_uses_traced_iou(tmp_path: Path):
     path = tmp_path / "n.zarr"
     samples = [SampleMeta("i", "o", f"d{s}", {"image": (1, 2)}) for s in range(3)]
-    attrs = {"model": "m", "model_revision": "r", "dtype": "float32", "prompt_template": "p", "dataset": "d",
-             "binarize": BinarizeRule().to_dict()}
+    attrs = {
+        "model": "m",
+        "model_revision": "r",
+        "dtype": "float32",
+        "prompt_template": "p",
+        "dataset": "d",
+        "binarize": BinarizeRule().to_dict(),
+    }
     create_store(path, samples=samples, n_layers=1, n_heads=2, attrs=attrs, maps=False)
     mask = {"image": np.zeros((2, 1, 2))}
     write_batch(path, [0, 2], attention=None, mask=mask, iou=np.array([[[0.2, nan]], [[0.4, 0.6]]]))

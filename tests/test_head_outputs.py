@@ -13,20 +13,7 @@ import torch
 
 from mechhi.trace import HeadOutputTracer
 from tests.conftest import noise_image
-from tests.test_tracing import DESCRIPTIONS, SIZES
-
-
-def _projections(model, adapter) -> list[torch.nn.Module]:
-    layers = model
-    for part in adapter.decoder_layers.split("."):
-        layers = getattr(layers, part)
-    out = []
-    for layer in layers:
-        attention = layer
-        for part in adapter.attention.split("."):
-            attention = getattr(attention, part)
-        out.append(attention.o_proj)
-    return out
+from tests.references import DESCRIPTIONS, SIZES, o_projections
 
 
 def hooked_reference(model, adapter, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -37,7 +24,7 @@ def hooked_reference(model, adapter, batch) -> tuple[list[torch.Tensor], list[to
         inputs.append(args[0].detach())
         outputs.append(out.detach())
 
-    for projection in _projections(model, adapter):
+    for projection in o_projections(model, adapter):
         handles.append(projection.register_forward_hook(keep))
     try:
         with torch.no_grad():
@@ -57,10 +44,13 @@ def test_head_writes_match_the_projection(tiny_case, positions):
     hidden = adapter.text_config.hidden_size
     assert writes.shape == (3, adapter.n_layers, adapter.n_heads, hidden)
     inputs, outputs = hooked_reference(model, adapter, batch)
-    projections = _projections(model, adapter)
+    projections = o_projections(model, adapter)
     for i, layout in enumerate(batch.layouts):
-        where = (np.concatenate([v.positions for v in layout.views]) if positions == "image"
-                 else layout.query_positions)  # fmt: skip
+        where = (
+            np.concatenate([v.positions for v in layout.views])
+            if positions == "image"
+            else layout.query_positions
+        )
         for layer, projection in enumerate(projections):
             bias = projection.bias if projection.bias is not None else torch.zeros(hidden)
             total = (outputs[layer][i, where] - bias).mean(0).detach().numpy()
@@ -68,7 +58,9 @@ def test_head_writes_match_the_projection(tiny_case, positions):
             head_dim = inputs[layer].shape[-1] // adapter.n_heads
             for head in (0, adapter.n_heads - 1):
                 cols = slice(head * head_dim, (head + 1) * head_dim)
-                own = (inputs[layer][i, where][:, cols] @ projection.weight[:, cols].T).mean(0).detach().numpy()
+                own = (
+                    (inputs[layer][i, where][:, cols] @ projection.weight[:, cols].T).mean(0).detach().numpy()
+                )
                 np.testing.assert_allclose(writes[i, layer, head], own, atol=1e-5, rtol=1e-4)
     assert not np.allclose(writes[:, :, 0], writes[:, :, -1]), "degenerate: heads write the same"
 

@@ -60,17 +60,25 @@ def test_pursue_heads_labels_every_head_and_ranks_them():
     dictionary = rng.normal(size=(6, 8))
     values = rng.normal(size=(20, 2, 3, 8)) * 0.01  # noise everywhere ...
     values[:, 1, 2] += rng.normal(size=(20, 1)) * dictionary[1]  # ... but head (1, 2) writes "green"
-    signals = xr.DataArray(values, dims=("sample", "layer", "head", "hidden"),
-                           coords={"layer": [0, 1], "head": [0, 1, 2], "depth": ("layer", [0.0, 1.0])})  # fmt: skip
+    signals = xr.DataArray(
+        values,
+        dims=("sample", "layer", "head", "hidden"),
+        coords={"layer": [0, 1], "head": [0, 1, 2], "depth": ("layer", [0.0, 1.0])},
+    )
     result = pursue_heads(signals, dictionary, words, k=2)
     assert result.explained.dims == ("layer", "head") and result.explained_curve.sizes["step"] == 2
     assert str(result.top_word.sel(layer=1, head=2).values) == "green"
     assert float(result.explained.sel(layer=1, head=2)) > 0.99
     # the chance reference: as many random directions explain far less of the planted head,
     # and about as much of a noise head as the concept does
-    assert float(result.explained_random.sel(layer=1, head=2)) < 0.7  # 10 draws: best 2 of 6 random atoms in 8-D
+    assert (
+        float(result.explained_random.sel(layer=1, head=2)) < 0.7
+    )  # 10 draws: best 2 of 6 random atoms in 8-D
     noise = result.sel(layer=0, head=0)
-    assert 0.05 < float(noise.explained_random) < 0.6 and abs(float(noise.explained - noise.explained_random)) < 0.3
+    assert (
+        0.05 < float(noise.explained_random) < 0.6
+        and abs(float(noise.explained - noise.explained_random)) < 0.3
+    )
     again = pursue_heads(signals, dictionary, words, k=2)
     np.testing.assert_array_equal(again.explained_random.values, result.explained_random.values)  # seeded
     ranking = head_ranking(result)
@@ -90,14 +98,18 @@ def test_vocabulary_row_controls_are_drawn_without_the_concept_and_summarised_by
     rows = {int(np.flatnonzero((vocabulary == row).all(1))[0]) for draw in draws for row in draw}
     assert rows.isdisjoint({0, 1, 2, 3}) and len(rows) > 4
     assert all(len({tuple(r) for r in draw}) == 4 for draw in draws)  # without replacement within a draw
-    np.testing.assert_array_equal(random_rows(vocabulary, 4, 12, seed=3, exclude=[0, 1, 2, 3]), draws)  # seeded
+    np.testing.assert_array_equal(
+        random_rows(vocabulary, 4, 12, seed=3, exclude=[0, 1, 2, 3]), draws
+    )  # seeded
     with pytest.raises(ValueError, match="2 rows to draw 4 from"):
         random_rows(vocabulary[:6], 4, 1, exclude=[0, 1, 2, 3])
 
     words = ["a", "b", "c", "d"]
     values = rng.normal(size=(15, 1, 2, 8)) * 0.01
     values[:, 0, 1] += rng.normal(size=(15, 1)) * vocabulary[2]  # head 1 writes concept word "c"
-    signals = xr.DataArray(values, dims=("sample", "layer", "head", "hidden"), coords={"layer": [0], "head": [0, 1]})
+    signals = xr.DataArray(
+        values, dims=("sample", "layer", "head", "hidden"), coords={"layer": [0], "head": [0, 1]}
+    )
     result = pursue_heads(signals, vocabulary[:4], words, k=2, controls=draws)
     per_draw = np.array([somp(values[:, 0, 1], d, 2).explained[-1] for d in draws])  # by hand, draw by draw
     at = result.sel(layer=0, head=1)
@@ -111,9 +123,13 @@ def test_vocabulary_row_controls_are_drawn_without_the_concept_and_summarised_by
 
 
 def test_ranking_by_excess_over_the_control_puts_the_concept_head_above_a_low_rank_one():
-    ds = xr.Dataset({"explained": (("layer", "head"), [[0.6, 0.3]]),
-                     "explained_random": (("layer", "head"), [[0.58, 0.05]])},
-                    coords={"layer": [0], "head": [0, 1]})  # fmt: skip
+    ds = xr.Dataset(
+        {
+            "explained": (("layer", "head"), [[0.6, 0.3]]),
+            "explained_random": (("layer", "head"), [[0.58, 0.05]]),
+        },
+        coords={"layer": [0], "head": [0, 1]},
+    )
     assert int(head_ranking(ds)["head"][0]) == 0  # most explained: the low-rank head any rows explain
     excess = head_ranking(ds, by="excess")
     assert int(excess["head"][0]) == 1 and float(excess[0]) == pytest.approx(0.25)

@@ -8,15 +8,25 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mechhi.intervene.head_sets import (
-    bottom_heads, depth_bins, overlap, per_layer, random_control, random_depth, random_matched, top_heads,
-)  # fmt: skip
+from mechhi.scoring.head_sets import (
+    bottom_heads,
+    depth_bins,
+    overlap,
+    per_layer,
+    random_control,
+    random_depth,
+    random_matched,
+    top_heads,
+)
 
 
 def scores(values) -> xr.DataArray:
     values = np.asarray(values, dtype=float)
-    return xr.DataArray(values, dims=("layer", "head"),
-                        coords={"layer": np.arange(values.shape[0]), "head": np.arange(values.shape[1])})  # fmt: skip
+    return xr.DataArray(
+        values,
+        dims=("layer", "head"),
+        coords={"layer": np.arange(values.shape[0]), "head": np.arange(values.shape[1])},
+    )
 
 
 def test_top_and_bottom_against_a_sort_by_hand():
@@ -63,7 +73,9 @@ def test_depth_sets_keep_the_heads_per_depth_bin():
         assert bins == {0: 3, 1: 1, 2: 2} and len(set(drawn)) == 6
         layers_seen |= {layer for layer, _ in drawn}
     assert layers_seen == set(range(12)), "layers should move within their bins"
-    assert random_control("depth", chosen, n_layers=12, n_heads=4, seed=7) == random_depth(chosen, n_layers=12, n_heads=4, seed=7)
+    assert random_control("depth", chosen, n_layers=12, n_heads=4, seed=7) == random_depth(
+        chosen, n_layers=12, n_heads=4, seed=7
+    )
     with pytest.raises(ValueError, match="unknown random control 'uniform'"):
         random_control("uniform", chosen, n_layers=12, n_heads=4, seed=0)
 

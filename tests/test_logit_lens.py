@@ -13,16 +13,27 @@ from probes.logit_lens import logit_lens
 WORDS = ["red", "green", "blue", "yellow", "purple"]
 
 
-def signals_and_dictionary(seed: int = 0, samples: int = 9, layers: int = 3, heads: int = 4, hidden: int = 12):
+def signals_and_dictionary(
+    seed: int = 0, samples: int = 9, layers: int = 3, heads: int = 4, hidden: int = 12
+):
     """Random writes; some heads write one word's direction with a sample-varying weight."""
     rng = np.random.default_rng(seed)
     dictionary = rng.normal(size=(len(WORDS), hidden)) * rng.uniform(0.5, 3.0, size=(len(WORDS), 1))
     x = rng.normal(size=(samples, layers, heads, hidden))
     for (layer, head), word, strength in (((0, 1), 2, 8.0), ((2, 3), 0, 6.0), ((1, 0), 4, 1.0)):
-        x[:, layer, head] += rng.normal(size=(samples, 1)) * strength * dictionary[word] / np.linalg.norm(dictionary[word])
-    da = xr.DataArray(x, dims=("sample", "layer", "head", "hidden"),
-                      coords={"sample": np.arange(samples), "layer": np.arange(layers), "head": np.arange(heads),
-                              "depth": ("layer", np.linspace(0, 1, layers))})  # fmt: skip
+        x[:, layer, head] += (
+            rng.normal(size=(samples, 1)) * strength * dictionary[word] / np.linalg.norm(dictionary[word])
+        )
+    da = xr.DataArray(
+        x,
+        dims=("sample", "layer", "head", "hidden"),
+        coords={
+            "sample": np.arange(samples),
+            "layer": np.arange(layers),
+            "head": np.arange(heads),
+            "depth": ("layer", np.linspace(0, 1, layers)),
+        },
+    )
     return da, dictionary
 
 
@@ -33,9 +44,17 @@ def test_logits_and_mean_logit_against_a_loop():
     for s, l, h in [(0, 0, 1), (4, 2, 3), (8, 1, 0)]:
         for w in range(len(WORDS)):
             assert float(lens.logit.sel(sample=s, layer=l, head=h, word=WORDS[w])) == pytest.approx(
-                float(sum(dictionary[w, i] * x[s, l, h, i] for i in range(x.shape[-1]))), rel=1e-12)
-    by_hand = np.array([[np.mean([dictionary[w] @ x[s, l, h] for s in range(x.shape[0]) for w in range(len(WORDS))])
-                         for h in range(x.shape[2])] for l in range(x.shape[1])])  # fmt: skip
+                float(sum(dictionary[w, i] * x[s, l, h, i] for i in range(x.shape[-1]))), rel=1e-12
+            )
+    by_hand = np.array(
+        [
+            [
+                np.mean([dictionary[w] @ x[s, l, h] for s in range(x.shape[0]) for w in range(len(WORDS))])
+                for h in range(x.shape[2])
+            ]
+            for l in range(x.shape[1])
+        ]
+    )
     np.testing.assert_allclose(lens.mean_logit.values, by_hand, rtol=1e-12)
     assert lens.mean_logit.dims == ("layer", "head") and "depth" in lens.coords
 

@@ -69,10 +69,20 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     ds = store_with_images(tmp, n=5, n_layers=4, n_heads=3)
     fake_experiment(tmp / "exp")
-    pursuit = {"words": ["green"], "k": 2, "heads": [{"rank": 1, "layer": 2, "head": 1, "explained": 0.4,
-                                                       "explained_random": 0.1, "top_word": "green"}]}  # fmt: skip
-    report = ReportInput([StoreEntry("toy-model", tmp / "s.zarr", ds)], experiment=tmp / "exp", pursuit=pursuit,
-                         gallery_samples=3, gallery_heads=2)  # fmt: skip
+    pursuit = {
+        "words": ["green"],
+        "k": 2,
+        "heads": [
+            {"rank": 1, "layer": 2, "head": 1, "explained": 0.4, "explained_random": 0.1, "top_word": "green"}
+        ],
+    }
+    report = ReportInput(
+        [StoreEntry("toy-model", tmp / "s.zarr", ds)],
+        experiment=tmp / "exp",
+        pursuit=pursuit,
+        gallery_samples=3,
+        gallery_heads=2,
+    )
     return build_report(report, tmp / "out"), ds
 
 
@@ -154,7 +164,7 @@ def test_page_is_self_contained(built):
     sources = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)""", html)
     assert sources and all(s.startswith(("data:", "#")) for s in sources)
     assert not re.search(r"<script|<link|@import|url\(", html)
-    assert "/abs/path/to" not in html.split("<section id=\"ranking\"")[1]  # short names past the provenance
+    assert "/abs/path/to" not in html.split('<section id="ranking"')[1]  # short names past the provenance
 
 
 def test_missing_images_give_a_note_not_a_failure(tmp_path):
@@ -175,14 +185,36 @@ def causal_built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("causal-report")
     ds = store_with_images(tmp, n=6, n_layers=4, n_heads=3)
     ablated, edited = ablate_result(tmp / "s.zarr", tmp / "ablate"), edit_result(tmp / "s.zarr", tmp / "edit")
-    pairs = [{"level": "head", "probe": "head_impact", "other": "pursuit", "n": 12, "spearman": 0.25,
-              "spearman_p": 0.4, "kendall": 0.2, "kendall_p": 0.35}]  # fmt: skip
+    pairs = [
+        {
+            "level": "head",
+            "probe": "head_impact",
+            "other": "pursuit",
+            "n": 12,
+            "spearman": 0.25,
+            "spearman_p": 0.4,
+            "kendall": 0.2,
+            "kendall_p": 0.35,
+        }
+    ]
     agreement = (tmp / "agreement.json", {"store": str(tmp / "s.zarr"), "words": ["red"], "pairs": pairs})
     other = (tmp / "other.json", {"store": "/elsewhere.zarr", "words": ["red"], "pairs": pairs})
-    report = ReportInput([StoreEntry("toy-model", tmp / "s.zarr", ds)], ablate=tmp / "ablate", edit=tmp / "edit",
-                         n_resamples=N_RESAMPLES, top_k=2, gallery_samples=1, gallery_heads=1)  # fmt: skip
-    with_file = ReportInput([StoreEntry("toy-model", tmp / "s.zarr", ds)], agreement=[agreement, other],
-                            n_resamples=N_RESAMPLES, gallery_samples=1, gallery_heads=1)  # fmt: skip
+    report = ReportInput(
+        [StoreEntry("toy-model", tmp / "s.zarr", ds)],
+        ablate=tmp / "ablate",
+        edit=tmp / "edit",
+        n_resamples=N_RESAMPLES,
+        top_k=2,
+        gallery_samples=1,
+        gallery_heads=1,
+    )
+    with_file = ReportInput(
+        [StoreEntry("toy-model", tmp / "s.zarr", ds)],
+        agreement=[agreement, other],
+        n_resamples=N_RESAMPLES,
+        gallery_samples=1,
+        gallery_heads=1,
+    )
     return build_report(report, tmp / "out"), build_report(with_file, tmp / "out2"), ds, ablated, edited
 
 
@@ -199,14 +231,19 @@ def test_friedman_and_bootstrap_tables_are_the_probes(causal_built):
         assert float(row[1]) == pytest.approx(test["statistic"], rel=1e-3) and int(row[2]) == test["df"]
         assert float(row[3]) == pytest.approx(test["p_value"], rel=1e-2)
         assert float(row[4]) == pytest.approx(test["p_holm"], rel=1e-2)
-        assert float(row[5]) == pytest.approx(test["kendall_w"], abs=1e-3) and int(row[6]) == test["n_blocks"] == 6
+        assert (
+            float(row[5]) == pytest.approx(test["kendall_w"], abs=1e-3)
+            and int(row[6]) == test["n_blocks"] == 6
+        )
     boot = records(bootstrap_layers(ds, k=2, n_resamples=N_RESAMPLES), "layer")
     by_layer = {int(r[0]): r for r in tables["bootstrap-0"][1:]}
     assert tables["bootstrap-0"][0][-1] == "in top-2" and len(by_layer) == 4
     for want in boot:
         row = by_layer[want["layer"]]
         assert float(row[1]) == pytest.approx(want["mean_hi"], rel=1e-3)
-        assert float(row[2]) == pytest.approx(want["ci_low"], rel=1e-2) and float(row[3]) == pytest.approx(want["ci_high"], rel=1e-2)
+        assert float(row[2]) == pytest.approx(want["ci_low"], rel=1e-2) and float(row[3]) == pytest.approx(
+            want["ci_high"], rel=1e-2
+        )
         assert row[4] == f"{want['top_k_share']:.0%}"
     assert "kruskal-0" in tables  # the paper's test stays beside them
 
@@ -232,8 +269,15 @@ def test_agreement_from_the_store_is_spearman_of_hi_and_lift(causal_built):
 def test_agreement_file_replaces_its_stores_table(causal_built):
     _, page, _, _, _ = causal_built
     tables = read_tables(page).tables
-    assert tables["agreement-0"][1][:4] == ["head", "head-impact", "pursuit", "0.250"]  # one format for the column
-    assert "agreement-file-1" in tables and "agreement-file-0" not in tables  # the file of another store, shown on its own
+    assert tables["agreement-0"][1][:4] == [
+        "head",
+        "head-impact",
+        "pursuit",
+        "0.250",
+    ]  # one format for the column
+    assert (
+        "agreement-file-1" in tables and "agreement-file-0" not in tables
+    )  # the file of another store, shown on its own
     assert "from other.json (store /elsewhere.zarr)" in page.read_text()
 
 
@@ -246,8 +290,13 @@ def test_ablation_section_is_the_summary(causal_built):
     want = next(r for r in ablated["summary"] if r["group"] == "top" and r["metric"] == "vqa_accuracy")
     assert top_vqa[2] == f"{want['change']:+.3g} ± {want['se']:.2g}" and top_vqa[3:] == ["-", "-", "-"]
     matched = next(r for r in rows[1:] if r[:2] == ["matched", "vqa_accuracy"])
-    spread = next(r for r in ablated["summary"] if r["group"] == "matched" and r["metric"] == "vqa_accuracy")["seeds"]
-    assert float(matched[3]) == pytest.approx(spread["sd"], rel=1e-2) and matched[5] == f"{spread['as_extreme']:.0%}"
+    spread = next(r for r in ablated["summary"] if r["group"] == "matched" and r["metric"] == "vqa_accuracy")[
+        "seeds"
+    ]
+    assert (
+        float(matched[3]) == pytest.approx(spread["sd"], rel=1e-2)
+        and matched[5] == f"{spread['as_extreme']:.0%}"
+    )
     top = next(s for s in ablated["setups"] if s["kind"] == "top")
     assert tables["ablation-heads"][1][:2] == ["top-2", ", ".join(f"L{l} H{h}" for l, h in top["heads"])]
 
@@ -258,28 +307,62 @@ def test_edit_section_is_the_summary_ranking_and_captions(causal_built):
     concept = next(r for r in tables["edit"][1:] if r[:2] == ["top-2", "concept"])
     want = next(r for r in edited["summary"] if r["group"] == "top" and r["measure"] == "concept")
     assert concept[3] == f"{want['ratio']:.3g} ± {want['ratio_se']:.2g}"
-    assert [[int(r[0]), int(r[1])] for r in tables["edit-ranking"][1:]] == [[r["layer"], r["head"]] for r in edited["ranking"]]
+    assert [[int(r[0]), int(r[1])] for r in tables["edit-ranking"][1:]] == [
+        [r["layer"], r["head"]] for r in edited["ranking"]
+    ]
     unedited, top = edited["setups"][0], edited["setups"][1]
-    assert tables["edit-captions"][1] == [unedited["captions"][0]["image_id"], unedited["captions"][0]["generated"],
-                                         top["captions"][0]["generated"]]  # fmt: skip
+    assert tables["edit-captions"][1] == [
+        unedited["captions"][0]["image_id"],
+        unedited["captions"][0]["generated"],
+        top["captions"][0]["generated"],
+    ]
 
 
 def test_report_cli_routes_a_causal_result_given_as_experiment(causal_built, tmp_path):
     page, _, _, _, _ = causal_built
     root = page.parent.parent
     out = tmp_path / "rep"
-    result = invoke(["report", "--store", root / "s.zarr", "--experiment", root / "ablate", "--edit", root / "edit",
-                     "--n-resamples", "100", "--samples", "1", "--out", out])  # fmt: skip
+    result = invoke(
+        [
+            "report",
+            "--store",
+            root / "s.zarr",
+            "--experiment",
+            root / "ablate",
+            "--edit",
+            root / "edit",
+            "--n-resamples",
+            "100",
+            "--samples",
+            "1",
+            "--out",
+            out,
+        ]
+    )
     html = (out / "index.html").read_text()
     assert result.stdout == f"{out / 'index.html'}\n"
     assert 'id="ablation"' in html and 'id="edit"' in html and 'id="table4"' not in html
-    twice = invoke(["report", "--store", root / "s.zarr", "--experiment", root / "ablate", "--ablate", root / "ablate",
-                    "--out", out], exit_code=1)  # fmt: skip
+    twice = invoke(
+        [
+            "report",
+            "--store",
+            root / "s.zarr",
+            "--experiment",
+            root / "ablate",
+            "--ablate",
+            root / "ablate",
+            "--out",
+            out,
+        ],
+        exit_code=1,
+    )
     assert "is an ablation result, and --ablate gives one too" in one_line_error(twice)
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     wrong = invoke(["report", "--store", root / "s.zarr", "--agreement", bad, "--out", out], exit_code=1)
-    assert f"--agreement {bad}: not the output of `mechhi rank --compare-probes --json`" in one_line_error(wrong)
+    assert f"--agreement {bad}: not the output of `mechhi rank --compare-probes --json`" in one_line_error(
+        wrong
+    )
 
 
 def test_a_column_of_numbers_has_one_format():
@@ -287,8 +370,14 @@ def test_a_column_of_numbers_has_one_format():
     keeps its digits), and p-values share one format per column, bold below 0.001."""
     from mechhi.report.html import number, p_value, table
 
-    html = table(["a", "b", "p"], [[number(0), number(0.354), p_value(0.2)], [number(0.0909), number(0.2244, 4), p_value(2e-5)],
-                                   [number(1), number(None), p_value(0.5)]])  # fmt: skip
+    html = table(
+        ["a", "b", "p"],
+        [
+            [number(0), number(0.354), p_value(0.2)],
+            [number(0.0909), number(0.2244, 4), p_value(2e-5)],
+            [number(1), number(None), p_value(0.5)],
+        ],
+    )
     cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", str(html))[1:]]
     assert [c[0] for c in cells] == ["0.0000", "0.0909", "1.0000"]
     assert [c[1] for c in cells] == ["0.3540", "0.2244", "n/a"]

@@ -42,8 +42,15 @@ def page(tmp_path_factory):
     fake_experiment(tmp / "exp")
     ablate_result(tmp / "s.zarr", tmp / "ablate")
     edit_result(tmp / "s.zarr", tmp / "edit")
-    report = ReportInput([StoreEntry("toy-model", tmp / "s.zarr", ds)], experiment=tmp / "exp", ablate=tmp / "ablate",
-                         edit=tmp / "edit", n_resamples=200, gallery_samples=3, gallery_heads=3)  # fmt: skip
+    report = ReportInput(
+        [StoreEntry("toy-model", tmp / "s.zarr", ds)],
+        experiment=tmp / "exp",
+        ablate=tmp / "ablate",
+        edit=tmp / "edit",
+        n_resamples=200,
+        gallery_samples=3,
+        gallery_heads=3,
+    )
     return build_report(report, tmp / "out"), ds
 
 

@@ -8,8 +8,7 @@ import pytest
 
 from probes import sinks
 from probes.head_impact import BinarizeRule, sample_iou
-from tests.helpers import invoke, invoke_json, one_line_error
-from tests.test_trace_job import cli_trace, dataset_dir, tiny_model_dir  # noqa: F401  (fixtures)
+from tests.helpers import cli_trace, invoke, invoke_json, one_line_error
 
 
 def planted(n: int = 30) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +48,9 @@ def test_fewer_than_n_over_tau_tokens_can_be_sinks():
 def test_head_impact_without_sinks_binarises_around_the_sink():
     att, cov = planted()
     plain = BinarizeRule(sink_tau=10.0)
-    assert float(sample_iou({"image": att}, {"image": cov}, plain)[0, 0]) == pytest.approx(2 / 3)  # A = {0, 1, sink}
+    assert float(sample_iou({"image": att}, {"image": cov}, plain)[0, 0]) == pytest.approx(
+        2 / 3
+    )  # A = {0, 1, sink}
     rule = BinarizeRule(attention="mean-without-sinks", sink_tau=10.0)
     assert float(sample_iou({"image": att}, {"image": cov}, rule)[0, 0]) == 1.0  # A = {0, 1}
     assert "sink_tau" not in BinarizeRule().to_dict()  # the default rule reads as before
@@ -58,7 +59,7 @@ def test_head_impact_without_sinks_binarises_around_the_sink():
         BinarizeRule(attention="max")
 
 
-def test_cli_stats_reports_sinks_and_rank_excludes_them(tiny_model_dir, dataset_dir, tmp_path):  # noqa: F811
+def test_cli_stats_reports_sinks_and_rank_excludes_them(tiny_model_dir, dataset_dir, tmp_path):
     store = tmp_path / "s.zarr"
     cli_trace(tiny_model_dir, dataset_dir, store)
     payload = invoke_json(["stats", "--store", store, "--n-resamples", "100", "--sink-tau", "3"])
@@ -72,5 +73,7 @@ def test_cli_stats_reports_sinks_and_rank_excludes_them(tiny_model_dir, dataset_
     assert "Visual attention sinks" in invoke(["stats", "--store", store, "--n-resamples", "100"]).stdout
     ranked = invoke_json(["rank", "--store", store, "--exclude-sinks", "--sink-tau", "3"])
     assert ranked["binarize"]["attention"] == "mean-without-sinks" and ranked["binarize"]["sink_tau"] == 3.0
-    message = one_line_error(invoke(["rank", "--store", store, "--exclude-sinks", "--sink-tau", "1"], exit_code=1))
+    message = one_line_error(
+        invoke(["rank", "--store", store, "--exclude-sinks", "--sink-tau", "1"], exit_code=1)
+    )
     assert "sink_tau=1.0 must be above 1" in message

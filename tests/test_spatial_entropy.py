@@ -10,8 +10,7 @@ import pytest
 import xarray as xr
 
 from probes.spatial_entropy import chosen_heads, elbow, select_heads, spatial_entropy
-from tests.helpers import invoke, invoke_json, one_line_error
-from tests.test_trace_job import cli_trace, dataset_dir, tiny_model_dir  # noqa: F401  (fixtures)
+from tests.helpers import cli_trace, invoke, invoke_json, one_line_error
 
 
 def blobs(*boxes, shape=(8, 8)) -> np.ndarray:
@@ -33,8 +32,9 @@ def test_components_are_8_connected_and_views_are_separate():
     diagonal = np.eye(4)  # cells touching at corners: one component
     assert spatial_entropy({"image": diagonal}) == 0.0
     # the same blob in two views: two components of equal size (mean over both views' tokens)
-    assert spatial_entropy({"image": blobs((0, 0, 2, 2)), "global": blobs((0, 0, 2, 2), shape=(4, 4))}) \
-        == pytest.approx(math.log(2))  # fmt: skip
+    assert spatial_entropy(
+        {"image": blobs((0, 0, 2, 2)), "global": blobs((0, 0, 2, 2), shape=(4, 4))}
+    ) == pytest.approx(math.log(2))
     assert math.isnan(spatial_entropy({"image": np.ones((3, 3))}))  # flat: no place
 
 
@@ -65,9 +65,13 @@ def test_selection_keeps_focused_heads_that_look_at_the_image():
     S = 6
     entropy = np.tile([0.0, 1.5, 0.0, 0.8], (S, 1))[:, None, :]
     mass = np.tile([0.9, 0.9, 0.05, 0.85], (S, 1))[:, None, :]
-    loc = xr.Dataset({"spatial_entropy": (("sample", "layer", "head"), entropy),
-                      "visual_mass": (("sample", "layer", "head"), mass)},
-                     coords={"sample": range(S), "layer": [0], "head": range(4)})  # fmt: skip
+    loc = xr.Dataset(
+        {
+            "spatial_entropy": (("sample", "layer", "head"), entropy),
+            "visual_mass": (("sample", "layer", "head"), mass),
+        },
+        coords={"sample": range(S), "layer": [0], "head": range(4)},
+    )
     sel = select_heads(loc, k=1)
     assert sel.candidate.values.tolist() == [[True, True, False, True]]  # head 2 below the mass elbow
     assert sel.selection_frequency.values.tolist() == [[1.0, 0.0, 0.0, 0.0]]
@@ -75,7 +79,7 @@ def test_selection_keeps_focused_heads_that_look_at_the_image():
     assert chosen_heads(sel, 1) == [(0, 0)]
 
 
-def test_cli_rank_spatial_entropy(tiny_model_dir, dataset_dir, tmp_path):  # noqa: F811
+def test_cli_rank_spatial_entropy(tiny_model_dir, dataset_dir, tmp_path):
     store = tmp_path / "s.zarr"
     cli_trace(tiny_model_dir, dataset_dir, store)
     payload = invoke_json(["rank", "--store", store, "--probe", "spatial-entropy"])
@@ -86,7 +90,11 @@ def test_cli_rank_spatial_entropy(tiny_model_dir, dataset_dir, tmp_path):  # noq
 
     sel = select_heads(localization(open_store(store)))
     best = payload["layers"][0]
-    assert best["mean_selection_frequency"] == pytest.approx(float(sel.selection_frequency.mean("head").max()))
+    assert best["mean_selection_frequency"] == pytest.approx(
+        float(sel.selection_frequency.mean("head").max())
+    )
     table = invoke(["rank", "--store", store, "--probe", "spatial-entropy"])
     assert "Localization heads" in table.stdout
-    assert "unknown probe 'nope'" in one_line_error(invoke(["rank", "--store", store, "--probe", "nope"], exit_code=1))
+    assert "unknown probe 'nope'" in one_line_error(
+        invoke(["rank", "--store", store, "--probe", "nope"], exit_code=1)
+    )

@@ -16,9 +16,13 @@ from probes.statistics import _friedman, bootstrap_layers, friedman, holm, p_tex
 def iou_dataset(values: np.ndarray, images: list[str] | None = None) -> xr.Dataset:
     """A scored-store-like dataset from (S, L, H) IoU values."""
     s, l, h = values.shape
-    coords = {"sample": np.arange(s), "layer": np.arange(l), "head": np.arange(h),
-              "depth": ("layer", np.linspace(0, 1, l)),
-              "image_id": ("sample", images or [f"i{k}" for k in range(s)])}  # fmt: skip
+    coords = {
+        "sample": np.arange(s),
+        "layer": np.arange(l),
+        "head": np.arange(h),
+        "depth": ("layer", np.linspace(0, 1, l)),
+        "image_id": ("sample", images or [f"i{k}" for k in range(s)]),
+    }
     return xr.Dataset({"iou": (("sample", "layer", "head"), values)}, coords=coords)
 
 
@@ -46,9 +50,13 @@ def test_friedman_against_scipy_on_blocks_built_by_hand():
     heads0 = result.sel(test="heads in layer 0")
     rows = [s for s in range(30) if s != 7]
     assert float(heads0.statistic) == pytest.approx(stats.friedmanchisquare(*values[rows, 0].T).statistic)
-    assert int(result.sel(test="heads in layer 1").n_blocks) == 28, "the incomplete block of layer 1 is dropped"
+    assert int(result.sel(test="heads in layer 1").n_blocks) == 28, (
+        "the incomplete block of layer 1 is dropped"
+    )
     assert float(layers.p_value) < 1e-6 and float(heads0.p_value) < 1e-6
-    assert float(result.sel(test="heads in layer 3").p_value) > 1e-3, "no planted difference among layer 3's heads"
+    assert float(result.sel(test="heads in layer 3").p_value) > 1e-3, (
+        "no planted difference among layer 3's heads"
+    )
 
 
 def test_friedman_takes_images_as_blocks_by_default_each_the_mean_of_its_samples():
@@ -61,10 +69,13 @@ def test_friedman_takes_images_as_blocks_by_default_each_the_mean_of_its_samples
     layers = result.sel(test="layers")
     assert float(layers.statistic) == pytest.approx(expected.statistic)
     assert float(layers.p_value) == pytest.approx(expected.pvalue)
-    assert int(layers.n_blocks) == 4 and float(layers.kendall_w) == pytest.approx(expected.statistic / (4 * 3))
+    assert int(layers.n_blocks) == 4 and float(layers.kendall_w) == pytest.approx(
+        expected.statistic / (4 * 3)
+    )
     heads0 = values[:, 0].reshape(4, 3, 3).mean(1)  # (images, heads) of layer 0
     assert float(result.sel(test="heads in layer 0").statistic) == pytest.approx(
-        stats.friedmanchisquare(*heads0.T).statistic)
+        stats.friedmanchisquare(*heads0.T).statistic
+    )
     by_sample = friedman(iou_dataset(values, images), unit="sample")
     assert by_sample.attrs["blocks"] == "sample" and int(by_sample.sel(test="layers").n_blocks) == 12
 
@@ -149,8 +160,11 @@ def test_paper_table2_has_two_readings_that_the_table_cannot_decide():
     from scipy import optimize
 
     own = {"PaliGemma2": (25, 7), "Qwen2-VL": (27, 11), "SmolVLM": (23, 31)}
-    printed = {"PaliGemma2": ((92.93, 3.62e-9), (12.94, 0.30)), "Qwen2-VL": ((103.56, 3.40e-12), (31.86, 0.42)),
-               "SmolVLM": ((75.28, 6.15e-7), (6.81, 0.449))}  # fmt: skip
+    printed = {
+        "PaliGemma2": ((92.93, 3.62e-9), (12.94, 0.30)),
+        "Qwen2-VL": ((103.56, 3.40e-12), (31.86, 0.42)),
+        "SmolVLM": ((75.28, 6.15e-7), (6.81, 0.449)),
+    }
 
     def fitted_df(h: float, p: float) -> float:  # the df whose chi-square tail at H is the printed p
         return optimize.brentq(lambda df: stats.chi2.logsf(h, df) - np.log(p), 1, 100)

@@ -84,7 +84,15 @@ def test_pad_grid():
 
 def test_create_allocates_coords_and_attrs(store: Path):
     ds = open_store(store)
-    assert dict(ds.sizes) == {"sample": 4, "layer": L, "head": H, "row": 3, "col": 3, "row_global": 2, "col_global": 2}
+    assert dict(ds.sizes) == {
+        "sample": 4,
+        "layer": L,
+        "head": H,
+        "row": 3,
+        "col": 3,
+        "row_global": 2,
+        "col_global": 2,
+    }
     assert ds["attention"].dims == ("sample", "layer", "head", "row", "col")
     assert ds["attention_global"].dims == ("sample", "layer", "head", "row_global", "col_global")
     assert ds["mask_global"].dims == ("sample", "row_global", "col_global")
@@ -101,7 +109,15 @@ def test_create_allocates_coords_and_attrs(store: Path):
     np.testing.assert_array_equal(ds["grid_cols_global"], [2, 2, 2, 1])
     assert ds.attrs["schema_version"] == SCHEMA_VERSION
     assert ds.attrs["dataset"] == {"path": "data/toy", "fingerprint": "f00d"}
-    for key in ("mechhi_version", "created", "model", "model_revision", "dtype", "prompt_template", "binarize"):
+    for key in (
+        "mechhi_version",
+        "created",
+        "model",
+        "model_revision",
+        "dtype",
+        "prompt_template",
+        "binarize",
+    ):
         assert key in ds.attrs
     json.dumps(ds.attrs)
 
@@ -135,7 +151,10 @@ def test_write_batches_and_read_back(store: Path):
     ds = open_store(store)
     np.testing.assert_array_equal(ds["done"].values, [True, True, False, True])
     for s, seed in ((0, 1), (1, 0), (3, 0)):
-        for view, aname, mname in (("image", "attention", "mask"), ("global", "attention_global", "mask_global")):
+        for view, aname, mname in (
+            ("image", "attention", "mask"),
+            ("global", "attention_global", "mask_global"),
+        ):
             a, m = own(s, view, seed)
             r, c = GRIDS[s][view]
             got_a = ds[aname].sel(sample=s).values  # (L, H, R, C)
@@ -186,8 +205,15 @@ def test_create_resumes_compatible_store(store: Path):
         ({"samples": metas(("a red circle", "CHANGED", "a star", "two shapes"))}, "description of sample 1"),
         ({"samples": metas()[:3]}, "n_samples"),
         ({"maps": False}, "variables"),
-        ({"samples": [SampleMeta(m.image_id, m.object_id, m.description, {**m.grids, "image": (4, 4)}) for m in metas()]},
-         "grid dim 'row'"),
+        (
+            {
+                "samples": [
+                    SampleMeta(m.image_id, m.object_id, m.description, {**m.grids, "image": (4, 4)})
+                    for m in metas()
+                ]
+            },
+            "grid dim 'row'",
+        ),
     ],
 )
 def test_create_rejects_incompatible_store(store: Path, kwargs, message):
@@ -210,7 +236,9 @@ def test_open_store_errors(tmp_path: Path, store: Path):
 def test_write_scores_overwrites_and_merges_attrs(store: Path):
     iou = xr.DataArray(np.arange(4 * L * H, dtype=float).reshape(4, L, H), dims=("sample", "layer", "head"))
     hi = xr.DataArray(np.arange(L * H, dtype=float).reshape(L, H) / 10, dims=("layer", "head"))
-    write_scores(store, xr.Dataset({"iou": iou, "head_impact": hi}, attrs={"binarize": {"mask_threshold": 0.5}}))
+    write_scores(
+        store, xr.Dataset({"iou": iou, "head_impact": hi}, attrs={"binarize": {"mask_threshold": 0.5}})
+    )
     ds = open_store(store)
     np.testing.assert_allclose(ds["iou"].values, iou.values)
     np.testing.assert_allclose(ds["head_impact"].values, hi.values)
@@ -241,7 +269,13 @@ def test_combine_exact_outer_joins_float_depths(tmp_path: Path):
                 ("model", "depth", "head"),
                 [
                     [[0.1, 0.2, nan], [nan, nan, nan], [0.3, 0.4, nan], [nan, nan, nan], [0.5, 0.6, nan]],
-                    [[0.00, 0.01, 0.02], [0.03, 0.04, 0.05], [0.06, 0.07, 0.08], [0.09, 0.10, 0.11], [0.12, 0.13, 0.14]],
+                    [
+                        [0.00, 0.01, 0.02],
+                        [0.03, 0.04, 0.05],
+                        [0.06, 0.07, 0.08],
+                        [0.09, 0.10, 0.11],
+                        [0.12, 0.13, 0.14],
+                    ],
                 ],
             )
         },
@@ -261,7 +295,10 @@ def ragged_stores(tmp_path: Path) -> tuple[list[Path], list[np.ndarray]]:
     shapes = [("a", 4, 2), ("b", 7, 3), ("a", 12, 2)]
     his = [rng.random((n, h)) for _, n, h in shapes]
     his[1][0, 0] = np.nan  # an unscored head: skipped when its bin is averaged
-    paths = [scored_store(tmp_path / f"{i}.zarr", m, n, h, hi) for i, ((m, n, h), hi) in enumerate(zip(shapes, his))]
+    paths = [
+        scored_store(tmp_path / f"{i}.zarr", m, n, h, hi)
+        for i, ((m, n, h), hi) in enumerate(zip(shapes, his))
+    ]
     return paths, his
 
 
@@ -400,11 +437,21 @@ def test_combine_default_labels_are_short_and_say_what_differs(tmp_path: Path):
     """Labels name the model by its last path component, not the path plus "#2"; stores of one
     model differ by template or dataset, and the label says which."""
     hi = np.ones((2, 1))
-    create_store(tmp_path / "d.zarr", samples=metas(), n_layers=2, n_heads=1,
-                 attrs=attrs(model="mechhi/zoo/toy-qwen2vl", prompt_template="describe"))  # fmt: skip
+    create_store(
+        tmp_path / "d.zarr",
+        samples=metas(),
+        n_layers=2,
+        n_heads=1,
+        attrs=attrs(model="mechhi/zoo/toy-qwen2vl", prompt_template="describe"),
+    )
     write_scores(tmp_path / "d.zarr", xr.Dataset({"head_impact": (("layer", "head"), hi)}))
-    create_store(tmp_path / "v.zarr", samples=metas(), n_layers=2, n_heads=1,
-                 attrs=attrs(model="mechhi/zoo/toy-qwen2vl", prompt_template="vqa"))  # fmt: skip
+    create_store(
+        tmp_path / "v.zarr",
+        samples=metas(),
+        n_layers=2,
+        n_heads=1,
+        attrs=attrs(model="mechhi/zoo/toy-qwen2vl", prompt_template="vqa"),
+    )
     write_scores(tmp_path / "v.zarr", xr.Dataset({"head_impact": (("layer", "head"), hi)}))
     other = scored_store(tmp_path / "o.zarr", "/abs/models/smollm2", 2, 1, hi)
     got = combine([tmp_path / "d.zarr", tmp_path / "v.zarr", other])
@@ -416,12 +463,17 @@ def test_combine_takes_the_users_labels(tmp_path: Path):
     b = scored_store(tmp_path / "b.zarr", "/m/two", 3, 1, np.array([[0.3], [0.4], [0.5]]))
     by_mapping = combine({"smollm2": a, "gemma3": b})
     assert list(by_mapping["model"].values) == ["smollm2", "gemma3"]
-    np.testing.assert_allclose(by_mapping["head_impact"].sel(model="gemma3", head=0).values[[0, -1]], [0.3, 0.5])
+    np.testing.assert_allclose(
+        by_mapping["head_impact"].sel(model="gemma3", head=0).values[[0, -1]], [0.3, 0.5]
+    )
     by_keyword = combine([a, b], labels=["x", "y"], align="layer")
     assert list(by_keyword["model"].values) == ["x", "y"]
     np.testing.assert_allclose(by_keyword["head_impact"].sel(model="x", head=0).values[:2], [0.1, 0.2])
-    for kwargs, message in [({"labels": ["x"]}, "1 given for 2 stores"), ({"labels": ["x", "x"]}, "'x' given to more"),
-                            ({"labels": ["x", ""]}, "not a label")]:  # fmt: skip
+    for kwargs, message in [
+        ({"labels": ["x"]}, "1 given for 2 stores"),
+        ({"labels": ["x", "x"]}, "'x' given to more"),
+        ({"labels": ["x", ""]}, "not a label"),
+    ]:
         with pytest.raises(StoreError, match=message):
             combine([a, b], **kwargs)
     with pytest.raises(StoreError, match="not both"):
@@ -439,7 +491,13 @@ def test_kill_during_creation_leaves_no_half_store(tmp_path, monkeypatch):
 
     monkeypatch.setattr(xr.Dataset, "to_zarr", boom)
     meta = [SampleMeta("a", "0", "a red circle", {"image": (2, 2)})]
-    attrs = {"model": "m", "model_revision": "", "dtype": "float32", "prompt_template": "caption", "dataset": "d"}
+    attrs = {
+        "model": "m",
+        "model_revision": "",
+        "dtype": "float32",
+        "prompt_template": "caption",
+        "dataset": "d",
+    }
     target = tmp_path / "s.zarr"
     with pytest.raises(KeyboardInterrupt):
         create_store(target, samples=meta, n_layers=2, n_heads=2, attrs=attrs)
@@ -449,7 +507,7 @@ def test_kill_during_creation_leaves_no_half_store(tmp_path, monkeypatch):
     assert target.exists()
 
 
-# ---------------------------------------------------------------- concurrent creation and writers (issue 10, item 2)
+# --------------------------------------------------------- concurrent creation and writers (issue 10, item 2)
 def test_a_creator_that_loses_the_race_keeps_the_winners_store(tmp_path: Path, monkeypatch):
     """Another process creates the store while this one writes its staging copy: both
     finish, with one store, and no staging copy is left."""
@@ -534,7 +592,7 @@ def test_probe_scores_do_not_make_a_store_incompatible(store: Path):
         write_scores(store, xr.Dataset({"attention_mean": hi}))  # would read as a traced variable
 
 
-# ---------------------------------------------------------------- lost data (item 5) and damaged stores (item 12)
+# ------------------------------------------------------------ lost data (item 5) and damaged stores (item 12)
 def test_missing_data_names_done_samples_without_their_chunks(store: Path):
     from mechhi.store import damaged_samples, missing_data
 
@@ -544,12 +602,19 @@ def test_missing_data_names_done_samples_without_their_chunks(store: Path):
     (store / "mask" / "c" / "0" / "0" / "0").unlink()  # shard 0: samples 0 and 1
     (store / "attention_global" / "c" / "1" / "0" / "0" / "0" / "0").unlink()  # shard 1: 2 (done), 3 (not)
     assert [(d.sample, d.variable) for d in missing_data(store)] == [
-        (0, "mask"), (1, "mask"), (2, "attention_global")]  # fmt: skip
+        (0, "mask"),
+        (1, "mask"),
+        (2, "attention_global"),
+    ]
     (store / "iou" / "c" / "0" / "0" / "0").write_bytes(b"garbage")  # no shard index: found without decoding
     found = missing_data(store)
     assert [(d.sample, d.variable, d.kind) for d in found] == [
-        (0, "iou", "damaged"), (0, "mask", "missing"), (1, "iou", "damaged"), (1, "mask", "missing"),
-        (2, "attention_global", "missing")]  # fmt: skip
+        (0, "iou", "damaged"),
+        (0, "mask", "missing"),
+        (1, "iou", "damaged"),
+        (1, "mask", "missing"),
+        (2, "attention_global", "missing"),
+    ]
     assert "shard damaged (iou/c/0/0/0: 7 bytes, shorter than its 36-byte index" in found[0].problem
     assert damaged_samples(store, deep=True) == found
 
@@ -586,8 +651,9 @@ def test_a_store_from_before_sharding_still_reads_resumes_and_verifies(tmp_path:
     assert sorted(int(p.name) for p in (path / "attention" / "c").iterdir()) == [0, 2]
     (path / "mask" / "c" / "2" / "0" / "0").unlink()
     assert [(d.sample, d.variable) for d in missing_data(path)] == [(2, "mask")]
-    np.testing.assert_array_equal(open_store(path)["attention"].isel(sample=0).values[..., :2, :3],
-                                  own(0, "image", 0)[0])  # fmt: skip
+    np.testing.assert_array_equal(
+        open_store(path)["attention"].isel(sample=0).values[..., :2, :3], own(0, "image", 0)[0]
+    )
 
 
 def test_a_store_from_before_checksums_still_reads_resumes_and_verifies(tmp_path: Path, monkeypatch):
@@ -607,15 +673,18 @@ def test_a_store_from_before_checksums_still_reads_resumes_and_verifies(tmp_path
     assert damaged_samples(path, deep=True) == []
     shard = path / "mask" / "c" / "0" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:-3])  # the index at the end loses its last bytes
-    assert [(d.sample, d.variable, d.kind) for d in missing_data(path)] == [(0, "mask", "damaged"),
-                                                                            (1, "mask", "damaged")]
+    assert [(d.sample, d.variable, d.kind) for d in missing_data(path)] == [
+        (0, "mask", "damaged"),
+        (1, "mask", "damaged"),
+    ]
     from tests.helpers import invoke
 
     text = invoke(["store", "verify", path], exit_code=1).stdout
     assert "lost sample 0: mask shard damaged (mask/c/0/0/0: index unreadable" in text
     assert "carry no checksum" in text
-    np.testing.assert_array_equal(open_store(path)["attention"].isel(sample=2).values[..., :1, :1],
-                                  own(2, "image", 0)[0])  # fmt: skip
+    np.testing.assert_array_equal(
+        open_store(path)["attention"].isel(sample=2).values[..., :1, :1], own(2, "image", 0)[0]
+    )
 
 
 def test_a_new_store_checksums_its_chunks_and_a_flipped_byte_fails_to_read(store: Path):
@@ -631,4 +700,6 @@ def test_a_new_store_checksums_its_chunks_and_a_flipped_byte_fails_to_read(store
     with pytest.raises(ValueError, match="checksum do not match"):
         open_store(store)["iou"].values
     found = damaged_samples(store, deep=True)
-    assert [(d.sample, d.variable, d.file, d.kind) for d in found] == [(0, "iou", "iou/c/0/0/0", "unreadable")]
+    assert [(d.sample, d.variable, d.file, d.kind) for d in found] == [
+        (0, "iou", "iou/c/0/0/0", "unreadable")
+    ]

@@ -15,7 +15,13 @@ import numpy as np
 from mechhi.store import SampleMeta, auto_shard_samples, create_store, open_store, write_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTRS = {"model": "toy", "model_revision": "r", "dtype": "float32", "prompt_template": "caption", "dataset": "d"}
+ATTRS = {
+    "model": "toy",
+    "model_revision": "r",
+    "dtype": "float32",
+    "prompt_template": "caption",
+    "dataset": "d",
+}
 
 
 def synthetic_store(path: Path, n: int, layers: int, heads: int, grid: int, batch: int, **kw) -> None:
@@ -26,8 +32,12 @@ def synthetic_store(path: Path, n: int, layers: int, heads: int, grid: int, batc
     for start in range(0, n, batch):
         idx = list(range(start, min(n, start + batch)))
         rng = np.random.default_rng(start)
-        write_batch(path, idx, attention={"image": rng.random((len(idx), layers, heads, grid, grid), dtype=np.float32)},
-                    mask={"image": rng.random((len(idx), grid, grid), dtype=np.float32)})  # fmt: skip
+        write_batch(
+            path,
+            idx,
+            attention={"image": rng.random((len(idx), layers, heads, grid, grid), dtype=np.float32)},
+            mask={"image": rng.random((len(idx), grid, grid), dtype=np.float32)},
+        )
 
 
 def test_a_sharded_store_has_a_few_files_per_variable(tmp_path):
@@ -67,8 +77,14 @@ def test_a_store_larger_than_the_memory_used_scores_block_by_block(tmp_path):
     synthetic_store(store, n, layers, heads, grid, batch=20)
     cube_bytes = n * layers * heads * grid * grid * 4  # float32, uncompressed: 24 MB
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", SCORE_UNDER_TRACEMALLOC, str(store), str(2 * 2**20)], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", SCORE_UNDER_TRACEMALLOC, str(store), str(2 * 2**20)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["peak"] < cube_bytes / 3, f"peak {result['peak']} bytes for a {cube_bytes}-byte cube"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mechhi.data.format import DatasetError, load_dataset, record_to_json
-from mechhi.toyworld.world import (
+from mechhi.data.synthetic import (
     BG_HIGH,
     BG_LOW,
     COLOURS,
@@ -88,7 +88,7 @@ def test_objects_are_visible_and_sized_as_promised():
             ys, xs = np.nonzero(o["mask"])
             y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
             ring = np.zeros_like(union)
-            ring[max(y0 - 3, 0):y1 + 3, max(x0 - 3, 0):x1 + 3] = True
+            ring[max(y0 - 3, 0) : y1 + 3, max(x0 - 3, 0) : x1 + 3] = True
             ring &= ~union
             dist = np.linalg.norm(pixels[ring] - COLOURS[o["colour"]], axis=-1)
             assert dist.min() > 60, o["description"]
@@ -134,8 +134,13 @@ def test_caption_and_articles():
 
 
 def test_config_options():
-    config = WorldConfig(image_size=64, shapes=("circle", "square"), colours=("red", "blue", "green"),
-                         max_objects=2, describe_size=True)
+    config = WorldConfig(
+        image_size=64,
+        shapes=("circle", "square"),
+        colours=("red", "blue", "green"),
+        max_objects=2,
+        describe_size=True,
+    )
     for record, image in generate(6, seed=0, config=config):
         assert image.size == (64, 64)
         for o in record.objects:
@@ -185,7 +190,7 @@ def test_build_synthetic_loads_clean_and_resumes(tmp_path):
 def test_textured_background_behind_colours_that_leave_little_room():
     """Green, purple and yellow leave no base colour far enough for the full texture (this
     once stopped the toy model's training); the texture must fade instead of failing."""
-    from mechhi.toyworld.world import COLOURS, WorldConfig, _background, render_one
+    from mechhi.data.synthetic import COLOURS, WorldConfig, _background, render_one
 
     record, _ = render_one(3516, seed=2000)  # the scene that raised
     assert [o.description for o in record.objects]

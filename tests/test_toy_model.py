@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from mechhi.data.format import ImageRecord
-from mechhi.toyworld.world import WorldConfig
-from mechhi.evaluate.metrics import VQAItem, answer_predictions, answer_scores, closed_vqa
+from mechhi.data.synthetic import WorldConfig
+from mechhi.data.vqa import VQAItem
+from mechhi.evaluate.metrics import answer_predictions, answer_scores, closed_vqa
+from mechhi.models.toy import HELD_OUT_SEED, TOY_DIR, VQA_TARGET, ToyConfig
 from mechhi.toyworld.card import held_out, word_accuracy
 from mechhi.toyworld.curriculum import caption_of, lures, vqa_item
-from mechhi.toyworld.model import HELD_OUT_SEED, TOY_DIR, VQA_TARGET, ToyConfig
 
 pytestmark = pytest.mark.skipif(not (TOY_DIR / "model.safetensors").exists(), reason="toy model not trained")
 
@@ -53,8 +54,11 @@ def test_toy_is_not_fooled_by_a_distractor_of_a_present_colour(toy):
     """The questions colour alone cannot answer (a distractor has the colour of an object
     in the image): the earlier model got 0.41 of the card's 100; this one 0.95 of these 20."""
     world = WorldConfig()
-    lured = [item for item, record in _held_out_questions(40)
-             if set(item.options) & set(lures(record, world)["same colour"])]  # fmt: skip
+    lured = [
+        item
+        for item, record in _held_out_questions(40)
+        if set(item.options) & set(lures(record, world)["same colour"])
+    ]
     assert len(lured) >= 15
     accuracy = closed_vqa(*toy, lured, batch_size=12)["accuracy"].mean
     assert accuracy >= 0.8, f"VQA accuracy with a same-colour lure {accuracy:.3f}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -11,25 +12,35 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mechhi.toyworld.world import COLOURS, SHAPES, WorldConfig, render_one
+from mechhi.data.synthetic import COLOURS, SHAPES, WorldConfig, render_one
 from mechhi.models.loading import load
+from mechhi.models.toy import ToyConfig, build
 from mechhi.toyworld import curriculum
 from mechhi.toyworld import train as toy_train
 from mechhi.toyworld.curriculum import caption_of, with_object_labels
-from mechhi.toyworld.model import ToyConfig, build
 from mechhi.toyworld.train import train
 
 TINY = ToyConfig(
-    layers=2, vision_steps=2, steps=3, caption_only_steps=1, batch_size=4, vqa_per_step=2,
-    vision_batch_size=2, warmup=2, checkpoint_every=2, threads=1, option_probe_layer=1,
-)  # fmt: skip
+    layers=2,
+    vision_steps=2,
+    steps=3,
+    caption_only_steps=1,
+    batch_size=4,
+    vqa_per_step=2,
+    vision_batch_size=2,
+    warmup=2,
+    checkpoint_every=2,
+    threads=1,
+    option_probe_layer=1,
+)
 
 
 def test_object_labels_cover_exactly_the_tokens_the_mask_touches():
     _, adapter = build(replace(TINY, layers=1, option_probe_layer=0))
     scenes = [render_one(i, seed=5, config=WorldConfig()) for i in range(3)]
-    batch = with_object_labels(adapter.prepare([im for _, im in scenes], [caption_of(r) for r, _ in scenes]),
-                               [r for r, _ in scenes])  # fmt: skip
+    batch = with_object_labels(
+        adapter.prepare([im for _, im in scenes], [caption_of(r) for r, _ in scenes]), [r for r, _ in scenes]
+    )
     rows = iter(range(len(batch.object_shape)))
     for index, (record, _) in enumerate(scenes):
         for obj in record.objects:
@@ -103,10 +114,18 @@ def test_lures_are_absent_objects_one_attribute_from_a_present_one():
         present = {_attributes(o.description) for o in record.objects}
         found = curriculum.lures(record, world)
         # by hand: every (colour, shape) of the world, sorted into the two kinds
-        same_colour = {(c, s) for c in world.colours for s in world.shapes
-                       if (c, s) not in present and any(c == pc for pc, _ in present)}  # fmt: skip
-        same_shape = {(c, s) for c in world.colours for s in world.shapes
-                      if (c, s) not in present and any(s == ps for _, ps in present)}  # fmt: skip
+        same_colour = {
+            (c, s)
+            for c in world.colours
+            for s in world.shapes
+            if (c, s) not in present and any(c == pc for pc, _ in present)
+        }
+        same_shape = {
+            (c, s)
+            for c in world.colours
+            for s in world.shapes
+            if (c, s) not in present and any(s == ps for _, ps in present)
+        }
         assert {_attributes(d) for d in found["same colour"]} == same_colour
         assert {_attributes(d) for d in found["same shape"]} == same_shape
 
@@ -138,20 +157,24 @@ def test_language_learning_rate_holds_then_decays_to_zero():
     language = [toy_train._lr(10 + step, config) for step in range(100)]
     assert language[0] == pytest.approx(1e-4)
     assert language[9:70] == [pytest.approx(1e-3)] * 61
-    assert all(a >= b for a, b in zip(language[70:], language[71:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(language[70:]))
     assert language[-1] < 1e-5
 
 
 def test_lures_come_in_on_a_ramp_after_the_plateau():
     config = ToyConfig(lure_share=0.6, lure_ramp=(100, 300))
-    assert [curriculum.lure_share_at(step, config) for step in (0, 100, 200, 300, 900)] == pytest.approx([0, 0, 0.3, 0.6, 0.6])
+    assert [curriculum.lure_share_at(step, config) for step in (0, 100, 200, 300, 900)] == pytest.approx(
+        [0, 0, 0.3, 0.6, 0.6]
+    )
 
 
 def test_option_probe_reads_each_option_last_word_and_knows_the_true_one():
     _, adapter = build(replace(TINY, layers=1, option_probe_layer=0))
     config = replace(TINY, caption_only_steps=0, batch_size=6, vqa_per_step=5)
     vqa = curriculum.training_batches(adapter, config, step=0)["vqa"]
-    tokens = [adapter.tokenizer.convert_ids_to_tokens(row.tolist()) for row in vqa.prepared.inputs["input_ids"]]
+    tokens = [
+        adapter.tokenizer.convert_ids_to_tokens(row.tolist()) for row in vqa.prepared.inputs["input_ids"]
+    ]
     words = [tokens[int(i)][int(p)] for i, p in vqa.option_index]
     assert len(words) == 5 * 4 and all(w in SHAPES for w in words)
     # by hand: the user text lists "X ) a[n] colour shape" four times; the probe's label is

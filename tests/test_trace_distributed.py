@@ -14,12 +14,12 @@ import pytest
 import torch
 import xarray as xr
 
-from mechhi.models.qwen2_vl import Qwen2VLAdapter
+from mechhi.models.tiny import tiny_qwen2_vl
 from mechhi.store import damaged_samples, open_store, shard_samples
 from mechhi.trace.distributed import Ranks
-from mechhi.trace.job import TraceConfig, trace_dataset
+from mechhi.trace.trace_dataset import TraceConfig, trace_dataset
 from tests.conftest import WORDS
-from tests.test_trace_job import write_toy_dataset
+from tests.toy_dataset import write_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACED = ("done", "mask", "iou", "attention")
@@ -27,12 +27,19 @@ TRACED = ("done", "mask", "iou", "attention")
 
 def test_rank_0s_result_and_its_error_reach_every_rank(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(tmp_path / "init"), str(tmp_path)],
-                   env=env, check=True, timeout=180)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(tmp_path / "init"), str(tmp_path)],
+        env=env,
+        check=True,
+        timeout=180,
+    )
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert [s["value"] for s in seen] == [{"made_by": 0}, {"made_by": 0}]  # run once, on rank 0
     assert seen[0]["raised"] == ["ValueError", "store s.zarr exists for a different run"]
-    assert seen[1]["raised"] == ["PeerFailed", "rank 1: rank 0 failed: store s.zarr exists for a different run"]
+    assert seen[1]["raised"] == [
+        "PeerFailed",
+        "rank 1: rank 0 failed: store s.zarr exists for a different run",
+    ]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
@@ -50,7 +57,7 @@ def test_ranks_share_pending_samples_by_whole_shards(world):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    Qwen2VLAdapter.build_tiny(root / "model", words=WORDS, layers=3)
+    tiny_qwen2_vl(root / "model", words=WORDS, layers=3)
     write_toy_dataset(root / "data")  # 7 images, 10 samples
     reference = root / "one.zarr"
     trace_here(root, reference)
@@ -62,8 +69,18 @@ def trace_here(root: Path, store: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trace_dataset(TraceConfig(model=str(root / "model"), dataset=str(root / "data"), store=str(store),
-                                  device="cpu", dtype="float32", batch_size=2, shard_samples=2), progress=False)  # fmt: skip
+        trace_dataset(
+            TraceConfig(
+                model=str(root / "model"),
+                dataset=str(root / "data"),
+                store=str(store),
+                device="cpu",
+                dtype="float32",
+                batch_size=2,
+                shard_samples=2,
+            ),
+            progress=False,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -73,16 +90,41 @@ def run(launcher: list[str], root: Path, store: Path, check: bool = True) -> sub
     holds the same samples however the shards are dealt to ranks (batch composition, and
     hence padding, is the same), on one thread per process: the numbers must be equal."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = ["trace", "--model", str(root / "model"), "--dataset", str(root / "data"), "--store", str(store),
-            "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "--shard-samples", "2"]  # fmt: skip
-    done = subprocess.run(launcher + args, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False)
+    args = [
+        "trace",
+        "--model",
+        str(root / "model"),
+        "--dataset",
+        str(root / "data"),
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "2",
+        "--shard-samples",
+        "2",
+    ]
+    done = subprocess.run(
+        launcher + args, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 def torchrun(script: str = "-m mechhi") -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *script.split()]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *script.split(),
+    ]
 
 
 def assert_same_trace(store: Path, reference: xr.Dataset) -> None:
@@ -98,7 +140,10 @@ def test_two_gloo_ranks_make_the_store_one_process_makes(setup):
     result = run(torchrun(), root, store)
     assert_same_trace(store, reference)
     assert result.stdout.count("store:") == 1, "only rank 0 scores and prints the result"
-    assert "2 ranks trace 10 pending samples in 5 shards of up to 2 samples, each rank its own shards" in result.stderr
+    assert (
+        "2 ranks trace 10 pending samples in 5 shards of up to 2 samples, each rank its own shards"
+        in result.stderr
+    )
     assert shard_samples(store) == 2 and open_store(store).attrs["shard_samples"] == 2
     assert "head_impact" in open_store(store).data_vars  # rank 0 scored the finished store
     assert not (root / "two.zarr.lock").exists()

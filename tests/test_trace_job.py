@@ -9,60 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from mechhi.cli import app
-from mechhi.data.format import DatasetWriter, ImageRecord, KeyObject
-from mechhi.models.qwen2_vl import Qwen2VLAdapter
-from mechhi.trace.job import TraceConfig, trace_dataset
+from mechhi.commands import app
 from mechhi.store import open_store
+from mechhi.trace.trace_dataset import TraceConfig, trace_dataset
 from probes.head_impact import BinarizeRule, layer_ranking, score
-from tests.conftest import WORDS
-from tests.helpers import invoke, invoke_json, one_line_error
-
-SIZES = [(112, 140), (84, 84), (140, 112), (112, 112), (56, 168), (84, 112), (112, 84)]
-COLOURS = ["red", "green", "blue", "yellow"]
-
-
-def write_toy_dataset(root, n_images: int = 7, with_splits: bool = False) -> None:
-    """Rectangles of known colour on grey, one or two objects per image."""
-    rng = np.random.default_rng(0)
-    with DatasetWriter(root) as writer:
-        for i in range(n_images):
-            height, width = SIZES[i % len(SIZES)]
-            image = Image.new("RGB", (width, height), (128, 128, 128))
-            draw = ImageDraw.Draw(image)
-            objects = []
-            for j in range(1 + i % 2):
-                x0, y0 = int(rng.integers(0, width - 30)), int(rng.integers(0, height - 30))
-                mask = np.zeros((height, width), bool)
-                mask[y0 : y0 + 28, x0 : x0 + 28] = True
-                colour = COLOURS[(i + j) % 4]
-                draw.rectangle([x0, y0, x0 + 27, y0 + 27], fill=colour)
-                objects.append(KeyObject.from_mask(str(j), f"a {colour} square", mask))
-            split = ("trace" if i < 3 else "test") if with_splits else None
-            record = ImageRecord(f"img{i:03d}", "", width, height, None, tuple(objects), split=split)
-            writer.add(record, image)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-qwen2vl")
-    Qwen2VLAdapter.build_tiny(directory, words=WORDS, layers=3)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dataset")
-    write_toy_dataset(root)
-    return root
+from tests.helpers import cli_trace, invoke, invoke_json, one_line_error
+from tests.toy_dataset import SIZES, write_toy_dataset
 
 
 def config(model_dir, dataset_dir, store, **kw) -> TraceConfig:
-    return TraceConfig(model=str(model_dir), dataset=str(dataset_dir), store=str(store),
-                       batch_size=3, device="cpu", dtype="float32", **kw)  # fmt: skip
+    return TraceConfig(
+        model=str(model_dir),
+        dataset=str(dataset_dir),
+        store=str(store),
+        batch_size=3,
+        device="cpu",
+        dtype="float32",
+        **kw,
+    )
 
 
 class Killed(Exception):
@@ -78,13 +44,18 @@ def test_killed_trace_resumes_to_the_same_store(tiny_model_dir, dataset_dir, tmp
 
     resumed_path = tmp_path / "resumed.zarr"
     with pytest.raises(Killed):
-        trace_dataset(config(tiny_model_dir, dataset_dir, resumed_path), progress=False, on_batch=kill_after_first)
+        trace_dataset(
+            config(tiny_model_dir, dataset_dir, resumed_path), progress=False, on_batch=kill_after_first
+        )
     partial = open_store(resumed_path)
     assert int(partial.done.sum()) == 6  # two batches of 3 flagged before the kill
     assert np.isnan(partial.attention.isel(sample=8).values).all()
     traced_again = []
-    trace_dataset(config(tiny_model_dir, dataset_dir, resumed_path), progress=False,
-                  on_batch=lambda n, idx: traced_again.extend(idx))  # fmt: skip
+    trace_dataset(
+        config(tiny_model_dir, dataset_dir, resumed_path),
+        progress=False,
+        on_batch=lambda n, idx: traced_again.extend(idx),
+    )
     assert traced_again == list(range(6, 10)), "only the samples not flagged done are traced again"
     a, b = open_store(whole).load(), open_store(resumed_path).load()
     for name in ("attention", "mask", "iou", "done"):
@@ -103,7 +74,9 @@ def test_store_holds_grid_aligned_maps(tiny_model_dir, dataset_dir, tmp_path):
         assert np.isnan(mask[rows:, :]).all() and np.isnan(mask[:, cols:]).all()
         height, width = SIZES[int(ds.image_id[i].item()[3:]) % len(SIZES)]
         cell_area = (height / rows) * (width / cols)  # original pixels per token
-        assert np.nansum(mask) * cell_area == pytest.approx(28 * 28), "coverage must conserve the object's area"
+        assert np.nansum(mask) * cell_area == pytest.approx(28 * 28), (
+            "coverage must conserve the object's area"
+        )
     assert ds.attrs["model"] == str(tiny_model_dir)
     assert ds.attrs["prompt_template"] == "caption"
 
@@ -111,8 +84,22 @@ def test_store_holds_grid_aligned_maps(tiny_model_dir, dataset_dir, tmp_path):
 def test_cli_trace_rank_stats(tiny_model_dir, dataset_dir, tmp_path):
     runner = CliRunner()
     store = tmp_path / "cli.zarr"
-    result = runner.invoke(app, ["trace", "--model", str(tiny_model_dir), "--dataset", str(dataset_dir),
-                                 "--store", str(store), "--device", "cpu", "--batch-size", "4"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "trace",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(dataset_dir),
+            "--store",
+            str(store),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     ranked = runner.invoke(app, ["rank", "--store", str(store), "--json"])
     assert ranked.exit_code == 0, ranked.output
@@ -124,8 +111,12 @@ def test_cli_trace_rank_stats(tiny_model_dir, dataset_dir, tmp_path):
     stats = runner.invoke(app, ["stats", "--store", str(store), "--json"])
     assert stats.exit_code == 0, stats.output
     tests = json.loads(stats.stdout)["kruskal_wallis"]
-    assert {(t["across"], t["on"]) for t in tests} == {("layer", "head_impact"), ("head", "head_impact"),
-                                                       ("layer", "iou"), ("head", "iou")}  # fmt: skip
+    assert {(t["across"], t["on"]) for t in tests} == {
+        ("layer", "head_impact"),
+        ("head", "head_impact"),
+        ("layer", "iou"),
+        ("head", "iou"),
+    }
     assert all(0.0 <= t["p_value"] <= 1.0 and t["df"] >= 1 for t in tests)
 
 
@@ -138,7 +129,9 @@ def test_rank_with_another_rule_scores_in_memory_and_leaves_the_store(tiny_model
     assert saved.attrs["binarize"] == BinarizeRule().to_dict()
     default_hi = saved.head_impact.values.copy()
 
-    other = runner.invoke(app, ["rank", "--store", str(store), "--json", "--mask-threshold", "0.3", "--no-keep-best"])
+    other = runner.invoke(
+        app, ["rank", "--store", str(store), "--json", "--mask-threshold", "0.3", "--no-keep-best"]
+    )
     assert other.exit_code == 0 and "scoring in memory" in other.stderr, other.output
     rule = BinarizeRule(mask_threshold=0.3, keep_best_token=False)
     expected = layer_ranking(score(open_store(store), rule))
@@ -152,8 +145,20 @@ def test_rank_with_another_rule_scores_in_memory_and_leaves_the_store(tiny_model
 
 
 def test_cli_reports_bad_dataset_in_one_line(tiny_model_dir, tmp_path):
-    result = CliRunner().invoke(app, ["trace", "--model", str(tiny_model_dir), "--dataset", str(tmp_path / "nope"),
-                                      "--store", str(tmp_path / "x.zarr"), "--device", "cpu"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "trace",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(tmp_path / "nope"),
+            "--store",
+            str(tmp_path / "x.zarr"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 1
     assert "error" in result.output and "Traceback" not in result.output
 
@@ -165,8 +170,9 @@ def test_trace_defaults_to_the_trace_split(tiny_model_dir, tmp_path):
     ds = open_store(store)
     assert sorted(set(ds.image_id.values.tolist())) == ["img000", "img001", "img002"]
     assert ds.attrs["split"] == "trace"
-    everything = trace_dataset(config(tiny_model_dir, tmp_path / "data", tmp_path / "all.zarr", split="all"),
-                               progress=False)  # fmt: skip
+    everything = trace_dataset(
+        config(tiny_model_dir, tmp_path / "data", tmp_path / "all.zarr", split="all"), progress=False
+    )
     assert open_store(everything).sizes["sample"] == 10
 
 
@@ -183,12 +189,7 @@ def test_rank_warns_on_an_unfinished_store(tiny_model_dir, dataset_dir, tmp_path
     assert json.loads(result.stdout)["samples_done"] == 3
 
 
-# ---------------------------------------------------------------- reruns and partial scores (issue 10, item 1)
-def cli_trace(model_dir, data, store, *extra, exit_code=0):
-    return invoke(["trace", "--model", model_dir, "--dataset", data, "--store", store, "--device", "cpu",
-                   "--batch-size", "3", *extra], exit_code=exit_code)  # fmt: skip
-
-
+# --------------------------------------------------------------- reruns and partial scores (issue 10, item 1)
 def test_rerunning_a_finished_trace_is_a_no_op(tiny_model_dir, dataset_dir, tmp_path):
     store = tmp_path / "s.zarr"
     first = cli_trace(tiny_model_dir, dataset_dir, store)
@@ -200,7 +201,9 @@ def test_rerunning_a_finished_trace_is_a_no_op(tiny_model_dir, dataset_dir, tmp_
     xr.testing.assert_identical(open_store(store).load().drop_attrs(), before.drop_attrs())
 
 
-def test_rank_on_a_half_traced_store_saves_nothing_and_the_resume_completes(tiny_model_dir, dataset_dir, tmp_path):
+def test_rank_on_a_half_traced_store_saves_nothing_and_the_resume_completes(
+    tiny_model_dir, dataset_dir, tmp_path
+):
     store = tmp_path / "s.zarr"
     with pytest.raises(Killed):
         trace_dataset(config(tiny_model_dir, dataset_dir, store), progress=False, on_batch=kill_at(0))
@@ -213,7 +216,8 @@ def test_rank_on_a_half_traced_store_saves_nothing_and_the_resume_completes(tiny
     expected = score(ds.drop_vars("head_impact"))  # independent of what was stored
     np.testing.assert_allclose(ds.head_impact.values, expected.head_impact.values)
     assert invoke_json(["rank", "--store", store])["layers"][0]["mean_hi"] == pytest.approx(
-        float(layer_ranking(expected)[0]))
+        float(layer_ranking(expected)[0])
+    )
 
 
 def test_partial_scores_written_by_an_older_run_are_replaced(tiny_model_dir, dataset_dir, tmp_path):
@@ -232,7 +236,9 @@ def test_partial_scores_written_by_an_older_run_are_replaced(tiny_model_dir, dat
     np.testing.assert_allclose(ds.head_impact.values, score(ds).head_impact.values)
 
 
-def test_a_store_that_cannot_be_written_is_scored_in_memory(tiny_model_dir, dataset_dir, tmp_path, monkeypatch):
+def test_a_store_that_cannot_be_written_is_scored_in_memory(
+    tiny_model_dir, dataset_dir, tmp_path, monkeypatch
+):
     from mechhi.store import WriterLock
 
     store = trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "s.zarr"), progress=False)
@@ -245,7 +251,8 @@ def test_a_store_that_cannot_be_written_is_scored_in_memory(tiny_model_dir, data
     assert "scoring in memory: the scores cannot be saved" in result.stderr
     assert "head_impact" not in open_store(store)
     assert json.loads(result.stdout)["layers"][0]["mean_hi"] == pytest.approx(
-        float(layer_ranking(score(open_store(store)))[0]))
+        float(layer_ranking(score(open_store(store)))[0])
+    )
 
 
 def kill_at(batch_number):
@@ -281,7 +288,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_model_dir, dataset_di
     gone.wait()
     (tmp_path / "s.zarr.lock").write_text(f"{gone.pid}\n{socket.gethostname()}\n")
     result = cli_trace(tiny_model_dir, dataset_dir, tmp_path / "s.zarr")
-    assert f"stale lock" in result.stderr and str(gone.pid) in result.stderr
+    assert "stale lock" in result.stderr and str(gone.pid) in result.stderr
 
 
 @pytest.mark.slow  # two real processes each load torch and transformers: about a minute on 2 cores
@@ -293,11 +300,25 @@ def test_two_traces_started_together_make_one_store(tiny_model_dir, dataset_dir,
     import sys
 
     store = tmp_path / "s.zarr"
-    command = [sys.executable, "-m", "mechhi", "trace", "--model", str(tiny_model_dir), "--dataset",
-               str(dataset_dir), "--store", str(store), "--device", "cpu"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mechhi",
+        "trace",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(dataset_dir),
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for _ in range(2)]  # fmt: skip
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
     outcomes = [(run.wait(), *run.communicate()) for run in runs]
     assert any(code == 0 for code, _, _ in outcomes), outcomes
     for code, out, err in outcomes:
@@ -328,14 +349,18 @@ def test_a_deleted_chunk_of_a_done_sample_is_found_and_retraced(tiny_model_dir, 
     assert invoke_json(["store", "verify", store])["damaged"] == []
 
 
-def test_a_garbage_shard_is_found_by_a_plain_verify_and_repaired_by_the_trace(tiny_model_dir, dataset_dir, tmp_path):
+def test_a_garbage_shard_is_found_by_a_plain_verify_and_repaired_by_the_trace(
+    tiny_model_dir, dataset_dir, tmp_path
+):
     store = tmp_path / "s.zarr"
     cli_trace(tiny_model_dir, dataset_dir, store, "--shard-samples", "2")
     original = open_store(store).load()
     (store / "mask" / "c" / "3" / "0" / "0").write_bytes(b"not a zstd frame")  # the shard of samples 6 and 7
     report = invoke_json(["store", "verify", store], exit_code=1)  # no shard index: found without decoding
-    assert [(d["sample"], d["variable"], d["kind"]) for d in report["damaged"]] == [(6, "mask", "damaged"),
-                                                                                   (7, "mask", "damaged")]
+    assert [(d["sample"], d["variable"], d["kind"]) for d in report["damaged"]] == [
+        (6, "mask", "damaged"),
+        (7, "mask", "damaged"),
+    ]
     again = cli_trace(tiny_model_dir, dataset_dir, store)
     assert "tracing them again" in again.stderr
     xr.testing.assert_identical(open_store(store)["mask"].load(), original["mask"])
@@ -370,23 +395,39 @@ def visual_mass(store) -> dict[int, float]:
     return {row["layer"]: row["mean_visual_mass"] for row in report["layers"]}
 
 
-def test_flipped_bytes_in_a_shard_are_found_refused_repaired_and_retraced(tiny_model_dir, dataset_dir, toy_store):
+def test_flipped_bytes_in_a_shard_are_found_refused_repaired_and_retraced(
+    tiny_model_dir, dataset_dir, toy_store
+):
     store = toy_store
     before, original = visual_mass(store), open_store(store).load()
     flip_bytes(store / "attention" / "c" / "1" / "0" / "0" / "0" / "0")  # samples 8 and 9
-    assert invoke_json(["store", "verify", store])["damaged"] == []  # the shard index is intact: --deep decodes
+    assert (
+        invoke_json(["store", "verify", store])["damaged"] == []
+    )  # the shard index is intact: --deep decodes
     deep = invoke_json(["store", "verify", store, "--deep"], exit_code=1)
     assert {(d["variable"], d["file"], d["kind"]) for d in deep["damaged"]} == {
-        ("attention", "attention/c/1/0/0/0/0", "unreadable")}
+        ("attention", "attention/c/1/0/0/0/0", "unreadable")
+    }
     hit = [d["sample"] for d in deep["damaged"]]
     assert hit and set(hit) <= {8, 9} and "checksum do not match" in deep["damaged"][0]["problem"]
-    refused = one_line_error(invoke(["rank", "--store", store, "--probe", "attention-mass", "--json"], exit_code=1))
-    assert "attention/c/1/0/0/0/0" in refused and f"lost data: {hit[0]}" in refused and "--deep --repair" in refused
-    assert invoke_json(["store", "verify", store, "--deep", "--repair"])["repaired"] == [8, 9]  # the whole file
+    refused = one_line_error(
+        invoke(["rank", "--store", store, "--probe", "attention-mass", "--json"], exit_code=1)
+    )
+    assert (
+        "attention/c/1/0/0/0/0" in refused
+        and f"lost data: {hit[0]}" in refused
+        and "--deep --repair" in refused
+    )
+    assert invoke_json(["store", "verify", store, "--deep", "--repair"])["repaired"] == [
+        8,
+        9,
+    ]  # the whole file
     assert not (store / "attention" / "c" / "1" / "0" / "0" / "0" / "0").exists()
     assert "nothing to trace" not in cli_trace(tiny_model_dir, dataset_dir, store).stderr
     assert invoke_json(["store", "verify", store, "--deep"])["damaged"] == []
-    xr.testing.assert_allclose(open_store(store)["attention"].load(), original["attention"], rtol=1e-4, atol=1e-6)
+    xr.testing.assert_allclose(
+        open_store(store)["attention"].load(), original["attention"], rtol=1e-4, atol=1e-6
+    )
     assert visual_mass(store) == pytest.approx(before, rel=1e-4)
 
 
@@ -397,14 +438,19 @@ def test_a_truncated_shard_is_found_by_a_plain_verify_and_by_rank(tiny_model_dir
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     report = invoke_json(["store", "verify", store], exit_code=1)
     assert [(d["sample"], d["file"], d["kind"]) for d in report["damaged"]] == [
-        (s, "attention/c/0/0/0/0/0", "damaged") for s in range(8)]
+        (s, "attention/c/0/0/0/0/0", "damaged") for s in range(8)
+    ]
     for probe in ("head-impact", "attention-mass"):
         refused = one_line_error(invoke(["rank", "--store", store, "--probe", probe], exit_code=1))
         assert "8 done sample(s) have lost data: 0, 1, 2, 3, 4 and 3 more" in refused
         assert "attention shard damaged (attention/c/0/0/0/0/0" in refused
-    assert "tracing them again" in cli_trace(tiny_model_dir, dataset_dir, store).stderr  # repaired by the trace
+    assert (
+        "tracing them again" in cli_trace(tiny_model_dir, dataset_dir, store).stderr
+    )  # repaired by the trace
     assert invoke_json(["store", "verify", store, "--deep"])["damaged"] == []
-    xr.testing.assert_allclose(open_store(store)["attention"].load(), original["attention"], rtol=1e-4, atol=1e-6)
+    xr.testing.assert_allclose(
+        open_store(store)["attention"].load(), original["attention"], rtol=1e-4, atol=1e-6
+    )
 
 
 def test_a_missing_inner_chunk_of_a_present_shard_is_found(tiny_model_dir, dataset_dir, toy_store):
@@ -433,7 +479,9 @@ def test_a_damaged_done_file_is_named_and_repairable(tiny_model_dir, dataset_dir
     assert open_store(store).done.values.tolist() == [False] * 8 + [True] * 2
     cli_trace(tiny_model_dir, dataset_dir, store)
     assert invoke_json(["store", "verify", store, "--deep"])["damaged"] == []
-    xr.testing.assert_allclose(open_store(store)["attention"].load(), original["attention"], rtol=1e-4, atol=1e-6)
+    xr.testing.assert_allclose(
+        open_store(store)["attention"].load(), original["attention"], rtol=1e-4, atol=1e-6
+    )
 
 
 def test_a_damaged_done_file_is_repaired_by_the_trace_itself(tiny_model_dir, dataset_dir, toy_store):
@@ -470,7 +518,9 @@ def test_a_toy_store_checksums_every_chunk(toy_store):
 # ---------------------------------------------------------------- stdout is the result (item 6)
 def test_trace_prints_only_its_result_on_stdout(tiny_model_dir, dataset_dir, tmp_path):
     result = cli_trace(tiny_model_dir, dataset_dir, tmp_path / "s.zarr")
-    assert result.stdout.splitlines() == [line for line in result.stdout.splitlines() if line.startswith("store: ")]
+    assert result.stdout.splitlines() == [
+        line for line in result.stdout.splitlines() if line.startswith("store: ")
+    ]
     assert len(result.stdout.splitlines()) == 1
     assert "tracing" in result.stderr  # the progress bar went to stderr
 
@@ -480,24 +530,42 @@ def test_every_score_command_prints_json_only(tiny_model_dir, dataset_dir, tmp_p
     cli_trace(tiny_model_dir, dataset_dir, store)
     assert invoke_json(["rank", "--store", store])["probe"] == "head-impact"
     assert invoke_json(["rank", "--store", store, "--probe", "attention-mass"])["layers"]
-    assert invoke_json(["rank", "--store", store, "--mask-threshold", "0.3"])["binarize"]["mask_threshold"] == 0.3
+    assert (
+        invoke_json(["rank", "--store", store, "--mask-threshold", "0.3"])["binarize"]["mask_threshold"]
+        == 0.3
+    )
     assert len(invoke_json(["stats", "--store", store])["kruskal_wallis"]) == 4
     assert invoke_json(["store", "verify", store])["done"] == 10
-    pursuit = invoke_json(["pursuit", "--model", tiny_model_dir, "--dataset", dataset_dir, "--device", "cpu",
-                           "--words", "red,green,blue", "--k", "2", "--top", "3"])  # fmt: skip
+    pursuit = invoke_json(
+        [
+            "pursuit",
+            "--model",
+            tiny_model_dir,
+            "--dataset",
+            dataset_dir,
+            "--device",
+            "cpu",
+            "--words",
+            "red,green,blue",
+            "--k",
+            "2",
+            "--top",
+            "3",
+        ]
+    )
     assert len(pursuit["heads"]) == 3
 
 
 # ---------------------------------------------------------------- templates and devices (item 7)
 def test_trace_with_the_vqa_template_draws_options_as_evaluation_does(tiny_model_dir, dataset_dir, tmp_path):
-    from mechhi.evaluate.metrics import format_options
-    from mechhi.evaluate.vqa import option_pool, vqa_items
+    from mechhi.data.synthetic import build_synthetic
+    from mechhi.data.vqa import format_options, option_pool, vqa_items
     from mechhi.models.loading import load
     from mechhi.trace.attention import AttentionTracer
 
-    from mechhi.toyworld.world import build_synthetic
-
-    data = build_synthetic(tmp_path / "data", n_images=4, seed=0, progress=False)  # enough distinct descriptions
+    data = build_synthetic(
+        tmp_path / "data", n_images=4, seed=0, progress=False
+    )  # enough distinct descriptions
     store = tmp_path / "vqa.zarr"
     cli_trace(tiny_model_dir, data, store, "--template", "vqa", "--split", "all")
     ds = open_store(store)
@@ -508,9 +576,12 @@ def test_trace_with_the_vqa_template_draws_options_as_evaluation_does(tiny_model
 
     dataset = load_dataset(data)
     samples = dataset.samples
-    options = format_options(vqa_items(samples, [None] * len(samples), seed=0, pool=option_pool(dataset))[0].options)
-    batch = adapter.prepare([samples[0].image()], [samples[0].description], template="vqa",
-                            fields=[{"options": options}])  # fmt: skip
+    options = format_options(
+        vqa_items(samples, [None] * len(samples), seed=0, pool=option_pool(dataset))[0].options
+    )
+    batch = adapter.prepare(
+        [samples[0].image()], [samples[0].description], template="vqa", fields=[{"options": options}]
+    )
     cube = AttentionTracer(model, adapter).trace(batch)[0]  # (L, H, V)
     rows, cols = int(ds.grid_rows[0]), int(ds.grid_cols[0])
     stored = ds.attention.isel(sample=0).values[:, :, :rows, :cols].reshape(cube.shape[0], cube.shape[1], -1)
@@ -522,22 +593,33 @@ def test_a_samples_vqa_prompt_does_not_depend_on_the_limit(tiny_model_dir, tmp_p
     are asked the same under --limit 4, --limit 20 and no limit (their attention is the
     same), and a resumed trace with another --limit asks the same too."""
     from mechhi.data.format import load_dataset
-    from mechhi.toyworld.world import build_synthetic
-    from mechhi.trace.job import load_samples, prompt_fields
+    from mechhi.data.synthetic import build_synthetic
+    from mechhi.trace.trace_dataset import load_samples, prompt_fields
 
     data = build_synthetic(tmp_path / "data", n_images=9, seed=0, progress=False)
     assert len(load_dataset(data)) > 20
     stores = {}
     for limit in (4, 20, None):
         store = stores[limit] = tmp_path / f"limit-{limit}.zarr"
-        cli_trace(tiny_model_dir, data, store, "--template", "vqa", "--split", "all",
-                  *(("--limit", str(limit)) if limit else ()))  # fmt: skip
-    first = {limit: open_store(store).attention.isel(sample=slice(0, 4)).values for limit, store in stores.items()}
+        cli_trace(
+            tiny_model_dir,
+            data,
+            store,
+            "--template",
+            "vqa",
+            "--split",
+            "all",
+            *(("--limit", str(limit)) if limit else ()),
+        )
+    first = {
+        limit: open_store(store).attention.isel(sample=slice(0, 4)).values for limit, store in stores.items()
+    }
     np.testing.assert_allclose(first[4], first[None], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(first[20], first[None], rtol=1e-5, atol=1e-7)
     twenty = open_store(stores[20]).attention.values
-    np.testing.assert_allclose(twenty, open_store(stores[None]).attention.isel(sample=slice(0, 20)).values,
-                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(
+        twenty, open_store(stores[None]).attention.isel(sample=slice(0, 20)).values, rtol=1e-5, atol=1e-7
+    )
     # the prompt text itself: each sample's options under any limit and in any order
     _, adapter = load_tiny_adapter(tiny_model_dir)
     whole = TraceConfig(dataset=str(data), template="vqa", split="all")
@@ -554,12 +636,17 @@ def load_tiny_adapter(model_dir):
     return load(str(model_dir), device="cpu", dtype="float32")
 
 
-@pytest.mark.parametrize("option, value, fragment", [
-    ("--template", "nonsense", "choose caption or vqa"),
-    ("--device", "nonsense", "choose auto, cpu, cuda"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "option, value, fragment",
+    [
+        ("--template", "nonsense", "choose caption or vqa"),
+        ("--device", "nonsense", "choose auto, cpu, cuda"),
+    ],
+)
 def test_a_wrong_choice_lists_the_choices(tiny_model_dir, dataset_dir, tmp_path, option, value, fragment):
-    message = one_line_error(cli_trace(tiny_model_dir, dataset_dir, tmp_path / "s.zarr", option, value, exit_code=1))
+    message = one_line_error(
+        cli_trace(tiny_model_dir, dataset_dir, tmp_path / "s.zarr", option, value, exit_code=1)
+    )
     assert fragment in message and repr(value) in message
     assert "RuntimeError" not in message and "MECHHI_DEBUG" not in message
 
@@ -574,7 +661,9 @@ def test_default_stores_are_named_by_model_and_dataset():
     other_model = TraceConfig(model="Qwen/Qwen2-VL-2B-Instruct", dataset="data/toy").store_path()
     assert len({demo, mine, other_model}) == 3
     assert other_model.name == "Qwen2-VL-2B-Instruct__toy.zarr" and mine.name == "toy-qwen2vl__toy.zarr"
-    assert TraceConfig(template="vqa").store_path() == demo.with_name("toy__vqa.zarr")  # one store per template
+    assert TraceConfig(template="vqa").store_path() == demo.with_name(
+        "toy__vqa.zarr"
+    )  # one store per template
 
 
 # ---------------------------------------------------------------- provenance (item 10)
@@ -587,7 +676,9 @@ def test_the_store_records_where_its_numbers_come_from(tiny_model_dir, dataset_d
     ds = open_store(trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "s.zarr"), progress=False))
     assert ds.attrs["model"] == str(tiny_model_dir)  # as given, not resolved
     assert ds.attrs["model_revision"].startswith("sha256:")
-    assert ds.attrs["versions"] == {name: version(name) for name in ("mechhi", "torch", "transformers", "nnsight")}
+    assert ds.attrs["versions"] == {
+        name: version(name) for name in ("mechhi", "torch", "transformers", "nnsight")
+    }
     model, adapter = load(str(tiny_model_dir), device="cpu", dtype="float32")
     assert ds.attrs["attn_implementation"] == model.config._attn_implementation == "sdpa"
     assert ds.attrs["prompt"].endswith("This is a photo of {description}.<|im_end|>\n")
@@ -606,7 +697,9 @@ def test_the_store_records_where_its_numbers_come_from(tiny_model_dir, dataset_d
     assert hashlib.sha256(bytes(data)).hexdigest() != hashlib.sha256(weights.read_bytes() + b"x").hexdigest()
 
 
-def test_a_store_knows_its_dataset_by_content_from_any_path_and_directory(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_store_knows_its_dataset_by_content_from_any_path_and_directory(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     """Issue 18 item 9: the dataset is recorded by its resolved path and fingerprint; the
     same content named by another path resumes the store, another content is refused, and
     the store's samples are found from any working directory (old relative records too)."""
@@ -614,7 +707,7 @@ def test_a_store_knows_its_dataset_by_content_from_any_path_and_directory(tiny_m
 
     import zarr
 
-    from mechhi.trace.probe_scores import store_samples, store_source
+    from mechhi.scoring.probe_scores import store_samples, store_source
 
     project = tmp_path / "project"
     write_toy_dataset(project / "ds", n_images=3)
@@ -628,7 +721,9 @@ def test_a_store_knows_its_dataset_by_content_from_any_path_and_directory(tiny_m
     again = cli_trace(tiny_model_dir, project / "ds", store)  # the same content by its absolute path
     assert "nothing to trace" in again.stderr
     shutil.copytree(project / "ds", project / "copy")
-    assert "nothing to trace" in cli_trace(tiny_model_dir, project / "copy", store).stderr  # a copy: same content
+    assert (
+        "nothing to trace" in cli_trace(tiny_model_dir, project / "copy", store).stderr
+    )  # a copy: same content
     other = tmp_path / "other"
     write_toy_dataset(other, n_images=4)
     refused = one_line_error(cli_trace(tiny_model_dir, other, store, exit_code=1))
@@ -638,7 +733,9 @@ def test_a_store_knows_its_dataset_by_content_from_any_path_and_directory(tiny_m
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert store_source(open_store(store))[0] == path
-    assert [s.image_id for s in store_samples(open_store(store), adapter)] == open_store(store).image_id.values.tolist()
+    assert [s.image_id for s in store_samples(open_store(store), adapter)] == open_store(
+        store
+    ).image_id.values.tolist()
     # a store of an earlier version recorded the path as given: found beside the store, by its fingerprint
     zarr.open_group(store, mode="r+").attrs["dataset"] = f"ds#{fingerprint}"
     assert Path(store_source(open_store(store))[0]) == project / "ds"
@@ -664,8 +761,12 @@ def test_the_bundled_model_is_recorded_by_its_name_and_a_hub_model_by_its_commit
     assert provenance(str(BUNDLED_MODEL), Model())["model"] == "mechhi/zoo/toy-qwen2vl"
     Config._commit_hash = "a" * 40
     hub = provenance("Qwen/Qwen2-VL-2B-Instruct", Model())
-    assert hub == {**hub, "model": "Qwen/Qwen2-VL-2B-Instruct", "model_revision": "a" * 40,
-                   "attn_implementation": "eager"}  # fmt: skip
+    assert hub == {
+        **hub,
+        "model": "Qwen/Qwen2-VL-2B-Instruct",
+        "model_revision": "a" * 40,
+        "attn_implementation": "eager",
+    }
 
 
 # ---------------------------------------------------------------- long descriptions and memory (item 11)
@@ -685,8 +786,9 @@ def test_descriptions_over_the_token_limit_are_bad_records(tiny_model_dir, tmp_p
     assert open_store(tmp_path / "c.zarr").sizes["sample"] == 4
 
 
-def test_out_of_memory_names_the_batch_and_suggests_a_smaller_batch(tiny_model_dir, dataset_dir, tmp_path,
-                                                                     monkeypatch):  # fmt: skip
+def test_out_of_memory_names_the_batch_and_suggests_a_smaller_batch(
+    tiny_model_dir, dataset_dir, tmp_path, monkeypatch
+):
     import torch
 
     from mechhi.trace.attention import AttentionTracer
@@ -715,8 +817,12 @@ def test_rank_under_another_rule_leaks_no_library_warning(tiny_model_dir, datase
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = invoke(["rank", "--store", store, "--mask-threshold", "0.3"])
-    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
-            and "xarray" in w.filename + str(w.message)] == []  # fmt: skip
+    assert [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, (FutureWarning, DeprecationWarning))
+        and "xarray" in w.filename + str(w.message)
+    ] == []
     assert "Warning" not in result.stderr
 
 

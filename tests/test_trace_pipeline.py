@@ -16,18 +16,22 @@ import xarray as xr
 
 from mechhi.store import open_store
 from mechhi.trace import loader
-from mechhi.trace.job import TraceConfig, trace_dataset
+from mechhi.trace.trace_dataset import TraceConfig, trace_dataset
 from mechhi.trace.writer import BackgroundWriter
 from tests.helpers import invoke, one_line_error
-from tests.test_trace_job import dataset_dir, tiny_model_dir, write_toy_dataset  # noqa: F401  (fixtures)
+from tests.toy_dataset import write_toy_dataset
 
 TRACED = ("attention", "mask", "iou", "done")
 
 
 def trace(model_dir, data, store, **kw):
     defaults = {"batch_size": 3, "device": "cpu", "dtype": "float32", "num_workers": 0}
-    return open_store(trace_dataset(TraceConfig(model=str(model_dir), dataset=str(data), store=str(store),
-                                                **{**defaults, **kw}), progress=False)).load()  # fmt: skip
+    return open_store(
+        trace_dataset(
+            TraceConfig(model=str(model_dir), dataset=str(data), store=str(store), **{**defaults, **kw}),
+            progress=False,
+        )
+    ).load()
 
 
 # ---------------------------------------------------------------- bucketing
@@ -46,8 +50,10 @@ def test_bucketed_batches_sort_by_bucket_then_index():
 
 def test_bucketed_batches_pad_less_than_dataset_order():
     lengths = np.array([500, 20, 480, 30, 510, 25, 490, 35])
+
     def padding(batches):
         return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in map(np.array, batches))
+
     bucketed = loader.bucketed_batches(range(8), lengths, 2)
     assert padding(bucketed) < padding([[0, 1], [2, 3], [4, 5], [6, 7]]) / 10
 
@@ -59,9 +65,19 @@ def test_bucketed_trace_equals_the_unpadded_trace(tiny_model_dir, dataset_dir, t
     monkeypatch.setattr(loader, "BUCKET_TOKENS", 1)
     order = []
     store = tmp_path / "bucketed.zarr"
-    trace_dataset(TraceConfig(model=str(tiny_model_dir), dataset=str(dataset_dir), store=str(store), batch_size=3,
-                              device="cpu", dtype="float32", num_workers=1),
-                  progress=False, on_batch=lambda n, idx: order.append(list(idx)))  # fmt: skip
+    trace_dataset(
+        TraceConfig(
+            model=str(tiny_model_dir),
+            dataset=str(dataset_dir),
+            store=str(store),
+            batch_size=3,
+            device="cpu",
+            dtype="float32",
+            num_workers=1,
+        ),
+        progress=False,
+        on_batch=lambda n, idx: order.append(list(idx)),
+    )
     flat = [i for batch in order for i in batch]
     assert sorted(flat) == list(range(10)) and flat != sorted(flat), "the buckets must reorder the samples"
     bucketed = open_store(store).load()
@@ -82,8 +98,22 @@ def test_a_bad_image_in_a_worker_is_one_line_naming_it(tiny_model_dir, tmp_path)
     write_toy_dataset(data, n_images=3)
     image = sorted((data / "images").iterdir())[1]
     image.write_bytes(image.read_bytes()[:60])  # truncated after the header: decoding fails
-    result = invoke(["trace", "--model", tiny_model_dir, "--dataset", data, "--store", tmp_path / "s.zarr",
-                     "--device", "cpu", "--num-workers", "1"], exit_code=1)  # fmt: skip
+    result = invoke(
+        [
+            "trace",
+            "--model",
+            tiny_model_dir,
+            "--dataset",
+            data,
+            "--store",
+            tmp_path / "s.zarr",
+            "--device",
+            "cpu",
+            "--num-workers",
+            "1",
+        ],
+        exit_code=1,
+    )
     line = one_line_error(result)
     assert "img001" in line and "DataLoader" not in line
 
@@ -143,6 +173,7 @@ def test_an_interrupt_in_the_forward_thread_still_writes_every_handed_over_batch
 def test_a_kill_mid_trace_leaves_exactly_the_written_batches(tiny_model_dir, dataset_dir, tmp_path):
     """The writer runs on_batch after each batch's done flags; its exception stops the
     writer before the next batch, even though the forward has run ahead."""
+
     class Killed(Exception):
         pass
 
@@ -153,8 +184,19 @@ def test_a_kill_mid_trace_leaves_exactly_the_written_batches(tiny_model_dir, dat
 
     store = tmp_path / "s.zarr"
     with pytest.raises(Killed):
-        trace_dataset(TraceConfig(model=str(tiny_model_dir), dataset=str(dataset_dir), store=str(store), batch_size=2,
-                                  device="cpu", dtype="float32", num_workers=1), progress=False, on_batch=kill)  # fmt: skip
+        trace_dataset(
+            TraceConfig(
+                model=str(tiny_model_dir),
+                dataset=str(dataset_dir),
+                store=str(store),
+                batch_size=2,
+                device="cpu",
+                dtype="float32",
+                num_workers=1,
+            ),
+            progress=False,
+            on_batch=kill,
+        )
     assert open_store(store).done.values.tolist() == [True, True] + [False] * 8
 
 
@@ -175,13 +217,26 @@ def test_an_accelerate_dispatched_model_traces_the_same(tiny_model_dir, dataset_
     plain = trace(tiny_model_dir, dataset_dir, tmp_path / "plain.zarr", limit=4)
     model, adapter = load(tiny_model_dir, device="cpu", dtype="float32")
     layers = adapter.n_layers
-    device_map = {"model.visual": "cpu", "model.language_model.embed_tokens": "cpu", "lm_head": "cpu",
-                  "model.language_model.norm": "cpu", "model.language_model.rotary_emb": "cpu",
-                  **{f"model.language_model.layers.{i}": "cpu" for i in range(layers)}}  # fmt: skip
+    device_map = {
+        "model.visual": "cpu",
+        "model.language_model.embed_tokens": "cpu",
+        "lm_head": "cpu",
+        "model.language_model.norm": "cpu",
+        "model.language_model.rotary_emb": "cpu",
+        **{f"model.language_model.layers.{i}": "cpu" for i in range(layers)},
+    }
     model = dispatch_model(model, device_map=device_map, force_hooks=True)
     assert hasattr(model.model.language_model.layers[0], "_hf_hook")
-    config = TraceConfig(model=str(tiny_model_dir), dataset=str(dataset_dir), store=str(tmp_path / "d.zarr"),
-                         batch_size=3, device="cpu", dtype="float32", num_workers=0, limit=4)  # fmt: skip
+    config = TraceConfig(
+        model=str(tiny_model_dir),
+        dataset=str(dataset_dir),
+        store=str(tmp_path / "d.zarr"),
+        batch_size=3,
+        device="cpu",
+        dtype="float32",
+        num_workers=0,
+        limit=4,
+    )
     dispatched = open_store(trace_dataset(config, progress=False, loaded=(model, adapter))).load()
     for name in TRACED:
         xr.testing.assert_allclose(plain[name], dispatched[name], atol=1e-6)
@@ -189,14 +244,27 @@ def test_an_accelerate_dispatched_model_traces_the_same(tiny_model_dir, dataset_
 
 @pytest.mark.parametrize("command", ["trace", "evaluate"])
 def test_a_device_map_with_a_device_is_one_line(tiny_model_dir, tmp_path, command):
-    result = invoke([command, "--model", tiny_model_dir, "--device", "cpu", "--device-map", "auto",
-                     *(["--store", tmp_path / "s.zarr"] if command == "trace" else [])], exit_code=1)  # fmt: skip
+    result = invoke(
+        [
+            command,
+            "--model",
+            tiny_model_dir,
+            "--device",
+            "cpu",
+            "--device-map",
+            "auto",
+            *(["--store", tmp_path / "s.zarr"] if command == "trace" else []),
+        ],
+        exit_code=1,
+    )
     assert "drop --device cpu" in one_line_error(result)
 
 
 def test_an_unknown_device_map_lists_the_choices(tiny_model_dir, tmp_path):
-    result = invoke(["trace", "--model", tiny_model_dir, "--device-map", "everywhere", "--store", tmp_path / "s.zarr"],
-                    exit_code=1)  # fmt: skip
+    result = invoke(
+        ["trace", "--model", tiny_model_dir, "--device-map", "everywhere", "--store", tmp_path / "s.zarr"],
+        exit_code=1,
+    )
     assert "balanced_low_0" in one_line_error(result)
 
 

@@ -8,30 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from mechhi.trace import AttentionTracer, find_attention_call
 from tests.conftest import noise_image
-
-DESCRIPTIONS = ["a red circle", "blue square", "a small green star"]
-SIZES = [(100, 140), (224, 224), (84, 300)]
-
-
-def eager_reference(model, batch) -> list[np.ndarray]:
-    """(L, H, V) per sample from the full eager attention matrices."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(**batch.inputs, output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
-    refs = []
-    for i, layout in enumerate(batch.layouts):
-        visual = np.concatenate([v.positions for v in layout.views])
-        rows = [a[i][:, layout.query_positions][:, :, visual].mean(1).numpy() for a in out.attentions]
-        refs.append(np.stack(rows))
-    return refs
+from tests.references import DESCRIPTIONS, SIZES, eager_reference
 
 
 def traced(model, adapter, images, descriptions):

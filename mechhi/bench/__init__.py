@@ -8,7 +8,7 @@
 - ``table``: the report as tables, and the targets checked against it.
 """
 
-from .run import QUICK, BenchError, BenchOptions, Report, bench
-from .table import report_text, targets
+from mechhi.bench.run import QUICK, BenchError, BenchOptions, Report, bench
+from mechhi.bench.table import report_text, targets
 
 __all__ = ["QUICK", "BenchError", "BenchOptions", "Report", "bench", "report_text", "targets"]

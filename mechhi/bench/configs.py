@@ -2,8 +2,8 @@
 
 mechhi's capture touches only the language model (the attention inputs of its decoder
 layers), so that is what has to be real: depth, width, heads, KV heads, head dim, MLP
-width and vocabulary are the published checkpoints'. Each model is built by its family
-adapter's ``build_tiny`` (the real transformers class, the real processor), with a
+width and vocabulary are the published checkpoints'. Each model is built by its family's
+`mechhi.models.tiny` builder (the real transformers class, the real processor), with a
 small vision tower: the tower runs in every mode alike and is not what is measured, so
 a small one only keeps the floor honest (a real tower would add the same seconds to
 every mode and flatter the ratios).
@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models import PreparedBatch, VLMAdapter
-from ..models.idefics3 import Idefics3Adapter
-from ..models.llava import LlavaAdapter
-from ..models.paligemma import PaliGemmaAdapter
-from ..models.qwen2_vl import Qwen2VLAdapter
+from mechhi.models import PreparedBatch, VLMAdapter
+from mechhi.models.idefics3 import Idefics3Adapter
+from mechhi.models.llava import LlavaAdapter
+from mechhi.models.paligemma import PaliGemmaAdapter
+from mechhi.models.qwen2_vl import Qwen2VLAdapter
+from mechhi.models.tiny import build_tiny
 
 # Words the benchmark's prompt uses; the word-level tokenizer needs them in its vocabulary.
 DESCRIPTION = "a small red circle next to a large blue square"
@@ -64,7 +65,9 @@ class Geometry:
     visual_tokens: int  # what the processor will actually produce
     image_size: tuple[int, int]  # (width, height) of the input image
     build: dict[str, Any] = field(default_factory=dict)  # build_tiny arguments that change the model
-    processor: dict[str, Any] = field(default_factory=dict)  # build_tiny arguments that change only the processor
+    processor: dict[str, Any] = field(
+        default_factory=dict
+    )  # build_tiny arguments that change only the processor
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,16 @@ class BenchConfig:
     def _model_kwargs(self, geometry: Geometry, layers: int | None) -> dict[str, Any]:
         t = self.text
         return dict(
-            words=WORDS, layers=layers or t.layers, heads=t.heads, kv_heads=t.kv_heads, head_dim=t.head_dim,
-            intermediate=t.intermediate, vocab_size=t.vocab, **self.build, **geometry.build,
-        )  # fmt: skip
+            words=WORDS,
+            layers=layers or t.layers,
+            heads=t.heads,
+            kv_heads=t.kv_heads,
+            head_dim=t.head_dim,
+            intermediate=t.intermediate,
+            vocab_size=t.vocab,
+            **self.build,
+            **geometry.build,
+        )
 
 
 def qwen2_vl_geometry(target: int) -> Geometry:
@@ -131,37 +141,62 @@ def llava_geometry(target: int) -> Geometry:
     return Geometry(side * side, (crop, crop), {"crop": crop, "shortest_edge": crop, "patch": 14})
 
 
-GEOMETRIES = {"qwen2-vl": qwen2_vl_geometry, "paligemma": paligemma_geometry, "idefics3": smolvlm_geometry,
-              "llava": llava_geometry}  # fmt: skip
+GEOMETRIES = {
+    "qwen2-vl": qwen2_vl_geometry,
+    "paligemma": paligemma_geometry,
+    "idefics3": smolvlm_geometry,
+    "llava": llava_geometry,
+}
 
 CONFIGS: dict[str, BenchConfig] = {
     c.name: c
     for c in [
         BenchConfig(
-            "qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", Qwen2VLAdapter,
-            TextDims(layers=28, hidden=1536, heads=12, kv_heads=2, head_dim=128, intermediate=8960, vocab=151936),
+            "qwen2-vl-2b",
+            "Qwen/Qwen2-VL-2B-Instruct",
+            Qwen2VLAdapter,
+            TextDims(
+                layers=28, hidden=1536, heads=12, kv_heads=2, head_dim=128, intermediate=8960, vocab=151936
+            ),
             tied=True,
         ),
         BenchConfig(
-            "paligemma2-3b", "google/paligemma2-3b-pt-224", PaliGemmaAdapter,
-            TextDims(layers=26, hidden=2304, heads=8, kv_heads=4, head_dim=256, intermediate=9216, vocab=257216),
+            "paligemma2-3b",
+            "google/paligemma2-3b-pt-224",
+            PaliGemmaAdapter,
+            TextDims(
+                layers=26, hidden=2304, heads=8, kv_heads=4, head_dim=256, intermediate=9216, vocab=257216
+            ),
             # Gemma 2: softcap 50 (no SDPA path, so transformers runs eager), scaling by
             # query_pre_attn_scalar, a 4096-token window on alternate layers
-            {"gemma2": True, "hidden": 2304, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 256,
-             "sliding_window": 4096, "attn_implementation": "eager"},
+            {
+                "gemma2": True,
+                "hidden": 2304,
+                "attn_logit_softcapping": 50.0,
+                "query_pre_attn_scalar": 256,
+                "sliding_window": 4096,
+                "attn_implementation": "eager",
+            },
         ),
         BenchConfig(
             # the zoo's pretrained build (`mechhi zoo build dinov2-smollm2`): SmolLM2-135M in LLaVA
-            "smollm2-llava", "HuggingFaceTB/SmolLM2-135M-Instruct (zoo: dinov2-smollm2)", LlavaAdapter,
+            "smollm2-llava",
+            "HuggingFaceTB/SmolLM2-135M-Instruct (zoo: dinov2-smollm2)",
+            LlavaAdapter,
             TextDims(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152),
-            tied=True, default=False,  # the small real depth: `--configs smollm2-llava`
+            tied=True,
+            default=False,  # the small real depth: `--configs smollm2-llava`
         ),
         BenchConfig(
-            "smolvlm", "HuggingFaceTB/SmolVLM-Instruct", Idefics3Adapter,
-            TextDims(layers=24, hidden=2048, heads=32, kv_heads=32, head_dim=64, intermediate=8192, vocab=49152),
+            "smolvlm",
+            "HuggingFaceTB/SmolVLM-Instruct",
+            Idefics3Adapter,
+            TextDims(
+                layers=24, hidden=2048, heads=32, kv_heads=32, head_dim=64, intermediate=8192, vocab=49152
+            ),
         ),
     ]
-}  # fmt: skip
+}
 
 
 DEFAULT_CONFIGS = tuple(name for name, c in CONFIGS.items() if c.default)
@@ -185,8 +220,15 @@ def narrow(config: BenchConfig) -> BenchConfig:
     """The same architecture and depth at a tiny width: its forward is mostly Python, so
     what a tracer adds per module and per layer shows in milliseconds."""
     kv_heads = 2 if config.text.kv_heads == config.text.heads else 1  # MHA stays MHA, GQA stays GQA
-    text = TextDims(layers=config.text.layers, hidden=2 * 16, heads=2, kv_heads=kv_heads,
-                    head_dim=16, intermediate=64, vocab=1024)  # fmt: skip
+    text = TextDims(
+        layers=config.text.layers,
+        hidden=2 * 16,
+        heads=2,
+        kv_heads=kv_heads,
+        head_dim=16,
+        intermediate=64,
+        vocab=1024,
+    )
     build = {**config.build, **({"hidden": text.hidden} if "hidden" in config.build else {})}
     return replace(config, name=narrow_name(config.name), text=text, build=build)
 
@@ -233,7 +275,7 @@ def build(
         model, processor = _new_model(config, kwargs, device, dtype, seed)
     else:
         with torch.device("meta"):
-            processor = config.family.build_tiny(**kwargs)[1]
+            processor = build_tiny(config.family.family, **kwargs)[1]
     adapter = config.family(model.config, processor)
     geometry = config.geometry(target)
     images = [bench_image(geometry, seed=i) for i in range(batch_size)]
@@ -244,8 +286,9 @@ def build(
     return Built(model, adapter, batch, geometry)
 
 
-def _new_model(config: BenchConfig, kwargs: dict[str, Any], device: torch.device | str, dtype: torch.dtype,
-               seed: int) -> tuple[Any, Any]:  # fmt: skip
+def _new_model(
+    config: BenchConfig, kwargs: dict[str, Any], device: torch.device | str, dtype: torch.dtype, seed: int
+) -> tuple[Any, Any]:
     """Built where it runs, initialised once: torch's own per-layer initialisation is skipped
     because transformers' ``init_weights`` overwrites every weight anyway (the same
     distributions and buffers; a third of the build time on CPU)."""
@@ -253,7 +296,7 @@ def _new_model(config: BenchConfig, kwargs: dict[str, Any], device: torch.device
 
     torch.manual_seed(seed)
     with no_init_weights(), torch.device(device):
-        model, processor = config.family.build_tiny(**kwargs)
+        model, processor = build_tiny(config.family.family, **kwargs)
     model.init_weights()
     if config.tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models import PreparedBatch, VLMAdapter
-from ..trace import AttentionTracer, BatchIndex
+from mechhi.models import PreparedBatch, VLMAdapter
+from mechhi.trace import AttentionTracer, BatchIndex
 
 MODES = ("floor", "capture", "eager")
 PLAIN = {"use_cache": False, "logits_to_keep": 1}  # what the floor asks of the model
@@ -98,7 +98,9 @@ class Harness:
         }
 
 
-def runners(model: torch.nn.Module, adapter: VLMAdapter, batch: PreparedBatch) -> dict[str, Callable[[], Any]]:
+def runners(
+    model: torch.nn.Module, adapter: VLMAdapter, batch: PreparedBatch
+) -> dict[str, Callable[[], Any]]:
     """The modes as zero-argument calls on a fresh `Harness`."""
     return Harness.around(model, adapter).calls(batch)
 

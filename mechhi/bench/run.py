@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from ..models.loading import resolve_device
-from .configs import DEFAULT_CONFIGS, NARROW, config_named, narrow_name, qwen2_vl_geometry
-from .job import PROGRESS, Job
-from .memory import available_bytes
-from .modes import eager_extra_bytes
+from mechhi.bench.configs import DEFAULT_CONFIGS, NARROW, config_named, narrow_name, qwen2_vl_geometry
+from mechhi.bench.memory import available_bytes
+from mechhi.bench.modes import eager_extra_bytes
+from mechhi.bench.worker_job import PROGRESS, Job
+from mechhi.devices import resolve_device
 
 FIT_MARGIN = 0.85  # eager runs if its predicted peak is under this share of the free memory
 OVERHEAD_TOKENS = qwen2_vl_geometry(441).visual_tokens  # 21 x 21: ~460 tokens a sample with the prompt
@@ -118,27 +118,48 @@ def bench(options: BenchOptions) -> Report:
     device = resolve_device(options.device)  # "auto" and the dtype resolve in the workers: no CUDA here
     threads = options.threads or (1 if device.type == "cpu" else None)
     jobs = options.jobs or (max(1, (os.cpu_count() or 1) // (threads or 1)) if device.type == "cpu" else 1)
-    base = {"layers": options.layers, "batch_size": options.batch_size, "device": str(device), "dtype": options.dtype,
-            "rounds": options.rounds, "threads": threads}  # fmt: skip
+    base = {
+        "layers": options.layers,
+        "batch_size": options.batch_size,
+        "device": str(device),
+        "dtype": options.dtype,
+        "rounds": options.rounds,
+        "threads": threads,
+    }
     targets = sorted(options.targets)
-    memory = _run_all([Job("memory", c, targets, [m], **base) for c in options.configs for m in ("floor", "capture")], jobs)
+    memory = _run_all(
+        [Job("memory", c, targets, [m], **base) for c in options.configs for m in ("floor", "capture")], jobs
+    )
     cells = _merge([], memory, create=True)
     free = _free_bytes(device, memory)
     skip = _eager_plan(cells, free, options.eager)
-    eager = [Job("memory", c, targets, ["eager"], skip={"eager": skip[c]}, **base)
-             for c in options.configs if len(skip[c]) < len(targets)]  # fmt: skip
+    eager = [
+        Job("memory", c, targets, ["eager"], skip={"eager": skip[c]}, **base)
+        for c in options.configs
+        if len(skip[c]) < len(targets)
+    ]
     together = sum(c.eager_predicted_bytes or 0 for c in cells if not c.eager_skipped) <= FIT_MARGIN * free
     _merge(cells, _run_all(eager, jobs if together else 1))
-    timing = [Job("timing", c, targets, ["floor", "capture", "eager"], skip={"eager": skip[c]}, **base)
-              for c in options.configs if options.timing]  # fmt: skip
+    timing = [
+        Job("timing", c, targets, ["floor", "capture", "eager"], skip={"eager": skip[c]}, **base)
+        for c in options.configs
+        if options.timing
+    ]
     overhead = _overhead_jobs(options, base) if options.overhead and options.timing else []
     timed = _run_all(timing + overhead, jobs)
     _merge(cells, timed[: len(timing)])
     overhead_cells = _merge([], timed[len(timing) :], create=True)
     dtype = memory[0]["results"][0]["dtype"]
     clock = "wall" if device.type == "cuda" else "process CPU time"
-    return Report(str(device), dtype, clock, memory[0]["results"][0]["peak_kind"], asdict(options), cells,
-                  overhead_cells)  # fmt: skip
+    return Report(
+        str(device),
+        dtype,
+        clock,
+        memory[0]["results"][0]["peak_kind"],
+        asdict(options),
+        cells,
+        overhead_cells,
+    )
 
 
 def _free_bytes(device: torch.device, memory: list[dict[str, Any]]) -> int:
@@ -159,7 +180,15 @@ def _overhead_jobs(options: BenchOptions, base: dict[str, Any]) -> list[Job]:
     settings = {**base, "batch_size": OVERHEAD_BATCH}
     jobs = [Job("timing", config, [OVERHEAD_TOKENS], ["floor", "capture"], **settings)]
     narrow = config if config.endswith(NARROW) else narrow_name(config)
-    jobs.append(Job("timing", narrow, [OVERHEAD_TOKENS], ["floor", "nnsight", "capture"], **{**settings, "layers": None}))
+    jobs.append(
+        Job(
+            "timing",
+            narrow,
+            [OVERHEAD_TOKENS],
+            ["floor", "nnsight", "capture"],
+            **{**settings, "layers": None},
+        )
+    )
     return jobs
 
 
@@ -173,8 +202,15 @@ def _merge(cells: list[Cell], measured: list[dict[str, Any]], create: bool = Fal
             if key not in by_key:
                 if not create:
                     continue
-                by_key[key] = Cell(job["config"], result["layers"], job["batch_size"], result["target"],
-                                   result["visual_tokens"], result["seq_len"], result["dtype"])  # fmt: skip
+                by_key[key] = Cell(
+                    job["config"],
+                    result["layers"],
+                    job["batch_size"],
+                    result["target"],
+                    result["visual_tokens"],
+                    result["seq_len"],
+                    result["dtype"],
+                )
                 cells.append(by_key[key])
             cell = by_key[key]
             for name in ("seconds", "ratio", "peak_bytes", "held_bytes"):
@@ -189,13 +225,20 @@ def _eager_plan(cells: list[Cell], free: int, wanted: bool) -> dict[str, list[in
     skip: dict[str, list[int]] = {c.config: [] for c in cells}
     for cell in cells:
         text = config_named(cell.config).text
-        extra = eager_extra_bytes(layers=cell.layers, batch=cell.batch_size, heads=text.heads, seq=cell.seq_len,
-                                  dtype=getattr(torch, cell.dtype))  # fmt: skip
+        extra = eager_extra_bytes(
+            layers=cell.layers,
+            batch=cell.batch_size,
+            heads=text.heads,
+            seq=cell.seq_len,
+            dtype=getattr(torch, cell.dtype),
+        )
         cell.eager_predicted_bytes = cell.peak_bytes["floor"] + extra
         if not wanted:
             cell.eager_skipped = "not asked for"
         elif cell.eager_predicted_bytes > FIT_MARGIN * free:
-            cell.eager_skipped = f"needs ~{cell.eager_predicted_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+            cell.eager_skipped = (
+                f"needs ~{cell.eager_predicted_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+            )
         if cell.eager_skipped:
             skip[cell.config].append(cell.target)
     return skip
@@ -216,7 +259,9 @@ def _run_one(job: Job) -> dict[str, Any]:
     if job.threads:
         env["OMP_NUM_THREADS"] = str(job.threads)
     command = [sys.executable, "-m", "mechhi.bench.worker", json.dumps(asdict(job))]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as child:
         errors = []
         for line in child.stderr:  # the result comes on stdout only at the end: no deadlock
             if line.startswith(PROGRESS):

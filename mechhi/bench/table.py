@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configs import config_named
-from .run import Cell, Report
+from mechhi.bench.configs import config_named
+from mechhi.bench.run import Cell, Report
 
 CAPTURE_LIMIT = 1.10
 CAPTURE_FROM = 1024  # visual tokens
@@ -55,35 +55,82 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def cells_table(report: Report) -> str:
-    header = ["config", "layers", "batch", "visual tokens", "seq", "floor s", "capture time", "eager time",
-              "floor peak MiB", "capture memory", "capture extra MiB", "eager memory", "capture samples/s"]  # fmt: skip
+    header = [
+        "config",
+        "layers",
+        "batch",
+        "visual tokens",
+        "seq",
+        "floor s",
+        "capture time",
+        "eager time",
+        "floor peak MiB",
+        "capture memory",
+        "capture extra MiB",
+        "eager memory",
+        "capture samples/s",
+    ]
     rows = []
     for c in report.cells:
         if c.eager_skipped:
             predicted = c.eager_predicted_bytes / c.peak_bytes["floor"] if c.eager_predicted_bytes else None
-            eager_time, eager_memory = "skipped", f"skipped: {c.eager_skipped} ({_times(predicted)} predicted)"
+            eager_time, eager_memory = (
+                "skipped",
+                f"skipped: {c.eager_skipped} ({_times(predicted)} predicted)",
+            )
         else:
             eager_time, eager_memory = _times(c.ratio.get("eager")), _times(memory_ratio(c, "eager"))
-        rows.append([
-            c.config, str(c.layers), str(c.batch_size), str(c.visual_tokens), str(c.seq_len),
-            _fixed(c.seconds.get("floor")), _times(c.ratio.get("capture")), eager_time,
-            _mib(c.peak_bytes.get("floor")), _times(memory_ratio(c, "capture")), _extra(c), eager_memory,
-            _rate(c, "capture"),
-        ])  # fmt: skip
+        rows.append(
+            [
+                c.config,
+                str(c.layers),
+                str(c.batch_size),
+                str(c.visual_tokens),
+                str(c.seq_len),
+                _fixed(c.seconds.get("floor")),
+                _times(c.ratio.get("capture")),
+                eager_time,
+                _mib(c.peak_bytes.get("floor")),
+                _times(memory_ratio(c, "capture")),
+                _extra(c),
+                eager_memory,
+                _rate(c, "capture"),
+            ]
+        )
     return markdown(header, rows)
 
 
 def overhead_table(report: Report) -> str:
-    header = ["config", "layers", "batch", "seq", "floor ms", "empty trace ms", "nnsight adds", "capture ms",
-              "floor samples/s", "capture samples/s"]  # fmt: skip
+    header = [
+        "config",
+        "layers",
+        "batch",
+        "seq",
+        "floor ms",
+        "empty trace ms",
+        "nnsight adds",
+        "capture ms",
+        "floor samples/s",
+        "capture samples/s",
+    ]
     rows = []
     for c in report.overhead:
         floor, empty = c.seconds.get("floor"), c.seconds.get("nnsight")
         adds = "-" if empty is None else f"{1000 * (empty - floor):+,.1f} ms ({c.ratio['nnsight'] - 1:+.1%})"
-        rows.append([
-            c.config, str(c.layers), str(c.batch_size), str(c.seq_len), _ms(floor), _ms(empty), adds,
-            _ms(c.seconds.get("capture")), _rate(c, "floor"), _rate(c, "capture"),
-        ])  # fmt: skip
+        rows.append(
+            [
+                c.config,
+                str(c.layers),
+                str(c.batch_size),
+                str(c.seq_len),
+                _ms(floor),
+                _ms(empty),
+                adds,
+                _ms(c.seconds.get("capture")),
+                _rate(c, "floor"),
+                _rate(c, "capture"),
+            ]
+        )
     return markdown(header, rows)
 
 
@@ -93,12 +140,19 @@ def _ms(seconds: float | None) -> str:
 
 def report_text(report: Report) -> str:
     """Everything `mechhi bench` prints: the tables, what they were measured with, the targets."""
-    heading = (f"mechhi bench on {report.device} ({report.dtype}); time: {report.clock} (ratios: median of "
-               f"per-round ratios to the floor); memory: {report.peak_kind} of each mode in its own process")  # fmt: skip
+    heading = (
+        f"mechhi bench on {report.device} ({report.dtype}); time: {report.clock} (ratios: median of "
+        f"per-round ratios to the floor); memory: {report.peak_kind} of each mode in its own process"
+    )
     parts = [heading, "", cells_table(report)]
     if report.overhead:
-        parts += ["", "nnsight's fixed cost per trace (an empty trace against the floor, on the narrow twin) and "
-                  "throughput at `mechhi trace`'s batch size:", "", overhead_table(report)]
+        parts += [
+            "",
+            "nnsight's fixed cost per trace (an empty trace against the floor, on the narrow twin) and "
+            "throughput at `mechhi trace`'s batch size:",
+            "",
+            overhead_table(report),
+        ]
     parts += ["", *(f"- {v['status']}: {v['target']} ({v['detail']})" for v in targets(report))]
     return "\n".join(parts)
 
@@ -107,21 +161,50 @@ def targets(report: Report) -> list[dict[str, Any]]:
     """Each target with the figures it was judged on: met, not met, or not measured."""
     found = []
     big = [c for c in report.cells if c.visual_tokens >= CAPTURE_FROM]
-    for what, values in (("time", [c.ratio.get("capture") for c in big]),
-                         ("memory", [memory_ratio(c, "capture") for c in big])):  # fmt: skip
+    for what, values in (
+        ("time", [c.ratio.get("capture") for c in big]),
+        ("memory", [memory_ratio(c, "capture") for c in big]),
+    ):
         worst = max((v for v in values if v is not None), default=None)
-        found.append(_verdict(f"capture {what} <= {CAPTURE_LIMIT:.2f}x floor from {CAPTURE_FROM} visual tokens",
-                              worst, None if worst is None else worst <= CAPTURE_LIMIT, f"worst {_times(worst)}"))  # fmt: skip
-    deep = [c for c in report.cells if c.visual_tokens >= EAGER_FROM and c.layers == config_named(c.config).text.layers]
+        found.append(
+            _verdict(
+                f"capture {what} <= {CAPTURE_LIMIT:.2f}x floor from {CAPTURE_FROM} visual tokens",
+                worst,
+                None if worst is None else worst <= CAPTURE_LIMIT,
+                f"worst {_times(worst)}",
+            )
+        )
+    deep = [
+        c
+        for c in report.cells
+        if c.visual_tokens >= EAGER_FROM and c.layers == config_named(c.config).text.layers
+    ]
     factors = [memory_ratio(c, "eager") or c.eager_predicted_bytes / c.peak_bytes["floor"] for c in deep]
     least = min(factors, default=None)
     fits = [c for c in deep if not c.eager_skipped]
-    met = None if least is None else all(f >= EAGER_FACTOR for f, c in zip(factors, deep) if not c.eager_skipped)
-    found.append(_verdict(f"eager >= {EAGER_FACTOR:.0f}x floor memory from {EAGER_FROM} tokens at full depth (or not fitting)",
-                          least, met, f"least {_times(least)}, {len(deep) - len(fits)} of {len(deep)} do not fit"))  # fmt: skip
+    met = (
+        None
+        if least is None
+        else all(f >= EAGER_FACTOR for f, c in zip(factors, deep) if not c.eager_skipped)
+    )
+    found.append(
+        _verdict(
+            f"eager >= {EAGER_FACTOR:.0f}x floor memory from {EAGER_FROM} tokens "
+            "at full depth (or not fitting)",
+            least,
+            met,
+            f"least {_times(least)}, {len(deep) - len(fits)} of {len(deep)} do not fit",
+        )
+    )
     share, detail = overhead_share(report)
-    found.append(_verdict(f"nnsight's fixed cost < {OVERHEAD_LIMIT:.0%} of a batch's forward", share,
-                          None if share is None else share < OVERHEAD_LIMIT, detail))  # fmt: skip
+    found.append(
+        _verdict(
+            f"nnsight's fixed cost < {OVERHEAD_LIMIT:.0%} of a batch's forward",
+            share,
+            None if share is None else share < OVERHEAD_LIMIT,
+            detail,
+        )
+    )
     return found
 
 
@@ -134,7 +217,11 @@ def overhead_share(report: Report) -> tuple[float | None, str]:
         return None, "-"
     extra = narrow.seconds["nnsight"] - narrow.seconds["floor"]
     share = extra / full.seconds["floor"]
-    return share, f"{1000 * extra:+,.1f} ms per trace over a {1000 * full.seconds['floor']:,.0f} ms forward: {share:+.2%}"
+    return (
+        share,
+        f"{1000 * extra:+,.1f} ms per trace over a {1000 * full.seconds['floor']:,.0f} ms forward: "
+        f"{share:+.2%}",
+    )
 
 
 def _verdict(target: str, value: float | None, met: bool | None, detail: str) -> dict[str, Any]:

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from ..models.loading import resolve_device, resolve_dtype
-from .configs import build, config_named
-from .job import PROGRESS, Job
-from .memory import PeakMemory, available_bytes
-from .modes import Harness
+from mechhi.bench.configs import build, config_named
+from mechhi.bench.memory import PeakMemory, available_bytes
+from mechhi.bench.modes import Harness
+from mechhi.bench.worker_job import PROGRESS, Job
+from mechhi.devices import resolve_device, resolve_dtype
 
 
 def run_job(job: Job) -> list[dict[str, Any]]:
@@ -48,8 +48,15 @@ def run_job(job: Job) -> list[dict[str, Any]]:
         if config.model_key(target, job.layers) != key:
             built = harness = None  # the previous model goes before the next is built
             gc.collect()
-        built = build(config, target, layers=job.layers, batch_size=job.batch_size, device=device, dtype=dtype,
-                      model=None if built is None else built.model)  # fmt: skip
+        built = build(
+            config,
+            target,
+            layers=job.layers,
+            batch_size=job.batch_size,
+            device=device,
+            dtype=dtype,
+            model=None if built is None else built.model,
+        )
         harness = harness or Harness.around(built.model, built.adapter)
         key = config.model_key(target, job.layers)
         modes = [m for m in job.modes if target not in job.skip.get(m, [])]
@@ -60,9 +67,21 @@ def run_job(job: Job) -> list[dict[str, Any]]:
             warm = modes if device.type == "cuda" else [m for m in modes if m not in warmed]
             measured = _timing(calls, modes, device, job.rounds, warm)
             warmed.update(modes)
-        results.append({"target": target, "visual_tokens": built.geometry.visual_tokens, "seq_len": built.seq_len,
-                        "layers": built.adapter.n_layers, "dtype": str(dtype).removeprefix("torch."), **measured})  # fmt: skip
-        print(f"{PROGRESS}{job.config}: {job.kind} of {'/'.join(modes)} at {target} visual tokens done", file=sys.stderr, flush=True)
+        results.append(
+            {
+                "target": target,
+                "visual_tokens": built.geometry.visual_tokens,
+                "seq_len": built.seq_len,
+                "layers": built.adapter.n_layers,
+                "dtype": str(dtype).removeprefix("torch."),
+                **measured,
+            }
+        )
+        print(
+            f"{PROGRESS}{job.config}: {job.kind} of {'/'.join(modes)} at {target} visual tokens done",
+            file=sys.stderr,
+            flush=True,
+        )
     return results
 
 
@@ -74,12 +93,17 @@ def _memory(calls: dict[str, Callable[[], Any]], modes: list[str], device: torch
         held[mode] = meter.current()
         calls[mode]()
         peaks[mode] = meter.peak()
-    free = {"free_bytes": available_bytes(device) + torch.cuda.memory_reserved(device)} if device.type == "cuda" else {}
+    free = (
+        {"free_bytes": available_bytes(device) + torch.cuda.memory_reserved(device)}
+        if device.type == "cuda"
+        else {}
+    )
     return {"peak_bytes": peaks, "held_bytes": held, "peak_kind": meter.kind, **free}
 
 
-def _timing(calls: dict[str, Callable[[], Any]], modes: list[str], device: torch.device, rounds: int,
-            warm: list[str]) -> dict[str, Any]:  # fmt: skip
+def _timing(
+    calls: dict[str, Callable[[], Any]], modes: list[str], device: torch.device, rounds: int, warm: list[str]
+) -> dict[str, Any]:
     """Interleaved rounds after a warm-up run of each mode in ``warm``: on CPU, a mode's
     first run in the process (nnsight compiles the attention source once); on CUDA,
     every mode at every size (kernel choice and workspaces are per shape)."""

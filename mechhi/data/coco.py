@@ -112,7 +112,10 @@ def build_from_coco(
     keep = _category_ids(categories, names)
     captions = _first_captions(Path(captions_json)) if captions_json is not None else {}
     report = CocoReport(
-        str(instances_json), str(out_dir), min_area=min_area, instances=instances,
+        str(instances_json),
+        str(out_dir),
+        min_area=min_area,
+        instances=instances,
         categories=sorted(names[c] for c in keep) if categories is not None else [],
     )
     by_image = _group_annotations(data["annotations"], data["images"], names, keep, report)
@@ -362,7 +365,9 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
     if isinstance(segmentation, list):
         polygons = segmentation
         if not polygons or not all(
-            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+            isinstance(p, list)
+            and len(p) >= 6
+            and len(p) % 2 == 0
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
             for p in polygons
         ):

@@ -418,8 +418,9 @@ class KeyObjectDataset(Sequence[Sample]):
             Sample(i, r.image_id, o.object_id, o.description, root / r.file, r, o)
             for i, (r, o) in enumerate(pairs)
         ]
-        self.all_descriptions = all_descriptions if all_descriptions is not None else \
-            frozenset(o.description for _, o in pairs)  # fmt: skip
+        self.all_descriptions = (
+            all_descriptions if all_descriptions is not None else frozenset(o.description for _, o in pairs)
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -442,8 +443,9 @@ class KeyObjectDataset(Sequence[Sample]):
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; splits are {', '.join(SPLITS)}")
         records = [r for r in self.records if r.split == name]
-        return KeyObjectDataset(self.root, records, self.skipped, self.fingerprint, name, self.notes,
-                                self.all_descriptions)  # fmt: skip
+        return KeyObjectDataset(
+            self.root, records, self.skipped, self.fingerprint, name, self.notes, self.all_descriptions
+        )
 
     def split_counts(self) -> dict[str | None, int]:
         """Number of images per split (None for records without one)."""
@@ -588,20 +590,33 @@ def _read_line(
     width, height = _image_fields(obj, lambda r: bad(r, image_id))
     refused = checks.use.image_size_problem((width, height)) if checks.use is not None else None
     if refused:
-        raise bad(f"the model's processor refuses a {height}x{width} image (HxW): {_one_line(refused)}",
-                  image_id)  # fmt: skip
+        raise bad(
+            f"the model's processor refuses a {height}x{width} image (HxW): {_one_line(refused)}", image_id
+        )
     if checks.check_images:
         tag = _check_image_file(root, obj["file"], width, height, lambda r: bad(r, image_id), checks.use)
         if tag != 1:
-            checks.notes.append(Skipped(line, image_id, None, f"image file {obj['file']} has EXIF orientation {tag}: "
-                                        "it is used upright, so width, height and masks must be as displayed"))  # fmt: skip
+            checks.notes.append(
+                Skipped(
+                    line,
+                    image_id,
+                    None,
+                    f"image file {obj['file']} has EXIF orientation {tag}: "
+                    "it is used upright, so width, height and masks must be as displayed",
+                )
+            )
         limit = Image.MAX_IMAGE_PIXELS
         if limit and width * height > limit:
-            checks.notes.append(Skipped(
-                line, image_id, None, f"{LARGE_IMAGE}: {obj['file']} is {height}x{width} "
-                f"({width * height / 1e6:.3g} Mpx, over Pillow's decompression-bomb limit of "
-                f"{limit / 1e6:.3g} Mpx); a model gets it decoded reduced to the size it resizes to"
-            ))  # fmt: skip
+            checks.notes.append(
+                Skipped(
+                    line,
+                    image_id,
+                    None,
+                    f"{LARGE_IMAGE}: {obj['file']} is {height}x{width} "
+                    f"({width * height / 1e6:.3g} Mpx, over Pillow's decompression-bomb limit of "
+                    f"{limit / 1e6:.3g} Mpx); a model gets it decoded reduced to the size it resizes to",
+                )
+            )
 
     objects = []
     object_ids: set[str] = set()
@@ -669,9 +684,7 @@ def _check_image_file(
     return tag
 
 
-def _read_object(
-    raw: Any, height: int, width: int, checks: _Checks, earlier_ids: set[str]
-) -> KeyObject:
+def _read_object(raw: Any, height: int, width: int, checks: _Checks, earlier_ids: set[str]) -> KeyObject:
     """One validated key object; ValueError with the reason if it cannot be used."""
     if not isinstance(raw, dict):
         raise ValueError(f"object must be a JSON object, got {type(raw).__name__}")
@@ -724,8 +737,9 @@ def _read_questions(
         oid = q.get("object_id") if isinstance(q, dict) else None
         reason = _question_problem(q, all_ids)
         if reason is not None:
-            problems.append(Skipped(line, image_id, oid if isinstance(oid, str) else None,
-                                    f"question {i}: {reason}"))
+            problems.append(
+                Skipped(line, image_id, oid if isinstance(oid, str) else None, f"question {i}: {reason}")
+            )
         elif oid is None or oid in kept_ids:
             out.append(dict(q))
     return tuple(out)

@@ -47,6 +47,8 @@ import torch
 from PIL import Image
 
 from mechhi.data.format import DatasetError, DatasetWriter, ImageProblem, ImageRecord, KeyObject, open_image
+from mechhi.devices import resolve_device, resolve_dtype
+from mechhi.progress import progress_bar
 
 GROUNDING_TASK = "<CAPTION_TO_PHRASE_GROUNDING>"
 CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
@@ -175,8 +177,6 @@ def _check_captions(mapping: Any, where: str) -> dict[str, str]:
 def _resolve(config: GroundingConfig) -> tuple[torch.device, torch.dtype, torch.dtype]:
     """(device, Florence-2 dtype, SAM2 dtype). ``auto`` keeps SAM2 in float32 because its
     score is compared with a threshold, where bfloat16's 3 significant digits matter."""
-    from mechhi.models.loading import resolve_device, resolve_dtype
-
     try:
         device = resolve_device(config.device)
         florence_dtype = resolve_dtype(config.dtype, device)
@@ -196,9 +196,13 @@ def _from_pretrained(
         model = model_cls.from_pretrained(source)
     except (OSError, ValueError, KeyError, TypeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        hint = "" if Path(source).is_dir() else (
-            f"; it is not a local directory and the hub may be unreachable: download it where there "
-            f"is network and pass the directory ({option} DIR)"
+        hint = (
+            ""
+            if Path(source).is_dir()
+            else (
+                f"; it is not a local directory and the hub may be unreachable: download it where there "
+                f"is network and pass the directory ({option} DIR)"
+            )
         )
         raise DatasetError(f"cannot load {kind} from {source!r}{hint} [{reason}]") from None
     return model, processor
@@ -399,8 +403,6 @@ def build_from_images(
     >>> report.objects_kept, report.dropped                             # doctest: +SKIP
     (412, {'no_phrase': 3, 'low_score': 97, 'empty_mask': 0, 'duplicate_phrase': 21})
     """
-    from ..progress import progress_bar
-
     config = config or GroundingConfig()
     captions = _check_captions(captions, "argument") if captions is not None else {}
     if limit is not None and limit < 1:
@@ -440,8 +442,14 @@ def _build_batch(
     report.captions_given += len(batch) - len(missing)
     report.captions_generated += len(missing)
     if missing:
-        made = florence_run(florence, [images[k] for k in missing], [config.caption_task] * len(missing),
-                            config.caption_task, config, [names[k] for k in missing])
+        made = florence_run(
+            florence,
+            [images[k] for k in missing],
+            [config.caption_task] * len(missing),
+            config.caption_task,
+            config,
+            [names[k] for k in missing],
+        )
         for k, caption in zip(missing, made):
             texts[k] = caption.strip()
     prompts = [GROUNDING_TASK + t for t in texts]

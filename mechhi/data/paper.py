@@ -334,11 +334,7 @@ def _check_box(
     score, file = float(scores[best]), files[best]
     if score < min_score:
         return "low mask score", f"{score:.4f} < {min_score}"
-    if (
-        not isinstance(bbox, list)
-        or len(bbox) != 4
-        or not all(_is_number(v) for v in bbox)
-    ):
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
         return "bad box", repr(bbox)
     path = masks_dir / file
     if Path(file).name != file or not path.is_file():

@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from mechhi.data.format import ANNOTATIONS, SPLITS, DatasetError
+from mechhi.data.format import ANNOTATIONS, SPLITS, DatasetError, KeyObjectDataset, load_dataset
 
 PAPER_FINETUNE_RATIOS = (1200, 300, 500)  # train, val, test (Section 3 of the paper)
 
@@ -177,3 +177,21 @@ def _with_split(record: dict, split: str) -> dict:
             out["split"] = split
         out[k] = v
     return out
+
+
+# ------------------------------------------------- reading one split (training, evaluation, interventions)
+def split_of(data: KeyObjectDataset, split: str, limit: int | None = None) -> KeyObjectDataset:
+    """One split of an already read dataset, failing with a clear message when it is empty."""
+    part = data.split(split)
+    if len(part) == 0:
+        raise ValueError(
+            f"dataset {data.root} has no samples in split {split!r} (splits: {data.split_counts()})"
+        )
+    if limit is not None and limit < len(part):
+        part.samples = part.samples[:limit]
+    return part
+
+
+def load_split(dataset: str | os.PathLike, split: str, limit: int | None = None) -> KeyObjectDataset:
+    """One split of a dataset directory (reads its annotations: use `split_of` for more splits)."""
+    return split_of(load_dataset(dataset), split, limit)

@@ -6,6 +6,6 @@ model under a head intervention, and the paper's whole comparison.
 - ``prepared``: a split's evaluation inputs, prepared once for every model scored on them;
 - ``compat``: was an adapter trained on this base model, and does it fit it?
 - ``audit``: does the evaluated model really carry its trained adapter?
-- ``job``: `mechhi evaluate`; ``experiment``: `mechhi experiment` (Tables 4 and 5);
+- ``evaluate_run``: `mechhi evaluate`; ``experiment``: `mechhi experiment` (Tables 4 and 5);
 - ``tables``: the experiment's tables as JSON, CSV and text.
 """

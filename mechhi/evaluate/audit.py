@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from ..data.format import Sample
-from ..finetune import (
+from mechhi.data.format import Sample
+from mechhi.evaluate.compat import check_fits
+from mechhi.finetune import (
     ImageCache,
     lora_layers_of,
     lora_module_names,
@@ -26,21 +27,32 @@ from ..finetune import (
     quiet_peft,
     read_selection,
 )
-from ..models import VLMAdapter
-from .compat import check_fits
-from .metrics import _logits
+from mechhi.finetune.loss import answer_logits
+from mechhi.models import VLMAdapter
 
 
-def _answer_logits(model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Sample], template: str,
-                   images: ImageCache | None = None) -> torch.Tensor:  # fmt: skip
+def _answer_logits(
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    samples: Sequence[Sample],
+    template: str,
+    images: ImageCache | None = None,
+) -> torch.Tensor:
     """(n_answer_tokens_total, vocab) logits predicting each probe sample's answer tokens."""
     batch = prepare_samples(adapter, samples, template, images)
-    logits = _logits(model, batch)  # (B, T, vocab)
-    return torch.cat([logits[i, torch.as_tensor(lay.query_positions) - 1] for i, lay in enumerate(batch.layouts)])
+    logits = answer_logits(model, batch)  # (B, T, vocab)
+    return torch.cat(
+        [logits[i, torch.as_tensor(lay.query_positions) - 1] for i, lay in enumerate(batch.layouts)]
+    )
 
 
-def probe_shift(model: torch.nn.Module, adapter: VLMAdapter, probe: Sequence[Sample], template: str = "caption",
-                images: ImageCache | None = None) -> float | None:  # fmt: skip
+def probe_shift(
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    probe: Sequence[Sample],
+    template: str = "caption",
+    images: ImageCache | None = None,
+) -> float | None:
     """Largest |logit change| on the probe batch when the adapter is switched off (None: no peft model)."""
     if not hasattr(model, "disable_adapter"):
         return None
@@ -77,8 +89,14 @@ def audit_adapter(
         flags.append("inactive: the adapter does not change the outputs on the probe batch")
     if expected_layers is not None and names and layers != sorted(expected_layers):
         flags.append(f"wrong layers: LoRA on {layers}, expected {sorted(expected_layers)}")
-    return {"lora_layers": layers, "lora_modules": len(names), "lora_A_norm": norms["lora_A"],
-            "lora_B_norm": norms["lora_B"], "probe_max_abs_logit_shift": shift, "flags": flags}  # fmt: skip
+    return {
+        "lora_layers": layers,
+        "lora_modules": len(names),
+        "lora_A_norm": norms["lora_A"],
+        "lora_B_norm": norms["lora_B"],
+        "probe_max_abs_logit_shift": shift,
+        "flags": flags,
+    }
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, model_name: str = "the model") -> Any:

@@ -39,10 +39,12 @@ def adapter_shapes(adapter_dir: str | os.PathLike) -> dict[str, tuple[int, int]]
 
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise AdapterMismatch(f"{adapter_dir} has no {ADAPTER_WEIGHTS}: an unfinished or foreign adapter directory")
+        raise AdapterMismatch(
+            f"{adapter_dir} has no {ADAPTER_WEIGHTS}: an unfinished or foreign adapter directory"
+        )
     found: dict[str, dict[str, list[int]]] = {}
     with safe_open(str(path), "pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118  (a safetensors file handle, not a dict)
             match = _KEY.match(key)
             if match:
                 found.setdefault(match["module"], {})[match["ab"]] = f.get_slice(key).get_shape()
@@ -60,8 +62,10 @@ def check_fits(model: torch.nn.Module, adapter_dir: str | os.PathLike, model_nam
             continue
         shape = (getattr(module, "in_features", None), getattr(module, "out_features", None))
         if shape != (fan_in, fan_out):
-            problems.append(f"{name} maps {shape[0]} -> {shape[1]} features in {model_name}, "
-                            f"{fan_in} -> {fan_out} in the adapter")  # fmt: skip
+            problems.append(
+                f"{name} maps {shape[0]} -> {shape[1]} features in {model_name}, "
+                f"{fan_in} -> {fan_out} in the adapter"
+            )
     if problems:
         more = f" (and {len(problems) - 1} more LoRA modules)" if len(problems) > 1 else ""
         raise AdapterMismatch(f"adapter {adapter_dir} does not fit {model_name}: {problems[0]}{more}")

@@ -17,8 +17,6 @@ returned (the command prints it).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -27,8 +25,12 @@ from typing import Any
 
 import torch
 
-from ..data.format import load_dataset
-from ..finetune import (
+from mechhi.data.format import load_dataset
+from mechhi.data.vqa import VQA_DRAW
+from mechhi.evaluate.evaluate_run import evaluate_adapter, evaluate_model
+from mechhi.evaluate.prepared import EvalSet, EvalSettings
+from mechhi.evaluate.tables import build_report, write_tables
+from mechhi.finetune import (
     DEFAULT_BAND,
     FinetuneConfig,
     FinetuneData,
@@ -43,12 +45,10 @@ from ..finetune import (
     select_layers,
     split_of,
 )
-from ..finetune.accel import make_accelerator
-from ..models import VLMAdapter
-from .job import evaluate_adapter, evaluate_model
-from .prepared import EvalSet, EvalSettings
-from .tables import build_report, write_report
-from .vqa import VQA_DRAW
+from mechhi.finetune.accel import make_accelerator
+from mechhi.models import VLMAdapter, loading
+from mechhi.result_cache import ResultCache
+from mechhi.store import open_store
 
 KINDS = ("original", "top", "bottom", "random", "depth", "full")
 
@@ -60,7 +60,9 @@ class ExperimentConfig:
 
     store: str = "stores/toy.zarr"  # scored store whose Head Impact ranking picks the layers
     model: str | None = None  # base model (default: the store's `model` attr)
-    dataset: str | None = None  # train/val/test dataset (default: toy fine-tuning dataset, built on first use)
+    dataset: str | None = (
+        None  # train/val/test dataset (default: toy fine-tuning dataset, built on first use)
+    )
     out: str = "experiments/toy"  # adapters, results.json, table4.csv, table5.csv, audit.csv
     # K layers per setup. 3, not the paper's 4: the toy has 12 layers, and with K=4 the
     # random-4 pool (layers in neither top-4 nor bottom-4) holds exactly 4, so every seed
@@ -83,7 +85,9 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"ExperimentConfig.setups: unknown {unknown}; choose {', '.join(KINDS)}")
         if {"random", "depth"} & set(self.setups) and not self.random_seeds:
-            raise ValueError("ExperimentConfig.random_seeds is empty but a random-K or depth-K setup is asked for")
+            raise ValueError(
+                "ExperimentConfig.random_seeds is empty but a random-K or depth-K setup is asked for"
+            )
 
 
 @dataclass(frozen=True)
@@ -107,20 +111,22 @@ def plan(config: ExperimentConfig) -> list[Setup]:
         elif kind == "full":
             out.append(Setup("full", "full", "full"))
         elif kind in ("random", "depth"):
-            out += [Setup(f"{kind}-{k} (seed {s})", f"{kind}-{k}", f"{kind}-{k}", s) for s in config.random_seeds]
+            out += [
+                Setup(f"{kind}-{k} (seed {s})", f"{kind}-{k}", f"{kind}-{k}", s) for s in config.random_seeds
+            ]
         else:
             out.append(Setup(f"{kind}-{k}", f"{kind}-{k}", f"{kind}-{k}"))
     return out
 
 
-def _setup_key(config: ExperimentConfig, setup: Setup, ranking: str | None) -> str:
-    """Fingerprint of everything a setup's row depends on (config less paths, store ranking)."""
+def _setup_fields(config: ExperimentConfig, setup: Setup, ranking: str | None) -> dict[str, Any]:
+    """Everything a setup's row depends on (config less paths, store ranking): its cache key."""
     skip = ("out", "device", "threads", "setups", "random_seeds", "depth_band")
     fields = {k: v for k, v in asdict(config).items() if k not in skip}
     fields.update(setup=setup.name, seed=setup.seed, ranking=ranking, vqa_draw=VQA_DRAW)
     if setup.group.startswith("depth"):
         fields["depth_band"] = config.depth_band
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fields
 
 
 @dataclass
@@ -135,8 +141,9 @@ class _Shared:
 
     def evaluation(self, config: ExperimentConfig) -> EvalSet:
         if self.eval_set is None:
-            self.eval_set = EvalSet.build(self.loaded[1], self.test, config.eval, template=config.template,
-                                          images=self.data.images)  # fmt: skip
+            self.eval_set = EvalSet.build(
+                self.loaded[1], self.test, config.eval, template=config.template, images=self.data.images
+            )
         return self.eval_set
 
 
@@ -152,19 +159,38 @@ def _run_setup(config: ExperimentConfig, setup: Setup, shared: _Shared, progress
         entry["metrics"] = evaluate_model(model, adapter, shared.test, **evaluation)
         entry["seconds"] = time.time() - began
         return entry
-    ft = FinetuneConfig(store=config.store, select=setup.spec, out=str(out), dataset=str(shared.data.root),
-                        model=shared.model_id, select_seed=setup.seed, depth_band=config.depth_band,
-                        template=config.template, device=config.device, dtype=config.dtype, lora=config.lora,
-                        train=config.train)  # fmt: skip
+    ft = FinetuneConfig(
+        store=config.store,
+        select=setup.spec,
+        out=str(out),
+        dataset=str(shared.data.root),
+        model=shared.model_id,
+        select_seed=setup.seed,
+        depth_band=config.depth_band,
+        template=config.template,
+        device=config.device,
+        dtype=config.dtype,
+        lora=config.lora,
+        train=config.train,
+    )
     result = finetune(ft, progress=progress, loaded=shared.loaded, data=shared.data)
-    entry.update(layers=list(result.selection.layers), params=result.params, adapter=str(out),
-                 provenance={k: v for k, v in result.selection.provenance.items() if k != "ranking"},
-                 training={"loss_curve": [(r["step"], r["loss"]) for r in result.history.train],
-                           "val_curve": [(r["step"], r["loss"]) for r in result.history.val],
-                           "best_step": result.history.best_step, "best_val_loss": result.history.best_loss,
-                           "stopped_early": result.history.stopped_early, "seconds": result.history.seconds})  # fmt: skip
-    evaluated = evaluate_adapter(model, adapter, out, shared.test, expected_layers=result.selection.layers,
-                                 **evaluation)  # fmt: skip
+    entry.update(
+        layers=list(result.selection.layers),
+        params=result.params,
+        adapter=str(out),
+        provenance={k: v for k, v in result.selection.provenance.items() if k != "ranking"},
+        training={
+            "loss_curve": [(r["step"], r["loss"]) for r in result.history.train],
+            "val_curve": [(r["step"], r["loss"]) for r in result.history.val],
+            "best_step": result.history.best_step,
+            "best_val_loss": result.history.best_loss,
+            "stopped_early": result.history.stopped_early,
+            "seconds": result.history.seconds,
+        },
+    )
+    evaluated = evaluate_adapter(
+        model, adapter, out, shared.test, expected_layers=result.selection.layers, **evaluation
+    )
     entry.update(metrics=evaluated["metrics"], audit=evaluated["audit"])  # params: from training, above
     entry["seconds"] = time.time() - began
     return entry
@@ -182,40 +208,49 @@ def run_experiment(
     (``accelerate launch``) every setup trains on all of them; each process evaluates, and
     the main one writes.
     """
-    from ..store import open_store
-
     if config.threads:
         torch.set_num_threads(config.threads)
     store_ds = open_store(config.store)
     setups = plan(config)
-    selections = {setup.name: select_layers(store_ds, setup.spec, seed=setup.seed, depth_band=config.depth_band)
-                  for setup in setups if setup.spec is not None}  # fails before any training on an unfit store
-    accelerator = make_accelerator(device=config.device, precision=config.train.mixed_precision,
-                                   grad_accum=config.train.grad_accum)  # fmt: skip
+    selections = {
+        setup.name: select_layers(store_ds, setup.spec, seed=setup.seed, depth_band=config.depth_band)
+        for setup in setups
+        if setup.spec is not None
+    }  # fails before any training on an unfit store
+    accelerator = make_accelerator(
+        device=config.device, precision=config.train.mixed_precision, grad_accum=config.train.grad_accum
+    )
     shared = _shared(config, store_ds, loaded, str(accelerator.device), progress)
-    ranking = head_impact_fingerprint(store_ds["head_impact"]) if "head_impact" in store_ds.data_vars else None
+    ranking = (
+        head_impact_fingerprint(store_ds["head_impact"]) if "head_impact" in store_ds.data_vars else None
+    )
     keyed = replace(config, model=shared.model_id, dataset=str(shared.data.root))
     out = Path(config.out)
-    (out / "setups").mkdir(parents=True, exist_ok=True)
+    cache = ResultCache(out / "setups")  # one named slot per setup: setups/<setup>.json
     entries: list[dict] = []
     reused = 0
     for i, setup in enumerate(setups):
-        cache, key = out / "setups" / f"{setup.dirname}.json", _setup_key(keyed, setup, ranking)
-        cached = json.loads(cache.read_text()) if cache.is_file() else {}
-        reused += cached.get("key") == key
-        entry = cached["entry"] if cached.get("key") == key else _same_layers(setup, selections, entries)
+        fields = _setup_fields(keyed, setup, ranking)
+        entry = cache.get("setup", fields, name=setup.dirname)
+        cached = entry is not None
+        reused += cached
+        if entry is None:
+            entry = _same_layers(setup, selections, entries)
         if entry is None:
             if progress and accelerator.is_main_process:
                 print(f"[{i + 1}/{len(setups)}] {setup.name}", file=sys.stderr)
             entry = _run_setup(config, setup, shared, progress)
-        if accelerator.is_main_process and cached.get("key") != key:
-            cache.write_text(json.dumps({"key": key, "entry": entry}, default=str) + "\n")
+        if accelerator.is_main_process and not cached:
+            cache.put("setup", fields, entry, name=setup.dirname)
         entries.append(entry)
     report = build_report(config, shared.model_id, str(shared.data.root), entries)
     if accelerator.is_main_process:
-        write_report(report, out)
+        write_tables(report, out)
         if progress and reused == len(setups):
-            print(f"every setup was already finished in {out / 'setups'}: nothing was trained again", file=sys.stderr)
+            print(
+                f"every setup was already finished in {out / 'setups'}: nothing was trained again",
+                file=sys.stderr,
+            )
     return report
 
 
@@ -230,20 +265,34 @@ def _same_layers(setup: Setup, selections: dict[str, Any], done: list[dict]) -> 
     if twin is None:
         return None
     provenance = {k: v for k, v in selection.provenance.items() if k != "ranking"}
-    return {**twin, "name": setup.name, "group": setup.group, "spec": setup.spec, "seed": setup.seed,
-            "provenance": provenance, "same_as": twin["name"], "seconds": 0.0}  # fmt: skip
+    return {
+        **twin,
+        "name": setup.name,
+        "group": setup.group,
+        "spec": setup.spec,
+        "seed": setup.seed,
+        "provenance": provenance,
+        "same_as": twin["name"],
+        "seconds": 0.0,
+    }
 
 
-def _shared(config: ExperimentConfig, store_ds: Any, loaded: tuple[Any, VLMAdapter] | None, device: str,
-            progress: bool) -> _Shared:  # fmt: skip
+def _shared(
+    config: ExperimentConfig,
+    store_ds: Any,
+    loaded: tuple[Any, VLMAdapter] | None,
+    device: str,
+    progress: bool,
+) -> _Shared:
     """The base model (loaded once, onto the accelerator's device) and the dataset (read once)."""
     model_id = resolve_model_id(config.model, store_ds)
     if loaded is None:
-        from ..models.loading import load
-
-        loaded = load(model_id, device=device, dtype=config.dtype)
+        loaded = loading.load(
+            model_id, device=device, dtype=config.dtype
+        )  # looked up at call time: a test may stand in for it
     dataset = load_dataset(resolve_dataset(config.dataset, progress=progress))
     images = ImageCache()
-    data = FinetuneData.read(dataset, train_limit=config.train.train_limit, val_limit=config.train.val_limit,
-                             images=images)  # fmt: skip
+    data = FinetuneData.read(
+        dataset, train_limit=config.train.train_limit, val_limit=config.train.val_limit, images=images
+    )
     return _Shared(loaded, model_id, data, split_of(dataset, config.split))

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models import PreparedBatch, VLMAdapter
-
-LETTERS = ("A", "B", "C", "D")
+from mechhi.data.vqa import LETTERS, VQAItem, format_options
+from mechhi.finetune.loss import answer_logits, predictions_of, scores_of
+from mechhi.models import PreparedBatch, VLMAdapter
+from mechhi.models._common import answer_token_ids
 
 
 @dataclass(frozen=True)
@@ -51,55 +52,22 @@ class Metric:
         return f"{self.mean:.4g} ± {self.se:.2g}"
 
 
-@dataclass(frozen=True)
-class VQAItem:
-    image: Image.Image
-    options: tuple[str, str, str, str]
-    answer: int  # index of the true option
-
-
-def format_options(options: Sequence[str]) -> str:
-    return " ".join(f"{letter}) {text}" for letter, text in zip(LETTERS, options))
-
-
 def _batches(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
 
-def _logits(model: torch.nn.Module, batch: PreparedBatch) -> torch.Tensor:
-    from ..models.loading import input_device
-
-    device = input_device(model)  # a model split by a device map: its embeddings' device
-    dtype = next(model.parameters()).dtype
-    moved = batch.to(device, dtype)
-    with torch.no_grad():
-        return model(**moved.inputs).logits.float().cpu()  # (B, T, vocab)
-
-
 def caption_batches(
-    adapter: VLMAdapter, images: Sequence[Image.Image], answers: Sequence[str], *, template: str = "caption",
+    adapter: VLMAdapter,
+    images: Sequence[Image.Image],
+    answers: Sequence[str],
+    *,
+    template: str = "caption",
     batch_size: int = 8,
 ) -> Iterator[PreparedBatch]:
     """(image, answer) pairs as prepared batches of ``batch_size``, one at a time."""
     for part in _batches(len(images), batch_size):
         yield adapter.prepare(images[part], answers[part], template=template)
-
-
-def predictions_of(model: torch.nn.Module, batches: Iterable[PreparedBatch]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """`answer_predictions` on batches already prepared (prepare once, score many models)."""
-    for batch in batches:
-        yield from predictions_from_logits(_logits(model, batch), batch)
-
-
-def predictions_from_logits(logits: torch.Tensor, batch: PreparedBatch) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per sample of a batch whose (B, T, vocab) ``logits`` are known (a knockout or patched
-    run): log-probabilities predicting each answer token, and the answer token ids."""
-    logp = torch.log_softmax(logits.float().cpu(), dim=-1)
-    ids = batch.inputs["input_ids"].cpu()
-    for i, layout in enumerate(batch.layouts):
-        pos = torch.as_tensor(layout.query_positions)
-        yield logp[i, pos - 1], ids[i, pos]  # token t is predicted at t - 1
 
 
 def answer_predictions(
@@ -113,7 +81,9 @@ def answer_predictions(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per sample (teacher forced): log-probabilities predicting each answer token
     (n_answer, vocab), and the answer token ids (n_answer,)."""
-    return predictions_of(model, caption_batches(adapter, images, answers, template=template, batch_size=batch_size))
+    return predictions_of(
+        model, caption_batches(adapter, images, answers, template=template, batch_size=batch_size)
+    )
 
 
 def answer_scores(
@@ -127,16 +97,9 @@ def answer_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per sample (teacher forced): mean NLL of the answer tokens, and the fraction of
     answer tokens that are the model's argmax prediction."""
-    return scores_of(answer_predictions(model, adapter, images, answers, template=template, batch_size=batch_size))
-
-
-def scores_of(predictions: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
-    """`answer_scores` from already computed `answer_predictions`."""
-    nll, accuracy = [], []
-    for predicted, target in predictions:
-        nll.append(float(-predicted.gather(-1, target[:, None]).mean()))
-        accuracy.append(float((predicted.argmax(-1) == target).float().mean()))
-    return np.asarray(nll), np.asarray(accuracy)
+    return scores_of(
+        answer_predictions(model, adapter, images, answers, template=template, batch_size=batch_size)
+    )
 
 
 def perplexity_of(nll: Sequence[float] | np.ndarray) -> Metric:
@@ -160,8 +123,6 @@ def perplexity(
 
 def letter_ids(adapter: VLMAdapter) -> list[int]:
     """Token id of each option letter as it appears in the VQA answer slot."""
-    from ..models._common import answer_token_ids
-
     ids = []
     for letter in LETTERS:
         rendered = adapter.render("vqa", letter, options=format_options(LETTERS))
@@ -172,7 +133,9 @@ def letter_ids(adapter: VLMAdapter) -> list[int]:
     return ids
 
 
-def vqa_batches(adapter: VLMAdapter, items: Sequence[VQAItem], *, batch_size: int = 8) -> Iterator[PreparedBatch]:
+def vqa_batches(
+    adapter: VLMAdapter, items: Sequence[VQAItem], *, batch_size: int = 8
+) -> Iterator[PreparedBatch]:
     """The questions as prepared batches: options A-D in the prompt, the true letter as the answer."""
     for part in _batches(len(items), batch_size):
         chunk = items[part]
@@ -191,14 +154,17 @@ def vqa_scores_of(
     correct, probability = [], []
     truth = iter(answers)
     for batch in batches:
-        c, p = vqa_from_logits(_logits(model, batch), batch, letters, [next(truth) for _ in batch.layouts])
+        c, p = vqa_from_logits(
+            answer_logits(model, batch), batch, letters, [next(truth) for _ in batch.layouts]
+        )
         correct.extend(c)
         probability.extend(p)
     return np.asarray(correct), np.asarray(probability)
 
 
-def vqa_from_logits(logits: torch.Tensor, batch: PreparedBatch, letters: Sequence[int],
-                    answers: Sequence[int]) -> tuple[list[float], list[float]]:  # fmt: skip
+def vqa_from_logits(
+    logits: torch.Tensor, batch: PreparedBatch, letters: Sequence[int], answers: Sequence[int]
+) -> tuple[list[float], list[float]]:
     """Per item of a batch whose ``logits`` are known: 1.0 where the argmax letter is the true
     one, and the true letter's probability renormalised over the four letters."""
     correct, probability = [], []

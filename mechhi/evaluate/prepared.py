@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..data.format import KeyObjectDataset, Sample
-from ..finetune import ImageCache
-from ..models import PreparedBatch, VLMAdapter
-from .metrics import caption_batches, letter_ids, vqa_batches
-from .vqa import option_pool, vqa_items
+from mechhi.data.format import KeyObjectDataset, Sample
+from mechhi.data.vqa import option_pool, vqa_items
+from mechhi.evaluate.metrics import caption_batches, letter_ids, vqa_batches
+from mechhi.finetune import ImageCache
+from mechhi.models import PreparedBatch, VLMAdapter
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,15 @@ class EvalSet:
     images: ImageCache  # the decoded images, for what still prepares its own inputs (captions, the audit)
 
     @classmethod
-    def build(cls, adapter: VLMAdapter, split: KeyObjectDataset | Sequence[Sample], settings: EvalSettings, *,
-              template: str = "caption", images: ImageCache | None = None) -> EvalSet:  # fmt: skip
+    def build(
+        cls,
+        adapter: VLMAdapter,
+        split: KeyObjectDataset | Sequence[Sample],
+        settings: EvalSettings,
+        *,
+        template: str = "caption",
+        images: ImageCache | None = None,
+    ) -> EvalSet:
         """Prepare ``split`` (up to ``settings.limit``); distractors from the whole dataset."""
         samples = list(split)[: settings.limit] if settings.limit else list(split)
         if not samples:
@@ -52,8 +59,11 @@ class EvalSet:
         images = images or ImageCache()
         pictures = images.images(samples)
         size = settings.batch_size
-        captions = list(caption_batches(adapter, pictures, [s.description for s in samples], template=template,
-                                        batch_size=size))  # fmt: skip
+        captions = list(
+            caption_batches(
+                adapter, pictures, [s.description for s in samples], template=template, batch_size=size
+            )
+        )
         items = vqa_items(samples, pictures, seed=settings.vqa_seed, pool=option_pool(split))
         questions = list(vqa_batches(adapter, items, batch_size=size))
         return cls(samples, captions, questions, [it.answer for it in items], letter_ids(adapter), images)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mechhi.jsonfiles import write_json
 
 METRICS = {  # name -> (label in the tables, higher is better)
     "vqa_accuracy": ("Accuracy ↑", True),
@@ -39,21 +40,35 @@ def table4(entries: list[dict]) -> list[dict[str, Any]]:
         cells = {g: _group_value(es, metric) for g, es in groups.items()}
         base = cells.get("original")
         if base is not None:
-            for g, cell in cells.items():
+            for cell in cells.values():
                 cell["shift"] = cell["mean"] - base["mean"]
             others = {g: abs(c["shift"]) for g, c in cells.items() if g != "original"}
             largest = max(others, key=others.get) if others else None
         else:
             largest = None
-        rows.append({"metric": metric, "label": label, "higher_is_better": higher, "cells": cells,
-                     "largest_shift": largest})  # fmt: skip
+        rows.append(
+            {
+                "metric": metric,
+                "label": label,
+                "higher_is_better": higher,
+                "cells": cells,
+                "largest_shift": largest,
+            }
+        )
     return rows
 
 
 def table5(entries: list[dict]) -> list[dict[str, Any]]:
-    return [{"setup": e["name"], "layers": e["layers"], "total": int(e["params"]["total"]),
-             "trainable": int(e["params"]["trainable"]), "trainable_pct": e["params"]["trainable_pct"]}
-            for e in entries]  # fmt: skip
+    return [
+        {
+            "setup": e["name"],
+            "layers": e["layers"],
+            "total": int(e["params"]["total"]),
+            "trainable": int(e["params"]["trainable"]),
+            "trainable_pct": e["params"]["trainable_pct"],
+        }
+        for e in entries
+    ]
 
 
 def audit_rows(entries: list[dict]) -> list[dict[str, Any]]:
@@ -62,12 +77,21 @@ def audit_rows(entries: list[dict]) -> list[dict[str, Any]]:
         if e["spec"] is None:
             continue
         a, t = e["audit"], e["training"]
-        rows.append({"setup": e["name"], "layers": e["layers"], "steps": len(t["loss_curve"]),
-                     "first_loss": t["loss_curve"][0][1] if t["loss_curve"] else None,
-                     "last_loss": t["loss_curve"][-1][1] if t["loss_curve"] else None,
-                     "best_step": t["best_step"], "best_val_loss": t["best_val_loss"],
-                     "stopped_early": t["stopped_early"], "lora_B_norm": a["lora_B_norm"],
-                     "probe_shift": a["probe_max_abs_logit_shift"], "flags": a["flags"]})  # fmt: skip
+        rows.append(
+            {
+                "setup": e["name"],
+                "layers": e["layers"],
+                "steps": len(t["loss_curve"]),
+                "first_loss": t["loss_curve"][0][1] if t["loss_curve"] else None,
+                "last_loss": t["loss_curve"][-1][1] if t["loss_curve"] else None,
+                "best_step": t["best_step"],
+                "best_val_loss": t["best_val_loss"],
+                "stopped_early": t["stopped_early"],
+                "lora_B_norm": a["lora_B_norm"],
+                "probe_shift": a["probe_max_abs_logit_shift"],
+                "flags": a["flags"],
+            }
+        )
     return rows
 
 
@@ -79,36 +103,75 @@ def build_report(config: Any, model_id: str, dataset: str, entries: list[dict]) 
     for kind in ("random", "depth"):
         draws = [tuple(e["layers"]) for e in entries if e["group"].startswith(f"{kind}-")]
         if len(set(draws)) < len(draws):
-            notes.append(f"{kind} seeds drew identical layer sets ({len(set(draws))} distinct of {len(draws)})")
-    return {"config": json.loads(json.dumps(asdict(config), default=str)), "model": model_id, "dataset": dataset,
-            "setups": entries, "table4": table4(entries), "table5": table5(entries), "audit": audits,
-            "flagged": flagged, "notes": notes}  # fmt: skip
+            notes.append(
+                f"{kind} seeds drew identical layer sets ({len(set(draws))} distinct of {len(draws)})"
+            )
+    return {
+        "config": json.loads(json.dumps(asdict(config), default=str)),
+        "model": model_id,
+        "dataset": dataset,
+        "setups": entries,
+        "table4": table4(entries),
+        "table5": table5(entries),
+        "audit": audits,
+        "flagged": flagged,
+        "notes": notes,
+    }
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
+def write_tables(report: dict[str, Any], out: Path) -> None:
     """results.json (everything), table4.csv, table5.csv, audit.csv."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_json(out / "results.json", report)
     with open(out / "table4.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["metric", "setup", "mean", "se", "spread_sd", "n_seeds", "shift_from_original", "largest_shift"])
+        w.writerow(
+            ["metric", "setup", "mean", "se", "spread_sd", "n_seeds", "shift_from_original", "largest_shift"]
+        )
         for row in report["table4"]:
             for g, c in row["cells"].items():
-                w.writerow([row["metric"], g, c["mean"], c["se"], c["spread_sd"], c["n_seeds"], c.get("shift"),
-                            g == row["largest_shift"]])  # fmt: skip
+                w.writerow(
+                    [
+                        row["metric"],
+                        g,
+                        c["mean"],
+                        c["se"],
+                        c["spread_sd"],
+                        c["n_seeds"],
+                        c.get("shift"),
+                        g == row["largest_shift"],
+                    ]
+                )
     with open(out / "table5.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["setup", "layers", "total", "trainable", "trainable_pct"])
         for r in report["table5"]:
-            w.writerow([r["setup"], " ".join(map(str, r["layers"])), r["total"], r["trainable"], r["trainable_pct"]])
+            w.writerow(
+                [r["setup"], " ".join(map(str, r["layers"])), r["total"], r["trainable"], r["trainable_pct"]]
+            )
     with open(out / "audit.csv", "w", newline="") as f:
         w = csv.writer(f)
-        keys = ["setup", "layers", "steps", "first_loss", "last_loss", "best_step", "best_val_loss", "stopped_early",
-                "lora_B_norm", "probe_shift", "flags"]  # fmt: skip
+        keys = [
+            "setup",
+            "layers",
+            "steps",
+            "first_loss",
+            "last_loss",
+            "best_step",
+            "best_val_loss",
+            "stopped_early",
+            "lora_B_norm",
+            "probe_shift",
+            "flags",
+        ]
         w.writerow(keys)
         for r in report["audit"]:
-            w.writerow([" ".join(map(str, r[k])) if k == "layers" else "; ".join(r[k]) if k == "flags" else r[k]
-                        for k in keys])  # fmt: skip
+            w.writerow(
+                [
+                    " ".join(map(str, r[k])) if k == "layers" else "; ".join(r[k]) if k == "flags" else r[k]
+                    for k in keys
+                ]
+            )
 
 
 def _cell_text(cell: dict[str, Any]) -> str:
@@ -136,16 +199,27 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     for name in ("setup", "layers", "total, #", "trainable, #", "trainable, %"):
         t5.add_column(name, justify="right")
     for r in report["table5"]:
-        t5.add_row(r["setup"], ",".join(map(str, r["layers"])), f"{r['total']:,}", f"{r['trainable']:,}",
-                   f"{r['trainable_pct']:.4f}")  # fmt: skip
+        t5.add_row(
+            r["setup"],
+            ",".join(map(str, r["layers"])),
+            f"{r['total']:,}",
+            f"{r['trainable']:,}",
+            f"{r['trainable_pct']:.4f}",
+        )
     console.print(t5)
     ta = Table(title="Audit: did each evaluated model carry its trained adapter?")
     for name in ("setup", "loss first→last", "best val (step)", "‖lora_B‖", "probe shift", "flags"):
         ta.add_column(name)
     for r in report["audit"]:
         flags = "[red]" + "; ".join(r["flags"]) + "[/red]" if r["flags"] else "ok"
-        ta.add_row(r["setup"], f"{r['first_loss']:.3f}→{r['last_loss']:.3f}", f"{r['best_val_loss']:.3f} ({r['best_step']})",
-                   f"{r['lora_B_norm']:.3g}", f"{r['probe_shift']:.3g}" if r["probe_shift"] is not None else "-", flags)  # fmt: skip
+        ta.add_row(
+            r["setup"],
+            f"{r['first_loss']:.3f}→{r['last_loss']:.3f}",
+            f"{r['best_val_loss']:.3f} ({r['best_step']})",
+            f"{r['lora_B_norm']:.3g}",
+            f"{r['probe_shift']:.3g}" if r["probe_shift"] is not None else "-",
+            flags,
+        )
     console.print(ta)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")

@@ -17,19 +17,53 @@ in the one mechhi style); `save` writes it. One module per figure family:
 >>> save(heatmap_figure([open_store("stores/toy.zarr")]), "hi.svg", dpi=200)  # doctest: +SKIP
 """
 
-from .causal import from_ablation, from_edit
-from .heatmap import heatmap_figure
-from .overlay import OverlayMaps, Picture, choose_head, overlay_figure, overlay_maps, top_heads_figure
-from .profiles import compare_figure, layers_figure
-from .result_files import load_results, read_result, result_kind
-from .results import Cell, Metric, ResultTable, from_experiment, results_figure
-from .sheet import sample_sheet, sheet_figure
-from .style import DEFAULT_DPI, FORMATS, PlotError, model_labels, save, short_name
-from .summaries import head_profile, layer_profile, profile, top_heads
+from mechhi.figures.causal import from_ablation, from_edit
+from mechhi.figures.heatmap import heatmap_figure
+from mechhi.figures.overlay import (
+    OverlayMaps,
+    Picture,
+    choose_head,
+    overlay_figure,
+    overlay_maps,
+    top_heads_figure,
+)
+from mechhi.figures.profiles import compare_figure, layers_figure
+from mechhi.figures.result_files import load_results, read_result, result_kind
+from mechhi.figures.results import Cell, Metric, ResultTable, from_experiment, results_figure
+from mechhi.figures.sheet import sample_sheet, sheet_figure
+from mechhi.figures.style import DEFAULT_DPI, FORMATS, PlotError, model_labels, save, short_name
+from mechhi.figures.summaries import head_profile, layer_profile, profile, top_heads
 
 __all__ = [
-    "DEFAULT_DPI", "FORMATS", "Cell", "Metric", "OverlayMaps", "Picture", "PlotError", "ResultTable",
-    "choose_head", "compare_figure", "from_ablation", "from_edit", "from_experiment", "head_profile", "heatmap_figure", "layer_profile",
-    "layers_figure", "load_results", "model_labels", "overlay_figure", "overlay_maps", "profile",
-    "read_result", "result_kind", "results_figure", "sample_sheet", "save", "sheet_figure", "short_name", "top_heads", "top_heads_figure",
-]  # fmt: skip
+    "DEFAULT_DPI",
+    "FORMATS",
+    "Cell",
+    "Metric",
+    "OverlayMaps",
+    "Picture",
+    "PlotError",
+    "ResultTable",
+    "choose_head",
+    "compare_figure",
+    "from_ablation",
+    "from_edit",
+    "from_experiment",
+    "head_profile",
+    "heatmap_figure",
+    "layer_profile",
+    "layers_figure",
+    "load_results",
+    "model_labels",
+    "overlay_figure",
+    "overlay_maps",
+    "profile",
+    "read_result",
+    "result_kind",
+    "results_figure",
+    "sample_sheet",
+    "save",
+    "sheet_figure",
+    "short_name",
+    "top_heads",
+    "top_heads_figure",
+]

@@ -10,7 +10,9 @@ the dashed reference), the probe's heads, then each random control as one point 
 over seeds ± the mean paired SE) with the seeds' sd behind it. Cells the JSON has no
 number for (a ratio to zero words, an SE of one sample) are left out of their panel.
 
->>> save(results_figure(from_ablation(json.load(open("experiments/ablate/ablate.json")))), "a.png")  # doctest: +SKIP
+>>> save(
+...     results_figure(from_ablation(json.load(open("experiments/ablate/ablate.json")))), "a.png"
+... )  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,15 +22,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .results import Cell, Metric, ResultTable
+from mechhi.figures.results import Cell, Metric, ResultTable
 
 # ablate: metric -> (panel label, higher is better)
-ABLATE_METRICS = {"perplexity": ("Δ perplexity ↓", False), "vqa_accuracy": ("Δ VQA accuracy ↑", True),
-                  "ans_prob": ("Δ AnsProb ↑", True)}  # fmt: skip
+ABLATE_METRICS = {
+    "perplexity": ("Δ perplexity ↓", False),
+    "vqa_accuracy": ("Δ VQA accuracy ↑", True),
+    "ans_prob": ("Δ AnsProb ↑", True),
+}
 # edit: measure -> (panel label, what of it is drawn: the ratio or the change vs unedited)
-EDIT_MEASURES = {"concept": ("concept words (× unedited)", "ratio"), "control": ("control words (× unedited)", "ratio"),
-                 "concept_precision": ("Δ right concept words", "change"),
-                 "control_precision": ("Δ right control words", "change")}  # fmt: skip
+EDIT_MEASURES = {
+    "concept": ("concept words (× unedited)", "ratio"),
+    "control": ("control words (× unedited)", "ratio"),
+    "concept_precision": ("Δ right concept words", "change"),
+    "control_precision": ("Δ right control words", "change"),
+}
 
 
 def _cell(mean: Any, se: Any, seeds: Mapping[str, Any] | None = None) -> Cell | None:
@@ -36,7 +44,9 @@ def _cell(mean: Any, se: Any, seeds: Mapping[str, Any] | None = None) -> Cell | 
     if mean is None or se is None or not (math.isfinite(mean) and math.isfinite(se)):
         return None
     sd = seeds.get("sd") if seeds else None
-    return Cell(float(mean), float(se), None if sd is None else float(sd), int(seeds["n_seeds"]) if seeds else 1)
+    return Cell(
+        float(mean), float(se), None if sd is None else float(sd), int(seeds["n_seeds"]) if seeds else 1
+    )
 
 
 def _group_label(group: str, n_heads: int, seeds: Mapping[str, Any] | None) -> str:
@@ -45,8 +55,16 @@ def _group_label(group: str, n_heads: int, seeds: Mapping[str, Any] | None) -> s
     return f"{group} random ({seeds['n_seeds']} seed{'s' if seeds['n_seeds'] != 1 else ''})"
 
 
-def _table(title: str, base: tuple[str, Mapping[str, Any]], rows: list[dict[str, Any]], key: str,
-           metrics: tuple[Metric, ...], value: Mapping[str, str], n_heads: int, notes: tuple[str, ...]) -> ResultTable:  # fmt: skip
+def _table(
+    title: str,
+    base: tuple[str, Mapping[str, Any]],
+    rows: list[dict[str, Any]],
+    key: str,
+    metrics: tuple[Metric, ...],
+    value: Mapping[str, str],
+    n_heads: int,
+    notes: tuple[str, ...],
+) -> ResultTable:
     """Setups: the unedited model, then one per summary group; ``value[metric]`` names the
     row's field drawn (``change`` or ``ratio``, its SE under ``<field>_se`` or ``se``)."""
     base_name, base_entry = base
@@ -67,7 +85,9 @@ def _table(title: str, base: tuple[str, Mapping[str, Any]], rows: list[dict[str,
         se = row.get(f"{field}_se", row.get("se"))
         if (cell := _cell(row[field], se, row.get("seeds"))) is not None:
             cells[row[key]][label] = cell
-    return ResultTable(title=title, setups=tuple(setups), metrics=metrics, cells=cells, baseline=base_name, notes=notes)
+    return ResultTable(
+        title=title, setups=tuple(setups), metrics=metrics, cells=cells, baseline=base_name, notes=notes
+    )
 
 
 def from_ablation(report: Mapping[str, Any]) -> ResultTable:
@@ -77,10 +97,22 @@ def from_ablation(report: Mapping[str, Any]) -> ResultTable:
     base = next(s for s in report["setups"] if s["kind"] == "unablated")
     model = Path(str(report.get("model", ""))).name or "model"
     title = f"{report['mode']}-ablating heads by {report['probe']}: {model}"
-    notes = ((f"change against the unablated model ± paired SE over {report['n_samples']} samples; "
-             "light bars: ± sd over the random sets' seeds"),)  # fmt: skip
-    return _table(title, ("unablated", base), report["summary"], "metric", metrics, dict.fromkeys(names, "change"),
-                  int(report["n_heads"]), notes)  # fmt: skip
+    notes = (
+        (
+            f"change against the unablated model ± paired SE over {report['n_samples']} samples; "
+            "light bars: ± sd over the random sets' seeds"
+        ),
+    )
+    return _table(
+        title,
+        ("unablated", base),
+        report["summary"],
+        "metric",
+        metrics,
+        dict.fromkeys(names, "change"),
+        int(report["n_heads"]),
+        notes,
+    )
 
 
 def from_edit(report: Mapping[str, Any]) -> ResultTable:
@@ -92,7 +124,13 @@ def from_edit(report: Mapping[str, Any]) -> ResultTable:
     words = ", ".join(report.get("words", []))
     concept = words if report.get("concept") in (None, "words") else f"{report['concept']} ({words})"
     title = f"Scaling the top heads of {concept} by α={report['alpha']:g}: {model}"
-    notes = ((f"against the unedited captions of the same {report['n_images']} images ± delta-method SE; "
-             "light bars: ± sd over the matched random sets' seeds"),)  # fmt: skip
+    notes = (
+        (
+            f"against the unedited captions of the same {report['n_images']} images ± delta-method SE; "
+            "light bars: ± sd over the matched random sets' seeds"
+        ),
+    )
     value = {m: field for m, (_, field) in EDIT_MEASURES.items()}
-    return _table(title, ("unedited", base), report["summary"], "measure", metrics, value, int(report["k"]), notes)
+    return _table(
+        title, ("unedited", base), report["summary"], "measure", metrics, value, int(report["k"]), notes
+    )

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from .style import new_figure, styled
+from mechhi.figures.style import new_figure, styled
+from mechhi.flow.knockout_job import as_dataset
 
 PANELS = (("answer_logprob", "description log-prob change"), ("vqa_accuracy", "VQA accuracy change"))
 
@@ -16,8 +17,6 @@ PANELS = (("answer_logprob", "description log-prob change"), ("vqa_accuracy", "V
 @styled
 def knockout_figure(report: dict[str, Any]) -> Figure:
     """Window (centre's relative depth) x effect, a line per source->target flow."""
-    from ..flow.knockout_job import as_dataset
-
     ds = as_dataset(report)
     fig = new_figure(9.0, 3.6)
     axes = fig.subplots(1, len(PANELS), sharex=True)
@@ -31,6 +30,8 @@ def knockout_figure(report: dict[str, Any]) -> Figure:
         ax.set_xlabel("relative depth of the layer window (centre)")
         ax.set_ylabel(label)
     np.atleast_1d(axes)[0].legend(fontsize=7, frameon=False)
-    fig.suptitle(f"Attention knockout: {report['model']}, {report['n_samples']} samples, "
-                 f"windows of {len(report['rows'][0]['layers'])} layers")  # fmt: skip
+    fig.suptitle(
+        f"Attention knockout: {report['model']}, {report['n_samples']} samples, "
+        f"windows of {len(report['rows'][0]['layers'])} layers"
+    )
     return fig

@@ -19,8 +19,8 @@ import xarray as xr
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from .style import PlotError, caption, figure_labels, new_figure, provenance_notes, styled
-from .summaries import scores
+from mechhi.figures.style import PlotError, caption, figure_labels, new_figure, provenance_notes, styled
+from mechhi.figures.summaries import scores
 
 NAN_COLOUR = "0.85"
 ANNOTATE_MAX_CELLS = 24 * 16  # above this, numbers in cells are unreadable
@@ -40,13 +40,17 @@ def _annotate(ax, values: np.ndarray, norm: Normalize, cmap) -> None:
         if np.isfinite(v):
             r, g, b, _ = cmap(norm(v))
             dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+            ax.text(
+                j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="white" if dark else "black"
+            )
 
 
 def _panel(ax, hi: xr.DataArray, norm: Normalize, cmap, title: str, width: float):
     values = hi.values  # (layer, head)
     image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    ax.set_title(textwrap.fill(title, max(12, int(width * 72 / (10 * 0.58))), break_on_hyphens=False))  # 10 pt
+    ax.set_title(
+        textwrap.fill(title, max(12, int(width * 72 / (10 * 0.58))), break_on_hyphens=False)
+    )  # 10 pt
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(values.shape[1]), [str(h) for h in hi["head"].values])
@@ -61,8 +65,9 @@ def _panel(ax, hi: xr.DataArray, norm: Normalize, cmap, title: str, width: float
 
 
 @styled
-def heatmap_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact",
-                   labels: Sequence[str] | None = None) -> Figure:  # fmt: skip
+def heatmap_figure(
+    stores: Sequence[xr.Dataset], *, variable: str = "head_impact", labels: Sequence[str] | None = None
+) -> Figure:
     """One panel per store of `variable` (layer x head), one colour bar shared by all; each
     panel titled by its label (`labels`, one per store, else the short model labels)."""
     if not stores:

@@ -33,16 +33,27 @@ from matplotlib.figure import Figure, SubFigure
 from matplotlib.lines import Line2D
 from PIL import Image
 
-from ..data.format import DatasetError, load_dataset
-from ..store import attention_name, grid_coords, mask_name, store_views
-from .style import ATTENTION_CMAP, PlotError, caption, figure_labels, new_figure, provenance_line, styled
-from .summaries import scores, top_heads
+from mechhi.data.format import DatasetError, load_dataset
+from mechhi.figures.style import (
+    ATTENTION_CMAP,
+    PlotError,
+    caption,
+    figure_labels,
+    new_figure,
+    provenance_line,
+    styled,
+)
+from mechhi.figures.summaries import scores, top_heads
+from mechhi.store import attention_name, grid_coords, mask_name, store_views
+from probes.head_impact import BinarizeRule, binarize_attention, binarize_mask, iou, layer_ranking
 
 ALPHA_LOW, ALPHA_HIGH = 0.05, 0.75  # opacity of the attention map at the lowest and highest score
 OBJECT_STYLE = {"colors": "white", "linewidths": 1.6, "linestyles": "solid"}
 TOKEN_MASK_STYLE = {"colors": "#ffd54f", "linewidths": 1.4, "linestyles": "dotted"}
 ATTENTION_BIN_STYLE = {"colors": "#4dd0e1", "linewidths": 1.6, "linestyles": "dashed"}
-STROKE = [patheffects.withStroke(linewidth=3.2, foreground="black")]  # light line on a dark stroke: reads on any colour
+STROKE = [
+    patheffects.withStroke(linewidth=3.2, foreground="black")
+]  # light line on a dark stroke: reads on any colour
 SUBSAMPLE = 16  # sub-cells per token side when a token set is contoured (edges within 1/32 token)
 COLOUR_BAR_LABEL = "attention (mean over description tokens)"
 
@@ -95,13 +106,6 @@ def _own_grid(ds: xr.Dataset, view: str, sample: int, layer: int, head: int) -> 
 
 def overlay_maps(ds: xr.Dataset, *, sample: int, layer: int, head: int) -> OverlayMaps:
     """Attention, coverage and their binarised token sets for one (sample, layer, head)."""
-    from probes.head_impact import (  # probes sit above mechhi
-        BinarizeRule,
-        binarize_attention,
-        binarize_mask,
-        iou,
-    )
-
     if "attention" not in ds.data_vars:
         raise PlotError("store has no attention maps (it was traced with --no-maps)")
     check_selection(ds, sample=sample, layer=layer, head=head)
@@ -113,8 +117,13 @@ def overlay_maps(ds: xr.Dataset, *, sample: int, layer: int, head: int) -> Overl
     a_bin, m_bin = binarize_attention(att, np.isfinite(cov)), binarize_mask(cov, rule)  # (V,) each
     main_att, main_cov = grids[0]
     n = main_att.size
-    return OverlayMaps(main_att, main_cov, a_bin[:n].reshape(main_att.shape), m_bin[:n].reshape(main_att.shape),
-                       float(iou(a_bin, m_bin)))  # fmt: skip
+    return OverlayMaps(
+        main_att,
+        main_cov,
+        a_bin[:n].reshape(main_att.shape),
+        m_bin[:n].reshape(main_att.shape),
+        float(iou(a_bin, m_bin)),
+    )
 
 
 def sample_picture(ds: xr.Dataset, sample: int) -> Picture:
@@ -128,13 +137,19 @@ def sample_picture(ds: xr.Dataset, sample: int) -> Picture:
     try:
         data = load_dataset(path, check_images=False, skip_bad=True)
     except DatasetError as err:
-        raise PlotError(f"cannot open the store's dataset {path}: {err}; pass the image (picture=...)") from None
+        raise PlotError(
+            f"cannot open the store's dataset {path}: {err}; pass the image (picture=...)"
+        ) from None
     match = next((s for s in data.samples if s.image_id == image_id and s.object_id == object_id), None)
     if match is None:
-        raise PlotError(f"dataset {path} has no image {image_id!r} object {object_id!r} (sample {sample}); "
-                        "pass the image (picture=...)")  # fmt: skip
+        raise PlotError(
+            f"dataset {path} has no image {image_id!r} object {object_id!r} (sample {sample}); "
+            "pass the image (picture=...)"
+        )
     if fingerprint and data.fingerprint != fingerprint:
-        warnings.warn(f"dataset {path} changed since the store was traced (fingerprint differs)", stacklevel=3)
+        warnings.warn(
+            f"dataset {path} changed since the store was traced (fingerprint differs)", stacklevel=3
+        )
     try:
         return Picture(match.image(), match.mask())
     except (DatasetError, OSError) as err:
@@ -172,8 +187,9 @@ def contour_mask(ax: Axes, mask: np.ndarray | None, style: dict) -> None:
         return
     height, width = mask.shape
     padded = np.pad(mask.astype(np.float64), 1)  # closed outlines at the image border
-    ax.contour(np.arange(-1, width + 1), np.arange(-1, height + 1), padded, levels=[0.5],
-               **style).set_path_effects(STROKE)  # fmt: skip
+    ax.contour(
+        np.arange(-1, width + 1), np.arange(-1, height + 1), padded, levels=[0.5], **style
+    ).set_path_effects(STROKE)
 
 
 def show_image(ax: Axes, image: Image.Image) -> None:
@@ -196,8 +212,13 @@ def draw_overlay(ax: Axes, picture: Picture, maps: OverlayMaps, norm: Normalize 
     attention; returns the map (for a colour bar)."""
     norm = norm or own_scale([maps])
     show_image(ax, picture.image)
-    heat = ax.imshow(maps.attention, cmap=attention_cmap(), norm=norm, extent=_extent(picture.image),
-                     interpolation="nearest")  # fmt: skip
+    heat = ax.imshow(
+        maps.attention,
+        cmap=attention_cmap(),
+        norm=norm,
+        extent=_extent(picture.image),
+        interpolation="nearest",
+    )
     contour_mask(ax, picture.mask, OBJECT_STYLE)
     contour_cells(ax, maps.attention_bin, picture.image, ATTENTION_BIN_STYLE)
     ax.set_xlim(-0.5, picture.image.width - 0.5)
@@ -221,8 +242,10 @@ def _legend(footer: SubFigure, threshold: float, token_mask: bool) -> None:
     entries = [("object", OBJECT_STYLE, "-"), ("attention > mean", ATTENTION_BIN_STYLE, "--")]
     if token_mask:
         entries.insert(1, (f"token mask (coverage ≥ {threshold:g})", TOKEN_MASK_STYLE, ":"))
-    handles = [Line2D([], [], color=s["colors"], linestyle=ls, linewidth=2, path_effects=STROKE, label=name)
-               for name, s, ls in entries]  # fmt: skip
+    handles = [
+        Line2D([], [], color=s["colors"], linestyle=ls, linewidth=2, path_effects=STROKE, label=name)
+        for name, s, ls in entries
+    ]
     footer.legend(handles=handles, loc="upper center", ncols=len(handles), facecolor="0.55", frameon=True)
 
 
@@ -242,8 +265,15 @@ def _notes(ds: xr.Dataset, maps: OverlayMaps, label: str | None) -> list[str]:
 
 
 @styled
-def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, picture: Picture | None = None,
-                   label: str | None = None) -> Figure:  # fmt: skip
+def overlay_figure(
+    ds: xr.Dataset,
+    *,
+    sample: int,
+    layer: int,
+    head: int,
+    picture: Picture | None = None,
+    label: str | None = None,
+) -> Figure:
     """The image with its object and token mask, beside head (layer, head)'s attention on it;
     the caption names the store by `label` (default: its short model label)."""
     maps = overlay_maps(ds, sample=sample, layer=layer, head=head)
@@ -264,8 +294,15 @@ def overlay_figure(ds: xr.Dataset, *, sample: int, layer: int, head: int, pictur
 
 
 @styled
-def top_heads_figure(ds: xr.Dataset, *, sample: int, n: int, columns: int = 4,
-                     picture: Picture | None = None, label: str | None = None) -> Figure:  # fmt: skip
+def top_heads_figure(
+    ds: xr.Dataset,
+    *,
+    sample: int,
+    n: int,
+    columns: int = 4,
+    picture: Picture | None = None,
+    label: str | None = None,
+) -> Figure:
     """The `n` heads of highest Head Impact on one sample, one shared attention scale."""
     check_selection(ds, sample=sample)
     heads = top_heads(ds, n)
@@ -278,7 +315,7 @@ def top_heads_figure(ds: xr.Dataset, *, sample: int, n: int, columns: int = 4,
     for ax, (layer, head, hi), m in zip(axes, heads, maps):
         heat = draw_overlay(ax, picture, m, norm)
         ax.set_title(f"L{layer} H{head}: HI {hi:.2f}, IoU {m.iou:.2f}", fontsize=8.5)
-    for ax in axes[len(heads):]:
+    for ax in axes[len(heads) :]:
         ax.set_visible(False)
     top.colorbar(heat, ax=axes, label=COLOUR_BAR_LABEL, shrink=0.8)
     top.suptitle(f"{_description(ds, sample)}: the {len(heads)} heads of highest Head Impact")
@@ -299,8 +336,6 @@ def grid_shape(n: int, columns: int) -> tuple[int, int]:
 
 def choose_head(ds: xr.Dataset, layer: int | None = None, head: int | None = None) -> tuple[int, int]:
     """(layer, head) to draw: the given ones, else the best layer by mean HI and its best head."""
-    from probes.head_impact import layer_ranking
-
     layer = int(layer_ranking(ds).layer[0]) if layer is None else layer
     check_selection(ds, layer=layer)
     return layer, int(scores(ds).sel(layer=layer).idxmax()) if head is None else head

@@ -20,8 +20,16 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .style import COLOURS, PlotError, caption, figure_labels, new_figure, provenance_notes, styled
-from .summaries import profile
+from mechhi.figures.style import (
+    COLOURS,
+    PlotError,
+    caption,
+    figure_labels,
+    new_figure,
+    provenance_notes,
+    styled,
+)
+from mechhi.figures.summaries import profile
 
 BAND_ALPHA = 0.22
 NAMES = {"head_impact": "Head Impact"}
@@ -36,8 +44,9 @@ def _x(summary: xr.Dataset, along: str, on_depth: bool) -> np.ndarray:
     return summary[along].values.astype(np.float64)
 
 
-def draw_profile(ax: Axes, summary: xr.Dataset, *, along: str, colour, label: str, on_depth: bool,
-                 fit: bool = True) -> None:  # fmt: skip
+def draw_profile(
+    ax: Axes, summary: xr.Dataset, *, along: str, colour, label: str, on_depth: bool, fit: bool = True
+) -> None:
     """Line with dots, ± SE band and (with `fit`, where the profile has a line: layers only)
     the dashed least-squares line, in one colour."""
     x, mean = _x(summary, along, on_depth), summary["mean"].values
@@ -49,15 +58,36 @@ def draw_profile(ax: Axes, summary: xr.Dataset, *, along: str, colour, label: st
     if fit and np.isfinite(slope):
         index = summary[along].values.astype(np.float64)
         ends = [0, len(index) - 1]
-        ax.plot(x[ends], intercept + slope * index[ends], "--", color=colour, linewidth=1.1,
-                label=f"least squares, slope {slope:+.4f} per {along}")  # fmt: skip
+        ax.plot(
+            x[ends],
+            intercept + slope * index[ends],
+            "--",
+            color=colour,
+            linewidth=1.1,
+            label=f"least squares, slope {slope:+.4f} per {along}",
+        )
 
 
-def _profile_panel(ax: Axes, stores: Sequence[xr.Dataset], labels: Sequence[str], *, along: str,
-                   on_depth: bool, variable: str, fit: bool = True) -> None:  # fmt: skip
+def _profile_panel(
+    ax: Axes,
+    stores: Sequence[xr.Dataset],
+    labels: Sequence[str],
+    *,
+    along: str,
+    on_depth: bool,
+    variable: str,
+    fit: bool = True,
+) -> None:
     for k, (ds, label) in enumerate(zip(stores, labels)):
-        draw_profile(ax, profile(ds, along, variable), along=along, colour=COLOURS[k % len(COLOURS)],
-                     label=label, on_depth=on_depth, fit=fit)  # fmt: skip
+        draw_profile(
+            ax,
+            profile(ds, along, variable),
+            along=along,
+            colour=COLOURS[k % len(COLOURS)],
+            label=label,
+            on_depth=on_depth,
+            fit=fit,
+        )
     name = NAMES.get(variable, variable)
     other = "heads" if along == "layer" else "layers"
     ax.set_ylabel(f"mean {name}\n(± SE over {other})")
@@ -74,8 +104,9 @@ def _check(stores: Sequence[xr.Dataset]) -> None:
 
 
 @styled
-def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact",
-                  labels: Sequence[str] | None = None) -> Figure:  # fmt: skip
+def layers_figure(
+    stores: Sequence[xr.Dataset], *, variable: str = "head_impact", labels: Sequence[str] | None = None
+) -> Figure:
     """Figure 5: mean per layer (top, with its regression line) and per head (bottom), with bands."""
     _check(stores)
     labels = figure_labels(stores, labels)
@@ -93,8 +124,9 @@ def layers_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact"
 
 
 @styled
-def compare_figure(stores: Sequence[xr.Dataset], *, variable: str = "head_impact",
-                   labels: Sequence[str] | None = None) -> Figure:  # fmt: skip
+def compare_figure(
+    stores: Sequence[xr.Dataset], *, variable: str = "head_impact", labels: Sequence[str] | None = None
+) -> Figure:
     """Mean per layer against relative depth, one line with its ± SE band per store, named by
     `labels` (one per store, else the short model labels)."""
     _check(stores)

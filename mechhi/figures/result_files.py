@@ -18,15 +18,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .causal import from_ablation, from_edit
-from .results import ResultTable, from_experiment
-from .style import PlotError
+from mechhi.figures.causal import from_ablation, from_edit
+from mechhi.figures.results import ResultTable, from_experiment
+from mechhi.figures.style import PlotError
 
 FILES = {"experiment": "results.json", "ablation": "ablate.json", "edit": "edit.json"}
 COMMANDS = {"experiment": "mechhi experiment", "ablation": "mechhi ablate", "edit": "mechhi edit"}
 ADAPTERS: dict[str, Callable[[Mapping[str, Any]], ResultTable]] = {
-    "experiment": from_experiment, "ablation": from_ablation, "edit": from_edit, "table": ResultTable.from_dict,
-}  # fmt: skip
+    "experiment": from_experiment,
+    "ablation": from_ablation,
+    "edit": from_edit,
+    "table": ResultTable.from_dict,
+}
 
 
 def result_kind(data: Any) -> str | None:
@@ -48,8 +51,10 @@ def result_kind(data: Any) -> str | None:
 def _file_in(folder: Path) -> Path:
     found = [folder / name for name in FILES.values() if (folder / name).is_file()]
     if not found:
-        raise PlotError(f"{folder} holds none of {', '.join(FILES.values())} (run `mechhi experiment`, "
-                        "`mechhi ablate` or `mechhi edit` with --out there first)")  # fmt: skip
+        raise PlotError(
+            f"{folder} holds none of {', '.join(FILES.values())} (run `mechhi experiment`, "
+            "`mechhi ablate` or `mechhi edit` with --out there first)"
+        )
     if len(found) > 1:
         raise PlotError(f"{folder} holds {' and '.join(f.name for f in found)}: give the file itself")
     return found[0]
@@ -67,8 +72,10 @@ def read_result(path: str | Path) -> tuple[str, Path, dict[str, Any]]:
         raise PlotError(f"{file} is not JSON: {err}") from None
     kind = result_kind(data)
     if kind is None:
-        raise PlotError(f"{file} is none of the known results (`mechhi experiment`'s results.json, `mechhi ablate`'s "
-                        "ablate.json, `mechhi edit`'s edit.json, a result table: see mechhi.figures.results)")  # fmt: skip
+        raise PlotError(
+            f"{file} is none of the known results (`mechhi experiment`'s results.json, `mechhi ablate`'s "
+            "ablate.json, `mechhi edit`'s edit.json, a result table: see mechhi.figures.results)"
+        )
     return kind, file, data
 
 

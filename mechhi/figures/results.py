@@ -37,7 +37,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from .style import COLOURS, PlotError, caption, new_figure, styled
+from mechhi.figures.style import COLOURS, PlotError, caption, new_figure, styled
 
 LOG_METRICS = {"perplexity"}  # may be drawn on a log axis by the experiment adapter (87 vs 2.3 on the toy)
 LOG_SPAN = 3.0  # a log metric's axis is logarithmic when its largest value is this many times its smallest
@@ -54,7 +54,9 @@ class Cell:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.mean) or not (math.isfinite(self.se) and self.se >= 0):
-            raise PlotError(f"result cell needs a finite mean and se >= 0, got mean={self.mean}, se={self.se}")
+            raise PlotError(
+                f"result cell needs a finite mean and se >= 0, got mean={self.mean}, se={self.se}"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ class ResultTable:
                 notes=tuple(data.get("notes", ())),
             )
         except (KeyError, TypeError) as err:
-            raise PlotError(f"not a result table ({type(err).__name__}: {err}); see mechhi.figures.results") from None
+            raise PlotError(
+                f"not a result table ({type(err).__name__}: {err}); see mechhi.figures.results"
+            ) from None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -116,11 +120,16 @@ def from_experiment(report: Mapping[str, Any]) -> ResultTable:
     if not rows:
         raise PlotError("results.json has no table4 rows")
     setups = tuple(rows[0]["cells"])
-    metrics = tuple(Metric(r["metric"], r["label"], r.get("higher_is_better"), r["metric"] in LOG_METRICS)
-                    for r in rows)  # fmt: skip
+    metrics = tuple(
+        Metric(r["metric"], r["label"], r.get("higher_is_better"), r["metric"] in LOG_METRICS) for r in rows
+    )
     keys = ("mean", "se", "spread_sd", "n_seeds")
-    cells = {r["metric"]: {s: Cell(**{k: c.get(k) for k in keys if c.get(k) is not None}) for s, c in r["cells"].items()}
-             for r in rows}  # fmt: skip
+    cells = {
+        r["metric"]: {
+            s: Cell(**{k: c.get(k) for k in keys if c.get(k) is not None}) for s, c in r["cells"].items()
+        }
+        for r in rows
+    }
     model = Path(str(report.get("model", ""))).name or "model"
     dataset = Path(str(report.get("dataset", ""))).name or "dataset"
     return ResultTable(
@@ -155,8 +164,14 @@ def _panel(ax, table: ResultTable, metric: Metric) -> None:
         if cell.spread_sd is not None:
             ax.errorbar(i, cell.mean, yerr=cell.spread_sd, color=colour, alpha=0.35, linewidth=6, capsize=0)
         ax.errorbar(i, cell.mean, yerr=cell.se, fmt="o", color=colour, capsize=4, markersize=6)
-        ax.annotate(f"{cell.mean:.3g}", (i, cell.mean), xytext=(7, 0), textcoords="offset points",
-                    va="center", fontsize=7.5)  # fmt: skip
+        ax.annotate(
+            f"{cell.mean:.3g}",
+            (i, cell.mean),
+            xytext=(7, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=7.5,
+        )
     if table.baseline in by_setup:
         ax.axhline(by_setup[table.baseline].mean, color="0.5", linestyle="--", linewidth=1, zorder=0)
     values = [by_setup[s].mean for s in shown]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..data.format import Sample
-from .overlay import OBJECT_STYLE, Picture, contour_mask, grid_shape, show_image
-from .style import PlotError, new_figure, save, styled
+from mechhi.data.format import Sample
+from mechhi.figures.overlay import OBJECT_STYLE, Picture, contour_mask, grid_shape, show_image
+from mechhi.figures.style import PlotError, new_figure, save, styled
 
 SHEET_DPI = 90  # a preview: 180 px a sample
 
@@ -33,14 +33,16 @@ def sheet_figure(samples: Sequence[Sample], *, columns: int = 4, title: str | No
         show_image(ax, picture.image)
         contour_mask(ax, picture.mask, OBJECT_STYLE)
         ax.set_title(textwrap.shorten(sample.description, 34), fontsize=8)
-    for ax in axes[len(samples):]:
+    for ax in axes[len(samples) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
     return fig
 
 
-def sample_sheet(samples: Sequence[Sample], out: str | Path, *, columns: int = 4, dpi: int = SHEET_DPI) -> Path:
+def sample_sheet(
+    samples: Sequence[Sample], out: str | Path, *, columns: int = 4, dpi: int = SHEET_DPI
+) -> Path:
     """Write the contact sheet of `samples` to `out` (PNG, SVG or PDF by extension; images of
     photographs make large PNGs, hence the modest default DPI)."""
     return save(sheet_figure(samples, columns=columns), out, dpi=dpi)

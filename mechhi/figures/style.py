@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 import matplotlib
 from matplotlib.figure import Figure, SubFigure
 
-from ..store.labels import check_labels, dataset_name, model_labels, short_name  # noqa: F401 - re-exported
-from ..store.schema import StoreError
+from mechhi.store.labels import check_labels, dataset_name, model_labels, short_name  # noqa: F401 - re-exported
+from mechhi.store.schema import StoreError
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 DEFAULT_DPI = 150
@@ -129,7 +129,10 @@ def rule_text(attrs: Mapping[str, Any]) -> str:
     if not isinstance(rule, Mapping):
         return "binarisation rule not recorded"
     keep = " (keep best token)" if rule.get("keep_best_token") else ""
-    return f"attention > {rule.get('attention', 'mean')}, mask coverage ≥ {rule.get('mask_threshold', 0.5):g}{keep}"
+    return (
+        f"attention > {rule.get('attention', 'mean')}, "
+        f"mask coverage ≥ {rule.get('mask_threshold', 0.5):g}{keep}"
+    )
 
 
 def sample_count(ds: Any) -> int:

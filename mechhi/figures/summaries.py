@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from .style import PlotError
+from mechhi.figures.style import PlotError
 
 
 def scores(ds: xr.Dataset, variable: str = "head_impact") -> xr.DataArray:

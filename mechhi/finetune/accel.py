@@ -40,5 +40,6 @@ def make_accelerator(*, device: str = "auto", precision: str = "auto", grad_accu
         if ":" in device and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not is_initialized():
             torch.cuda.set_device(torch.device(device))  # accelerate then places on the current device
     cpu = device == "cpu" or not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision(precision, device),
-                       gradient_accumulation_steps=grad_accum)  # fmt: skip
+    return Accelerator(
+        cpu=cpu, mixed_precision=mixed_precision(precision, device), gradient_accumulation_steps=grad_accum
+    )

@@ -59,10 +59,14 @@ class Checkpoints:
         if latest is None:
             return 0
         if latest["run_id"] != self.run_id:
-            raise ValueError(f"{self.root} holds a checkpoint of another fine-tuning run; delete it to start over")
+            raise ValueError(
+                f"{self.root} holds a checkpoint of another fine-tuning run; delete it to start over"
+            )
         if latest["processes"] != self.accelerator.num_processes:
-            raise ValueError(f"{self.root} was written by {latest['processes']} processes; resume it with as many "
-                             f"(this run has {self.accelerator.num_processes}) or delete it to start over")  # fmt: skip
+            raise ValueError(
+                f"{self.root} was written by {latest['processes']} processes; resume it with as many "
+                f"(this run has {self.accelerator.num_processes}) or delete it to start over"
+            )
         self.accelerator.load_state(str(self.root / latest["dir"]))
         return int(latest["step"])
 
@@ -78,8 +82,11 @@ class Checkpoints:
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
-            _write_atomic(self.root / LATEST, json.dumps({"dir": name, "step": step, "run_id": self.run_id,
-                                                          "processes": acc.num_processes}) + "\n")  # fmt: skip
+            _write_atomic(
+                self.root / LATEST,
+                json.dumps({"dir": name, "step": step, "run_id": self.run_id, "processes": acc.num_processes})
+                + "\n",
+            )
             for other in self.root.iterdir():
                 if other.is_dir() and other.name != name:
                     shutil.rmtree(other)
@@ -92,7 +99,10 @@ class Checkpoints:
         weights.clear()
         if self.accelerator.is_main_process:
             for i, model in enumerate(models):
-                tensors = {n: p.detach().cpu().contiguous() for n, p in _trainable(self.accelerator.unwrap_model(model)).items()}
+                tensors = {
+                    n: p.detach().cpu().contiguous()
+                    for n, p in _trainable(self.accelerator.unwrap_model(model)).items()
+                }
                 save_file(tensors, os.path.join(output_dir, f"{i}-{WEIGHTS}"))
 
     def _load_trainable(self, models: list, input_dir: str) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..models import AdapterError, VLMAdapter
-from .select import SelectionError
+from mechhi.finetune.select import SelectionError
+from mechhi.models import AdapterError, VLMAdapter
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,16 @@ def lora_module_names(model: torch.nn.Module) -> list[str]:
 def lora_layers_of(names: Sequence[str], adapter: VLMAdapter) -> dict[int, list[str]]:
     """{decoder layer: [q, k, v, ...]} from LoRA module names; raises on any name outside
     the decoder's attention (e.g. the vision tower)."""
-    pattern = re.compile(rf"(?:.*\.)?{re.escape(adapter.decoder_layers)}\.(\d+)\.{re.escape(adapter.attention)}\.(\w+)_proj")
+    pattern = re.compile(
+        rf"(?:.*\.)?{re.escape(adapter.decoder_layers)}\.(\d+)\.{re.escape(adapter.attention)}\.(\w+)_proj"
+    )
     found: dict[int, list[str]] = {}
     for name in names:
         match = pattern.fullmatch(name)
         if not match:
-            raise AdapterError(f"LoRA landed on {name!r}, outside {adapter.decoder_layers}.*.{adapter.attention}")
+            raise AdapterError(
+                f"LoRA landed on {name!r}, outside {adapter.decoder_layers}.*.{adapter.attention}"
+            )
         found.setdefault(int(match.group(1)), []).append(match.group(2))
     return {layer: sorted(p) for layer, p in sorted(found.items())}
 
@@ -76,7 +80,10 @@ def quiet_peft() -> Iterator[None]:
 
 
 def attach_lora(
-    model: torch.nn.Module, adapter: VLMAdapter, layers: Sequence[int], settings: LoraSettings = LoraSettings()
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    layers: Sequence[int],
+    settings: LoraSettings = LoraSettings(),
 ) -> Any:
     """Wrap ``model`` (in place) with LoRA on q/k/v of ``layers``; check peft did exactly that."""
     from peft import get_peft_model

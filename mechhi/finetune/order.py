@@ -44,4 +44,3 @@ def rank_part(indices: np.ndarray, *, rank: int, world: int) -> np.ndarray:
         raise ValueError(f"a micro-batch of {len(indices)} samples does not split over {world} processes")
     share = len(indices) // world
     return indices[rank * share : (rank + 1) * share]
-

@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .depth import DEFAULT_BAND, depth_matched
+from mechhi.finetune.depth import DEFAULT_BAND, depth_matched
+from mechhi.store import open_store
+from mechhi.store.schema import relative_depth
+from probes.head_impact import layer_ranking
 
 
 class SelectionError(ValueError):
@@ -45,7 +48,9 @@ def parse_spec(spec: str) -> tuple[str, int | tuple[int, ...] | None]:
     """'top-4' -> ('top', 4); 'full' -> ('full', None); 'layers=3,7' -> ('layers', (3, 7))."""
     match = _SPEC.match(spec.replace(" ", ""))
     if not match:
-        raise SelectionError(f"layer selection {spec!r}: use top-K, bottom-K, random-K, depth-K, full or layers=3,7")
+        raise SelectionError(
+            f"layer selection {spec!r}: use top-K, bottom-K, random-K, depth-K, full or layers=3,7"
+        )
     kind, k, listed = match.groups()
     if kind:
         if int(k) < 1:
@@ -79,7 +84,6 @@ def _ranked_layers(ds: xr.Dataset) -> tuple[list[int], list[float], str]:
             "the store has no head_impact variable: score it first (`mechhi rank --store S` or "
             "`mechhi stats --store S` writes it); mechhi does not re-score a store silently"
         )
-    from probes.head_impact import layer_ranking
 
     hi = ds["head_impact"].compute()
     ranking = layer_ranking(xr.Dataset({"head_impact": hi}))
@@ -92,7 +96,6 @@ def _open(store: xr.Dataset | str | os.PathLike) -> tuple[xr.Dataset, str | None
     """(dataset, the path it came from when known)."""
     if isinstance(store, xr.Dataset):
         return store, None
-    from ..store import open_store
 
     return open_store(store), str(store)
 
@@ -106,8 +109,6 @@ def traced_samples(ds: xr.Dataset) -> tuple[int, int] | None:
 
 def _layer_depth(ds: xr.Dataset) -> Callable[[int], float]:
     """The store's relative depth of a layer (``depth`` coordinate, else layer / (n - 1))."""
-    from ..store.schema import relative_depth
-
     values = ds["depth"].values if "depth" in ds.coords else relative_depth(ds.sizes["layer"])
     table = dict(zip((int(x) for x in ds["layer"].values), (float(v) for v in values)))
     return table.__getitem__
@@ -140,9 +141,12 @@ def select_layers(
     k = int(arg)  # type: ignore[arg-type]
     need = {"random": 3 * k, "depth": 2 * k}.get(kind, k)
     if len(ranked) < need:
-        what = {"random": "top-K, bottom-K and random-K disjoint", "depth": "depth-K apart from top-K"}.get(kind, "them")
+        what = {"random": "top-K, bottom-K and random-K disjoint", "depth": "depth-K apart from top-K"}.get(
+            kind, "them"
+        )
         raise SelectionError(
-            f"layer selection {spec!r} needs {need} ranked layers to keep {what}; the store ranks {len(ranked)}"
+            f"layer selection {spec!r} needs {need} ranked layers to keep {what}; "
+            f"the store ranks {len(ranked)}"
         )
     layers = _ranked_pick(ds, kind, k, ranked, seed, depth_band, provenance)
     provenance.update(
@@ -158,14 +162,17 @@ def _listed(ds: xr.Dataset, spec: str, kind: str, arg: Any, provenance: dict[str
     layers = all_layers if kind == "full" else list(arg)
     missing = sorted(set(layers) - set(all_layers))
     if missing:
-        raise SelectionError(f"layer selection {spec!r}: layers {missing} not in the store (0..{max(all_layers)})")
+        raise SelectionError(
+            f"layer selection {spec!r}: layers {missing} not in the store (0..{max(all_layers)})"
+        )
     if "head_impact" in ds.data_vars:
         provenance["head_impact_fingerprint"] = head_impact_fingerprint(ds["head_impact"].compute())
     return Selection(spec, tuple(sorted(layers)), provenance)
 
 
-def _ranked_pick(ds: xr.Dataset, kind: str, k: int, ranked: list[int], seed: int, band: float,
-                 provenance: dict[str, Any]) -> list[int]:  # fmt: skip
+def _ranked_pick(
+    ds: xr.Dataset, kind: str, k: int, ranked: list[int], seed: int, band: float, provenance: dict[str, Any]
+) -> list[int]:
     """top / bottom / random / depth K layers from the ranking (best first); notes the draw."""
     top, bottom = ranked[:k], ranked[-k:]
     if kind == "top":

@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 
-from ..models import VLMAdapter
-from .accel import make_accelerator
-from .checkpoint import Checkpoints
-from .data import FinetuneData, prepare_samples
-from .loss import answer_loss
-from .order import micro_batch, rank_part
-from .validate import gathered_loss
+from mechhi.finetune.accel import make_accelerator
+from mechhi.finetune.checkpoint import Checkpoints
+from mechhi.finetune.loss import answer_loss
+from mechhi.finetune.order import micro_batch, rank_part
+from mechhi.finetune.training_data import FinetuneData, prepare_samples
+from mechhi.finetune.validate import gathered_loss
+from mechhi.models import VLMAdapter
+from mechhi.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,15 @@ def train_lora(
     later call with the same ``run_id`` resumes from it. ``on_step(step, loss)`` runs after
     each optimizer step (tests raise in it to simulate an interruption).
     """
-    accelerator = accelerator or make_accelerator(precision=settings.mixed_precision, grad_accum=settings.grad_accum)
+    accelerator = accelerator or make_accelerator(
+        precision=settings.mixed_precision, grad_accum=settings.grad_accum
+    )
     prepared = accelerator.prepare(model)
     inner = accelerator.unwrap_model(prepared)
     params = list(_trainable(inner).values())
-    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay))
+    optimizer = accelerator.prepare(
+        torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    )
     run = _Run(accelerator, prepared, inner, params, optimizer, adapter, data, settings, template)
     state = LoopState(inner)
     accelerator.register_for_checkpointing(state)
@@ -164,7 +169,9 @@ def train_lora(
     return state.history
 
 
-def _loop(run: _Run, state: LoopState, saver: Checkpoints | None, progress: bool, on_step: StepCallback | None) -> None:
+def _loop(
+    run: _Run, state: LoopState, saver: Checkpoints | None, progress: bool, on_step: StepCallback | None
+) -> None:
     settings, history = run.settings, state.history
     began = time.time() - history.seconds
     run.model.train()
@@ -190,10 +197,13 @@ def _loop(run: _Run, state: LoopState, saver: Checkpoints | None, progress: bool
 def _micro_batch(run: _Run, index: int) -> Any:
     """This process's part of global micro-batch ``index``, prepared and on its device."""
     acc, settings = run.accelerator, run.settings
-    everyone = micro_batch(len(run.data.train), seed=settings.seed, index=index,
-                           size=settings.batch_size * acc.num_processes)  # fmt: skip
+    everyone = micro_batch(
+        len(run.data.train), seed=settings.seed, index=index, size=settings.batch_size * acc.num_processes
+    )
     mine = rank_part(everyone, rank=acc.process_index, world=acc.num_processes)
-    batch = prepare_samples(run.adapter, [run.data.train[int(i)] for i in mine], run.template, run.data.images)
+    batch = prepare_samples(
+        run.adapter, [run.data.train[int(i)] for i in mine], run.template, run.data.images
+    )
     return batch.to(acc.device, run.inner.get_input_embeddings().weight.dtype)
 
 
@@ -220,8 +230,13 @@ def _validate(run: _Run, state: LoopState) -> None:
     """Record the validation loss; keep the best weights; count validations without improvement."""
     settings, history = run.settings, state.history
     acc = run.accelerator
-    batches = run.data.validation_batches(run.adapter, template=run.template, batch_size=settings.batch_size,
-                                          rank=acc.process_index, world=acc.num_processes)  # fmt: skip
+    batches = run.data.validation_batches(
+        run.adapter,
+        template=run.template,
+        batch_size=settings.batch_size,
+        rank=acc.process_index,
+        world=acc.num_processes,
+    )
     moved = [b.to(acc.device, run.inner.get_input_embeddings().weight.dtype) for b in batches]
     loss = gathered_loss(run.inner, moved, acc, len(run.data.val))
     history.val.append({"step": state.step, "loss": loss})
@@ -235,8 +250,6 @@ def _validate(run: _Run, state: LoopState) -> None:
 @contextlib.contextmanager
 def _progress_bar(show: bool, total: int, start: int):
     """Yields ``advance(loss, history)``: a step done, on ``mechhi.progress``'s bar (stderr) when ``show``."""
-    from ..progress import progress_bar
-
     with progress_bar("fine-tuning", total, show=show, completed=start) as bar:
 
         def advance(loss: float, history: History) -> None:

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.format import Sample
-from ..models import PreparedBatch, VLMAdapter
+from mechhi.data.format import Sample
+from mechhi.finetune.loss import predictions_of, scores_of
+from mechhi.finetune.training_data import prepare_samples
+from mechhi.models import PreparedBatch, VLMAdapter
 
 
 @contextlib.contextmanager
@@ -30,22 +32,29 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def sample_nll(model: torch.nn.Module, batches: Sequence[PreparedBatch]) -> np.ndarray:
     """(n,) mean answer-token NLL of each sample of the prepared batches."""
-    from ..evaluate.metrics import predictions_of, scores_of
-
     with _eval_mode(model):
         return scores_of(predictions_of(model, batches))[0]
 
 
-def validation_loss(model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Sample], *,
-                    batch_size: int, template: str = "caption") -> float:  # fmt: skip
+def validation_loss(
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int,
+    template: str = "caption",
+) -> float:
     """Mean over samples of the mean answer-token NLL: log of the paper's perplexity."""
-    from .data import prepare_samples
-
-    batches = [prepare_samples(adapter, samples[i : i + batch_size], template) for i in range(0, len(samples), batch_size)]
+    batches = [
+        prepare_samples(adapter, samples[i : i + batch_size], template)
+        for i in range(0, len(samples), batch_size)
+    ]
     return float(np.mean(sample_nll(model, batches)))
 
 
-def gathered_loss(model: torch.nn.Module, batches: Sequence[PreparedBatch], accelerator: Any, n_total: int) -> float:
+def gathered_loss(
+    model: torch.nn.Module, batches: Sequence[PreparedBatch], accelerator: Any, n_total: int
+) -> float:
     """The validation loss over every process's share (the same value on every process)."""
     mine = sample_nll(model, batches) if batches else np.zeros(0)
     width = -(-n_total // accelerator.num_processes)  # ceil: the largest share

@@ -14,7 +14,7 @@ patching, on the same sites the tracer reads (``mechhi.trace.sites``).
 - `jobs`: `mechhi knockout` and `mechhi patch` over a store's samples, cached.
 """
 
-from .groups import GROUPS, TokenGroups, token_groups
-from .knockout import Knockout, knockout_logits
+from mechhi.flow.groups import GROUPS, TokenGroups, token_groups
+from mechhi.flow.knockout import Knockout, knockout_logits
 
 __all__ = ["GROUPS", "Knockout", "TokenGroups", "knockout_logits", "token_groups"]

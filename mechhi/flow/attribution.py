@@ -25,8 +25,8 @@ import nnsight
 import numpy as np
 import torch
 
-from .counterfactual import Pair
-from .patching import Patcher
+from mechhi.flow.counterfactual import Pair
+from mechhi.flow.patching import Patcher
 
 
 @contextmanager
@@ -42,7 +42,9 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def attribute_heads(patcher: Patcher, pair: Pair, positions: str | None = None) -> dict[str, np.ndarray | float]:
+def attribute_heads(
+    patcher: Patcher, pair: Pair, positions: str | None = None
+) -> dict[str, np.ndarray | float]:
     """One sample's terms as `Patcher.patch_heads` gives them, with ``patched`` the
     first-order estimate ``corrupted + (a_clean - a_corrupted) . grad`` per (layer, head)."""
     clean, corrupted, metric = patcher.prepared(pair)
@@ -67,4 +69,8 @@ def attribute_heads(patcher: Patcher, pair: Pair, positions: str | None = None) 
             delta = delta[:, where.to(delta.device)]
         estimate[layer] = delta.float().sum(dim=(0, 1)).view(n_heads, width).sum(-1).cpu().numpy()
     corrupted_value = float(value.detach()[0])
-    return {"clean": float(metric(clean_logits)[0]), "corrupted": corrupted_value, "patched": corrupted_value + estimate}
+    return {
+        "clean": float(metric(clean_logits)[0]),
+        "corrupted": corrupted_value,
+        "patched": corrupted_value + estimate,
+    }

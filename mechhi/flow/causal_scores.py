@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .patch_job import PatchConfig, open_result
+from mechhi.flow.patch_job import PatchConfig, open_result
 
 CAUSAL_PROBES = ("patching", "attribution", "knockout")
 _METHOD = {"patching": "exact", "attribution": "attribution"}
@@ -40,10 +40,14 @@ def knockout_layer_scores(report: dict[str, Any], pair: str, metric: str = "answ
     """The drop in ``metric`` when ``pair`` is knocked out in one layer at a time, per layer."""
     rows = [r for r in report.get("rows", []) if r.get("pair") == pair]
     if not rows:
-        raise ValueError(f"the knockout report has no pair {pair!r}; it has {', '.join(report.get('pairs', []))}")
+        raise ValueError(
+            f"the knockout report has no pair {pair!r}; it has {', '.join(report.get('pairs', []))}"
+        )
     if any(len(r["layers"]) != 1 for r in rows):
-        raise ValueError("the knockout report's windows span several layers: rerun `mechhi knockout --window 1` "
-                         "for a per-layer score")  # fmt: skip
+        raise ValueError(
+            "the knockout report's windows span several layers: rerun `mechhi knockout --window 1` "
+            "for a per-layer score"
+        )
     values = np.full(int(report["n_layers"]), np.nan)
     for row in rows:
         change = row["change"][metric]["mean"]
@@ -52,34 +56,50 @@ def knockout_layer_scores(report: dict[str, Any], pair: str, metric: str = "answ
 
 
 def causal_scores(
-    ds: xr.Dataset, store: Path, *, change: str | None = None, knockout: Path | None = None,
+    ds: xr.Dataset,
+    store: Path,
+    *,
+    change: str | None = None,
+    knockout: Path | None = None,
     knockout_pair: str = "image->description",
-) -> tuple[dict[str, xr.DataArray], list[str]]:  # fmt: skip
+) -> tuple[dict[str, xr.DataArray], list[str]]:
     """(score per probe found, one note per probe missing) for the store ``ds`` at ``store``."""
     scores: dict[str, xr.DataArray] = {}
     notes: list[str] = []
     for probe, method in _METHOD.items():
         path = patch_result(store, method, change)
         if path is None:
-            notes.append(f"{probe}: no single `patch-{method}-{change or '<change>'}` result in "
-                         f"{PatchConfig().out_dir(Path(store))} (`mechhi patch --store {store} --method both"
-                         f"{' --change ' + change if change else ''}` makes it)")  # fmt: skip
+            notes.append(
+                f"{probe}: no single `patch-{method}-{change or '<change>'}` result in "
+                f"{PatchConfig().out_dir(Path(store))} (`mechhi patch --store {store} --method both"
+                f"{' --change ' + change if change else ''}` makes it)"
+            )
             continue
         result = open_result(path)
         if (result.sizes["layer"], result.sizes["head"]) != (ds.sizes["layer"], ds.sizes["head"]):
-            raise ValueError(f"{path} has {result.sizes['layer']} x {result.sizes['head']} heads, the store "
-                             f"{ds.sizes['layer']} x {ds.sizes['head']}: patched on another model")  # fmt: skip
-        scores[probe] = result["effect"].load().assign_coords(layer=ds["layer"].values, head=ds["head"].values)
+            raise ValueError(
+                f"{path} has {result.sizes['layer']} x {result.sizes['head']} heads, the store "
+                f"{ds.sizes['layer']} x {ds.sizes['head']}: patched on another model"
+            )
+        scores[probe] = (
+            result["effect"].load().assign_coords(layer=ds["layer"].values, head=ds["head"].values)
+        )
     if knockout is None:
-        notes.append(f"knockout: not given (`mechhi knockout --store {store} --window 1 --pairs \"{knockout_pair}\"` "
-                     "then --knockout DIR/knockout.json)")  # fmt: skip
+        notes.append(
+            f'knockout: not given (`mechhi knockout --store {store} --window 1 --pairs "{knockout_pair}"` '
+            "then --knockout DIR/knockout.json)"
+        )
     else:
         path = Path(knockout)
         if not path.is_file():
             raise ValueError(f"--knockout {path}: no such file")
         report = json.loads(path.read_text())
         if int(report.get("n_layers", -1)) != ds.sizes["layer"]:
-            raise ValueError(f"--knockout {path} ran on a model of {report.get('n_layers')} layers, the store has "
-                             f"{ds.sizes['layer']}")  # fmt: skip
-        scores["knockout"] = knockout_layer_scores(report, knockout_pair).assign_coords(layer=ds["layer"].values)
+            raise ValueError(
+                f"--knockout {path} ran on a model of {report.get('n_layers')} layers, the store has "
+                f"{ds.sizes['layer']}"
+            )
+        scores["knockout"] = knockout_layer_scores(report, knockout_pair).assign_coords(
+            layer=ds["layer"].values
+        )
     return scores, notes

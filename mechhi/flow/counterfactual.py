@@ -3,7 +3,7 @@
 Patching asks which sites carry what differs between two runs, so the two inputs must
 differ only in the thing asked about. The toy world renders *exact* counterfactuals: the
 same scene (every random draw replayed) with the key object recoloured, reshaped or
-removed (`mechhi.toyworld.world.render_counterfactual`), and the recoloured or reshaped
+removed (`mechhi.data.synthetic.render_counterfactual`), and the recoloured or reshaped
 object has a counterfactual description, whose first differing token gives the logit
 difference metric. Any dataset can be corrupted over the object's mask instead: Gaussian
 noise (seeded per sample) or a blur; there is no counterfactual word then, and the metric
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ..data.format import Sample
+from mechhi.data.format import Sample
+from mechhi.data.synthetic import WorldConfig, render_counterfactual
 
 TOY_CHANGES = ("colour", "shape", "remove")
 MASK_CHANGES = ("noise", "blur")
@@ -38,8 +39,15 @@ class Pair:
     counter: str | None
 
 
-def make_pair(sample: Sample, change: str, *, dataset: str | Path, seed: int = 0,
-              noise_sd: float = 0.5, blur_radius: float = 8.0) -> Pair:  # fmt: skip
+def make_pair(
+    sample: Sample,
+    change: str,
+    *,
+    dataset: str | Path,
+    seed: int = 0,
+    noise_sd: float = 0.5,
+    blur_radius: float = 8.0,
+) -> Pair:
     """The sample's clean image and its ``change`` d counterpart (module doc)."""
     if change not in CHANGES:
         raise ValueError(f"unknown --change {change!r}; choose from {', '.join(CHANGES)}")
@@ -63,8 +71,6 @@ def make_pair(sample: Sample, change: str, *, dataset: str | Path, seed: int = 0
 
 
 def _toy_counterfactual(sample: Sample, change: str, dataset: Path) -> tuple[Image.Image, str | None]:
-    from ..toyworld.world import WorldConfig, render_counterfactual
-
     meta_path = dataset / SYNTHETIC_META
     if not meta_path.is_file():
         raise ValueError(
@@ -74,8 +80,9 @@ def _toy_counterfactual(sample: Sample, change: str, dataset: Path) -> tuple[Ima
     meta = json.loads(meta_path.read_text())
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
     config = WorldConfig(**fields)
-    image, counter = render_counterfactual(int(sample.image_id), int(sample.object_id), change,
-                                           seed=int(meta["seed"]), config=config)  # fmt: skip
+    image, counter = render_counterfactual(
+        int(sample.image_id), int(sample.object_id), change, seed=int(meta["seed"]), config=config
+    )
     if image.size != sample.image().size:
         raise ValueError(f"sample {sample.index}: the re-rendered scene differs from the dataset's image")
     return image, counter

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..models import SampleLayout
+from mechhi.models import SampleLayout
 
 GROUPS = ("description", "answer", "last", "question", "image", "object", "background")
 

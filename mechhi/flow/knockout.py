@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import PreparedBatch, VLMAdapter
-from ..trace.sites import DecoderTracer, TracingError, find_attention_call, resolve
-from .groups import TokenGroups
+from mechhi.flow.groups import TokenGroups
+from mechhi.models import PreparedBatch, VLMAdapter
+from mechhi.trace.sites import DecoderTracer, TracingError, find_attention_call, resolve
 
 FLASH = ("flash_attention_2", "flash_attention_3", "flash_attention")
 
@@ -83,7 +83,9 @@ def knocked_mask(
     if mask is None:
         keys = torch.arange(seq, device=device)
         queries = torch.arange(rows, device=device)[:, None] + (seq - rows)
-        allowed = keys[None, :] <= queries if causal else torch.ones(rows, seq, dtype=torch.bool, device=device)
+        allowed = (
+            keys[None, :] <= queries if causal else torch.ones(rows, seq, dtype=torch.bool, device=device)
+        )
         if sliding_window is not None:
             allowed = allowed & (keys[None, :] > queries - sliding_window)
         mask = allowed[None, None].expand(batch, 1, rows, seq)
@@ -118,7 +120,9 @@ class KnockoutRunner(DecoderTracer):
         self.attention = [resolve(layer, adapter.attention) for layer in self.layers]
         self.call_labels = [find_attention_call(a) for a in self.attention]
 
-    def logits(self, batch: PreparedBatch, groups: Sequence[TokenGroups], knockout: Knockout | None) -> torch.Tensor:
+    def logits(
+        self, batch: PreparedBatch, groups: Sequence[TokenGroups], knockout: Knockout | None
+    ) -> torch.Tensor:
         """(B, T, vocab) float32 logits of the batch with ``knockout`` applied (None: plain)."""
         batch = batch.to(self.device, self.dtype)
         seq = int(batch.inputs["input_ids"].shape[1])
@@ -154,17 +158,26 @@ class KnockoutRunner(DecoderTracer):
         has_positional_mask = len(args) > 4
         mask = args[4] if has_positional_mask else kwargs.get("attention_mask")
         closed = knocked_mask(
-            mask, blocked.to(query.device), n_heads=query.shape[1], heads=heads,
-            causal=getattr(module, "is_causal", True), sliding_window=kwargs.get("sliding_window"),
-        )  # fmt: skip
+            mask,
+            blocked.to(query.device),
+            n_heads=query.shape[1],
+            heads=heads,
+            causal=getattr(module, "is_causal", True),
+            sliding_window=kwargs.get("sliding_window"),
+        )
         if has_positional_mask:
             call.inputs = ((*args[:4], closed, *args[5:]), kwargs)
         else:
             call.inputs = (args, {**kwargs, "attention_mask": closed})
 
 
-def knockout_logits(model: torch.nn.Module, adapter: VLMAdapter, batch: PreparedBatch,
-                    groups: Sequence[TokenGroups], knockout: Knockout | None) -> torch.Tensor:  # fmt: skip
+def knockout_logits(
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    batch: PreparedBatch,
+    groups: Sequence[TokenGroups],
+    knockout: Knockout | None,
+) -> torch.Tensor:
     """One-off `KnockoutRunner.logits` (a job keeps one runner for all its batches)."""
     return KnockoutRunner(model, adapter).logits(batch, groups, knockout)
 

@@ -34,18 +34,26 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ..evaluate.metrics import letter_ids, predictions_from_logits, vqa_batches, vqa_from_logits
-from ..intervene.ablate import EvalData
-from ..intervene.cache import ResultCache
-from ..intervene.effects import paired_change, summary
-from ..intervene.session import Session, default_store, write_report
-from ..progress import tracked
-from .groups import check_group, token_groups
-from .knockout import Knockout, KnockoutRunner, windows
+from mechhi.evaluate.metrics import letter_ids, vqa_batches, vqa_from_logits
+from mechhi.finetune.loss import predictions_from_logits
+from mechhi.flow.groups import check_group, token_groups
+from mechhi.flow.knockout import Knockout, KnockoutRunner, windows
+from mechhi.intervene.ablate import EvalData
+from mechhi.intervene.effects import paired_change, summary
+from mechhi.intervene.session import Session, default_store
+from mechhi.jsonfiles import write_json
+from mechhi.progress import tracked
+from mechhi.result_cache import ResultCache
 
 # The pairs Zhang et al. (CVPR 2025) block in a VLM, plus the object / background split of the image.
-DEFAULT_PAIRS = ("image->last", "question->last", "image->question", "object->last", "background->last",
-                 "image->description")  # fmt: skip
+DEFAULT_PAIRS = (
+    "image->last",
+    "question->last",
+    "image->question",
+    "object->last",
+    "background->last",
+    "image->description",
+)
 METRICS = ("answer_logprob", "vqa_accuracy", "ans_prob")
 _VALUES = {"answer_logprob": "answer_logprob", "vqa_accuracy": "vqa_correct", "ans_prob": "ans_prob"}
 
@@ -79,7 +87,7 @@ class KnockoutConfig:
 
 
 def parse_pair(pair: str) -> tuple[str, str]:
-    """"image->last" -> ("image", "last"), both checked against the group names."""
+    """ "image->last" -> ("image", "last"), both checked against the group names."""
     source, arrow, target = pair.partition("->")
     if not arrow or not source or not target:
         raise ValueError(f"knockout pair {pair!r}: write it as source->target, e.g. image->last")
@@ -87,8 +95,9 @@ def parse_pair(pair: str) -> tuple[str, str]:
     return check_group(source.strip(), views=views), check_group(target.strip(), views=views)
 
 
-def _samples_values(runner: KnockoutRunner, data: EvalData, knockout: Knockout | None, batch_size: int,
-                    letters: list[int]) -> dict[str, list[float]]:  # fmt: skip
+def _samples_values(
+    runner: KnockoutRunner, data: EvalData, knockout: Knockout | None, batch_size: int, letters: list[int]
+) -> dict[str, list[float]]:
     """Per-sample answer log-prob, VQA correctness and AnsProb under ``knockout``."""
     adapter = runner.adapter
     samples, images = data.samples, data.images
@@ -101,10 +110,16 @@ def _samples_values(runner: KnockoutRunner, data: EvalData, knockout: Knockout |
         for logp, ids in predictions_from_logits(runner.logits(batch, groups, knockout), batch):
             out["answer_logprob"].append(float(logp.gather(-1, ids[:, None]).sum()))
     items = data.items
-    for start, batch in zip(range(0, len(items), batch_size), vqa_batches(adapter, items, batch_size=batch_size)):
-        groups = [token_groups(layout, m) for layout, m in zip(batch.layouts, masks[start : start + batch_size])]
+    for start, batch in zip(
+        range(0, len(items), batch_size), vqa_batches(adapter, items, batch_size=batch_size)
+    ):
+        groups = [
+            token_groups(layout, m) for layout, m in zip(batch.layouts, masks[start : start + batch_size])
+        ]
         answers = [it.answer for it in items[start : start + batch_size]]
-        correct, probability = vqa_from_logits(runner.logits(batch, groups, knockout), batch, letters, answers)
+        correct, probability = vqa_from_logits(
+            runner.logits(batch, groups, knockout), batch, letters, answers
+        )
         out["vqa_correct"].extend(correct)
         out["ans_prob"].extend(probability)
     return out
@@ -115,12 +130,19 @@ def plan(config: KnockoutConfig, n_layers: int) -> list[tuple[str, tuple[int, ..
     return [(pair, layers) for pair in config.pairs for layers in windows(n_layers, width, config.stride)]
 
 
-def run_knockout(config: KnockoutConfig = KnockoutConfig(), *, progress: bool = True,
-                 loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_knockout(
+    config: KnockoutConfig = KnockoutConfig(), *, progress: bool = True, loaded: tuple[Any, Any] | None = None
+) -> dict[str, Any]:
     """Every (pair, window) knockout against the intact model; see the module doc."""
     began = time.time()
-    session = Session(Path(config.store) if config.store else default_store(), config.model, config.device,
-                      config.dtype, loaded, progress)  # fmt: skip
+    session = Session(
+        Path(config.store) if config.store else default_store(),
+        config.model,
+        config.device,
+        config.dtype,
+        loaded,
+        progress,
+    )
     n_layers, n_heads = session.ds.sizes["layer"], session.ds.sizes["head"]
     bad = [h for h in config.heads or () if not 0 <= h < n_heads]
     if bad:
@@ -131,9 +153,13 @@ def run_knockout(config: KnockoutConfig = KnockoutConfig(), *, progress: bool = 
     runner: list[KnockoutRunner] = []
 
     def values_of(knockout: Knockout | None) -> tuple[dict[str, list[float]], bool]:
-        fields = {"model": session.model_name, "numerics": session.numerics, **data.fields(),
-                  "knockout": None if knockout is None else asdict(knockout),
-                  "batch_size": config.batch_size}  # fmt: skip
+        fields = {
+            "model": session.model_name,
+            "numerics": session.numerics,
+            **data.fields(),
+            "knockout": None if knockout is None else asdict(knockout),
+            "batch_size": config.batch_size,
+        }
 
         def compute() -> dict[str, list[float]]:
             if not runner:
@@ -147,20 +173,32 @@ def run_knockout(config: KnockoutConfig = KnockoutConfig(), *, progress: bool = 
     for pair, layers in tracked(setups, "knocking out", show=progress):
         source, target = parse_pair(pair)
         values, cached = values_of(Knockout(source, target, layers, config.heads))
-        rows.append({
-            "pair": pair, "window": [layers[0], layers[-1]], "layers": list(layers),
-            "metrics": {m: summary(values[_VALUES[m]]) for m in METRICS},
-            "change": {m: paired_change(values[_VALUES[m]], intact[_VALUES[m]]) for m in METRICS},
-            "cached": cached,
-        })  # fmt: skip
+        rows.append(
+            {
+                "pair": pair,
+                "window": [layers[0], layers[-1]],
+                "layers": list(layers),
+                "metrics": {m: summary(values[_VALUES[m]]) for m in METRICS},
+                "change": {m: paired_change(values[_VALUES[m]], intact[_VALUES[m]]) for m in METRICS},
+                "cached": cached,
+            }
+        )
     spans = sorted({tuple(r["window"]) for r in rows})
     report = {
-        "config": asdict(config), "model": session.model_name, "store": str(session.store),
-        "dataset": str(data.directory), "n_samples": len(data.samples), "n_layers": n_layers,
-        "windows": [list(w) for w in spans], "pairs": list(config.pairs), "metrics": list(METRICS),
-        "intact": {m: summary(intact[_VALUES[m]]) for m in METRICS}, "rows": rows, "seconds": time.time() - began,
-    }  # fmt: skip
-    return write_report(report, Path(config.out) / "knockout.json")
+        "config": asdict(config),
+        "model": session.model_name,
+        "store": str(session.store),
+        "dataset": str(data.directory),
+        "n_samples": len(data.samples),
+        "n_layers": n_layers,
+        "windows": [list(w) for w in spans],
+        "pairs": list(config.pairs),
+        "metrics": list(METRICS),
+        "intact": {m: summary(intact[_VALUES[m]]) for m in METRICS},
+        "rows": rows,
+        "seconds": time.time() - began,
+    }
+    return write_json(Path(config.out) / "knockout.json", report)
 
 
 def as_dataset(report: dict[str, Any]) -> xr.Dataset:
@@ -174,9 +212,16 @@ def as_dataset(report: dict[str, Any]) -> xr.Dataset:
             grid = np.full((len(pairs), len(spans)), np.nan)
             for row in report["rows"]:
                 value = row["change"][metric][key]
-                grid[pairs.index(row["pair"]), spans.index(tuple(row["window"]))] = np.nan if value is None else value
+                grid[pairs.index(row["pair"]), spans.index(tuple(row["window"]))] = (
+                    np.nan if value is None else value
+                )
             data[metric + suffix] = (("pair", "window"), grid)
     depth = [(a + b) / 2 / max(report["n_layers"] - 1, 1) for a, b in spans]
-    coords = {"pair": pairs, "window": [f"{a}-{b}" for a, b in spans], "first": ("window", [a for a, _ in spans]),
-              "last": ("window", [b for _, b in spans]), "depth": ("window", depth)}  # fmt: skip
+    coords = {
+        "pair": pairs,
+        "window": [f"{a}-{b}" for a, b in spans],
+        "first": ("window", [a for a, _ in spans]),
+        "last": ("window", [b for _, b in spans]),
+        "depth": ("window", depth),
+    }
     return xr.Dataset(data, coords=coords, attrs={"model": report["model"], "n_samples": report["n_samples"]})

@@ -26,14 +26,15 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from ..intervene.ablate import EvalData
-from ..intervene.cache import ResultCache
-from ..intervene.session import Session, default_store, write_report
-from ..progress import tracked
-from .attribution import attribute_heads
-from .counterfactual import CHANGES, make_pair
-from .groups import check_group
-from .patching import SITE_KINDS, Patcher, summarise
+from mechhi.flow.attribution import attribute_heads
+from mechhi.flow.counterfactual import CHANGES, make_pair
+from mechhi.flow.groups import check_group
+from mechhi.flow.patching import SITE_KINDS, Patcher, summarise
+from mechhi.intervene.ablate import EvalData
+from mechhi.intervene.session import Session, default_store
+from mechhi.jsonfiles import write_json
+from mechhi.progress import tracked
+from mechhi.result_cache import ResultCache
 
 METHODS = ("exact", "attribution", "both")
 RESIDUAL_GROUPS = ("image", "object", "background", "question", "last", "description")
@@ -86,18 +87,27 @@ def _terms_of(patcher: Patcher, method: str, config: PatchConfig, pair: Any) -> 
         terms = patcher.patch_heads(pair, None if config.positions == "all" else config.positions)
     else:
         terms = attribute_heads(patcher, pair, None if config.positions == "all" else config.positions)
-    return {"clean": terms["clean"], "corrupted": terms["corrupted"], "patched": np.asarray(terms["patched"]).tolist()}
+    return {
+        "clean": terms["clean"],
+        "corrupted": terms["corrupted"],
+        "patched": np.asarray(terms["patched"]).tolist(),
+    }
 
 
-def _labelled(result: dict[str, np.ndarray], config: PatchConfig, ds: xr.Dataset, attrs: dict[str, Any]) -> xr.Dataset:
+def _labelled(
+    result: dict[str, np.ndarray], config: PatchConfig, ds: xr.Dataset, attrs: dict[str, Any]
+) -> xr.Dataset:
     if config.sites == "heads":
         dims, coords = ("layer", "head"), {"layer": ds["layer"].values, "head": ds["head"].values}
     else:
         dims, coords = ("layer", "group"), {"layer": ds["layer"].values, "group": list(config.groups)}
     if "depth" in ds.coords:
         coords["depth"] = ("layer", ds["depth"].values)
-    return xr.Dataset({"effect": (dims, result["effect"]), "se": (dims, result["se"])}, coords=coords,
-                      attrs={**attrs, "gap": float(result["gap"])})  # fmt: skip
+    return xr.Dataset(
+        {"effect": (dims, result["effect"]), "se": (dims, result["se"])},
+        coords=coords,
+        attrs={**attrs, "gap": float(result["gap"])},
+    )
 
 
 def top_cells(effect: xr.DataArray, n: int) -> list[dict[str, Any]]:
@@ -111,12 +121,23 @@ def top_cells(effect: xr.DataArray, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run_patch(config: PatchConfig = PatchConfig(), *, progress: bool = True, top: int = 10,
-              loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_patch(
+    config: PatchConfig = PatchConfig(),
+    *,
+    progress: bool = True,
+    top: int = 10,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
     """Patch every site of every sample; see the module doc."""
     began = time.time()
-    session = Session(Path(config.store) if config.store else default_store(), config.model, config.device,
-                      config.dtype, loaded, progress)  # fmt: skip
+    session = Session(
+        Path(config.store) if config.store else default_store(),
+        config.model,
+        config.device,
+        config.dtype,
+        loaded,
+        progress,
+    )
     out = config.out_dir(session.store)
     cache = ResultCache(out / "cache")
     data = EvalData(config.dataset, config.split, config.limit, 0, progress)
@@ -126,12 +147,20 @@ def run_patch(config: PatchConfig = PatchConfig(), *, progress: bool = True, top
     skipped: list[str] = []
     for sample in tracked(data.samples, f"patching ({config.method})", show=progress):
         for method in methods:
-            fields = {"model": session.model_name, "numerics": session.numerics, "data": data.fields()["data"],
-                      "sample": [sample.image_id, sample.object_id], "method": method, "change": config.change,
-                      "sites": config.sites, "positions": config.positions, "groups": list(config.groups),
-                      "seed": config.seed}  # fmt: skip
+            fields = {
+                "model": session.model_name,
+                "numerics": session.numerics,
+                "data": data.fields()["data"],
+                "sample": [sample.image_id, sample.object_id],
+                "method": method,
+                "change": config.change,
+                "sites": config.sites,
+                "positions": config.positions,
+                "groups": list(config.groups),
+                "seed": config.seed,
+            }
 
-            def compute(method: str = method) -> dict[str, Any]:
+            def compute(method: str = method, sample: Any = sample) -> dict[str, Any]:
                 if not patcher:
                     patcher.append(Patcher(*session.model, batch_size=config.batch_size))
                 pair = make_pair(sample, config.change, dataset=data.directory, seed=config.seed)
@@ -145,9 +174,15 @@ def run_patch(config: PatchConfig = PatchConfig(), *, progress: bool = True, top
             terms[method].append(value)
     if not terms[methods[0]]:
         raise ValueError(f"no sample could be patched: {skipped[0] if skipped else 'no samples'}")
-    attrs = {"model": session.model_name, "store": str(session.store), "dataset": str(data.directory),
-             "change": config.change, "sites": config.sites, "positions": config.positions,
-             "n_samples": len(terms[methods[0]])}  # fmt: skip
+    attrs = {
+        "model": session.model_name,
+        "store": str(session.store),
+        "dataset": str(data.directory),
+        "change": config.change,
+        "sites": config.sites,
+        "positions": config.positions,
+        "n_samples": len(terms[methods[0]]),
+    }
     results: dict[str, Any] = {}
     for method in methods:
         labelled = _labelled(summarise(terms[method]), config, session.ds, {**attrs, "method": method})
@@ -155,17 +190,32 @@ def run_patch(config: PatchConfig = PatchConfig(), *, progress: bool = True, top
         with warnings.catch_warnings():  # the group names: a string coordinate, which zarr v3 calls unstable
             warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
             labelled.to_zarr(path, mode="w", consolidated=False)
-        results[method] = {"path": str(path), "gap": labelled.attrs["gap"], "top": top_cells(labelled["effect"], top),
-                           "effect": labelled["effect"].values.tolist(), "se": labelled["se"].values.tolist()}  # fmt: skip
-    report = {"config": asdict(config), **attrs, "methods": list(methods), "skipped": skipped, "results": results,
-              "seconds": time.time() - began}  # fmt: skip
+        results[method] = {
+            "path": str(path),
+            "gap": labelled.attrs["gap"],
+            "top": top_cells(labelled["effect"], top),
+            "effect": labelled["effect"].values.tolist(),
+            "se": labelled["se"].values.tolist(),
+        }
+    report = {
+        "config": asdict(config),
+        **attrs,
+        "methods": list(methods),
+        "skipped": skipped,
+        "results": results,
+        "seconds": time.time() - began,
+    }
     if len(methods) == 2:
         exact = np.asarray(results["exact"]["effect"], dtype=float).ravel()
         approx = np.asarray(results["attribution"]["effect"], dtype=float).ravel()
         keep = np.isfinite(exact) & np.isfinite(approx)
         rho = stats.spearmanr(exact[keep], approx[keep])
-        report["agreement"] = {"spearman": float(rho.statistic), "p": float(rho.pvalue), "n_sites": int(keep.sum())}
-    return write_report(report, out / f"patch-{config.method}-{config.change}-{config.sites}.json")
+        report["agreement"] = {
+            "spearman": float(rho.statistic),
+            "p": float(rho.pvalue),
+            "n_sites": int(keep.sum()),
+        }
+    return write_json(out / f"patch-{config.method}-{config.change}-{config.sites}.json", report)
 
 
 def open_result(path: str | Path) -> xr.Dataset:

@@ -26,10 +26,10 @@ import nnsight
 import numpy as np
 import torch
 
-from ..models import PreparedBatch, VLMAdapter
-from ..trace.sites import DecoderTracer, output_projections
-from .counterfactual import Pair
-from .groups import token_groups
+from mechhi.flow.counterfactual import Pair
+from mechhi.flow.groups import token_groups
+from mechhi.models import PreparedBatch, VLMAdapter
+from mechhi.trace.sites import DecoderTracer, output_projections
 
 SITE_KINDS = ("heads", "residual")
 
@@ -50,8 +50,12 @@ class Metric:
         if self.counter_token is not None:
             row = logits[:, self.position].float()
             return row[:, self.clean_token] - row[:, self.counter_token]
-        logp = torch.log_softmax(logits[:, self.answer_positions - 1].float(), dim=-1)  # token t predicted at t - 1
-        index = torch.as_tensor(self.answer_tokens, device=logits.device)[None, :, None].expand(len(logits), -1, 1)
+        logp = torch.log_softmax(
+            logits[:, self.answer_positions - 1].float(), dim=-1
+        )  # token t predicted at t - 1
+        index = torch.as_tensor(self.answer_tokens, device=logits.device)[None, :, None].expand(
+            len(logits), -1, 1
+        )
         return logp.gather(-1, index)[..., 0].sum(-1)
 
 
@@ -123,7 +127,9 @@ class Patcher(DecoderTracer):
         where = self._positions(clean, pair, positions)
         n_layers, n_heads = len(self.layers), self.adapter.n_heads
         heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-        patched = self._patched_runs(pair, heads, lambda chunk: self._head_plan(chunk, where), "heads", sites, metric)
+        patched = self._patched_runs(
+            pair, heads, lambda chunk: self._head_plan(chunk, where), "heads", sites, metric
+        )
         return _terms(metric, clean_logits, self.logits(corrupted), patched.reshape(n_layers, n_heads))
 
     def patch_residual(self, pair: Pair, groups: Sequence[str]) -> dict[str, np.ndarray | float]:
@@ -133,9 +139,12 @@ class Patcher(DecoderTracer):
         sites, clean_logits = self.clean_sites(clean, "residual")
         where = {g: self._positions(clean, pair, g) for g in groups}
         cells = [(layer, g) for layer in range(len(self.layers)) for g in groups]
-        patched = self._patched_runs(pair, cells, lambda chunk: self._residual_plan(chunk, where), "residual", sites,
-                                     metric)  # fmt: skip
-        return _terms(metric, clean_logits, self.logits(corrupted), patched.reshape(len(self.layers), len(groups)))
+        patched = self._patched_runs(
+            pair, cells, lambda chunk: self._residual_plan(chunk, where), "residual", sites, metric
+        )
+        return _terms(
+            metric, clean_logits, self.logits(corrupted), patched.reshape(len(self.layers), len(groups))
+        )
 
     def _positions(self, batch: PreparedBatch, pair: Pair, group: str | None) -> torch.Tensor | None:
         if group is None or group == "all":
@@ -149,26 +158,35 @@ class Patcher(DecoderTracer):
             plan.setdefault(layer, []).append((j, where, columns))
         return plan
 
-    def _residual_plan(self, chunk: Sequence[tuple[int, str]], where: dict[str, torch.Tensor]) -> dict[int, list]:
+    def _residual_plan(
+        self, chunk: Sequence[tuple[int, str]], where: dict[str, torch.Tensor]
+    ) -> dict[int, list]:
         plan: dict[int, list] = {}
         for j, (layer, group) in enumerate(chunk):
             plan.setdefault(layer, []).append((j, where[group], slice(None)))
         return plan
 
-    def _patched_runs(self, pair: Pair, cells: Sequence, plan_of, kind: str, sites: list[torch.Tensor],
-                      metric: Metric) -> np.ndarray:  # fmt: skip
+    def _patched_runs(
+        self, pair: Pair, cells: Sequence, plan_of, kind: str, sites: list[torch.Tensor], metric: Metric
+    ) -> np.ndarray:
         """The metric of the corrupted run with each cell's site patched from the clean run
         (``sites``: the clean run's activations), ``batch_size`` cells per forward (one per
         copy of the corrupted input)."""
         out = []
         for start in range(0, len(cells), self.batch_size):
             chunk = cells[start : start + self.batch_size]
-            copies = self.adapter.prepare([pair.corrupted] * len(chunk), [pair.sample.description] * len(chunk))
+            copies = self.adapter.prepare(
+                [pair.corrupted] * len(chunk), [pair.sample.description] * len(chunk)
+            )
             copies = copies.to(self.device, self.dtype)
             plan = plan_of(chunk)
             with torch.no_grad(), self.nn.trace(**copies.inputs, use_cache=False):
                 for layer in sorted(plan):
-                    site = self.projections[layer].input if kind == "heads" else _first(self.layers[layer].output)
+                    site = (
+                        self.projections[layer].input
+                        if kind == "heads"
+                        else _first(self.layers[layer].output)
+                    )
                     for j, positions, columns in plan[layer]:
                         source = sites[layer][0].to(site.device)
                         if positions is None:
@@ -185,8 +203,9 @@ def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-def _terms(metric: Metric, clean_logits: torch.Tensor, corrupted_logits: torch.Tensor,
-           patched: np.ndarray) -> dict[str, np.ndarray | float]:  # fmt: skip
+def _terms(
+    metric: Metric, clean_logits: torch.Tensor, corrupted_logits: torch.Tensor, patched: np.ndarray
+) -> dict[str, np.ndarray | float]:
     """One sample's raw terms: its clean and corrupted metric and each site's patched metric."""
     clean = float(metric(clean_logits)[0])
     corrupted = float(metric(corrupted_logits)[0])

@@ -59,14 +59,19 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ..models import VLMAdapter
-from ..toyworld.world import COLOURS, WorldConfig
-from .cache import ResultCache
-from .effects import paired_change, paired_ratio, ratio_change, seed_spread, summary
-from .head_sets import overlap, per_layer, random_matched, top_heads
-from .heads import Head, HeadEdit
-from ..progress import tracked
-from .session import Session, default_store, write_report
+from mechhi.data.splits import load_split
+from mechhi.data.synthetic import COLOURS, WorldConfig
+from mechhi.evaluate.generate import generate_captions
+from mechhi.intervene.effects import paired_change, paired_ratio, ratio_change, seed_spread, summary
+from mechhi.intervene.heads import Head, HeadEdit
+from mechhi.intervene.heldout import ensure_heldout_dataset
+from mechhi.intervene.session import Session, default_store
+from mechhi.jsonfiles import write_json
+from mechhi.models import VLMAdapter
+from mechhi.progress import tracked
+from mechhi.result_cache import ResultCache
+from mechhi.scoring.head_sets import overlap, per_layer, random_matched, top_heads
+from mechhi.scoring.probe_scores import ModelProbeSettings, probe_scores
 
 # The toy world's concepts: its colour words, and the shapes its scenes draw.
 CONCEPTS = {"colour": tuple(COLOURS), "shape": WorldConfig().shapes}
@@ -74,7 +79,10 @@ CONCEPTS = {"colour": tuple(COLOURS), "shape": WorldConfig().shapes}
 # control, and the caption's length in words.
 MEASURES = ("concept", "concept_correct", "control", "control_correct", "words")
 # Over all captions of a setup: the share of the concept's (control's) words that are right.
-PRECISIONS = {"concept_precision": ("concept_correct", "concept"), "control_precision": ("control_correct", "control")}
+PRECISIONS = {
+    "concept_precision": ("concept_correct", "concept"),
+    "control_precision": ("control_correct", "control"),
+}
 SHOWN_CAPTIONS = 5
 
 
@@ -104,18 +112,25 @@ class EditConfig:
 
     def __post_init__(self) -> None:
         if self.words is None and self.concept not in CONCEPTS:
-            raise ValueError(f"--concept {self.concept!r}: choose from {', '.join(CONCEPTS)}, or give --words")
+            raise ValueError(
+                f"--concept {self.concept!r}: choose from {', '.join(CONCEPTS)}, or give --words"
+            )
         if self.words is not None and not self.control_words:
             # No control would leave the edit's specificity unmeasured, and no word set can
             # be drawn for an arbitrary model's vocabulary: the user names one.
-            raise ValueError("edit: --words needs --control-words, a concept the edit should leave alone "
-                             "(with --concept colour / shape the other set is the control)")  # fmt: skip
+            raise ValueError(
+                "edit: --words needs --control-words, a concept the edit should leave alone "
+                "(with --concept colour / shape the other set is the control)"
+            )
         if not math.isfinite(self.alpha):
             raise ValueError(f"edit: --alpha {self.alpha} is not a finite number")
         if len(set(self.concept_words)) < 2:
             raise ValueError("edit: the concept needs at least two distinct words")
         if set(self.concept_words) & set(self.control):
-            raise ValueError(f"edit: words in both the concept and the control: {sorted(set(self.concept_words) & set(self.control))}")
+            raise ValueError(
+                "edit: words in both the concept and the control: "
+                f"{sorted(set(self.concept_words) & set(self.control))}"
+            )
         if self.k < 1 or self.images < 1:
             raise ValueError(f"edit: --k {self.k} and --images {self.images} must be at least 1")
 
@@ -157,11 +172,10 @@ def reference_text(sample: Any) -> str:
     return " ".join([record.caption or "", *(o.description for o in record.objects)])
 
 
-def caption_samples(dataset: str | None, split: str, n_images: int, progress: bool) -> tuple[Path, Any, list[Any]]:
+def caption_samples(
+    dataset: str | None, split: str, n_images: int, progress: bool
+) -> tuple[Path, Any, list[Any]]:
     """(directory, split, one sample per image for the first ``n_images`` images)."""
-    from ..finetune import load_split
-    from .data import ensure_heldout_dataset
-
     directory = Path(dataset) if dataset else ensure_heldout_dataset(progress=progress)
     data = load_split(directory, split)
     firsts, seen = [], set()
@@ -174,36 +188,60 @@ def caption_samples(dataset: str | None, split: str, n_images: int, progress: bo
 
 def pursuit_scores(session: Session, config: EditConfig, cache: ResultCache) -> xr.DataArray:
     """SOMP explained variance of the concept for every head on the store's samples, cached."""
-    from ..trace.probe_scores import ModelProbeSettings, probe_scores
-
-    settings = ModelProbeSettings(words=config.concept_words, k=min(config.pursuit_k, len(config.concept_words)),
-                                  positions=config.positions, device=config.device, dtype=config.dtype)  # fmt: skip
-    fields = {**session.store_fields(), "probe": "pursuit", "settings": asdict(settings),
-              "model": session.model_name, "numerics": session.numerics}  # fmt: skip
+    settings = ModelProbeSettings(
+        words=config.concept_words,
+        k=min(config.pursuit_k, len(config.concept_words)),
+        positions=config.positions,
+        device=config.device,
+        dtype=config.dtype,
+    )
+    fields = {
+        **session.store_fields(),
+        "probe": "pursuit",
+        "settings": asdict(settings),
+        "model": session.model_name,
+        "numerics": session.numerics,
+    }
 
     def compute() -> list:
-        result = probe_scores(session.ds, ["pursuit"], settings=settings, loaded=session.model, progress=session.progress)
+        result = probe_scores(
+            session.ds, ["pursuit"], settings=settings, loaded=session.model, progress=session.progress
+        )
         return result["pursuit"].values.tolist()
 
     values, _ = cache.get_or_compute("scores", fields, compute)
     coords = {"layer": session.ds["layer"].values, "head": session.ds["head"].values}
-    return xr.DataArray(np.asarray(values, dtype=float), dims=("layer", "head"), coords=coords, name="pursuit")
+    return xr.DataArray(
+        np.asarray(values, dtype=float), dims=("layer", "head"), coords=coords, name="pursuit"
+    )
 
 
-def _captions(session: Session, config: EditConfig, samples: list[Any], data_fingerprint: str,
-              heads: tuple[Head, ...], cache: ResultCache) -> tuple[list[str], bool]:  # fmt: skip
-    from ..evaluate.generate import generate_captions
+def _captions(
+    session: Session,
+    config: EditConfig,
+    samples: list[Any],
+    data_fingerprint: str,
+    heads: tuple[Head, ...],
+    cache: ResultCache,
+) -> tuple[list[str], bool]:
 
-    fields = {"model": session.model_name, "numerics": session.numerics, "data": data_fingerprint,
-              "images": [s.image_id for s in samples], "template": config.template,
-              "max_new_tokens": config.max_new_tokens, "alpha": config.alpha if heads else None,
-              "heads": [list(h) for h in heads]}  # fmt: skip
+    fields = {
+        "model": session.model_name,
+        "numerics": session.numerics,
+        "data": data_fingerprint,
+        "images": [s.image_id for s in samples],
+        "template": config.template,
+        "max_new_tokens": config.max_new_tokens,
+        "alpha": config.alpha if heads else None,
+        "heads": [list(h) for h in heads],
+    }
 
     def compute() -> list[str]:
         adapter = session.model[1]
         with session.editor.edited(HeadEdit.scaled(heads, config.alpha)) as edited:
-            rows = generate_captions(edited, adapter, samples, max_new_tokens=config.max_new_tokens,
-                                     template=config.template)  # fmt: skip
+            rows = generate_captions(
+                edited, adapter, samples, max_new_tokens=config.max_new_tokens, template=config.template
+            )
         return [row["generated"] for row in rows]
 
     return cache.get_or_compute("captions", fields, compute)
@@ -220,9 +258,18 @@ def _counts(captions: list[str], samples: list[Any], config: EditConfig) -> dict
     return out
 
 
-def _entry(setup: str, kind: str, seed: int | None, heads: tuple[Head, ...], top: tuple[Head, ...],
-           captions: list[str], samples: list[Any], base: dict[str, list[int]], config: EditConfig,
-           cached: bool) -> dict[str, Any]:  # fmt: skip
+def _entry(
+    setup: str,
+    kind: str,
+    seed: int | None,
+    heads: tuple[Head, ...],
+    top: tuple[Head, ...],
+    captions: list[str],
+    samples: list[Any],
+    base: dict[str, list[int]],
+    config: EditConfig,
+    cached: bool,
+) -> dict[str, Any]:
     counts = _counts(captions, samples, config)
     metrics = {m: summary(counts[m]) for m in MEASURES}
     change = {m: paired_change(counts[m], base[m]) for m in MEASURES}
@@ -231,14 +278,26 @@ def _entry(setup: str, kind: str, seed: int | None, heads: tuple[Head, ...], top
         metrics[name] = paired_ratio(counts[right], counts[said])  # sum right / sum said, delta-method SE
         change[name] = ratio_change(counts[right], counts[said], base[right], base[said])
         base_share = paired_ratio(base[right], base[said])["mean"]
-        ratio[name] = {"mean": metrics[name]["mean"] / base_share if base_share else float("nan"), "se": float("nan"),
-                       "n": len(captions)}  # fmt: skip
+        ratio[name] = {
+            "mean": metrics[name]["mean"] / base_share if base_share else float("nan"),
+            "se": float("nan"),
+            "n": len(captions),
+        }
     return {
-        "name": setup, "kind": kind, "seed": seed, "heads": [list(h) for h in heads], "per_layer": per_layer(heads),
+        "name": setup,
+        "kind": kind,
+        "seed": seed,
+        "heads": [list(h) for h in heads],
+        "per_layer": per_layer(heads),
         "overlap_with_top": overlap(heads, top) if heads else None,
-        "captions": [{"image_id": s.image_id, "generated": c} for s, c in zip(samples, captions)][:SHOWN_CAPTIONS],
-        "metrics": metrics, "change": change, "ratio": ratio, "cached": cached,
-    }  # fmt: skip
+        "captions": [{"image_id": s.image_id, "generated": c} for s, c in zip(samples, captions)][
+            :SHOWN_CAPTIONS
+        ],
+        "metrics": metrics,
+        "change": change,
+        "ratio": ratio,
+        "cached": cached,
+    }
 
 
 def summarise(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -265,32 +324,58 @@ def summarise(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def run_edit(config: EditConfig = EditConfig(), *, progress: bool = True,
-             loaded: tuple[Any, VLMAdapter] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_edit(
+    config: EditConfig = EditConfig(), *, progress: bool = True, loaded: tuple[Any, VLMAdapter] | None = None
+) -> dict[str, Any]:
     """Edit the concept's top-K SOMP heads and matched random sets; see the module doc."""
     began = time.time()
-    session = Session(Path(config.store) if config.store else default_store(), config.model, config.device,
-                      config.dtype, loaded, progress)  # fmt: skip
+    session = Session(
+        Path(config.store) if config.store else default_store(),
+        config.model,
+        config.device,
+        config.dtype,
+        loaded,
+        progress,
+    )
     cache = ResultCache(Path(config.out) / "cache")
     scores = pursuit_scores(session, config, cache)
     top = top_heads(scores, config.k)
     n_heads = session.ds.sizes["head"]
     plan = [("unedited", "unedited", None, ()), (f"top-{config.k}", "top", None, top)]
-    plan += [(f"matched (seed {s})", "matched", s, random_matched(top, n_heads=n_heads, seed=s)) for s in config.seeds]
+    plan += [
+        (f"matched (seed {s})", "matched", s, random_matched(top, n_heads=n_heads, seed=s))
+        for s in config.seeds
+    ]
     directory, data, samples = caption_samples(config.dataset, config.split, config.images, progress)
-    results = [_captions(session, config, samples, data.fingerprint, heads, cache)
-               for *_, heads in tracked(plan, "captioning", show=progress, transient=True)]  # fmt: skip
+    results = [
+        _captions(session, config, samples, data.fingerprint, heads, cache)
+        for *_, heads in tracked(plan, "captioning", show=progress, transient=True)
+    ]
     base = _counts(results[0][0], samples, config)
-    entries = [_entry(name, kind, seed, heads, top, captions, samples, base, config, cached)
-               for (name, kind, seed, heads), (captions, cached) in zip(plan, results)]  # fmt: skip
+    entries = [
+        _entry(name, kind, seed, heads, top, captions, samples, base, config, cached)
+        for (name, kind, seed, heads), (captions, cached) in zip(plan, results)
+    ]
     ranked = top_heads(scores, min(2 * config.k, int(np.isfinite(scores.values).sum())))
-    ranking = sorted(({"layer": l, "head": h, "explained": float(scores.sel(layer=l, head=h))} for l, h in ranked),
-                     key=lambda r: -r["explained"])  # fmt: skip
+    ranking = sorted(
+        ({"layer": l, "head": h, "explained": float(scores.sel(layer=l, head=h))} for l, h in ranked),
+        key=lambda r: -r["explained"],
+    )
     report = {
-        "config": asdict(config), "model": session.model_name, "store": str(session.store), "dataset": str(directory),
-        "n_images": len(samples), "concept": config.concept if config.words is None else "words",
-        "words": list(config.concept_words), "control_words": list(config.control), "k": config.k,
-        "alpha": config.alpha, "seeds": list(config.seeds), "ranking": ranking, "setups": entries,
-        "summary": summarise(entries), "seconds": time.time() - began,
-    }  # fmt: skip
-    return write_report(report, Path(config.out) / "edit.json")
+        "config": asdict(config),
+        "model": session.model_name,
+        "store": str(session.store),
+        "dataset": str(directory),
+        "n_images": len(samples),
+        "concept": config.concept if config.words is None else "words",
+        "words": list(config.concept_words),
+        "control_words": list(config.control),
+        "k": config.k,
+        "alpha": config.alpha,
+        "seeds": list(config.seeds),
+        "ranking": ranking,
+        "setups": entries,
+        "summary": summarise(entries),
+        "seconds": time.time() - began,
+    }
+    return write_json(Path(config.out) / "edit.json", report)

@@ -33,7 +33,9 @@ def _se(values: np.ndarray) -> float:
 def _paired(values: Sequence[float], base: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(values, dtype=np.float64), np.asarray(base, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or not len(x):
-        raise ValueError(f"paired change: {x.shape} values against {y.shape} base values (same samples needed)")
+        raise ValueError(
+            f"paired change: {x.shape} values against {y.shape} base values (same samples needed)"
+        )
     return x, y
 
 
@@ -45,7 +47,9 @@ def summary(values: Sequence[float], transform: str = "identity") -> dict[str, f
     return {"mean": f(m), "se": slope(m) * _se(x), "n": len(x)}
 
 
-def paired_change(values: Sequence[float], base: Sequence[float], transform: str = "identity") -> dict[str, float]:
+def paired_change(
+    values: Sequence[float], base: Sequence[float], transform: str = "identity"
+) -> dict[str, float]:
     """``f(mean values) - f(mean base)`` over the same samples, with its paired standard error.
 
     >>> paired_change([1.0, 2.0, 3.0], [0.5, 1.5, 2.0])["mean"]
@@ -67,8 +71,12 @@ def paired_ratio(values: Sequence[float], base: Sequence[float]) -> dict[str, fl
     return {"mean": ratio, "se": _se((x - ratio * y) / my), "n": len(x)}
 
 
-def ratio_change(values: Sequence[float], counts: Sequence[float], base_values: Sequence[float],
-                 base_counts: Sequence[float]) -> dict[str, float]:  # fmt: skip
+def ratio_change(
+    values: Sequence[float],
+    counts: Sequence[float],
+    base_values: Sequence[float],
+    base_counts: Sequence[float],
+) -> dict[str, float]:
     """``sum values / sum counts`` minus the same of the base, over the same samples, with
     the paired delta-method SE (e.g. the share of a caption set's colour words that are
     right, edited minus unedited). NaN when either has no counts."""
@@ -82,8 +90,9 @@ def ratio_change(values: Sequence[float], counts: Sequence[float], base_values: 
     return {"mean": float(r1 - r0), "se": _se(terms), "n": len(x)}
 
 
-def seed_spread(changes: Sequence[float], probe: float | None = None, *,
-                centre: float = 0.0) -> dict[str, float | int | None]:  # fmt: skip
+def seed_spread(
+    changes: Sequence[float], probe: float | None = None, *, centre: float = 0.0
+) -> dict[str, float | int | None]:
     """Mean, sd, quartiles and range of per-seed changes; with ``probe``, the share of seeds
     whose change is at least as far from ``centre`` (no effect: 0 for a change, 1 for a
     ratio) as the probe's, in the probe's direction."""
@@ -92,9 +101,15 @@ def seed_spread(changes: Sequence[float], probe: float | None = None, *,
         raise ValueError("seed_spread: no seeds")
     q25, median, q75 = (float(v) for v in np.quantile(c, [0.25, 0.5, 0.75]))
     out: dict[str, float | int | None] = {
-        "mean": float(c.mean()), "sd": float(c.std(ddof=1)) if len(c) > 1 else float("nan"),
-        "median": median, "q25": q25, "q75": q75, "min": float(c.min()), "max": float(c.max()), "n_seeds": len(c),
-    }  # fmt: skip
+        "mean": float(c.mean()),
+        "sd": float(c.std(ddof=1)) if len(c) > 1 else float("nan"),
+        "median": median,
+        "q25": q25,
+        "q75": q75,
+        "min": float(c.min()),
+        "max": float(c.max()),
+        "n_seeds": len(c),
+    }
     if probe is not None and math.isfinite(probe):
         out["as_extreme"] = float(np.mean(c <= probe if probe < centre else c >= probe))
     return out

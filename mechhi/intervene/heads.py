@@ -43,10 +43,9 @@ import torch
 import xarray as xr
 from nnsight import NNsight
 
-from ..models import VLMAdapter
-from ..trace.sites import output_projections
-
-Head = tuple[int, int]  # (layer, head)
+from mechhi.models import VLMAdapter
+from mechhi.store.schema import Head
+from mechhi.trace.sites import output_projections
 
 # A stored edit loops over every occurrence of its sites (``tracer.all()``); nnsight says
 # so with a UserWarning when the run ends before a next occurrence, which is by design.
@@ -116,7 +115,9 @@ class HeadEditor:
         self.projections = output_projections(self.nn, adapter)
         width = int(self.projections[0]._module.in_features)  # heads * head_dim
         if width % adapter.n_heads:
-            raise ValueError(f"{adapter.family}: o_proj input width {width} is not a multiple of {adapter.n_heads} heads")
+            raise ValueError(
+                f"{adapter.family}: o_proj input width {width} is not a multiple of {adapter.n_heads} heads"
+            )
         self.head_dim = width // adapter.n_heads
 
     def _plan(self, edit: HeadEdit) -> dict[int, list[_Step]]:
@@ -126,16 +127,22 @@ class HeadEditor:
         if bad:
             raise ValueError(f"head edit: {bad} outside the model's {n_layers} layers x {n_heads} heads")
         plan: dict[int, list[_Step]] = {}
-        for (layer, head) in edit.heads:
+        for layer, head in edit.heads:
             columns = slice(head * self.head_dim, (head + 1) * self.head_dim)
             if (layer, head) in edit.scale:
                 step = _Step(columns, float(edit.scale[(layer, head)]), None)
             else:
-                weight = self.projections[layer]._module.weight  # the layer's own device (models split across GPUs)
-                vector = torch.as_tensor(np.asarray(edit.replace[(layer, head)]), dtype=weight.dtype, device=weight.device)
+                weight = self.projections[
+                    layer
+                ]._module.weight  # the layer's own device (models split across GPUs)
+                vector = torch.as_tensor(
+                    np.asarray(edit.replace[(layer, head)]), dtype=weight.dtype, device=weight.device
+                )
                 if vector.shape != (self.head_dim,):
-                    raise ValueError(f"head edit: replacement for {(layer, head)} has shape {tuple(vector.shape)}, "
-                                     f"expected ({self.head_dim},)")  # fmt: skip
+                    raise ValueError(
+                        f"head edit: replacement for {(layer, head)} has shape {tuple(vector.shape)}, "
+                        f"expected ({self.head_dim},)"
+                    )
                 step = _Step(columns, None, vector)
             plan.setdefault(layer, []).append(step)
         return plan

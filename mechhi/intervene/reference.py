@@ -23,13 +23,17 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..models import VLMAdapter
-from ..store import relative_depth
-from ..trace.sites import DecoderTracer, output_projections
+from mechhi.models import VLMAdapter
+from mechhi.store import relative_depth
+from mechhi.trace.sites import DecoderTracer, output_projections
 
 
 def head_means(
-    model: torch.nn.Module, adapter: VLMAdapter, samples: Sequence[Any], *, template: str = "caption",
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    samples: Sequence[Any],
+    *,
+    template: str = "caption",
     batch_size: int = 8,
 ) -> xr.DataArray:
     """(layer, head, head_dim) float32: each head's output averaged over every real token
@@ -42,20 +46,25 @@ def head_means(
     count = 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        batch = adapter.prepare([s.image(adapter) for s in chunk], [s.description for s in chunk],
-                                template=template)  # fmt: skip
+        batch = adapter.prepare(
+            [s.image(adapter) for s in chunk], [s.description for s in chunk], template=template
+        )
         batch = batch.to(tracer.device, tracer.dtype)
         real = batch.inputs["attention_mask"].to(torch.float64)[..., None]  # (B, T, 1)
         with torch.inference_mode(), tracer.nn.trace(**batch.inputs) as trace:
             sums = nnsight.save([])
             for projection in projections:
-                sums.append((projection.input.to(torch.float64) * real).sum((0, 1)).cpu())  # (heads * head_dim,)
+                sums.append(
+                    (projection.input.to(torch.float64) * real).sum((0, 1)).cpu()
+                )  # (heads * head_dim,)
             trace.stop()
         part = torch.stack(list(sums))  # (L, heads * head_dim)
         total = part if total is None else total + part
         count += int(real.sum())
     assert total is not None
-    values = (total / count).reshape(len(projections), adapter.n_heads, -1).float().numpy()  # (L, H, head_dim)
+    values = (
+        (total / count).reshape(len(projections), adapter.n_heads, -1).float().numpy()
+    )  # (L, H, head_dim)
     return xr.DataArray(
         values,
         dims=("layer", "head", "head_dim"),

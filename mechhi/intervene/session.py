@@ -7,25 +7,27 @@ first use.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import xarray as xr
 
-from ..models import VLMAdapter
-from .heads import Head, HeadEdit, HeadEditor
+from mechhi.devices import resolve_device, resolve_dtype
+from mechhi.intervene.heads import Head, HeadEdit, HeadEditor
+from mechhi.intervene.reference import head_means
+from mechhi.models import VLMAdapter
+from mechhi.models.loading import load
+from mechhi.scoring.probe_scores import store_samples, store_source
+from mechhi.store import open_store
+from mechhi.trace.trace_dataset import TraceConfig
 
 MODES = ("zero", "mean")
 
 
 def default_store() -> Path:
     """Where `mechhi trace` writes by default: the store every command reads by default."""
-    from ..trace.job import TraceConfig
-
     return TraceConfig().store_path()
 
 
@@ -42,8 +44,6 @@ class Session:
 
     @cached_property
     def ds(self) -> xr.Dataset:
-        from ..store import open_store
-
         if not self.store.exists():
             raise FileNotFoundError(f"no store at {self.store}: run `mechhi trace` first (or pass --store)")
         return open_store(self.store)
@@ -55,8 +55,6 @@ class Session:
     @property
     def numerics(self) -> str:
         """The dtype and device the model runs in, resolved without loading it (part of every cache key)."""
-        from ..models.loading import resolve_device, resolve_dtype
-
         device = resolve_device(self.device)
         return f"{resolve_dtype(self.dtype, device)}@{device.type}"
 
@@ -67,8 +65,6 @@ class Session:
         if self.loaded is not None:
             loaded = self.loaded
         else:
-            from ..models.loading import load
-
             loaded = load(self.model_name, device=self.device, dtype=self.dtype)
         check_shape(self.ds, self.store, self.model_name, loaded[1])
         return loaded
@@ -80,15 +76,17 @@ class Session:
     def store_fields(self) -> dict[str, Any]:
         """What identifies the store's content in a cache key."""
         attrs = self.ds.attrs
-        return {"store": str(self.store.resolve()), "created": attrs.get("created"), "dataset": attrs.get("dataset"),
-                "binarize": attrs.get("binarize"), "done": int(self.ds["done"].sum())}  # fmt: skip
+        return {
+            "store": str(self.store.resolve()),
+            "created": attrs.get("created"),
+            "dataset": attrs.get("dataset"),
+            "binarize": attrs.get("binarize"),
+            "done": int(self.ds["done"].sum()),
+        }
 
     @cached_property
     def reference_means(self) -> xr.DataArray:
         """Each head's mean output over the store's own samples (mean ablation's reference)."""
-        from ..trace.probe_scores import store_samples, store_source
-        from .reference import head_means
-
         model, adapter = self.model
         return head_means(model, adapter, store_samples(self.ds, adapter), template=store_source(self.ds)[2])
 
@@ -96,8 +94,11 @@ class Session:
         """What the mean-ablation reference depends on (nothing for zero ablation)."""
         if mode != "mean":
             return {}
-        return {"reference": self.ds.attrs.get("dataset"), "template": self.ds.attrs.get("prompt_template"),
-                "reference_samples": self.ds.sizes["sample"]}  # fmt: skip
+        return {
+            "reference": self.ds.attrs.get("dataset"),
+            "template": self.ds.attrs.get("prompt_template"),
+            "reference_samples": self.ds.sizes["sample"],
+        }
 
     def ablation(self, heads: tuple[Head, ...], mode: str) -> HeadEdit:
         """``heads`` zeroed or replaced by their reference means."""
@@ -113,32 +114,8 @@ def check_shape(ds: xr.Dataset, store: Path, model_name: str, adapter: VLMAdapte
     stored = (ds.sizes["layer"], ds.sizes["head"])
     model = (adapter.n_layers, adapter.n_heads)
     if stored != model:
-        raise ValueError(f"the store {store} and the model {model_name} disagree: the store has {stored[0]} "
-                         f"layers x {stored[1]} heads ({ds.attrs.get('model')}), the model {model[0]} x {model[1]}; "
-                         "pass the store's model, or trace a store with this one")  # fmt: skip
-
-
-def json_ready(value: Any) -> Any:
-    """``value`` with NaN as None and tuples as lists, so any JSON reader takes it."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return None if math.isnan(value) else value
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
-
-
-def write_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Write the job's result as JSON; returns it JSON-ready (NaN as None)."""
-    import json
-
-    from ..store import json_default
-
-    ready = json_ready(report)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ready, indent=1, default=json_default) + "\n")
-    return ready
-
+        raise ValueError(
+            f"the store {store} and the model {model_name} disagree: the store has {stored[0]} "
+            f"layers x {stored[1]} heads ({ds.attrs.get('model')}), the model {model[0]} x {model[1]}; "
+            "pass the store's model, or trace a store with this one"
+        )

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._common import TEMPLATE_NAMES, AdapterError, PreparedBatch, SampleLayout, VisualView, VLMAdapter
-from .gemma3 import Gemma3Adapter
-from .idefics3 import Idefics3Adapter
-from .llava import LlavaAdapter
-from .paligemma import PaliGemmaAdapter
-from .qwen2_vl import Qwen2VLAdapter
+from mechhi.models._common import (
+    TEMPLATE_NAMES,
+    AdapterError,
+    PreparedBatch,
+    SampleLayout,
+    VisualView,
+    VLMAdapter,
+)
+from mechhi.models.gemma3 import Gemma3Adapter
+from mechhi.models.idefics3 import Idefics3Adapter
+from mechhi.models.llava import LlavaAdapter
+from mechhi.models.paligemma import PaliGemmaAdapter
+from mechhi.models.qwen2_vl import Qwen2VLAdapter
 
 FAMILIES: list[type[VLMAdapter]] = [
     Qwen2VLAdapter,
@@ -47,6 +54,14 @@ def family_named(name: str) -> type[VLMAdapter]:
 
 
 __all__ = [
-    "FAMILIES", "TEMPLATE_NAMES", "AdapterError", "PreparedBatch", "SampleLayout", "VisualView", "VLMAdapter",
-    "adapter_class", "adapter_for", "family_named",
-]  # fmt: skip
+    "FAMILIES",
+    "TEMPLATE_NAMES",
+    "AdapterError",
+    "PreparedBatch",
+    "SampleLayout",
+    "VLMAdapter",
+    "VisualView",
+    "adapter_class",
+    "adapter_for",
+    "family_named",
+]

@@ -21,14 +21,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..data.format import displayed_size
+from mechhi.data.format import displayed_size
 
 
 class AdapterError(ValueError):
@@ -134,9 +133,7 @@ class RenderedPrompt:
 # the same names. "vqa" needs the field ``options`` (the "A) ... B) ..." line).
 CHAT_TEMPLATES: dict[str, PromptTemplate] = {
     "caption": PromptTemplate("What is this photo?", "This is a photo of {answer}."),
-    "vqa": PromptTemplate(
-        "What is shown in this photo?\nChoose one of the options:\n{options}", "{answer}."
-    ),
+    "vqa": PromptTemplate("What is shown in this photo?\nChoose one of the options:\n{options}", "{answer}."),
 }
 TEMPLATE_NAMES: tuple[str, ...] = tuple(CHAT_TEMPLATES)
 GRID_PROBE_ANSWER = "object"  # any answer: grids do not depend on the text
@@ -213,9 +210,9 @@ def locate_last(sequence: np.ndarray, pattern: Sequence[int], valid: np.ndarray)
     n = len(pattern)
     candidates = np.flatnonzero(valid)
     for start in candidates[::-1]:
-        if start + n <= len(sequence) and valid[start : start + n].all():
-            if np.array_equal(sequence[start : start + n], pattern):
-                return np.arange(start, start + n)
+        window = slice(start, start + n)
+        if start + n <= len(sequence) and valid[window].all() and np.array_equal(sequence[window], pattern):
+            return np.arange(start, start + n)
     raise AdapterError("the answer tokens were not found in the processed sequence")
 
 
@@ -237,7 +234,6 @@ class VLMAdapter:
     templates: ClassVar[dict[str, PromptTemplate]] = CHAT_TEMPLATES
     image_token_attr: ClassVar[str] = "image_token_id"  # attribute of the config
     variable_image_size: ClassVar[bool] = True  # False: the processor makes every image one size
-    tiny_cases: ClassVar[dict[str, dict[str, Any]]] = {}  # test variants: build_tiny kwargs
     padding_side: ClassVar[str | None] = None  # force "left"/"right" where the model needs it
 
     def __init__(self, config: Any, processor: Any) -> None:
@@ -348,7 +344,11 @@ class VLMAdapter:
         if self.padding_side is not None:
             kwargs["padding_side"] = self.padding_side
         out = self.processor(
-            text=texts, images=[[im.convert("RGB")] for im in images], padding=True, return_tensors="pt", **kwargs
+            text=texts,
+            images=[[im.convert("RGB")] for im in images],
+            padding=True,
+            return_tensors="pt",
+            **kwargs,
         )
         return {k: v for k, v in out.items() if k in self.model_input_names()}
 
@@ -411,9 +411,3 @@ class VLMAdapter:
             if small[0] >= target[0] and small[1] >= target[1] and self.grid_sizes(small) == grids:
                 return factor
         return 1
-
-    # -- tiny models for tests --------------------------------------------------------
-    @classmethod
-    def build_tiny(cls, directory: Path | None = None, **overrides: Any) -> tuple[Any, Any]:
-        """A tiny random-weight model of the real class and an offline processor."""
-        raise NotImplementedError

@@ -13,10 +13,39 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-BASE_WORDS = (
-    "user assistant system what is this photo a an the of choose one options shown in "
-    "describe answer en A B C D . , ? ! : ) ( This"
-).split()
+BASE_WORDS = [
+    "user",
+    "assistant",
+    "system",
+    "what",
+    "is",
+    "this",
+    "photo",
+    "a",
+    "an",
+    "the",
+    "of",
+    "choose",
+    "one",
+    "options",
+    "shown",
+    "in",
+    "describe",
+    "answer",
+    "en",
+    "A",
+    "B",
+    "C",
+    "D",
+    ".",
+    ",",
+    "?",
+    "!",
+    ":",
+    ")",
+    "(",
+    "This",
+]
 
 
 def word_level_tokenizer(

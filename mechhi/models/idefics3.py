@@ -40,28 +40,14 @@ set is therefore fixed per processor, as a store needs: `view_names` says which.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._common import AdapterError, VisualView, VLMAdapter
-from ._tokenizer import word_level_tokenizer
+from mechhi.models._common import AdapterError, VisualView, VLMAdapter
 
-FAKE_TOKEN = "<fake_token_around_image>"
-IMAGE_TOKEN = "<image>"
 GLOBAL_TOKEN = "<global-img>"
-END_OF_UTTERANCE = "<end_of_utterance>"
 MAX_TILES_PER_SIDE = 6  # the processors register <row_r_col_c> for r, c <= 6
-
-# SmolVLM's chat template (its image-only form): "User:<image>...<end_of_utterance>\nAssistant: ..."
-CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 
 
 def tile_marker(row: int, col: int) -> str:
@@ -74,12 +60,6 @@ class Idefics3Adapter(VLMAdapter):
     model_types = ("idefics3", "smolvlm")
     decoder_layers = "model.text_model.layers"
     vision_tower = "model.vision_model"
-    tiny_cases = {
-        "tiles": {},  # GQA, 2x2 / 1x2 tiles of 3x3 tokens
-        "mha": {"kv_heads": 4, "scale_factor": 3},  # 2x2 tokens per tile
-        "unsplit": {"split": False},  # only the global image
-        "smolvlm": {"smolvlm": True},  # SmolVLM model class, same layout
-    }
 
     def __init__(self, config: Any, processor: Any) -> None:
         super().__init__(config, processor)
@@ -173,85 +153,3 @@ class Idefics3Adapter(VLMAdapter):
         for (r, c), chunk in zip(places, tiles):
             mosaic[r, c] = chunk.reshape(k, k)  # row-major inside the tile
         return mosaic.transpose(0, 2, 1, 3).reshape(n_rows * k, n_cols * k)  # (R, k, C, k) -> rows, cols
-
-    # -- tiny models for tests --------------------------------------------------------
-    @classmethod
-    def build_tiny(
-        cls,
-        directory: Path | None = None,
-        *,
-        words: list[str] | None = None,
-        layers: int = 2,
-        heads: int = 4,
-        kv_heads: int = 2,
-        head_dim: int = 16,
-        vision_depth: int = 1,
-        patch_size: int = 14,
-        tile_patches: int = 6,
-        scale_factor: int = 2,
-        tiles_per_side: int = 2,
-        split: bool = True,
-        smolvlm: bool = False,
-        intermediate: int | None = None,
-        vocab_size: int | None = None,
-    ) -> tuple[Any, Any]:
-        """Tiny random Idefics3 (or SmolVLM) model with a processor that tiles images.
-
-        A tile is ``tile_patches`` x ``tile_patches`` patches (84 px by default); the
-        longest edge is resized to ``tiles_per_side`` tiles, so a square image becomes
-        2 x 2 tiles and a wide one 1 x 2. ``intermediate`` (default 4 x hidden) and
-        ``vocab_size`` (default: the tokenizer's size; larger leaves unused rows) let a
-        benchmark give the text model a real checkpoint's dimensions.
-        """
-        from transformers import Idefics3ImageProcessor, Idefics3Processor
-
-        if tile_patches % scale_factor:
-            raise AdapterError(
-                f"tile_patches={tile_patches} is not a multiple of scale_factor={scale_factor}"
-            )
-        tile = tile_patches * patch_size
-        side = max(MAX_TILES_PER_SIDE, tiles_per_side)
-        markers = [tile_marker(r, c) for r in range(side) for c in range(side)]
-        tokenizer = word_level_tokenizer(
-            [*(words or []), "User", "Assistant", "What"],
-            ["<|im_start|>", END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, GLOBAL_TOKEN, *markers],
-            eos_token=END_OF_UTTERANCE, bos_token="<|im_start|>",
-            extra={"image_token": IMAGE_TOKEN, "fake_image_token": FAKE_TOKEN,
-                   "global_image_token": GLOBAL_TOKEN, "end_of_utterance_token": END_OF_UTTERANCE},
-        )  # fmt: skip
-        image_processor = Idefics3ImageProcessor(
-            size={"longest_edge": tile * tiles_per_side},
-            max_image_size={"longest_edge": tile},
-            do_image_splitting=split,
-        )
-        processor = Idefics3Processor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            image_seq_len=(tile_patches // scale_factor) ** 2,
-            chat_template=CHAT_TEMPLATE,
-        )
-        ids = tokenizer.convert_tokens_to_ids
-        text = dict(
-            model_type="llama", vocab_size=max(len(tokenizer), vocab_size or 0), hidden_size=heads * head_dim,
-            intermediate_size=intermediate or 4 * heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=kv_heads, head_dim=head_dim, pad_token_id=ids("<pad>"),
-            bos_token_id=ids("<|im_start|>"), eos_token_id=ids(END_OF_UTTERANCE),
-        )  # fmt: skip
-        vision = dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=2,
-            image_size=tile, patch_size=patch_size,
-        )  # fmt: skip
-        if smolvlm:
-            from transformers import SmolVLMConfig as Config
-            from transformers import SmolVLMForConditionalGeneration as Model
-        else:
-            from transformers import Idefics3Config as Config
-            from transformers import Idefics3ForConditionalGeneration as Model
-        config = Config(
-            text_config=text, vision_config=vision, scale_factor=scale_factor, image_token_id=ids(IMAGE_TOKEN)
-        )
-        model = Model(config).eval()
-        if directory is not None:
-            model.save_pretrained(directory)
-            processor.save_pretrained(directory)
-        return model, processor

@@ -13,22 +13,9 @@ config, so an object mask is carried onto exactly the pixels the patches saw.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from ._common import AdapterError, VisualView, VLMAdapter
-from ._tokenizer import word_level_tokenizer
-
-SPECIAL_TOKENS = ["<s>", "</s>", "<image>"]
-ROLE_WORDS = ["USER", "ASSISTANT", "What"]  # BASE_WORDS has only lower-case "what"
-
-# LLaVA-1.5's conversation format: "USER: <image>\n{question} ASSISTANT: {answer}</s>".
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% if m['role'] == 'assistant' %}</s>{% else %} {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+from mechhi.models._common import AdapterError, VisualView, VLMAdapter
 
 Box = tuple[float, float, float, float]
 
@@ -97,7 +84,6 @@ def crop_box(image_size: tuple[int, int], image_processor: Any) -> Box:
 class LlavaAdapter(VLMAdapter):
     family = "llava"
     model_types = ("llava",)
-    tiny_cases = {"gqa": {}, "mha": {"kv_heads": 4}}
 
     def visual_views(self, inputs: dict, index: int, image_size: tuple[int, int]) -> list[VisualView]:
         patch = int(self.config.vision_config.patch_size)
@@ -117,75 +103,3 @@ class LlavaAdapter(VLMAdapter):
             )
         box = crop_box(image_size, self.processor.image_processor)
         return [VisualView("image", positions, (rows, cols), box)]
-
-    @classmethod
-    def build_tiny(
-        cls,
-        directory: Path | None = None,
-        *,
-        words: list[str] | None = None,
-        layers: int = 2,
-        heads: int = 4,
-        kv_heads: int = 2,
-        head_dim: int = 16,
-        patch: int = 14,
-        crop: int = 56,
-        shortest_edge: int = 70,
-        vision_layers: int = 2,
-        intermediate: int | None = None,
-        vocab_size: int | None = None,
-    ) -> tuple[Any, Any]:
-        """Tiny LLaVA: ``vision_layers``-layer CLIP on a ``crop`` px centre crop, tiny Llama decoder.
-
-        ``intermediate`` (default 4 x hidden) and ``vocab_size`` (default: the tokenizer's
-        size; larger leaves unused rows) let a benchmark give the decoder a real model's
-        dimensions.
-
-        ``shortest_edge`` > ``crop`` makes the crop cut into the short side too, so the
-        crop box is a strict sub-rectangle of every image.
-        """
-        from transformers import (
-            CLIPImageProcessor,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-            LlavaProcessor,
-        )
-
-        if crop % patch:
-            raise AdapterError(f"llava: crop {crop} is not a multiple of patch {patch}")
-        tokenizer = word_level_tokenizer(
-            [*ROLE_WORDS, *(words or [])], SPECIAL_TOKENS, eos_token="</s>", bos_token="<s>",
-            extra={"image_token": "<image>"},
-        )  # fmt: skip
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": shortest_edge}, crop_size={"height": crop, "width": crop}
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
-            chat_template=CHAT_TEMPLATE,
-        )  # fmt: skip
-        ids = tokenizer.convert_tokens_to_ids
-        # initializer_range 0.2 (Llama's 0.02 gives near-uniform attention in a 64-wide
-        # model, which would let a wrong token order pass the equivalence tests).
-        text = dict(
-            model_type="llama", vocab_size=max(len(tokenizer), vocab_size or 0), hidden_size=heads * head_dim,
-            intermediate_size=intermediate or 4 * heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=kv_heads, head_dim=head_dim, initializer_range=0.2,
-            pad_token_id=ids("<pad>"), eos_token_id=ids("</s>"), bos_token_id=ids("<s>"),
-        )  # fmt: skip
-        vision = dict(
-            model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-            num_hidden_layers=vision_layers, num_attention_heads=2, image_size=crop, patch_size=patch,
-            projection_dim=32,
-        )  # fmt: skip
-        config = LlavaConfig(
-            text_config=text, vision_config=vision, image_token_index=ids("<image>"),
-            image_seq_length=(crop // patch) ** 2, vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-        )  # fmt: skip
-        model = LlavaForConditionalGeneration(config).eval()
-        if directory is not None:
-            model.save_pretrained(directory)
-            processor.save_pretrained(directory)
-        return model, processor

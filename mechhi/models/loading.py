@@ -17,49 +17,18 @@ from typing import Any
 
 import torch
 
-from ..bundled import local_path, recorded_name
-from . import adapter_class
-from ._common import AdapterError, VLMAdapter
+from mechhi.bundled import local_path, recorded_name
+from mechhi.devices import resolve_device, resolve_dtype
+from mechhi.models import adapter_class
+from mechhi.models._common import AdapterError, VLMAdapter
+from mechhi.models.zoo import CATALOG, default_out, provenance_hash, read_provenance
 
-DEVICE_TYPES = ("cpu", "cuda", "mps")
 # accelerate's placement strategies over every visible device (and CPU memory past them)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # Local weights up to this size are hashed whole; larger ones by name, size and their
 # first and last MiB (a 16 GB checkpoint is not read on every run).
 FULL_HASH_BYTES = 2**30
 VERSIONED = ("mechhi", "torch", "transformers", "nnsight")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto``: CUDA if available, else CPU; otherwise cpu, cuda, cuda:N or mps, checked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        parsed = None
-    if parsed is None or parsed.type not in DEVICE_TYPES:
-        raise AdapterError(f"unknown --device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise AdapterError(f"--device {device} asked for, but no CUDA device is available")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise AdapterError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise AdapterError(f"--device {device} asked for, but MPS is not available")
-    return parsed
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 where the GPU supports it, else float32 (CPU bf16 is slow and lossy)."""
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise AdapterError(f"unknown dtype {dtype!r}; choose auto, {', '.join(table)}")
-    return table[dtype]
 
 
 def load(
@@ -116,7 +85,9 @@ def _family_config_processor(model_id: str | Path, revision: str | None) -> tupl
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as error:
         hint = "" if Path(source).exists() else " (not a local directory; hub downloads need network access)"
-        raise AdapterError(f"cannot load model config from {str(model_id)!r}{hint}: {error}".splitlines()[0]) from None
+        raise AdapterError(
+            f"cannot load model config from {str(model_id)!r}{hint}: {error}".splitlines()[0]
+        ) from None
     return adapter_class(config), config, AutoProcessor.from_pretrained(source, revision=revision)
 
 
@@ -124,8 +95,6 @@ def resolve_model(model_id: str | Path) -> str:
     """Where a model name points: the bundled toy's folder, a zoo catalog name's built
     folder (``mechhi zoo build NAME``; a local folder of that name wins), else the id or
     path unchanged. A zoo name that is not built yet fails with the command that builds it."""
-    from .zoo import CATALOG, default_out, read_provenance
-
     source = local_path(model_id)
     name = str(model_id)
     if name in CATALOG and not Path(source).exists():
@@ -141,8 +110,10 @@ def check_device_map(device_map: str | dict, device: str) -> None:
     if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
         raise AdapterError(f"unknown --device-map {device_map!r}; choose {', '.join(DEVICE_MAPS)}")
     if device != "auto":
-        raise AdapterError(f"--device-map {device_map if isinstance(device_map, str) else 'dict'} places the model "
-                           f"on its devices itself; drop --device {device}")  # fmt: skip
+        raise AdapterError(
+            f"--device-map {device_map if isinstance(device_map, str) else 'dict'} places the model "
+            f"on its devices itself; drop --device {device}"
+        )
 
 
 def input_device(model: Any) -> torch.device:
@@ -161,11 +132,10 @@ def provenance(model_id: str | Path, model: Any) -> dict[str, Any]:
     the hub commit the files came from, else a hash of a local directory's weights
     (``sha256:...`` of the whole files, ``sha256-sampled:...`` of large ones, see
     `weights_fingerprint`); for a zoo build, ``zoo-build:sha256:...`` of its provenance.json
-    (which holds the weight files' SHA-256 and every source); else ""; ``attn_implementation``: what the model runs with
+    (which holds the weight files' SHA-256 and every source); else "";
+    ``attn_implementation``: what the model runs with
     (sdpa, eager, flash_attention_2, ...); ``versions``: mechhi, torch, transformers, nnsight.
     """
-    from .zoo import provenance_hash, read_provenance
-
     commit = getattr(model.config, "_commit_hash", None)
     directory = Path(resolve_model(model_id))
     if directory.is_dir() and read_provenance(directory) is not None:
@@ -199,8 +169,11 @@ def weights_fingerprint(directory: Path) -> str:
     that each file's name, size and first and last MiB (``sha256-sampled:<hex>``), which
     tells checkpoints apart in practice without reading gigabytes on every run.
     """
-    files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json"))  # fmt: skip
+    files = sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    )
     whole = sum(p.stat().st_size for p in files) <= FULL_HASH_BYTES
     digest = hashlib.sha256()
     for path in files:

@@ -21,14 +21,8 @@ of that from the attention call's keywords, so one adapter serves both.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from mechhi.models._common import AdapterError, PromptTemplate, RenderedPrompt, VisualView, VLMAdapter
 
-
-from ._common import AdapterError, PromptTemplate, RenderedPrompt, VisualView, VLMAdapter
-from ._tokenizer import word_level_tokenizer
-
-SPECIAL_TOKENS = ["<bos>", "<eos>", "<image>"]
 SEPARATOR = "\n"  # the processor ends the prefix with it; Gemma's vocabulary has it as a token
 
 # The paper's Appendix, PaliGemma format: the task prefix ("en" = in English) is the
@@ -48,15 +42,6 @@ class PaliGemmaAdapter(VLMAdapter):
     # The model numbers positions 1..T whatever the padding, so right padding gives every
     # sample the positions it has alone.
     padding_side = "right"
-    tiny_cases = {
-        "gemma": {"kv_heads": 1},  # PaliGemma 1 3B is multi-query (8 heads, 1 kv head)
-        "gemma-mha": {"kv_heads": 4},
-        # Gemma 2 has no SDPA path (softcap): by default its decoder falls back to eager
-        # while the top config still says "sdpa", and set_attn_implementation("sdpa")
-        # then raises. Asking for eager up front, as HF's own error message advises,
-        # keeps the config consistent.
-        "gemma2": {"gemma2": True, "kv_heads": 2, "init_std": 0.1, "attn_implementation": "eager"},
-    }
 
     # -- prompts ----------------------------------------------------------------------
     def render(self, template: str, answer: str, **fields: str) -> RenderedPrompt:
@@ -106,93 +91,3 @@ class PaliGemmaAdapter(VLMAdapter):
         width, height = image_size
         positions = self.image_token_positions(inputs, index)
         return [VisualView("image", positions, self.grid, (0.0, 0.0, float(width), float(height)))]
-
-    # -- tiny models for tests --------------------------------------------------------
-    @classmethod
-    def build_tiny(
-        cls,
-        directory: Path | None = None,
-        *,
-        words: list[str] | None = None,
-        layers: int = 2,
-        heads: int = 4,
-        kv_heads: int = 1,
-        head_dim: int = 16,
-        image_size: int = 56,
-        patch_size: int = 14,
-        vision_layers: int = 1,
-        gemma2: bool = False,
-        attn_logit_softcapping: float = 5.0,
-        query_pre_attn_scalar: int = 24,
-        sliding_window: int = 12,
-        init_std: float = 0.02,
-        attn_implementation: str | None = None,
-        hidden: int | None = None,
-        intermediate: int | None = None,
-        vocab_size: int | None = None,
-    ) -> tuple[Any, Any]:
-        """A tiny random PaliGemma (``gemma2=False``) or PaliGemma 2 and its processor.
-
-        The Gemma 2 settings are chosen to bite on random weights: ``query_pre_attn_scalar``
-        differs from ``head_dim`` so the scaling is not 1/sqrt(head_dim), a 12-token window
-        on the sliding layers hides part of the 16 image tokens from the description rows,
-        and a softcap of 5 clips the logits once ``init_std`` (the weights' init std) is
-        large enough to make logits of that size: at HF's 0.02 they stay near 0.02 and
-        the tanh is the identity to 1e-7.
-
-        ``hidden`` (default heads x head_dim; Gemma 2 2B has 2304 for 8 x 256),
-        ``intermediate`` (default 2 x hidden) and ``vocab_size`` (default: the tokenizer's
-        size; larger leaves unused rows) let a benchmark give the text model a real
-        checkpoint's dimensions.
-        """
-        from transformers import (
-            AddedToken,
-            PaliGemmaConfig,
-            PaliGemmaForConditionalGeneration,
-            PaliGemmaProcessor,
-            SiglipImageProcessor,
-        )
-
-        tokenizer = word_level_tokenizer(
-            words or [], SPECIAL_TOKENS, bos_token="<bos>", eos_token="<eos>",
-            extra={"image_token": "<image>"},
-        )  # fmt: skip
-        tokenizer.add_tokens([AddedToken(SEPARATOR, normalized=False)])
-        grid = image_size // patch_size
-        image_processor = SiglipImageProcessor(
-            size={"height": image_size, "width": image_size}, image_seq_length=grid * grid,
-            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-        )  # fmt: skip
-        # The processor adds the 1024 <loc> and 128 <seg> tokens: size the vocabulary after it.
-        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-        hidden = hidden or heads * head_dim
-        vocab = max(len(tokenizer), vocab_size or 0)
-        text: dict[str, Any] = dict(
-            model_type="gemma2" if gemma2 else "gemma", vocab_size=vocab, hidden_size=hidden,
-            intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=kv_heads, head_dim=head_dim, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            initializer_range=init_std,
-        )  # fmt: skip
-        if gemma2:
-            text.update(
-                attn_logit_softcapping=attn_logit_softcapping, final_logit_softcapping=30.0,
-                query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=sliding_window,
-            )  # fmt: skip
-        vision = dict(
-            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-            num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
-            patch_size=patch_size, vision_use_head=False,
-        )  # fmt: skip
-        config = PaliGemmaConfig(
-            text_config=text, vision_config=vision, image_token_index=tokenizer.image_token_id,
-            projection_dim=hidden, hidden_size=hidden, vocab_size=vocab,
-        )  # fmt: skip
-        if attn_implementation is not None:
-            config._attn_implementation = attn_implementation
-        model = PaliGemmaForConditionalGeneration(config).eval()
-        if directory is not None:
-            model.save_pretrained(directory)
-            processor.save_pretrained(directory)
-        return model, processor
-

@@ -8,31 +8,13 @@ so the token grid spans the original image box.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-
-from ._common import AdapterError, VisualView, VLMAdapter
-from ._tokenizer import word_level_tokenizer
-
-SPECIAL_TOKENS = [
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from mechhi.models._common import AdapterError, VisualView, VLMAdapter
 
 
 class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2-vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     vision_tower = "model.visual"
-    tiny_cases = {"gqa": {}, "mha": {"kv_heads": 4}, "qwen2.5": {"qwen25": True}}
 
     def visual_views(self, inputs: dict, index: int, image_size: tuple[int, int]) -> list[VisualView]:
         # One image per sample, so sample i owns row i of image_grid_thw.
@@ -65,84 +47,11 @@ class Qwen2VLAdapter(VLMAdapter):
         patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
         size = image_processor.size
         width, height = image_size
-        resized_h, resized_w = smart_resize(int(height), int(width), factor=patch * merge,
-                                            min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])  # fmt: skip
+        resized_h, resized_w = smart_resize(
+            int(height),
+            int(width),
+            factor=patch * merge,
+            min_pixels=size["shortest_edge"],
+            max_pixels=size["longest_edge"],
+        )
         return resized_w, resized_h
-
-    @classmethod
-    def build_tiny(
-        cls,
-        directory: Path | None = None,
-        *,
-        words: list[str] | None = None,
-        layers: int = 2,
-        heads: int = 4,
-        kv_heads: int = 2,
-        head_dim: int = 16,
-        vision_depth: int = 1,
-        vision_width: int = 32,
-        max_pixels: int = 28 * 28 * 64,
-        init_std: float = 0.02,
-        qwen25: bool = False,
-        intermediate: int | None = None,
-        vocab_size: int | None = None,
-    ) -> tuple[Any, Any]:
-        """A tiny random Qwen2-VL (or Qwen2.5-VL) and its processor.
-
-        ``intermediate`` (default 4 x hidden) and ``vocab_size`` (default: the word-level
-        tokenizer's size; larger leaves unused rows) let a benchmark give the text model
-        a real checkpoint's dimensions.
-        """
-        from transformers import (
-            Qwen2VLImageProcessor,
-            Qwen2VLProcessor,
-            Qwen2VLVideoProcessor,
-        )
-
-        tokenizer = word_level_tokenizer(
-            words or [], SPECIAL_TOKENS, eos_token="<|im_end|>",
-            extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        )  # fmt: skip
-        size = {"shortest_edge": 28 * 28 * 4, "longest_edge": max_pixels}
-        processor = Qwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessor(size=size),
-            tokenizer=tokenizer,
-            video_processor=Qwen2VLVideoProcessor(),
-            chat_template=CHAT_TEMPLATE,
-        )
-        ids = tokenizer.convert_tokens_to_ids
-        quarter = head_dim // 4  # mrope sections (t, h, w) must sum to head_dim / 2
-        text = dict(
-            vocab_size=max(len(tokenizer), vocab_size or 0), hidden_size=heads * head_dim,
-            intermediate_size=intermediate or 4 * heads * head_dim,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
-            pad_token_id=ids("<pad>"), eos_token_id=ids("<|im_end|>"), bos_token_id=ids("<|endoftext|>"),
-            initializer_range=init_std,
-        )  # fmt: skip
-        vision = dict(
-            depth=vision_depth, hidden_size=vision_width, num_heads=2, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, in_channels=3, initializer_range=init_std,
-        )  # fmt: skip
-        special = dict(
-            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        )  # fmt: skip
-        if qwen25:
-            from transformers import Qwen2_5_VLConfig as Config
-            from transformers import Qwen2_5_VLForConditionalGeneration as Model
-
-            vision.update(intermediate_size=2 * vision_width, out_hidden_size=heads * head_dim, fullatt_block_indexes=[0],
-                          window_size=56)  # fmt: skip
-        else:
-            from transformers import Qwen2VLConfig as Config
-            from transformers import Qwen2VLForConditionalGeneration as Model
-
-            vision.update(embed_dim=vision_width, mlp_ratio=2, hidden_size=heads * head_dim)
-        config = Config(text_config=text, vision_config=vision, **special)
-        model = Model(config).eval()
-        if directory is not None:
-            model.save_pretrained(directory)
-            processor.save_pretrained(directory)
-        return model, processor

@@ -10,9 +10,16 @@ from typing import Any
 
 import torch
 
-from ..toyworld.card import head_impact_summary, measure
-from ..toyworld.model import HELD_OUT_SEED, ToyConfig
-from .projector import CONFIG_FILE, LOG_FILE, PROJECTOR_FILE, ProjectorConfig, use_crop
+from mechhi.models.loading import load
+from mechhi.models.toy import HELD_OUT_SEED, ToyConfig
+from mechhi.pretrained_recipe.projector import (
+    CONFIG_FILE,
+    LOG_FILE,
+    PROJECTOR_FILE,
+    ProjectorConfig,
+    use_crop,
+)
+from mechhi.toyworld.card import head_impact_summary, measure
 
 CHANCE_VQA = 0.25  # four options
 
@@ -25,16 +32,21 @@ def text_only_check(model: Any, adapter: Any, prompt: str) -> tuple[str, torch.T
     return adapter.tokenizer.decode([int(logits.argmax())]), logits
 
 
-def measure_projector(model_dir: Path, projector_dir: Path, *, trained: bool, n_images: int = 40,
-                      hi_images: int = 8, prompt: str = "The capital of France is") -> dict:  # fmt: skip
+def measure_projector(
+    model_dir: Path,
+    projector_dir: Path,
+    *,
+    trained: bool,
+    n_images: int = 40,
+    hi_images: int = 8,
+    prompt: str = "The capital of France is",
+) -> dict:
     """One side of the card: the model in ``model_dir`` with its own (untrained) projector,
     or with the one trained in ``projector_dir``; quality, Head Impact and the text-only
     check (its logits kept as a list, so the two sides can be compared later)."""
     import tempfile
 
     from safetensors.torch import load_file
-
-    from ..models.loading import load
 
     model, adapter = load(model_dir, device="cpu", dtype="float32")
     config = ProjectorConfig.read(Path(projector_dir) / CONFIG_FILE)
@@ -45,8 +57,13 @@ def measure_projector(model_dir: Path, projector_dir: Path, *, trained: bool, n_
     name = "trained" if trained else "untrained"
     with tempfile.TemporaryDirectory() as tmp:
         hi = head_impact_summary(model, adapter, Path(tmp), n_images=hi_images, name=name)
-    return {"quality": measure(model, adapter, n_images=n_images, config=ToyConfig()), "head_impact": hi,
-            "next_token": word, "logits": logits.tolist(), "prompt": prompt}  # fmt: skip
+    return {
+        "quality": measure(model, adapter, n_images=n_images, config=ToyConfig()),
+        "head_impact": hi,
+        "next_token": word,
+        "logits": logits.tolist(),
+        "prompt": prompt,
+    }
 
 
 def combine(trained: dict, untrained: dict, projector_dir: Path, *, n_images: int, hi_images: int) -> dict:
@@ -57,22 +74,37 @@ def combine(trained: dict, untrained: dict, projector_dir: Path, *, n_images: in
     from safetensors.torch import load_file
 
     return {
-        "trained": trained["quality"], "untrained": untrained["quality"],
-        "head_impact_trained": trained["head_impact"], "head_impact_untrained": untrained["head_impact"],
-        "text_only": {"prompt": trained["prompt"], "trained_next_token": trained["next_token"],
-                      "untrained_next_token": untrained["next_token"], "max_abs_logit_difference": float(difference)},
-        "training": {"config": json.loads((Path(projector_dir) / CONFIG_FILE).read_text()),
-                     "steps_done": log[-1]["step"], "steps_planned": config.steps,
-                     "minutes": round(log[-1]["seconds"] / 60, 1)},
+        "trained": trained["quality"],
+        "untrained": untrained["quality"],
+        "head_impact_trained": trained["head_impact"],
+        "head_impact_untrained": untrained["head_impact"],
+        "text_only": {
+            "prompt": trained["prompt"],
+            "trained_next_token": trained["next_token"],
+            "untrained_next_token": untrained["next_token"],
+            "max_abs_logit_difference": float(difference),
+        },
+        "training": {
+            "config": json.loads((Path(projector_dir) / CONFIG_FILE).read_text()),
+            "steps_done": log[-1]["step"],
+            "steps_planned": config.steps,
+            "minutes": round(log[-1]["seconds"] / 60, 1),
+        },
         "held_out": {"seed": HELD_OUT_SEED, "images": n_images, "hi_images": hi_images},
-        "trained_parameters": sum(v.numel() for v in load_file(Path(projector_dir) / PROJECTOR_FILE).values()),
-    }  # fmt: skip
+        "trained_parameters": sum(
+            v.numel() for v in load_file(Path(projector_dir) / PROJECTOR_FILE).values()
+        ),
+    }
 
 
 def card_metrics(model_dir: Path, projector_dir: Path, *, n_images: int = 40, hi_images: int = 8) -> dict:
     """Everything the card reports, measured now, both projectors on the same held-out scenes."""
-    sides = {trained: measure_projector(model_dir, projector_dir, trained=trained, n_images=n_images,
-                                        hi_images=hi_images) for trained in (False, True)}  # fmt: skip
+    sides = {
+        trained: measure_projector(
+            model_dir, projector_dir, trained=trained, n_images=n_images, hi_images=hi_images
+        )
+        for trained in (False, True)
+    }
     return combine(sides[True], sides[False], projector_dir, n_images=n_images, hi_images=hi_images)
 
 
@@ -108,8 +140,10 @@ def write_card(metrics: dict, out_dir: Path) -> Path:
     c = tr["config"]
     short = ""
     if tr["steps_done"] < tr["steps_planned"]:
-        short = (f"\n**Training was cut short**: {tr['steps_done']} of {tr['steps_planned']} planned steps "
-                 f"({tr['minutes']} minutes); rerun `mechhi zoo train-projector` to resume from its checkpoint.\n")
+        short = (
+            f"\n**Training was cut short**: {tr['steps_done']} of {tr['steps_planned']} planned steps "
+            f"({tr['minutes']} minutes); rerun `mechhi zoo train-projector` to resume from its checkpoint.\n"
+        )
 
     def fmt(m: dict, digits: int = 3) -> str:
         return f"{m['mean']:.{digits}f} ± {m['se']:.{digits}f}"
@@ -120,14 +154,19 @@ LLaVA stage 1 for `mechhi zoo build dinov2-smollm2`: DINOv2-small (ViT-S/14) and
 SmolLM2-135M-Instruct stay frozen; only the 2-layer GELU projector
 ({metrics["trained_parameters"] / 1e6:.2f} M parameters, `projector.safetensors`) is trained, so the language
 model's heads are the pretrained ones. Trained by `mechhi zoo train-projector` on toy-world
-scenes never seen twice: {c["batch_size"] - c["vqa_per_step"]} captioned + {c["vqa_per_step"]} closed questions (options A-D,
+scenes never seen twice: {c["batch_size"] - c["vqa_per_step"]} captioned + \
+{c["vqa_per_step"]} closed questions (options A-D,
 {c["lure_share"]} of distractors one attribute from a present object) per step, AdamW at lr {c["lr"]}
-(warm-up {c["warmup"]} steps, cosine to zero), seed {c["seed"]}, crop {c.get("crop_size") or "as built"} px: {tr["steps_done"]} steps in {tr["minutes"]} minutes on 2 shared CPU cores.
+(warm-up {c["warmup"]} steps, cosine to zero), seed {c["seed"]}, \
+crop {c.get("crop_size") or "as built"} px: \
+{tr["steps_done"]} steps in {tr["minutes"]} minutes on 2 shared CPU cores.
 {short}
-Why crop {c.get("crop_size") or "as built"}: the frozen language model's forward and backward pass dominate a step and
+Why crop {c.get("crop_size") or "as built"}: the frozen language model's forward \
+and backward pass dominate a step and
 grow with the sequence, and the image tokens are most of it: a 112 px crop gives 8 x 8 = 64
 tokens instead of 256 at 224 px (a 30-layer forward + backward of a batch of 8 at 64 image tokens
-took 9-10 s on 2 idle cores in this run, about twice that with the cores shared; 144 tokens took 128-148 s shared). The toy world's small
+took 9-10 s on 2 idle cores in this run, about twice that with the cores shared; \
+144 tokens took 128-148 s shared). The toy world's small
 objects (15-22 px at 112) still cover one or two 14 px patches. `mechhi zoo build` builds the model at the
 crop its projector was trained at (it reads `projector_config.json`), so a trace sees images as training did.
 
@@ -136,7 +175,8 @@ crop its projector was trained at (it reads `projector_config.json`), so a trace
 | metric | trained projector | untrained projector | chance |
 |---|---|---|---|
 | caption answer-token accuracy | {fmt(t["caption_token_accuracy"])} | {fmt(u["caption_token_accuracy"])} | |
-| caption perplexity (answer tokens) | {fmt(t["caption_perplexity"], 2)} | {fmt(u["caption_perplexity"], 2)} | |
+| caption perplexity (answer tokens) | {fmt(t["caption_perplexity"], 2)} \
+| {fmt(u["caption_perplexity"], 2)} | |
 | closed-ended VQA accuracy | {fmt(t["vqa_accuracy"])} | {fmt(u["vqa_accuracy"])} | {CHANCE_VQA} |
 | VQA AnsProb | {fmt(t["vqa_ans_prob"])} | {fmt(u["vqa_ans_prob"])} | {CHANCE_VQA} |
 
@@ -151,7 +191,8 @@ models' next-token logits is {text["max_abs_logit_difference"]:.3g} (the project
 | | trained projector | untrained projector |
 |---|---|---|
 | best head HI | {ht["best_head_hi"]:.3f} | {hu["best_head_hi"]:.3f} |
-| best layer (mean HI over heads) | {ht["best_layer"]} ({ht["best_layer_mean_hi"]:.3f}) | {hu["best_layer"]} ({hu["best_layer_mean_hi"]:.3f}) |
+| best layer (mean HI over heads) | {ht["best_layer"]} ({ht["best_layer_mean_hi"]:.3f}) \
+| {hu["best_layer"]} ({hu["best_layer_mean_hi"]:.3f}) |
 | mean HI over all heads | {ht["mean_hi"]:.3f} | {hu["mean_hi"]:.3f} |
 
 ## Training curve

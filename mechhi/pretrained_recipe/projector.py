@@ -16,23 +16,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..evaluate.metrics import LETTERS, format_options
-from ..finetune.loss import answer_loss
-from ..models import PreparedBatch, VLMAdapter
-from ..models.zoo.build import PROJECTOR_CONFIG as CONFIG_FILE
-from ..models.zoo.build import PROJECTOR_FILE
-from ..toyworld.curriculum import caption_of, training_question
-from ..toyworld.model import TRAIN_SEED_OFFSET
-from ..toyworld.world import WorldConfig, render_one
+from mechhi.data.synthetic import WorldConfig, render_one
+from mechhi.data.vqa import LETTERS, format_options
+from mechhi.finetune.loss import answer_loss
+from mechhi.models import PreparedBatch, VLMAdapter
+from mechhi.models.toy import TRAIN_SEED_OFFSET
+from mechhi.models.zoo.build import PROJECTOR_CONFIG as CONFIG_FILE
+from mechhi.models.zoo.build import PROJECTOR_FILE
+from mechhi.progress import progress_bar
+from mechhi.toyworld.curriculum import caption_of, training_question
 
 LOG_FILE = "training_log.jsonl"
 CHECKPOINT_FILE = "projector_checkpoint.pt"
@@ -60,7 +59,9 @@ class ProjectorConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.vqa_per_step <= self.batch_size:
-            raise ValueError(f"ProjectorConfig.vqa_per_step={self.vqa_per_step} is not in 0..{self.batch_size}")
+            raise ValueError(
+                f"ProjectorConfig.vqa_per_step={self.vqa_per_step} is not in 0..{self.batch_size}"
+            )
 
     @classmethod
     def read(cls, path: Path) -> ProjectorConfig:
@@ -101,51 +102,39 @@ def step_batches(adapter: VLMAdapter, config: ProjectorConfig, step: int) -> dic
     world = WorldConfig(image_size=config.image_size)
     rng = np.random.default_rng([config.seed, step])
     first = step * config.batch_size
-    drawn = [render_one(first + k, seed=config.seed + TRAIN_SEED_OFFSET, config=world) for k in range(config.batch_size)]
+    drawn = [
+        render_one(first + k, seed=config.seed + TRAIN_SEED_OFFSET, config=world)
+        for k in range(config.batch_size)
+    ]
     n_caption = config.batch_size - config.vqa_per_step
     batches = {}
     if n_caption:
-        batches["caption"] = adapter.prepare([im for _, im in drawn[:n_caption]], [caption_of(r) for r, _ in drawn[:n_caption]])
+        batches["caption"] = adapter.prepare(
+            [im for _, im in drawn[:n_caption]], [caption_of(r) for r, _ in drawn[:n_caption]]
+        )
     if config.vqa_per_step:
-        questions = [training_question(r, im, rng, lure_share=config.lure_share, world=world) for r, im in drawn[n_caption:]]
+        questions = [
+            training_question(r, im, rng, lure_share=config.lure_share, world=world)
+            for r, im in drawn[n_caption:]
+        ]
         batches["vqa"] = adapter.prepare(
-            [q.image for q in questions], [LETTERS[q.answer] for q in questions], template="vqa",
+            [q.image for q in questions],
+            [LETTERS[q.answer] for q in questions],
+            template="vqa",
             fields=[{"options": format_options(q.options)} for q in questions],
-        )  # fmt: skip
+        )
     return batches
 
 
-class _Progress:
-    """A rich bar on a terminal; plain ``step n/N loss ...`` lines on stderr otherwise
-    (a log file of a nohup run stays readable)."""
-
-    def __init__(self, total: int, start: int, every: int = 1) -> None:
-        self.total, self.every, self.bar = total, every, None
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("projector"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-                                TimeRemainingColumn(), console=Console(stderr=True))  # fmt: skip
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="")
-
-    def update(self, entry: dict[str, Any]) -> None:
-        losses = " ".join(f"{k} {v:.3f}" for k, v in entry.items() if k.endswith("_loss"))
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, loss=losses)
-        elif entry["step"] % self.every == 0 or entry["step"] == self.total:
-            print(f"step {entry['step']}/{self.total} {losses} lr {entry['lr']:.2e} {entry['seconds']:.0f}s",
-                  file=sys.stderr, flush=True)  # fmt: skip
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def train_projector(
-    model: torch.nn.Module, adapter: VLMAdapter, config: ProjectorConfig, out_dir: Path, *,
-    progress: bool = True, stop_after: int | None = None, max_minutes: float | None = None,
+    model: torch.nn.Module,
+    adapter: VLMAdapter,
+    config: ProjectorConfig,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    max_minutes: float | None = None,
 ) -> Path:
     """Train ``model``'s projector in place; write ``projector.safetensors`` (the state dict
     of ``model.model.multi_modal_projector``, what `mechhi zoo build --projector trained`
@@ -167,7 +156,9 @@ def train_projector(
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         if state["config"] != asdict(config):
-            raise ValueError(f"{checkpoint} was written with another ProjectorConfig; delete it to start over")
+            raise ValueError(
+                f"{checkpoint} was written with another ProjectorConfig; delete it to start over"
+            )
         projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed = state["step"], state["seconds"]
@@ -178,8 +169,10 @@ def train_projector(
     (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
     began = time.time() - elapsed
     end = config.steps if stop_after is None else min(config.steps, stop_after)
-    bar = _Progress(config.steps, start, every=1) if progress else None
-    with open(log_path, "a") as log:
+    with (
+        open(log_path, "a") as log,
+        progress_bar("projector", config.steps, show=progress, completed=start) as bar,
+    ):
         for step in range(start, end):
             batches = step_batches(adapter, config, step)
             for group in optimizer.param_groups:
@@ -192,20 +185,33 @@ def train_projector(
                 losses[f"{name}_loss"] = loss.item()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
-            entry = {"step": step + 1, **losses, "lr": learning_rate(step, config), "seconds": round(time.time() - began, 1)}
+            entry = {
+                "step": step + 1,
+                **losses,
+                "lr": learning_rate(step, config),
+                "seconds": round(time.time() - began, 1),
+            }
             log.write(json.dumps(entry) + "\n")
             log.flush()
-            if bar is not None:
-                bar.update(entry)
+            bar.advance(1, info=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
             out_of_time = max_minutes is not None and time.time() - began > 60 * max_minutes
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == end or out_of_time:
                 staging = checkpoint.with_suffix(".tmp")  # write then rename: a kill never leaves half a file
-                torch.save({"projector": projector.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                            "seconds": time.time() - began, "config": asdict(config)}, staging)  # fmt: skip
+                torch.save(
+                    {
+                        "projector": projector.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step + 1,
+                        "seconds": time.time() - began,
+                        "config": asdict(config),
+                    },
+                    staging,
+                )
                 os.replace(staging, checkpoint)
-                save_file({k: v.detach().contiguous() for k, v in projector.state_dict().items()}, out_dir / PROJECTOR_FILE)
+                save_file(
+                    {k: v.detach().contiguous() for k, v in projector.state_dict().items()},
+                    out_dir / PROJECTOR_FILE,
+                )
             if out_of_time:
                 break
-    if bar is not None:
-        bar.close()
     return out_dir / PROJECTOR_FILE

@@ -7,10 +7,12 @@ The page needs nothing but itself: figures are embedded as data URIs, there is n
 script and nothing is fetched (the browser test checks that no request leaves it).
 Sections are small functions (`sections.SECTIONS`), so new ones are one function each.
 
->>> build_report(ReportInput([StoreEntry("toy", Path("stores/toy.zarr"), ds)]), "reports/toy")  # doctest: +SKIP
+>>> build_report(
+...     ReportInput([StoreEntry("toy", Path("stores/toy.zarr"), ds)]), "reports/toy"
+... )  # doctest: +SKIP
 """
 
-from .page import build_report
-from .sections import SECTIONS, ReportInput, StoreEntry
+from mechhi.report.page import build_report
+from mechhi.report.sections import SECTIONS, ReportInput, StoreEntry
 
 __all__ = ["SECTIONS", "ReportInput", "StoreEntry", "build_report"]

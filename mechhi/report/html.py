@@ -19,9 +19,12 @@ import jinja2
 from markupsafe import Markup
 from matplotlib.figure import Figure
 
-from ..figures.style import STYLE
+from mechhi.figures.style import STYLE
+from probes.statistics import p_text
 
-_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+_ENV = jinja2.Environment(
+    autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
+)
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,20 @@ _TABLE = """<table{% if id %} id="{{ id }}"{% endif %} class="{{ cls }}">
 {% endfor %}</tbody></table>"""
 
 
-def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, id: str = "", caption: str = "",
-          cls: str = "data") -> Markup:  # fmt: skip
+def table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    id: str = "",
+    caption: str = "",
+    cls: str = "data",
+) -> Markup:
     """An HTML table; cells may be plain values (escaped) or Markup (kept). The `number` and
     `p_value` cells of a column are written in one format, chosen from all of them
     (`column_formats`), so a column never mixes ``0``, ``0.0909`` and ``1``."""
-    return render(_TABLE, columns=columns, rows=column_formats([list(r) for r in rows]), id=id, caption=caption,
-                  cls=cls)  # fmt: skip
+    return render(
+        _TABLE, columns=columns, rows=column_formats([list(r) for r in rows]), id=id, caption=caption, cls=cls
+    )
 
 
 class Number(str):
@@ -97,8 +107,6 @@ def _bold_if_small(text: str, value: float) -> Markup:
 
 def p_value(value: Any) -> Markup:
     """A p-value, bold below 0.001 (as the paper highlights them); '< 5e-324' where float64 underflows."""
-    from probes.statistics import p_text
-
     p = math.nan if value is None else float(value)
     text = p_text(None if value is None else p)
     out = PValue(_bold_if_small(text, p))
@@ -153,7 +161,9 @@ def column_formats(rows: list[list[Any]]) -> list[list[Any]]:
         if ps:
             write = p_format([c.value for _, c in ps])
             for i, c in ps:
-                out[i][j] = Markup.escape("n/a") if math.isnan(c.value) else _bold_if_small(write(c.value), c.value)
+                out[i][j] = (
+                    Markup.escape("n/a") if math.isnan(c.value) else _bold_if_small(write(c.value), c.value)
+                )
     return out
 
 
@@ -176,8 +186,13 @@ def image(fig: Figure, alt: str, *, fmt: str = "svg", dpi: int = 110, cls: str =
     pixels per inch of figure (at most the column's width): at 110 px per inch the figures
     sat small in a wide window, their text below the page's."""
     width = round(fig.get_figwidth() * DISPLAY_PX_PER_INCH)
-    return render('<img class="{{ cls }}" alt="{{ alt }}" width="{{ width }}" src="{{ src }}">', cls=cls, alt=alt,
-                  width=width, src=figure_uri(fig, fmt, dpi))  # fmt: skip
+    return render(
+        '<img class="{{ cls }}" alt="{{ alt }}" width="{{ width }}" src="{{ src }}">',
+        cls=cls,
+        alt=alt,
+        width=width,
+        src=figure_uri(fig, fmt, dpi),
+    )
 
 
 _PAGE = """<!DOCTYPE html>
@@ -195,7 +210,8 @@ h2 { border-bottom: 2px solid #23395d; padding-bottom: 4px; margin-top: 32px; }
 section { scroll-margin-top: 44px; padding-top: 1px; }  /* anchors clear the sticky nav */
 table.data { border-collapse: collapse; margin: 8px 0 16px; font-size: 13.5px; }
 table.data th, table.data td { border: 1px solid #d5d9e0; padding: 3px 9px; text-align: right; }
-table.data th { background: #eef1f6; } table.data td:first-child, table.data th:first-child { text-align: left; }
+table.data th { background: #eef1f6; } \
+table.data td:first-child, table.data th:first-child { text-align: left; }
 table.provenance td, table.provenance th { text-align: left; }
 table.data caption { text-align: left; font-weight: 600; padding: 4px 0; }
 .columns { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }

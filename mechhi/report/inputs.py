@@ -14,7 +14,7 @@ from typing import Any
 import xarray as xr
 from markupsafe import Markup
 
-from .html import heading, join, render
+from mechhi.report.html import heading, join, render
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,9 @@ class ReportInput:
     pursuit: Mapping[str, Any] | None = None  # `mechhi pursuit --json` output
     ablate: Path | None = None  # a `mechhi ablate` out dir (ablate.json) or the file
     edit: Path | None = None  # a `mechhi edit` out dir (edit.json) or the file
-    agreement: Sequence[tuple[Path, Mapping[str, Any]]] = ()  # (file, `mechhi rank --compare-probes --json` output)
+    agreement: Sequence[
+        tuple[Path, Mapping[str, Any]]
+    ] = ()  # (file, `mechhi rank --compare-probes --json` output)
     top_k: int = 3  # the bootstrap's top-K shares
     n_resamples: int = 2000  # bootstrap resamples
     gallery_samples: int = 6
@@ -45,5 +47,8 @@ def per_store(report: ReportInput, build: Callable[[int, StoreEntry], Markup]) -
     """Each store's part, side by side under its label (no label when there is one store)."""
     if len(report.stores) == 1:
         return build(0, report.stores[0])
-    blocks = (render("<div>{{ h }}{{ b }}</div>", h=heading(e.label), b=build(i, e)) for i, e in enumerate(report.stores))
+    blocks = (
+        render("<div>{{ h }}{{ b }}</div>", h=heading(e.label), b=build(i, e))
+        for i, e in enumerate(report.stores)
+    )
     return render("<div class='columns'>{{ blocks }}</div>", blocks=join(blocks))

@@ -6,9 +6,9 @@ import datetime as _dt
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..figures.style import PlotError, dataset_name, sample_count
-from .html import Section, join, page, paragraph
-from .sections import SECTIONS, ReportInput
+from mechhi.figures.style import PlotError, dataset_name, sample_count
+from mechhi.report.html import Section, join, page, paragraph
+from mechhi.report.sections import SECTIONS, ReportInput
 
 PAGE_NAME = "index.html"
 
@@ -21,8 +21,11 @@ def _title(report: ReportInput) -> tuple[str, str]:
     return f"mechhi report: {labels}", f"{'; '.join(parts)} · mechhi {version} · written {when}"
 
 
-def build_report(report: ReportInput, out: str | Path,
-                 sections: Sequence[Callable[[ReportInput], Section | None]] = SECTIONS) -> Path:  # fmt: skip
+def build_report(
+    report: ReportInput,
+    out: str | Path,
+    sections: Sequence[Callable[[ReportInput], Section | None]] = SECTIONS,
+) -> Path:
     """Build every section and write the page; returns its path."""
     if not report.stores:
         raise PlotError("report: no stores given")

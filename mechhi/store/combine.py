@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .labels import check_labels, model_labels
-from .read import open_store
-from .schema import StoreError
+from mechhi.store.labels import check_labels, model_labels
+from mechhi.store.read import open_store
+from mechhi.store.schema import StoreError
 
 
 def unique_labels(names: list[str]) -> list[str]:
@@ -78,7 +78,9 @@ def combine(
             raise StoreError("combine: give labels as the mapping's keys or as labels=, not both")
         labels, paths = list(paths.keys()), list(paths.values())
     if isinstance(paths, (str, Path)):
-        raise StoreError(f"combine: give a list of stores (or a mapping label -> store), not one path {str(paths)!r}")
+        raise StoreError(
+            f"combine: give a list of stores (or a mapping label -> store), not one path {str(paths)!r}"
+        )
     paths = list(paths)
     if not paths:
         raise StoreError("combine: no stores given")
@@ -118,7 +120,9 @@ def _scored_part(path: str | Path, variables: Sequence[str]) -> xr.Dataset:
     ds = open_store(path)
     missing = [v for v in variables if v not in ds.data_vars]
     if missing:
-        raise StoreError(f"combine: store {path} has no {', '.join(missing)} (score it: mechhi rank --store {path})")
+        raise StoreError(
+            f"combine: store {path} has no {', '.join(missing)} (score it: mechhi rank --store {path})"
+        )
     for name in variables:
         if "layer" not in ds[name].dims:
             dims = ds[name].dims
@@ -136,7 +140,6 @@ def _on_exact_depth(part: xr.Dataset) -> xr.Dataset:
     part = part.swap_dims(layer="depth").reset_coords("layer")
     part["layer"] = part["layer"].astype(float)  # float so a missing depth can be NaN
     return part
-
 
 
 def depth_bins(n_layers: int, bins: int) -> np.ndarray:

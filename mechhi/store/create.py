@@ -18,27 +18,40 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .layout import auto_shard_samples, sharded
-from .lock import process_alive, this_host
-from .dataset_ref import DatasetRef
-from .read import open_store
-from .schema import (
-    COMPATIBLE_ATTRS, MAIN_VIEW, PROMPT_DRAW_ATTRS, REQUIRED_ATTRS, SCHEMA_VERSION, SampleMeta, StoreError,
-    _mechhi_version, attention_name, grid_coords, grid_dims, is_traced_variable, json_attrs, mask_name,
+from mechhi.store.dataset_ref import DatasetRef
+from mechhi.store.layout import auto_shard_samples, sharded
+from mechhi.store.lock import process_alive, this_host
+from mechhi.store.read import open_store
+from mechhi.store.schema import (
+    COMPATIBLE_ATTRS,
+    MAIN_VIEW,
+    PROMPT_DRAW_ATTRS,
+    REQUIRED_ATTRS,
+    SCHEMA_VERSION,
+    SampleMeta,
+    StoreError,
+    _mechhi_version,
+    attention_name,
+    grid_coords,
+    grid_dims,
+    is_traced_variable,
+    json_attrs,
+    mask_name,
     relative_depth,
-)  # fmt: skip
+)
 
 
 def _store_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in REQUIRED_ATTRS if k not in attrs]
     if missing:
-        raise StoreError(f"create_store: attrs lack {', '.join(missing)} (required: {', '.join(REQUIRED_ATTRS)})")
+        raise StoreError(
+            f"create_store: attrs lack {', '.join(missing)} (required: {', '.join(REQUIRED_ATTRS)})"
+        )
     out = {"binarize": None, **attrs}
     out["schema_version"] = SCHEMA_VERSION
     out["mechhi_version"] = _mechhi_version()
     out["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return json_attrs(out)
-
 
 
 def _views_of(samples: Sequence[SampleMeta]) -> list[str]:
@@ -49,7 +62,9 @@ def _views_of(samples: Sequence[SampleMeta]) -> list[str]:
         raise StoreError(f"create_store: sample 0 has no '{MAIN_VIEW}' grid (views: {sorted(views)})")
     for i, s in enumerate(samples):
         if set(s.grids) != views:
-            raise StoreError(f"create_store: sample {i} has views {sorted(s.grids)}, sample 0 has {sorted(views)}")
+            raise StoreError(
+                f"create_store: sample {i} has views {sorted(s.grids)}, sample 0 has {sorted(views)}"
+            )
     return [MAIN_VIEW] + sorted(views - {MAIN_VIEW})
 
 
@@ -58,7 +73,9 @@ def _nan(shape: tuple[int, ...], shard: int) -> da.Array:
     return da.full(shape, np.nan, dtype="float32", chunks=(shard,) + shape[1:])
 
 
-def _skeleton(samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: bool, shard: int) -> xr.Dataset:
+def _skeleton(
+    samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: bool, shard: int
+) -> xr.Dataset:
     """The whole store as a lazy dataset: coords filled, data all NaN / False, each
     per-sample variable's dask chunks one shard (the encoding's `sharded` layout)."""
     n, views = len(samples), _views_of(samples)
@@ -75,7 +92,9 @@ def _skeleton(samples: Sequence[SampleMeta], n_layers: int, n_heads: int, maps: 
     for view in views:
         sizes = np.array([s.grids[view] for s in samples], dtype=np.int64)  # (sample, 2)
         if (sizes < 1).any():
-            raise StoreError(f"create_store: view '{view}' has an empty grid in sample {int(np.argmin(sizes.min(1)))}")
+            raise StoreError(
+                f"create_store: view '{view}' has an empty grid in sample {int(np.argmin(sizes.min(1)))}"
+            )
         rows, cols = (int(x) for x in sizes.max(0))
         rdim, cdim = grid_dims(view)
         rname, cname = grid_coords(view)
@@ -136,8 +155,14 @@ def create_store(
     _remove_stale_staging(path)
     staging = path.with_name(f"{_staging_prefix(path)}{this_host()}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        skeleton.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False,
-                         encoding=sharded(skeleton, shard))  # fmt: skip
+        skeleton.to_zarr(
+            staging,
+            mode="w-",
+            zarr_format=3,
+            consolidated=False,
+            compute=False,
+            encoding=sharded(skeleton, shard),
+        )
         os.rename(staging, path)  # atomic; replaces an empty directory, fails onto a store
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -172,7 +197,7 @@ def _remove_stale_staging(path: Path) -> None:
         if candidate.name == prefix[:-1]:
             shutil.rmtree(candidate, ignore_errors=True)
             continue
-        host, _, rest = candidate.name[len(prefix):].rpartition(".")[0].rpartition(".")
+        host, _, rest = candidate.name[len(prefix) :].rpartition(".")[0].rpartition(".")
         if host == this_host() and rest.isdigit() and not process_alive(int(rest)):
             shutil.rmtree(candidate, ignore_errors=True)
 
@@ -198,12 +223,16 @@ def check_compatible(path: Path, wanted: xr.Dataset, attrs: dict[str, Any]) -> N
             label = f"n_{dim}s" if dim in ("layer", "head", "sample") else f"grid dim '{dim}'"
             diffs.append(f"{label}: store has {have.sizes.get(dim)}, wanted {size}")
     if have.sizes.get("sample") == wanted.sizes["sample"]:
-        bad = np.flatnonzero(have["description"].values.astype(str) != wanted["description"].values.astype(str))
+        bad = np.flatnonzero(
+            have["description"].values.astype(str) != wanted["description"].values.astype(str)
+        )
         if bad.size:
             diffs.append(f"description of sample {int(bad[0])} differs ({bad.size} samples differ)")
     have_vars = sorted(str(n) for n in have.data_vars if is_traced_variable(str(n)))
     wanted_vars = sorted(map(str, wanted.data_vars))
     if have_vars != wanted_vars:
-        diffs.append(f"traced variables: store has {have_vars}, wanted {wanted_vars} (traced with/without maps?)")
+        diffs.append(
+            f"traced variables: store has {have_vars}, wanted {wanted_vars} (traced with/without maps?)"
+        )
     if diffs:
         raise StoreError(f"store {path} exists for a different run: " + "; ".join(diffs))

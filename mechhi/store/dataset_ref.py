@@ -7,7 +7,7 @@ content (`KeyObjectDataset.fingerprint`). Two runs are on the same dataset when 
 fingerprints agree, whatever path named it: ``--dataset ds`` and ``--dataset /abs/ds`` of
 one directory resume one store. Stores of earlier versions recorded the path as given
 (possibly relative) and are read the same way; finding their directory again is
-`mechhi.trace.probe_scores.store_source`'s job.
+`mechhi.scoring.probe_scores.store_source`'s job.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundled import BUNDLED_DATASET_ID, recorded_name
+from mechhi.bundled import BUNDLED_DATASET_ID, recorded_name
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .schema import StoreError
+from mechhi.store.schema import StoreError
 
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -76,8 +76,11 @@ def model_labels(stores: Sequence[Any], sources: Sequence[str | Path] | None = N
     where = [_source(ds, None if sources is None else sources[i]) for i, ds in enumerate(stores)]
     names = [short_name(ds.attrs, w or None) for ds, w in zip(stores, where)]
     labels = list(names)
-    tellers = (lambda i: dataset_name(stores[i].attrs), lambda i: str(stores[i].attrs.get("prompt_template", "")),
-               lambda i: Path(where[i]).stem)  # fmt: skip
+    tellers = (
+        lambda i: dataset_name(stores[i].attrs),
+        lambda i: str(stores[i].attrs.get("prompt_template", "")),
+        lambda i: Path(where[i]).stem,
+    )
     for name in set(names):
         group = [i for i, n in enumerate(names) if n == name]
         for teller in tellers if len(group) > 1 else ():
@@ -93,11 +96,15 @@ def check_labels(labels: Sequence[Any], n_stores: int, what: str = "labels") -> 
     """User-given labels, one non-empty distinct string per store, or a StoreError naming the problem."""
     labels = list(labels)
     if len(labels) != n_stores:
-        raise StoreError(f"{what}: {len(labels)} given for {n_stores} store{'s' if n_stores != 1 else ''} (one per store)")
+        raise StoreError(
+            f"{what}: {len(labels)} given for {n_stores} store{'s' if n_stores != 1 else ''} (one per store)"
+        )
     for label in labels:
         if not isinstance(label, str) or not label.strip():
             raise StoreError(f"{what}: {label!r} is not a label (a non-empty string)")
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
-        raise StoreError(f"{what}: {', '.join(map(repr, repeated))} given to more than one store (labels must differ)")
+        raise StoreError(
+            f"{what}: {', '.join(map(repr, repeated))} given to more than one store (labels must differ)"
+        )
     return [label.strip() for label in labels]

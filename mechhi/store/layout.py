@@ -33,7 +33,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.core.buffer.cpu import Buffer
 from zarr.core.sync import sync
 
-from .schema import SampleMeta
+from mechhi.store.schema import SampleMeta
 
 # A shard is one file holding many samples' chunks. Every region write into it rewrites
 # the whole file, so a shard is kept to about this many bytes, and at most this many samples.
@@ -49,7 +49,9 @@ def auto_shard_samples(samples: Sequence[SampleMeta], n_layers: int, n_heads: in
     ``--batch-size`` up to its size, so ranks, which take whole shards, batch the samples
     as one process does (same padding, same numbers)."""
     views = {v for s in samples for v in s.grids}
-    grids = [max(s.grids[v][0] for s in samples) * max(s.grids[v][1] for s in samples) for v in views]  # cells
+    grids = [
+        max(s.grids[v][0] for s in samples) * max(s.grids[v][1] for s in samples) for v in views
+    ]  # cells
     per_sample = 4 * (sum(grids) * (1 + (n_layers * n_heads if maps else 0)) + n_layers * n_heads)
     fits = max(1, SHARD_BYTES // per_sample)
     return int(min(MAX_SHARD_SAMPLES, 2 ** (fits.bit_length() - 1)))  # a power of two: see below
@@ -109,22 +111,26 @@ def stored_chunks(array: zarr.Array, file: Path) -> np.ndarray | None:
         raw = handle.read(index_size)
     try:
         index = sync(codec._decode_shard_index(Buffer.from_bytes(raw), per_shard))
-    except Exception as error:  # noqa: BLE001 - a checksum or decode failure of the index
+    except Exception as error:
         raise DamagedShard(f"index unreadable: {' '.join(str(error).split())}") from None
     offsets, lengths = index.offsets_and_lengths[..., 0], index.offsets_and_lengths[..., 1]
     present = offsets != np.iinfo(np.uint64).max
     data_end = size - index_size if at_end else size
     if present.any() and int((offsets[present] + lengths[present]).max()) > data_end:
-        raise DamagedShard(f"{size} bytes, but its index lists chunks up to byte "
-                           f"{int((offsets[present] + lengths[present]).max()) + (index_size if at_end else 0)}: "
-                           "truncated")  # fmt: skip
+        raise DamagedShard(
+            f"{size} bytes, but its index lists chunks up to byte "
+            f"{int((offsets[present] + lengths[present]).max()) + (index_size if at_end else 0)}: "
+            "truncated"
+        )
     return present
 
 
 def shard_samples(path: str | Path) -> int:
     """Samples per shard of the store at `path`, read from its ``done`` array's layout
     (1 for a store written before sharding)."""
-    return int(zarr.open_array(str(Path(path) / "done"), mode="r", zarr_format=3).metadata.chunk_grid.chunk_shape[0])
+    return int(
+        zarr.open_array(str(Path(path) / "done"), mode="r", zarr_format=3).metadata.chunk_grid.chunk_shape[0]
+    )
 
 
 def shard_index(samples: np.ndarray, shard: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from types import TracebackType
 
 import filelock
 
-from .schema import StoreError
+from mechhi.store.schema import StoreError
 
 
 class StoreLocked(StoreError):
@@ -70,8 +70,10 @@ class WriterLock:
         except filelock.Timeout:
             raise StoreLocked(self._refusal()) from None
         if before is not None and before[1] == this_host() and not process_alive(before[0]):
-            print(f"note: took over the stale lock {self.path} of pid {before[0]}, which no longer runs",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"note: took over the stale lock {self.path} of pid {before[0]}, which no longer runs",
+                file=sys.stderr,
+            )
         return self
 
     def release(self) -> None:

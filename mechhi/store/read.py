@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from .schema import SCHEMA_VERSION, StoreError
+from mechhi.store.schema import SCHEMA_VERSION, StoreError
 
 # Every store create_store makes has these; a store without them cannot say what is traced.
 REQUIRED_VARIABLES = ("done", "mask")
@@ -35,17 +35,23 @@ def open_store(path: str | Path, *, check_done: bool = True) -> xr.Dataset:
     if not isinstance(version, int):
         raise StoreError(f"{path} is not a mechhi store (no schema_version attribute)")
     if version > SCHEMA_VERSION:
-        raise StoreError(f"{path} has schema_version {version}; this mechhi reads up to {SCHEMA_VERSION}: upgrade mechhi")
+        raise StoreError(
+            f"{path} has schema_version {version}; this mechhi reads up to {SCHEMA_VERSION}: upgrade mechhi"
+        )
     missing = [name for name in REQUIRED_VARIABLES if name not in ds.variables]
     if missing:
-        raise StoreError(f"{path} is a damaged mechhi store: it has no {', '.join(map(repr, missing))} variable "
-                         "(trace into a new --store)")  # fmt: skip
+        raise StoreError(
+            f"{path} is a damaged mechhi store: it has no {', '.join(map(repr, missing))} variable "
+            "(trace into a new --store)"
+        )
     if check_done:
         _, damaged = done_flags(path)
         if damaged:
             key, reason, _ = damaged[0]
-            raise StoreError(f"{path}: the done flags in {key} are damaged ({reason}): `mechhi store verify --repair "
-                             f"{path}` marks that file's samples not done, so the next `mechhi trace` traces them again")
+            raise StoreError(
+                f"{path}: the done flags in {key} are damaged ({reason}): `mechhi store verify --repair "
+                f"{path}` marks that file's samples not done, so the next `mechhi trace` traces them again"
+            )
     return _plain_strings(ds)
 
 
@@ -72,16 +78,15 @@ def done_flags(path: str | Path) -> tuple[np.ndarray, list[tuple[str, str, range
     array = zarr.open_array(str(Path(path) / "done"), mode="r", zarr_format=3)
     try:
         return np.asarray(array[:], dtype=bool), []
-    except Exception:  # noqa: BLE001 - find the file(s) below
+    except Exception:
         pass
     step = array.metadata.chunk_grid.chunk_shape[0]  # one shard (or chunk) of samples
     flags, damaged = np.zeros(array.shape[0], dtype=bool), []
     for start in range(0, array.shape[0], step):
         try:
             flags[start : start + step] = array[start : start + step]
-        except Exception as error:  # noqa: BLE001 - any decode or I/O failure names the file
+        except Exception as error:
             key = "done/" + array.metadata.encode_chunk_key((start // step,))
             reason = " ".join(str(error).split()) or type(error).__name__
             damaged.append((key, reason, range(start, min(start + step, array.shape[0]))))
     return flags, damaged
-

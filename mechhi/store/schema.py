@@ -52,14 +52,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from mechhi.jsonfiles import json_default
+from mechhi.version import __version__
+
 SCHEMA_VERSION = 1
 MAIN_VIEW = "image"
+Head = tuple[int, int]  # one head by its (layer, head) coordinates: what rankings pick and edits change
 # Attributes the caller must give to create_store; `binarize` is optional there (it is
 # only known once a probe scores the store, or when tracing with --no-maps).
 REQUIRED_ATTRS = ("model", "model_revision", "dtype", "prompt_template", "dataset")
@@ -118,7 +121,7 @@ def is_traced_variable(name: str) -> bool:
 def store_views(ds: xr.Dataset) -> list[str]:
     """Views present in a store, main view first (read from the ``mask*`` variables)."""
     views = [MAIN_VIEW] if "mask" in ds.data_vars else []
-    views += sorted(str(n)[len("mask_"):] for n in ds.data_vars if str(n).startswith("mask_"))
+    views += sorted(str(n)[len("mask_") :] for n in ds.data_vars if str(n).startswith("mask_"))
     return views
 
 
@@ -147,22 +150,7 @@ def _mechhi_version() -> str:
 
         return version("mechhi")
     except Exception:  # not installed as a distribution (e.g. run from a checkout)
-        import mechhi
-
-        return str(getattr(mechhi, "__version__", "0+unknown"))
-
-
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` for numpy values, paths and objects with ``to_dict``."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+        return __version__
 
 
 def json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -175,8 +163,6 @@ def json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
         raise StoreError(f"store attrs are not JSON-serialisable: {err}") from None
 
 
-
 def relative_depth(n_layers: int) -> np.ndarray:
     """layer / (n_layers - 1): 0 for the first layer, 1 for the last (0 for a one-layer model)."""
     return np.arange(n_layers) / max(n_layers - 1, 1)
-

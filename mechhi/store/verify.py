@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .layout import DamagedShard, checksummed, stored_chunks
-from .read import done_flags, open_store
-from .schema import StoreError, is_traced_variable
-from .write import unflag
+from mechhi.store.layout import DamagedShard, checksummed, stored_chunks
+from mechhi.store.read import done_flags, open_store
+from mechhi.store.schema import StoreError, is_traced_variable
+from mechhi.store.write import unflag
 
 # What a Damage's stored object is: absent (file or inner chunk), damaged (a shard whose
 # index does not read or points past its end; found without decoding), unreadable (a
@@ -61,7 +61,9 @@ class Damage:
 def traced_per_sample(path: str | Path) -> list[str]:
     """The traced variables that hold per-sample data (everything but ``done``)."""
     ds = open_store(path, check_done=False)
-    return [str(n) for n in ds.data_vars if is_traced_variable(str(n)) and n != "done" and "sample" in ds[n].dims]
+    return [
+        str(n) for n in ds.data_vars if is_traced_variable(str(n)) and n != "done" and "sample" in ds[n].dims
+    ]
 
 
 def missing_data(path: str | Path) -> list[Damage]:
@@ -71,8 +73,11 @@ def missing_data(path: str | Path) -> list[Damage]:
     ``done`` files that do not decode (their samples' flags are unknown)."""
     path = Path(path)
     done, bad_done = done_flags(path)
-    found = [Damage(sample, "done", f"flag unreadable ({key}: {reason})", key, "unreadable")
-             for key, reason, samples in bad_done for sample in samples]  # fmt: skip
+    found = [
+        Damage(sample, "done", f"flag unreadable ({key}: {reason})", key, "unreadable")
+        for key, reason, samples in bad_done
+        for sample in samples
+    ]
     group = zarr.open_group(str(path), mode="r", zarr_format=3)
     for name in traced_per_sample(path):
         array = group[name]
@@ -84,11 +89,16 @@ def missing_data(path: str | Path) -> list[Damage]:
             try:
                 stored = stored_chunks(array, path / file)
             except DamagedShard as error:
-                found += [Damage(s, name, f"shard damaged ({file}: {error})", file, "damaged") for s in samples]
+                found += [
+                    Damage(s, name, f"shard damaged ({file}: {error})", file, "damaged") for s in samples
+                ]
                 continue
             if stored is not None:
-                found += [Damage(s, name, f"chunk missing from its shard ({file})", file) for s in samples
-                          if not stored[_local(array, s)].all()]  # fmt: skip
+                found += [
+                    Damage(s, name, f"chunk missing from its shard ({file})", file)
+                    for s in samples
+                    if not stored[_local(array, s)].all()
+                ]
     return sorted(found)
 
 
@@ -166,7 +176,9 @@ def repair(path: str | Path, damage: list[Damage]) -> list[int]:
 def describe(damage: list[Damage], limit: int = 5) -> str:
     """'samples 3, 7 (attention chunk missing ...), ...' for one-line messages."""
     samples = sorted({d.sample for d in damage})
-    shown = ", ".join(map(str, samples[:limit])) + (f" and {len(samples) - limit} more" if len(samples) > limit else "")
+    shown = ", ".join(map(str, samples[:limit])) + (
+        f" and {len(samples) - limit} more" if len(samples) > limit else ""
+    )
     return f"{len(samples)} done sample(s) have lost data: {shown} (first: {damage[0].message})"
 
 
@@ -176,7 +188,11 @@ def samples_text(samples: Sequence[int]) -> str:
         return f"sample {samples[0]}"
     if list(samples) == list(range(samples[0], samples[-1] + 1)):
         return f"samples {samples[0]}-{samples[-1]}"
-    return "samples " + ", ".join(map(str, samples[:5])) + (f" and {len(samples) - 5} more" if len(samples) > 5 else "")
+    return (
+        "samples "
+        + ", ".join(map(str, samples[:5]))
+        + (f" and {len(samples) - 5} more" if len(samples) > 5 else "")
+    )
 
 
 def explain_read_error(path: str | Path, error: BaseException) -> str | None:
@@ -184,16 +200,22 @@ def explain_read_error(path: str | Path, error: BaseException) -> str | None:
     `path` (a crc32c mismatch, which zarr reports naming no file): which variable, file
     and samples, and the repair. None if `error` is no such failure, is a StoreError (which
     says it already) or nothing is found."""
-    if isinstance(error, StoreError) or not isinstance(error, ValueError) or "checksum do not match" not in str(error):
+    if (
+        isinstance(error, StoreError)
+        or not isinstance(error, ValueError)
+        or "checksum do not match" not in str(error)
+    ):
         return None
     try:
         damage = damaged_samples(path, deep=True)
-    except Exception:  # noqa: BLE001 - the original error is reported instead
+    except Exception:
         return None
     if not damage:
         return None
-    return (f"{path}: {describe(damage)}; `mechhi store verify --deep --repair {path}` marks them not done, then "
-            "rerun the same `mechhi trace` to trace them again")  # fmt: skip
+    return (
+        f"{path}: {describe(damage)}; `mechhi store verify --deep --repair {path}` marks them not done, then "
+        "rerun the same `mechhi trace` to trace them again"
+    )
 
 
 def _files_of(array: zarr.Array, done: np.ndarray) -> dict[str, list[int]]:
@@ -238,11 +260,11 @@ def _unreadable(path: Path, skip: set[str]) -> Iterator[Damage]:
             try:
                 array[start : start + step]
                 continue
-            except Exception:  # noqa: BLE001 - find the samples below
+            except Exception:
                 pass
             for sample in samples:
                 try:
                     array[sample]
-                except Exception as error:  # noqa: BLE001 - any decode or I/O failure is the finding
+                except Exception as error:
                     reason = " ".join(str(error).split()) or type(error).__name__
                     yield Damage(sample, name, f"chunk unreadable ({file}: {reason})", file, "unreadable")

@@ -3,25 +3,36 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-from .layout import shard_samples, sharded
-from .read import open_store
-from .schema import MAIN_VIEW, StoreError, attention_name, is_traced_variable, json_attrs, mask_name, store_views
+from mechhi.store.layout import shard_samples, sharded
+from mechhi.store.read import open_store
+from mechhi.store.schema import (
+    MAIN_VIEW,
+    StoreError,
+    attention_name,
+    is_traced_variable,
+    json_attrs,
+    mask_name,
+    store_views,
+)
 
 
 def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
     """Half-open [start, stop) positions into sorted `indices` of each contiguous run."""
     breaks = np.flatnonzero(np.diff(indices) != 1) + 1
     edges = np.concatenate([[0], breaks, [len(indices)]])
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
-def _region_write(path: Path, indices: np.ndarray, arrays: dict[str, tuple[tuple[str, ...], np.ndarray]]) -> None:
+def _region_write(
+    path: Path, indices: np.ndarray, arrays: dict[str, tuple[tuple[str, ...], np.ndarray]]
+) -> None:
     """Write arrays (first dim = sample, ordered like sorted `indices`) one contiguous run
     at a time; each run is a chunk-aligned region, so only those samples' chunks change."""
     for a, b in _runs(indices):
@@ -29,7 +40,9 @@ def _region_write(path: Path, indices: np.ndarray, arrays: dict[str, tuple[tuple
         region = {"sample": slice(int(indices[a]), int(indices[b - 1]) + 1)}
         # write_empty_chunks: a done sample's chunk is on disk even if all NaN (an iou
         # with empty unions), so a missing chunk always means lost data (store.verify).
-        part.to_zarr(path, region=region, mode="r+", consolidated=False, zarr_format=3, write_empty_chunks=True)
+        part.to_zarr(
+            path, region=region, mode="r+", consolidated=False, zarr_format=3, write_empty_chunks=True
+        )
 
 
 def _check_batch_arrays(ds: xr.Dataset, n: int, attention: dict | None, mask: dict) -> dict[str, tuple]:
@@ -51,7 +64,9 @@ def _check_batch_arrays(ds: xr.Dataset, n: int, attention: dict | None, mask: di
             want = (n,) + tuple(ds.sizes[d] for d in dims[1:])
             array = np.asarray(array, dtype="float32")
             if array.shape != want:
-                raise StoreError(f"write_batch: {name} has shape {array.shape}, store wants {want} {dims} (use pad_grid)")
+                raise StoreError(
+                    f"write_batch: {name} has shape {array.shape}, store wants {want} {dims} (use pad_grid)"
+                )
             out[name] = (dims, array)
     return out
 
@@ -69,7 +84,8 @@ def write_batch(
 
     attention[view]: (b, L, H, rows, cols), mask[view]: (b, rows, cols), iou: (b, L, H),
     each sample padded with NaN (``pad_grid``) to the store's grid of that view (no
-    ``iou``: NaN, for a probe to compute); b follows `samples`, which may be in any order and non-contiguous. ``done`` is
+    ``iou``: NaN, for a probe to compute); b follows `samples`, which may be in any order
+    and non-contiguous. ``done`` is
     written in a second, separate write, so a kill mid-batch never leaves a sample
     flagged done with missing data. ``opened``: the store as `open_store` returned it,
     for a caller that writes many batches (the trace job): the batch is checked against
@@ -89,7 +105,9 @@ def write_batch(
     if iou is None:  # not computed: NaN, still written, so every traced chunk of a done sample exists
         iou = np.full(want, np.nan)
     if np.shape(iou) != want:
-        raise StoreError(f"write_batch: iou has shape {np.shape(iou)}, store wants {want} (sample, layer, head)")
+        raise StoreError(
+            f"write_batch: iou has shape {np.shape(iou)}, store wants {want} (sample, layer, head)"
+        )
     arrays["iou"] = (("sample", "layer", "head"), np.asarray(iou, dtype="float32"))
     order = np.argsort(idx)
     idx = idx[order]
@@ -108,15 +126,25 @@ def write_scores(path: str | Path, scores: xr.Dataset) -> None:
     store = open_store(path)
     for dim in scores.dims:
         if dim not in store.dims:
-            raise StoreError(f"write_scores: dim '{dim}' is not in the store (store dims: {sorted(map(str, store.dims))})")
+            raise StoreError(
+                f"write_scores: dim '{dim}' is not in the store (store dims: {sorted(map(str, store.dims))})"
+            )
         if scores.sizes[dim] != store.sizes[dim]:
-            raise StoreError(f"write_scores: dim '{dim}' has size {scores.sizes[dim]}, store has {store.sizes[dim]}")
-        if dim in scores.coords and dim in store.coords and not np.array_equal(scores[dim].values, store[dim].values):
+            raise StoreError(
+                f"write_scores: dim '{dim}' has size {scores.sizes[dim]}, store has {store.sizes[dim]}"
+            )
+        if (
+            dim in scores.coords
+            and dim in store.coords
+            and not np.array_equal(scores[dim].values, store[dim].values)
+        ):
             raise StoreError(f"write_scores: '{dim}' coordinate differs from the store's")
     clash = sorted(str(n) for n in scores.data_vars if is_traced_variable(str(n)) and n != "iou")
     if clash:
-        raise StoreError(f"write_scores: {clash} are names of traced variables (attention*, mask*, done); "
-                         "give scores another name")  # fmt: skip
+        raise StoreError(
+            f"write_scores: {clash} are names of traced variables (attention*, mask*, done); "
+            "give scores another name"
+        )
     plain = xr.Dataset({name: (var.dims, np.asarray(var.values)) for name, var in scores.data_vars.items()})
     new = plain[[name for name in plain.data_vars if name not in store.data_vars]]
     for name, encoding in sharded(new, shard_samples(path)).items():  # sharded like the traced variables
@@ -127,7 +155,6 @@ def write_scores(path: str | Path, scores: xr.Dataset) -> None:
     # mode="a" replaces the group attrs with the written dataset's: give it the merged set.
     plain.attrs = {**store.attrs, **json_attrs(dict(scores.attrs))}
     plain.to_zarr(path, mode="a", consolidated=False, zarr_format=3, write_empty_chunks=True)
-
 
 
 def unflag(path: str | Path, samples: Sequence[int]) -> None:

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.format import ImageRecord
-from ..evaluate.metrics import LETTERS, VQAItem, format_options
-from ..models import PreparedBatch, VLMAdapter
-from .model import TRAIN_SEED_OFFSET, VISION_SEED_OFFSET, ToyConfig
-from .world import COLOURS, SHAPES, WorldConfig, all_descriptions, describe, render_one
+from mechhi.data.format import ImageRecord
+from mechhi.data.synthetic import COLOURS, SHAPES, WorldConfig, all_descriptions, describe, render_one
+from mechhi.data.vqa import LETTERS, VQAItem, format_options
+from mechhi.models import PreparedBatch, VLMAdapter
+from mechhi.models.toy import TRAIN_SEED_OFFSET, VISION_SEED_OFFSET, ToyConfig
 
 
 def caption_of(record: ImageRecord) -> str:
@@ -61,7 +61,9 @@ def training_question(
             distractors.append(pick)
     options = [target.description, *distractors]
     order = rng.permutation(4)
-    return VQAItem(image=image, options=tuple(options[i] for i in order), answer=int(np.flatnonzero(order == 0)[0]))
+    return VQAItem(
+        image=image, options=tuple(options[i] for i in order), answer=int(np.flatnonzero(order == 0)[0])
+    )
 
 
 def labels_from_answer(batch: PreparedBatch) -> torch.Tensor:
@@ -121,7 +123,9 @@ class VisualProbe(torch.nn.Module):
     def loss(self, visual_tokens: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         pooled = batch.object_weights @ visual_tokens
         ce = torch.nn.functional.cross_entropy
-        return ce(self.shape(pooled).float(), batch.object_shape) + ce(self.colour(pooled).float(), batch.object_colour)
+        return ce(self.shape(pooled).float(), batch.object_shape) + ce(
+            self.colour(pooled).float(), batch.object_colour
+        )
 
 
 def option_last_words(adapter: VLMAdapter, batch: PreparedBatch) -> np.ndarray:
@@ -165,7 +169,9 @@ def vision_batch(adapter: VLMAdapter, config: ToyConfig, step: int) -> TrainBatc
     world = WorldConfig(image_size=config.image_size)
     first = step * config.vision_batch_size
     seed = config.seed + VISION_SEED_OFFSET
-    return _captions(adapter, [render_one(first + k, seed=seed, config=world) for k in range(config.vision_batch_size)])
+    return _captions(
+        adapter, [render_one(first + k, seed=seed, config=world) for k in range(config.vision_batch_size)]
+    )
 
 
 def training_batches(adapter: VLMAdapter, config: ToyConfig, step: int) -> dict[str, TrainBatch]:
@@ -175,7 +181,10 @@ def training_batches(adapter: VLMAdapter, config: ToyConfig, step: int) -> dict[
     rng = np.random.default_rng([config.seed, step])
     world = WorldConfig(image_size=config.image_size)
     first = step * config.batch_size  # scene indices are disjoint across steps: no image is seen twice
-    drawn = [render_one(first + k, seed=config.seed + TRAIN_SEED_OFFSET, config=world) for k in range(config.batch_size)]
+    drawn = [
+        render_one(first + k, seed=config.seed + TRAIN_SEED_OFFSET, config=world)
+        for k in range(config.batch_size)
+    ]
     if step < config.caption_only_steps:
         half = config.batch_size // 2
         return {"caption": _captions(adapter, drawn[:half]), "caption_2": _captions(adapter, drawn[half:])}
@@ -192,7 +201,9 @@ def training_batches(adapter: VLMAdapter, config: ToyConfig, step: int) -> dict[
     labelled = with_object_labels(vqa, [r for r, _ in asked])
     positions = option_last_words(adapter, vqa)  # (B, 4)
     labelled.option_index = torch.tensor([(i, int(pos)) for i, row in enumerate(positions) for pos in row])
-    labelled.option_present = torch.tensor([float(k == q.answer) for q in questions for k in range(len(LETTERS))])
+    labelled.option_present = torch.tensor(
+        [float(k == q.answer) for q in questions for k in range(len(LETTERS))]
+    )
     return {"caption": _captions(adapter, drawn[:n_caption]), "vqa": labelled}
 
 

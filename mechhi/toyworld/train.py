@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..finetune.loss import answer_loss
-from .curriculum import (
+from mechhi.finetune.loss import answer_loss
+from mechhi.models.toy import TOY_DIR, ToyConfig, build
+from mechhi.progress import progress_bar
+from mechhi.toyworld.curriculum import (
     OptionProbe,
     TrainBatch,
     VisualProbe,
@@ -22,7 +24,6 @@ from .curriculum import (
     training_batches,
     vision_batch,
 )
-from .model import TOY_DIR, ToyConfig, build
 
 
 def _lr(step: int, config: ToyConfig) -> float:
@@ -40,8 +41,6 @@ def _lr(step: int, config: ToyConfig) -> float:
 
 def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress: bool = True) -> Path:
     """Train the toy model into ``out_dir`` (weights, tokenizer, processor, training log)."""
-    from ..progress import progress_bar
-
     torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
     checkpoint = out_dir / "checkpoint.pt"
@@ -55,7 +54,8 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
     model.model.visual.register_forward_hook(lambda _m, _i, out: visual_tokens.append(out.pooler_output))
     probed: list[torch.Tensor] = []  # decoder layer option_probe_layer's output in the current forward
     model.model.language_model.layers[config.option_probe_layer].register_forward_hook(
-        lambda _m, _i, out: probed.append(out[0] if isinstance(out, tuple) else out))
+        lambda _m, _i, out: probed.append(out[0] if isinstance(out, tuple) else out)
+    )
     trained = [*model.parameters(), *probe.parameters(), *option_probe.parameters()]
     # One optimizer for both phases: in the vision phase the language model has no
     # gradients, and AdamW leaves parameters without gradients untouched.
@@ -86,8 +86,11 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
     # Scenes for the next step are drawn and prepared in a thread while this step computes
     # (~8% of wall time; rendering and the processor release the GIL for much of it).
     # Batches are a pure function of the step, so this changes no number.
-    with progress_bar("training", total, show=progress, completed=start) as bar, open(log_path, "a") as log, \
-            ThreadPoolExecutor(max_workers=1) as prefetch:  # fmt: skip
+    with (
+        progress_bar("training", total, show=progress, completed=start) as bar,
+        open(log_path, "a") as log,
+        ThreadPoolExecutor(max_workers=1) as prefetch,
+    ):
         upcoming = prefetch.submit(batches_of, start)
         for step in range(start, total):
             prepared = upcoming.result()
@@ -100,7 +103,9 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
             if isinstance(prepared, TrainBatch):  # vision phase
                 batch = prepared
                 inputs = batch.prepared.inputs
-                tokens = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+                tokens = model.model.visual(
+                    inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]
+                ).pooler_output
                 visual_tokens.clear()
                 loss = probe.loss(tokens, batch)
                 loss.backward()
@@ -123,15 +128,30 @@ def train(config: ToyConfig = ToyConfig(), *, out_dir: Path = TOY_DIR, progress:
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             phase = "vision" if step < config.vision_steps else "language"
-            entry = {"step": step + 1, "phase": phase, **losses, "lr": _lr(step, config),
-                     "seconds": round(time.time() - began, 1)}  # fmt: skip
+            entry = {
+                "step": step + 1,
+                "phase": phase,
+                **losses,
+                "lr": _lr(step, config),
+                "seconds": round(time.time() - began, 1),
+            }
             log.write(json.dumps(entry) + "\n")
             log.flush()
             bar.advance(1, info=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
                 staging = checkpoint.with_suffix(".tmp")  # write then rename: a kill never leaves half a file
-                torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "option_probe": option_probe.state_dict(), "optimizer": optimizer.state_dict(),
-                            "step": step + 1, "seconds": time.time() - began, "config": asdict(config)}, staging)  # fmt: skip
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "probe": probe.state_dict(),
+                        "option_probe": option_probe.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step + 1,
+                        "seconds": time.time() - began,
+                        "config": asdict(config),
+                    },
+                    staging,
+                )
                 os.replace(staging, checkpoint)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -34,8 +34,8 @@ import nnsight
 import numpy as np
 import torch
 
-from ..models import PreparedBatch, VLMAdapter
-from .sites import DecoderTracer, TracingError, find_attention_call, resolve
+from mechhi.models import PreparedBatch, VLMAdapter
+from mechhi.trace.sites import DecoderTracer, TracingError, find_attention_call, resolve
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,9 @@ def description_attention(
     logits = (q @ key.float().transpose(-1, -2)).view(batch, heads, rows, seq).mul_(scaling)  # (B, H, Q, S)
     if softcap is not None:
         logits = logits.div_(softcap).tanh_().mul_(softcap)
-    logits += row_bias(mask, index, seq, sliding_window=sliding_window, causal=causal) if bias is None else bias
+    logits += (
+        row_bias(mask, index, seq, sliding_window=sliding_window, causal=causal) if bias is None else bias
+    )
     probs = torch.softmax(logits, dim=-1)  # (B, H, Q, S)
     del logits
     mean = torch.einsum("bhqs,bq->bhs", probs, index.query_weights)  # (B, H, S)
@@ -161,9 +163,7 @@ class AttentionTracer(DecoderTracer):
 
     def __init__(self, model: torch.nn.Module, adapter: VLMAdapter) -> None:
         super().__init__(model, adapter)
-        self.call_labels = [
-            find_attention_call(resolve(layer, adapter.attention)) for layer in self.layers
-        ]
+        self.call_labels = [find_attention_call(resolve(layer, adapter.attention)) for layer in self.layers]
 
     def trace(self, batch: PreparedBatch) -> np.ndarray:
         """(B, L, H, V) float32 attention of the description rows on the visual tokens."""
@@ -178,8 +178,9 @@ class AttentionTracer(DecoderTracer):
         first = per_layer[0].device
         return torch.stack([rows.to(first) for rows in per_layer], dim=1).cpu().numpy()  # (B, L, H, V)
 
-    def _layer_rows(self, layer: object, label: str, indices: dict[torch.device, BatchIndex],
-                    biases: dict[tuple, tuple]) -> torch.Tensor:  # fmt: skip
+    def _layer_rows(
+        self, layer: object, label: str, indices: dict[torch.device, BatchIndex], biases: dict[tuple, tuple]
+    ) -> torch.Tensor:
         """One layer's (B, H, V), read inside the trace. A function of its own so that the
         layer's q, k and mask are referenced only until it returns: the model frees them
         before its MLP, as it would untraced. ``indices``: the batch's gather indices on
@@ -193,19 +194,31 @@ class AttentionTracer(DecoderTracer):
         mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
         window, causal = kwargs.get("sliding_window"), getattr(module, "is_causal", True)
         return description_attention(
-            query, key, mask, index,
+            query,
+            key,
+            mask,
+            index,
             scaling=kwargs.get("scaling") or query.shape[-1] ** -0.5,  # SDPA's default
-            softcap=kwargs.get("softcap"), sliding_window=window, causal=causal,
+            softcap=kwargs.get("softcap"),
+            sliding_window=window,
+            causal=causal,
             bias=_cached_bias(biases, mask, index, key.shape[2], window, causal),
-        )  # fmt: skip
+        )
 
 
 def _index_to(index: BatchIndex, device: torch.device) -> BatchIndex:
-    return BatchIndex(*(getattr(index, name).to(device) for name in ("query", "query_valid", "visual", "visual_valid")))
+    return BatchIndex(
+        *(getattr(index, name).to(device) for name in ("query", "query_valid", "visual", "visual_valid"))
+    )
 
 
 def _cached_bias(
-    biases: dict[tuple, tuple], mask: torch.Tensor | None, index: BatchIndex, seq: int, window: int | None, causal: bool
+    biases: dict[tuple, tuple],
+    mask: torch.Tensor | None,
+    index: BatchIndex,
+    seq: int,
+    window: int | None,
+    causal: bool,
 ) -> torch.Tensor:
     """The rows' bias for this mask, made once per trace: a model hands every layer the same
     mask object (or one per layer type). Keyed by the mask's id and checked by a weak
@@ -217,5 +230,3 @@ def _cached_bias(
         bias = row_bias(mask, index, seq, sliding_window=window, causal=causal)
         biases[key] = (None if mask is None else weakref.ref(mask), bias)
     return bias
-
-

@@ -5,7 +5,7 @@ differs is who creates the store, which pending samples each process traces and 
 processes wait for each other. That is all here, so the job reads as the one-process job
 and one process (``SINGLE``) pays nothing.
 
-The protocol (``mechhi.trace.job.trace_dataset``):
+The protocol (``mechhi.trace.trace_dataset.trace_dataset``):
 
 1. every rank loads the model (rank r on ``cuda:LOCAL_RANK``, or the CPU) and the samples;
 2. rank 0 alone takes the store's writer lock, creates (or checks) the store and lists the
@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..store.schema import StoreError
+from mechhi.store.schema import StoreError
 
 T = TypeVar("T")
 
@@ -82,7 +82,7 @@ class Ranks:
         if self.main:
             try:
                 payload[0] = (step(), None)
-            except Exception as caught:  # noqa: BLE001 - sent to the other ranks, then re-raised
+            except Exception as caught:
                 error, payload[0] = caught, (None, " ".join(str(caught).split()) or type(caught).__name__)
         dist.broadcast_object_list(payload, src=0)
         if error is not None:

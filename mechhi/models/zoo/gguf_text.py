@@ -40,8 +40,10 @@ class StorageRule:
     norm_offset: float  # RMSNorm weights stored as offset + w (Gemma's norms scale by 1 + w)
 
 
-STORAGE_RULES = {"llama": StorageRule(permute_q=True, norm_offset=0.0),
-                 "gemma3": StorageRule(permute_q=False, norm_offset=1.0)}  # fmt: skip
+STORAGE_RULES = {
+    "llama": StorageRule(permute_q=True, norm_offset=0.0),
+    "gemma3": StorageRule(permute_q=False, norm_offset=1.0),
+}
 
 
 def _gguf():
@@ -92,8 +94,9 @@ def check_dequantisation(model: Any, path: Path, tensors: dict[str, str] | None 
     reader = gguf.GGUFReader(str(path))
     architecture = architecture_of(reader)
     if architecture not in STORAGE_RULES:
-        raise ValueError(f"GGUF check: {path.name} is a {architecture!r} model; the check knows "
-                         f"{', '.join(STORAGE_RULES)}")  # fmt: skip
+        raise ValueError(
+            f"GGUF check: {path.name} is a {architecture!r} model; the check knows {', '.join(STORAGE_RULES)}"
+        )
     rule = STORAGE_RULES[architecture]
     by_name = {t.name: t for t in reader.tensors}
     params = dict(model.named_parameters())

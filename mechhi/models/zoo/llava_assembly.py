@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 
-from .catalog import Recipe
+from mechhi.models.zoo.catalog import Recipe
+
 
 def chat_template(turn_start: str, turn_end: str, assistant: str) -> str:
     """A chat template with these turn markers; content given as a string or as a list
     of image/text parts, an ``<image>`` line where the image goes."""
     return (
-        f"{{% for m in messages %}}{turn_start}{{{{ '{assistant}' if m['role'] == 'assistant' else m['role'] }}}}\n"
+        f"{{% for m in messages %}}{turn_start}"
+        f"{{{{ '{assistant}' if m['role'] == 'assistant' else m['role'] }}}}\n"
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
         f"{turn_end}\n{{% endfor %}}{{% if add_generation_prompt %}}{turn_start}{assistant}\n{{% endif %}}"
@@ -52,13 +54,18 @@ def image_processor(recipe: Recipe) -> Any:
 
     crop = recipe.crop_size
     return CLIPImageProcessor(
-        size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop},
-        image_mean=list(recipe.image_mean), image_std=list(recipe.image_std), resample=3,  # bicubic, as DINOv2
+        size={"shortest_edge": crop},
+        crop_size={"height": crop, "width": crop},
+        image_mean=list(recipe.image_mean),
+        image_std=list(recipe.image_std),
+        resample=3,  # bicubic, as DINOv2
         do_convert_rgb=True,
-    )  # fmt: skip
+    )
 
 
-def assemble(recipe: Recipe, vision: Any, text: Any, tokenizer: Any, projector: dict | None = None) -> tuple[Any, Any]:
+def assemble(
+    recipe: Recipe, vision: Any, text: Any, tokenizer: Any, projector: dict | None = None
+) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration in eval mode, LlavaProcessor).
 
     ``projector``: a state dict for ``multi_modal_projector`` (a trained one); without it
@@ -67,22 +74,32 @@ def assemble(recipe: Recipe, vision: Any, text: Any, tokenizer: Any, projector: 
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     if getattr(text.config, "final_logit_softcapping", None) is not None:
-        raise ValueError(f"{recipe.name}: the language model softcaps its logits, which LLaVA's head does not")
+        raise ValueError(
+            f"{recipe.name}: the language model softcaps its logits, which LLaVA's head does not"
+        )
     vocabulary = len(tokenizer)
     image_token_id, added = add_image_token(tokenizer, recipe.image_token)
     processor = LlavaProcessor(
-        image_processor=image_processor(recipe), tokenizer=tokenizer, patch_size=recipe.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATES[recipe.chat_format], image_token=recipe.image_token,
-    )  # fmt: skip
+        image_processor=image_processor(recipe),
+        tokenizer=tokenizer,
+        patch_size=recipe.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATES[recipe.chat_format],
+        image_token=recipe.image_token,
+    )
     text_config = text.config.to_dict()
     text_config["vocab_size"] = len(tokenizer)
     config = LlavaConfig(
-        vision_config=vision.config.to_dict(), text_config=text_config, image_token_index=image_token_id,
-        image_seq_length=recipe.image_tokens, vision_feature_select_strategy="default",
-        vision_feature_layer=recipe.vision_feature_layer, projector_hidden_act=recipe.projector_act,
+        vision_config=vision.config.to_dict(),
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=recipe.image_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=recipe.vision_feature_layer,
+        projector_hidden_act=recipe.projector_act,
         tie_word_embeddings=bool(getattr(text.config, "tie_word_embeddings", False)),
-    )  # fmt: skip
+    )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = vision

