@@ -12,17 +12,23 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+
+def _numpy() -> Any:
+    """numpy if something imported it, else None: no numpy value can exist without it, and
+    the CLI's `--help` path, which imports this module, should not pay for loading it."""
+    return sys.modules.get("numpy")
 
 
 def json_default(value: Any) -> Any:
     """``json.dumps(default=...)`` for numpy values, paths and objects with ``to_dict``."""
-    if isinstance(value, np.generic):
+    np = _numpy()
+    if np is not None and isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, np.ndarray):
+    if np is not None and isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
@@ -34,12 +40,14 @@ def json_default(value: Any) -> Any:
 def json_ready(value: Any) -> Any:
     """``value`` with NaN and infinities as None, tuples as lists, numpy values plain.
 
+    >>> import numpy as np
     >>> json_ready({"a": (1.0, float("nan")), "b": np.float32(2.5)})
     {'a': [1.0, None], 'b': 2.5}
     """
-    if isinstance(value, np.ndarray):
+    np = _numpy()
+    if np is not None and isinstance(value, np.ndarray):
         value = value.tolist()
-    if isinstance(value, np.generic):
+    if np is not None and isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
