@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # annotations only: naming the probes must not import xarray (`mechhi --help`)
     import numpy as np
@@ -111,16 +111,3 @@ def get_probe(name: str, *, model: bool | None = None) -> Probe:
     if name not in names:
         raise ValueError(f"unknown probe {name!r}; available: {', '.join(names)}")
     return _loaded(name)
-
-
-def probe_of(variable: str) -> Probe:
-    """The probe whose score variable is ``variable`` (``head_impact``)."""
-    for name in probe_names():
-        if _loaded(name).variable == variable:
-            return _loaded(name)
-    raise ValueError(f"no probe scores {variable!r}; probes: {', '.join(probe_names())}")
-
-
-def summaries() -> dict[str, Any]:
-    """{name: summary} of every probe, for help texts."""
-    return {name: _loaded(name).summary for name in probe_names()}
