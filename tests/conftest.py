@@ -14,6 +14,7 @@ references.py, toy_dataset.py, ...), imported as usual.
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -163,18 +164,28 @@ def toy_model():
     return load(BUNDLED_MODEL, device="cpu", dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def toy_store(toy_model, tmp_path_factory):
-    """The bundled trace set's first samples, traced by the bundled model and scored."""
+@pytest.fixture(scope="session")
+def traced_toy_store(tmp_path_factory):
+    """The bundled trace set's first samples, traced by the bundled model and scored: once
+    per test process. Tests take a copy (``toy_store``), never this one."""
+    from mechhi.models.loading import load
     from mechhi.trace.trace_dataset import TraceConfig, trace_dataset
     from probes.head_impact import score_store
 
-    path = tmp_path_factory.mktemp("store") / "toy.zarr"
+    path = tmp_path_factory.mktemp("traced-toy") / "toy.zarr"
+    loaded = load(BUNDLED_MODEL, device="cpu", dtype="float32")
     trace_dataset(
-        TraceConfig(store=str(path), limit=STORE_SAMPLES, device="cpu"), progress=False, loaded=toy_model
+        TraceConfig(store=str(path), limit=STORE_SAMPLES, device="cpu"), progress=False, loaded=loaded
     )
     score_store(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def toy_store(traced_toy_store, tmp_path_factory):
+    """A module's own copy of the traced toy store: what one module writes into it or
+    beside it (scores, `<store>.patch`) never reaches another module."""
+    return Path(shutil.copytree(traced_toy_store, tmp_path_factory.mktemp("store") / "toy.zarr"))
 
 
 @pytest.fixture(scope="module")

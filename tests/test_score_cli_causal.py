@@ -148,3 +148,15 @@ def test_rank_json_has_every_head_of_the_layers_shown(toy_store):
         assert layer["mean_hi"] == pytest.approx(np.mean(mine), rel=1e-6)
     mass = invoke_json(["rank", "--store", toy_store, "--probe", "attention-mass"])
     assert len(mass["heads"]) == 12 * 4 and {"object_lift", "se", "n"} <= set(mass["heads"][0])
+
+
+def test_rank_reads_the_store_a_few_times_not_once_per_head(toy_store):
+    """`rank --json` computes its per-head rows from one read of the scores, not one lazy
+    read per cell: 48 heads x 3 numbers would be 144 reads of the store."""
+    from dask.callbacks import Callback
+
+    reads = []
+    with Callback(start=lambda dsk: reads.append(len(dsk))):
+        payload = invoke_json(["rank", "--store", toy_store])
+    assert len(payload["heads"]) == 12 * 4
+    assert len(reads) < 20, f"{len(reads)} dask computes for one rank"

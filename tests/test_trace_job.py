@@ -35,8 +35,25 @@ class Killed(Exception):
     pass
 
 
-def test_killed_trace_resumes_to_the_same_store(tiny_model_dir, dataset_dir, tmp_path):
-    whole = trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "whole.zarr"), progress=False)
+@pytest.fixture(scope="module")
+def plain_store(tiny_model_dir, dataset_dir, tmp_path_factory):
+    """The module's one plain trace (``config``: the whole dataset, 3 a batch, not scored),
+    for the tests that read a finished store; a test that writes takes ``plain_copy``."""
+    return trace_dataset(
+        config(tiny_model_dir, dataset_dir, tmp_path_factory.mktemp("plain") / "s.zarr"), progress=False
+    )
+
+
+@pytest.fixture
+def plain_copy(plain_store, tmp_path):
+    """A copy of ``plain_store`` of the test's own."""
+    import shutil
+
+    return Path(shutil.copytree(plain_store, tmp_path / "s.zarr"))
+
+
+def test_killed_trace_resumes_to_the_same_store(tiny_model_dir, dataset_dir, plain_store, tmp_path):
+    whole = plain_store
 
     def kill_after_first(number, indices):
         if number == 1:
@@ -62,8 +79,8 @@ def test_killed_trace_resumes_to_the_same_store(tiny_model_dir, dataset_dir, tmp
         xr.testing.assert_identical(a[name], b[name])
 
 
-def test_store_holds_grid_aligned_maps(tiny_model_dir, dataset_dir, tmp_path):
-    ds = open_store(trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "s.zarr"), progress=False))
+def test_store_holds_grid_aligned_maps(tiny_model_dir, plain_store):
+    ds = open_store(plain_store)
     assert ds.sizes["sample"] == 10 and ds.sizes["layer"] == 3 and ds.sizes["head"] == 4
     assert bool(ds.done.all())
     for i in range(ds.sizes["sample"]):
@@ -120,8 +137,8 @@ def test_cli_trace_rank_stats(tiny_model_dir, dataset_dir, tmp_path):
     assert all(0.0 <= t["p_value"] <= 1.0 and t["df"] >= 1 for t in tests)
 
 
-def test_rank_with_another_rule_scores_in_memory_and_leaves_the_store(tiny_model_dir, dataset_dir, tmp_path):
-    store = trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "s.zarr"), progress=False)
+def test_rank_with_another_rule_scores_in_memory_and_leaves_the_store(plain_copy):
+    store = plain_copy
     runner = CliRunner()
     first = runner.invoke(app, ["rank", "--store", str(store), "--json"])
     assert first.exit_code == 0 and "saving the scores" in first.stderr, first.output
@@ -236,12 +253,10 @@ def test_partial_scores_written_by_an_older_run_are_replaced(tiny_model_dir, dat
     np.testing.assert_allclose(ds.head_impact.values, score(ds).head_impact.values)
 
 
-def test_a_store_that_cannot_be_written_is_scored_in_memory(
-    tiny_model_dir, dataset_dir, tmp_path, monkeypatch
-):
+def test_a_store_that_cannot_be_written_is_scored_in_memory(plain_copy, monkeypatch):
     from mechhi.store import WriterLock
 
-    store = trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "s.zarr"), progress=False)
+    store = plain_copy
 
     def read_only(self):
         raise PermissionError(13, "Permission denied", str(self.path))
@@ -376,7 +391,8 @@ def finished_store(tiny_model_dir, dataset_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def toy_store(finished_store, tmp_path):
+def finished_copy(finished_store, tmp_path):
+    """A copy of ``finished_store`` of its own, for a test that damages it."""
     import shutil
 
     return shutil.copytree(finished_store, tmp_path / "s.zarr")
@@ -396,9 +412,9 @@ def visual_mass(store) -> dict[int, float]:
 
 
 def test_flipped_bytes_in_a_shard_are_found_refused_repaired_and_retraced(
-    tiny_model_dir, dataset_dir, toy_store
+    tiny_model_dir, dataset_dir, finished_copy
 ):
-    store = toy_store
+    store = finished_copy
     before, original = visual_mass(store), open_store(store).load()
     flip_bytes(store / "attention" / "c" / "1" / "0" / "0" / "0" / "0")  # samples 8 and 9
     assert (
@@ -431,8 +447,8 @@ def test_flipped_bytes_in_a_shard_are_found_refused_repaired_and_retraced(
     assert visual_mass(store) == pytest.approx(before, rel=1e-4)
 
 
-def test_a_truncated_shard_is_found_by_a_plain_verify_and_by_rank(tiny_model_dir, dataset_dir, toy_store):
-    store = toy_store
+def test_a_truncated_shard_is_found_by_a_plain_verify_and_by_rank(tiny_model_dir, dataset_dir, finished_copy):
+    store = finished_copy
     original = open_store(store).load()
     shard = store / "attention" / "c" / "0" / "0" / "0" / "0" / "0"  # samples 0-7
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -453,10 +469,10 @@ def test_a_truncated_shard_is_found_by_a_plain_verify_and_by_rank(tiny_model_dir
     )
 
 
-def test_a_missing_inner_chunk_of_a_present_shard_is_found(tiny_model_dir, dataset_dir, toy_store):
+def test_a_missing_inner_chunk_of_a_present_shard_is_found(tiny_model_dir, dataset_dir, finished_copy):
     import zarr
 
-    store = toy_store
+    store = finished_copy
     mask = zarr.open_array(str(store / "mask"), mode="r+", config={"write_empty_chunks": False})
     mask[3] = np.nan  # all fill value: zarr drops sample 3's inner chunk from shard c/0
     report = invoke_json(["store", "verify", store], exit_code=1)
@@ -466,8 +482,8 @@ def test_a_missing_inner_chunk_of_a_present_shard_is_found(tiny_model_dir, datas
     assert invoke_json(["store", "verify", store])["damaged"] == []
 
 
-def test_a_damaged_done_file_is_named_and_repairable(tiny_model_dir, dataset_dir, toy_store):
-    store = toy_store
+def test_a_damaged_done_file_is_named_and_repairable(tiny_model_dir, dataset_dir, finished_copy):
+    store = finished_copy
     original = open_store(store).load()
     flip_bytes(store / "done" / "c" / "0")  # the flags of samples 0-7
     for command in (["rank", "--store", store], ["stats", "--store", store]):
@@ -484,16 +500,16 @@ def test_a_damaged_done_file_is_named_and_repairable(tiny_model_dir, dataset_dir
     )
 
 
-def test_a_damaged_done_file_is_repaired_by_the_trace_itself(tiny_model_dir, dataset_dir, toy_store):
-    store = toy_store
+def test_a_damaged_done_file_is_repaired_by_the_trace_itself(tiny_model_dir, dataset_dir, finished_copy):
+    store = finished_copy
     flip_bytes(store / "done" / "c" / "1")
     again = cli_trace(tiny_model_dir, dataset_dir, store)
     assert "done flag unreadable (done/c/1" in again.stderr and "tracing them again" in again.stderr
     assert bool(open_store(store).done.all())
 
 
-def test_a_deleted_done_file_is_said_and_its_samples_retraced(tiny_model_dir, dataset_dir, toy_store):
-    store = toy_store
+def test_a_deleted_done_file_is_said_and_its_samples_retraced(tiny_model_dir, dataset_dir, finished_copy):
+    store = finished_copy
     (store / "done" / "c" / "1").unlink()
     report = invoke_json(["store", "verify", store])  # not lost: the samples are pending, and said so
     assert report["unflagged"] == [{"file": "done/c/1", "samples": [8, 9]}] and report["done"] == 8
@@ -504,14 +520,14 @@ def test_a_deleted_done_file_is_said_and_its_samples_retraced(tiny_model_dir, da
     assert bool(open_store(store).done.all()) and invoke_json(["store", "verify", store])["unflagged"] == []
 
 
-def test_a_toy_store_checksums_every_chunk(toy_store):
+def test_a_toy_store_checksums_every_chunk(finished_copy):
     import zarr
 
     from mechhi.store import unchecked
     from mechhi.store.layout import checksummed
 
-    group = zarr.open_group(str(toy_store), mode="r")
-    assert unchecked(toy_store) == []
+    group = zarr.open_group(str(finished_copy), mode="r")
+    assert unchecked(finished_copy) == []
     assert all(checksummed(group[name]) for name in group.array_keys())  # scores and coords too
 
 
@@ -525,9 +541,8 @@ def test_trace_prints_only_its_result_on_stdout(tiny_model_dir, dataset_dir, tmp
     assert "tracing" in result.stderr  # the progress bar went to stderr
 
 
-def test_every_score_command_prints_json_only(tiny_model_dir, dataset_dir, tmp_path):
-    store = tmp_path / "s.zarr"
-    cli_trace(tiny_model_dir, dataset_dir, store)
+def test_every_score_command_prints_json_only(tiny_model_dir, dataset_dir, plain_copy):
+    store = plain_copy
     assert invoke_json(["rank", "--store", store])["probe"] == "head-impact"
     assert invoke_json(["rank", "--store", store, "--probe", "attention-mass"])["layers"]
     assert (
@@ -667,13 +682,13 @@ def test_default_stores_are_named_by_model_and_dataset():
 
 
 # ---------------------------------------------------------------- provenance (item 10)
-def test_the_store_records_where_its_numbers_come_from(tiny_model_dir, dataset_dir, tmp_path):
+def test_the_store_records_where_its_numbers_come_from(tiny_model_dir, dataset_dir, plain_store, tmp_path):
     import hashlib
     from importlib.metadata import version
 
     from mechhi.models.loading import load
 
-    ds = open_store(trace_dataset(config(tiny_model_dir, dataset_dir, tmp_path / "s.zarr"), progress=False))
+    ds = open_store(plain_store)
     assert ds.attrs["model"] == str(tiny_model_dir)  # as given, not resolved
     assert ds.attrs["model_revision"].startswith("sha256:")
     assert ds.attrs["versions"] == {
@@ -809,11 +824,10 @@ def test_out_of_memory_names_the_batch_and_suggests_a_smaller_batch(
 
 
 # ---------------------------------------------------------------- small things (item 12)
-def test_rank_under_another_rule_leaks_no_library_warning(tiny_model_dir, dataset_dir, tmp_path):
+def test_rank_under_another_rule_leaks_no_library_warning(plain_copy):
     import warnings
 
-    store = tmp_path / "s.zarr"
-    cli_trace(tiny_model_dir, dataset_dir, store)
+    store = plain_copy
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = invoke(["rank", "--store", store, "--mask-threshold", "0.3"])
@@ -826,11 +840,10 @@ def test_rank_under_another_rule_leaks_no_library_warning(tiny_model_dir, datase
     assert "Warning" not in result.stderr
 
 
-def test_a_store_without_done_gives_one_line(tiny_model_dir, dataset_dir, tmp_path):
+def test_a_store_without_done_gives_one_line(plain_copy):
     import shutil
 
-    store = tmp_path / "s.zarr"
-    cli_trace(tiny_model_dir, dataset_dir, store)
+    store = plain_copy
     shutil.rmtree(store / "done")
     message = one_line_error(invoke(["rank", "--store", store], exit_code=1))
     assert "has no 'done' variable" in message and "AttributeError" not in message

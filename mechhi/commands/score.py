@@ -149,6 +149,7 @@ def rank(
             {},
             chosen.summary,
         )
+    columns = {name: values.compute() for name, values in columns.items()}  # one read, not one per cell
     rows = [
         {
             "rank": i + 1,
@@ -203,7 +204,7 @@ def localization_ranking(store, per_sample_k: int | None) -> tuple:
     from probes.spatial_entropy import chosen_heads, layer_ranking, localization, select_heads
 
     ds = open_traced(store)
-    selection = select_heads(localization(ds), per_sample_k)
+    selection = select_heads(localization(ds), per_sample_k).compute()
     ranking = layer_ranking(selection)
     measures = ("selection_frequency", "mean_spatial_entropy", "mean_visual_mass")
     per_layer = mean_over(selection[list(measures)], "head").sel(layer=ranking.layer)
@@ -287,7 +288,7 @@ def head_rows(per_sample, key: str, layers: list[int]) -> list[dict]:
     ``per_sample``, (sample, layer, head)) as ``key``, its standard error and n."""
     from probes.maps import sample_summary
 
-    summary = sample_summary(per_sample.sel(layer=layers))
+    summary = sample_summary(per_sample.sel(layer=layers)).compute()  # one read, not three per head
     rows = []
     for layer in layers:
         for head in summary["head"].values:

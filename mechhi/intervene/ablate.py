@@ -61,7 +61,7 @@ from mechhi.models import VLMAdapter
 from mechhi.progress import tracked
 from mechhi.result_cache import ResultCache
 from mechhi.scoring.head_sets import CONTROLS, bottom_heads, overlap, per_layer, random_control, top_heads
-from mechhi.scoring.probe_scores import ModelProbeSettings, probe_scores, variable
+from mechhi.scoring.probe_scores import ModelProbeSettings, probe_scores
 from probes.registry import get_probe
 
 # metric -> (per-sample values it is computed from, transform of their mean)
@@ -180,7 +180,7 @@ def probe_head_scores(session: Session, config: AblateConfig, cache: ResultCache
         result = probe_scores(
             session.ds, [config.probe], settings=settings, loaded=loaded, progress=session.progress
         )
-        return result[variable(config.probe)].values.tolist()
+        return result[get_probe(config.probe).variable].values.tolist()
 
     values, _ = cache.get_or_compute("scores", fields, compute)
     coords = {"layer": session.ds["layer"].values, "head": session.ds["head"].values}

@@ -19,10 +19,10 @@ from typing import Any
 import xarray as xr
 
 from mechhi.scoring.head_sets import top_heads
-from mechhi.scoring.probe_scores import probe_scores, variable
+from mechhi.scoring.probe_scores import probe_scores
 from probes.grounding import ground, whole_image
 from probes.head_impact import BinarizeRule
-from probes.registry import probe_names
+from probes.registry import get_probe, probe_names
 from probes.spatial_entropy import chosen_heads, localization, select_heads
 
 GROUND_BY = probe_names(model=False)  # the probes that read the store alone (probes.registry)
@@ -58,7 +58,7 @@ def ground_store(
         if probe == "spatial-entropy":
             heads = chosen_heads(selection, n_heads)
         else:
-            heads = list(top_heads(probe_scores(ds, [probe], progress=False)[variable(probe)], n))
+            heads = list(top_heads(probe_scores(ds, [probe], progress=False)[get_probe(probe).variable], n))
         result = ground(ds, heads, smooth, rule)
         groundings.append({"by": probe, **result.attrs})
     overlap = [

@@ -35,8 +35,6 @@ from mechhi.store.dataset_ref import DatasetRef
 from mechhi.trace.trace_dataset import TraceConfig, load_samples
 from probes.registry import get_probe, probe_names
 
-PROBES = probe_names()  # every registered probe (probes.registry), in its order
-
 
 @dataclass(frozen=True)
 class ModelProbeSettings:
@@ -48,11 +46,6 @@ class ModelProbeSettings:
     batch_size: int = 4
     device: str = "auto"
     dtype: str = "auto"
-
-
-def variable(probe: str) -> str:
-    """The score's variable name: ``head-impact`` -> ``head_impact``."""
-    return get_probe(probe).variable
 
 
 def store_source(ds: xr.Dataset) -> tuple[str, str, str]:
@@ -147,7 +140,7 @@ class _Inputs:
 
 def probe_scores(
     ds: xr.Dataset,
-    probes: Sequence[str] = PROBES,
+    probes: Sequence[str] | None = None,
     *,
     settings: ModelProbeSettings = ModelProbeSettings(),
     loaded: tuple[Any, VLMAdapter] | None = None,
@@ -156,9 +149,11 @@ def probe_scores(
     """(layer, head) scores of ``probes`` for the store ``ds``; see the module doc.
 
     ``loaded`` passes the store's (model, adapter) already loaded; otherwise the model is
-    loaded from the store's ``model`` attr, and only if a probe needs it.
+    loaded from the store's ``model`` attr, and only if a probe needs it. ``probes``:
+    default every registered probe (`probes.registry`), in its order, read at the call so
+    that a probe registered after import is included.
     """
-    chosen = [get_probe(name) for name in probes]
+    chosen = [get_probe(name) for name in (probe_names() if probes is None else probes)]
     inputs = _Inputs(ds, settings, loaded, progress)
     scores = {probe.variable: probe.score(inputs) for probe in chosen}
     coords = {"layer": ds["layer"].values, "head": ds["head"].values}
