@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The default suite (unit and integration tiers, tests/conftest.py) on every core; the
-# README's blocks stay on one worker, in order (xdist_group).
-XDIST := -n auto --dist loadgroup
+# The default suite (unit and integration tiers, tests/conftest.py) on every core.
+# loadfile: a test file runs on one worker, in order (the README's blocks build on each other;
+# a module's fixtures are built once). Not loadgroup: with pytest 9.2 it stopped grouping
+# (pytest-dev/pytest-xdist#1386), silently.
+XDIST := -n auto --dist loadfile
 test: lint browser
 	$(PY) -m pytest -q $(XDIST)
 

@@ -56,14 +56,9 @@ INTEGRATION = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        module = item.path.stem
-        item.add_marker("integration" if module.startswith(INTEGRATION) else "unit")
-        if module == "test_readme":
-            # its blocks run in order, each on what the earlier ones made: one worker under -n
-            item.add_marker(pytest.mark.xdist_group("readme"))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The tier mark of each test, by its module."""
+    item.add_marker("integration" if item.path.stem.startswith(INTEGRATION) else "unit")
 
 
 WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "small", "large"]
