@@ -258,6 +258,9 @@ def test_experiment_reads_the_dataset_loads_the_model_and_decodes_each_image_onc
     assert len(report["setups"]) == 6
     assert len(reads) == 1 and len(loads) == 1  # for six setups
     assert len(decoded) == len(set(decoded)) > 0  # no image file decoded twice
+    again = run_experiment(config, progress=False)  # every setup cached: no model is loaded
+    assert len(loads) == 1
+    assert [e["metrics"] for e in again["setups"]] == [e["metrics"] for e in report["setups"]]
 
 
 def test_experiment_refuses_an_unscored_store_before_training(env, tmp_path):

@@ -19,7 +19,16 @@ from mechhi.commands.common import (
     friendly_errors,
     print_json,
 )
-from mechhi.commands.intervene import DefaultStoreOpt, EvalDatasetOpt, ThreadsOpt, _threads, _value, _words
+from mechhi.commands.intervene import (
+    DefaultStoreOpt,
+    EvalDatasetOpt,
+    EvalSplitOpt,
+    StoreModelOpt,
+    ThreadsOpt,
+    _threads,
+    _value,
+    _words,
+)
 
 
 def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -55,7 +64,7 @@ def knockout(
         str | None, typer.Option(help="Only these heads of each window's layers, e.g. 0,2 (default: all).")
     ] = None,
     dataset: EvalDatasetOpt = None,
-    split: Annotated[str, typer.Option(help="Split of the evaluation dataset.")] = "test",
+    split: EvalSplitOpt = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluation samples.")] = 50,
     out: Annotated[Path, typer.Option(help="Cache of finished windows and knockout.json.")] = Path(
         "experiments/knockout"
@@ -63,7 +72,7 @@ def knockout(
     figure: Annotated[
         Path | None, typer.Option(help="Also draw window x effect per flow to this PNG/SVG/PDF.")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model (default: the store's).")] = None,
+    model: StoreModelOpt = None,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -152,14 +161,14 @@ def patch(
         str | None, typer.Option(help="Residual only: the token groups patched, comma-separated.")
     ] = None,
     dataset: EvalDatasetOpt = None,
-    split: Annotated[str, typer.Option(help="Split of the evaluation dataset.")] = "test",
+    split: EvalSplitOpt = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluation samples.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the noise (--change noise).")] = 0,
     top: Annotated[int, typer.Option(min=1, help="Sites shown.")] = 10,
     out: Annotated[
         Path | None, typer.Option(help="Cache and results (default: <store>.patch beside the store).")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model (default: the store's).")] = None,
+    model: StoreModelOpt = None,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

@@ -37,6 +37,8 @@ EvalDatasetOpt = Annotated[
     ),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice).")]
+EvalSplitOpt = Annotated[str, typer.Option(help="Split of the evaluation dataset.")]
+StoreModelOpt = Annotated[str | None, typer.Option(help="Model (default: the store's).")]
 
 
 def _words(text: str | None) -> tuple[str, ...] | None:
@@ -112,7 +114,7 @@ def ablate(
         ),
     ] = "matched,depth",
     dataset: EvalDatasetOpt = None,
-    split: Annotated[str, typer.Option(help="Split of the evaluation dataset.")] = "test",
+    split: EvalSplitOpt = "test",
     limit: Annotated[int | None, typer.Option(min=2, help="Evaluation samples (default 100).")] = 100,
     words: Annotated[
         str | None,
@@ -121,7 +123,7 @@ def ablate(
     out: Annotated[Path, typer.Option(help="Cache of finished setups and ablate.json.")] = Path(
         "experiments/ablate"
     ),
-    model: Annotated[str | None, typer.Option(help="Model (default: the store's).")] = None,
+    model: StoreModelOpt = None,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -221,7 +223,7 @@ def edit(
     out: Annotated[Path, typer.Option(help="Cache of finished setups and edit.json.")] = Path(
         "experiments/edit"
     ),
-    model: Annotated[str | None, typer.Option(help="Model (default: the store's).")] = None,
+    model: StoreModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,

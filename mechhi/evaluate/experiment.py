@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -131,13 +132,21 @@ def _setup_fields(config: ExperimentConfig, setup: Setup, ranking: str | None) -
 
 @dataclass
 class _Shared:
-    """What every setup of one experiment uses, built once."""
+    """What every setup of one experiment uses, built once: the model and the evaluation set
+    on first use, so a rerun whose setups are all cached loads no model."""
 
-    loaded: tuple[Any, VLMAdapter]
+    load: Callable[[], tuple[Any, VLMAdapter]]
     model_id: str
     data: FinetuneData  # train / val, images decoded once, validation batches prepared once
     test: Any  # the evaluation split
-    eval_set: EvalSet | None = None  # built on first use (not at all when every setup is cached)
+    eval_set: EvalSet | None = None
+    _loaded: tuple[Any, VLMAdapter] | None = None
+
+    @property
+    def loaded(self) -> tuple[Any, VLMAdapter]:
+        if self._loaded is None:
+            self._loaded = self.load()
+        return self._loaded
 
     def evaluation(self, config: ExperimentConfig) -> EvalSet:
         if self.eval_set is None:
@@ -286,13 +295,13 @@ def _shared(
 ) -> _Shared:
     """The base model (loaded once, onto the accelerator's device) and the dataset (read once)."""
     model_id = resolve_model_id(config.model, store_ds)
-    if loaded is None:
-        loaded = loading.load(
-            model_id, device=device, dtype=config.dtype
-        )  # looked up at call time: a test may stand in for it
+
+    def load() -> tuple[Any, VLMAdapter]:  # `loading.load` looked up at call time: a test may stand in
+        return loaded if loaded is not None else loading.load(model_id, device=device, dtype=config.dtype)
+
     dataset = load_dataset(resolve_dataset(config.dataset, progress=progress))
     images = ImageCache()
     data = FinetuneData.read(
         dataset, train_limit=config.train.train_limit, val_limit=config.train.val_limit, images=images
     )
-    return _Shared(loaded, model_id, data, split_of(dataset, config.split))
+    return _Shared(load, model_id, data, split_of(dataset, config.split))
