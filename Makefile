@@ -21,8 +21,10 @@ install: $(STAMP)
 # The default suite (unit and integration tiers, tests/conftest.py) on every core.
 # loadfile: a test file runs on one worker, in order (the README's blocks build on each other;
 # a module's fixtures are built once). Not loadgroup: with pytest 9.2 it stopped grouping
-# (pytest-dev/pytest-xdist#1386), silently.
-XDIST := -n auto --dist loadfile
+# (pytest-dev/pytest-xdist#1386), silently. --no-loadscope-reorder: files are dealt in the
+# collection order tests/conftest.py sets (the long integration files first), not by
+# their number of tests, which started the 20 s torchrun and accelerate checks last.
+XDIST := -n auto --dist loadfile --no-loadscope-reorder
 test: lint browser
 	$(PY) -m pytest -q $(XDIST)
 

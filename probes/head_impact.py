@@ -305,8 +305,9 @@ def score_store(path: str | Path, rule: BinarizeRule = BinarizeRule()) -> xr.Dat
     """Open a store, score it, write ``iou``/``head_impact``/``binarize``/``scored_samples``
     back, return the scores. Scores of a half-traced store are written as such (their
     ``scored_samples`` is below the sample count); `ensure_scored` never writes them."""
-    scores = score(open_store(path), rule)
-    write_scores(path, scores)
+    ds = open_store(path)
+    scores = score(ds, rule)
+    write_scores(path, scores, opened=ds)
     return scores
 
 

@@ -19,21 +19,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import zarr
-from PIL import Image
+import typer.testing
 
-from mechhi.bundled import BUNDLED_MODEL
-from mechhi.models import adapter_for
-from mechhi.models.tiny import CASES as TINY_CASES
-from mechhi.models.tiny import build_tiny, tiny_qwen2_vl
-from mechhi.models.toy import HELD_OUT_SEED, vocabulary
-from mechhi.store import SampleMeta, create_store, pad_grid, write_batch
-from tests.toy_dataset import write_toy_dataset
+# Nothing heavy at the top: pytest-xdist's controller imports this file before it starts
+# the workers, and torch, transformers and mechhi's models cost it about 6 s there, on the
+# clock of every run. The workers import them with the test modules anyway; the fixtures
+# below import what they use.
 
-# One thread: tiny models gain nothing from two, and OpenMP's spinning threads slow a
-# busy 2-core machine down many times over.
-torch.set_num_threads(1)
+
+# typer's CliRunner builds the click command tree from the app on every invoke (0.1 s, and
+# a run invokes some 300 times): build it once per process. Sound because nothing in the
+# tree changes after import: choices that read a registry (probes) are checked when a
+# command runs, not by click.
+typer.testing._get_command = functools.cache(typer.testing._get_command)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One thread: tiny models gain nothing from two, and OpenMP's spinning threads slow a
+    busy 2-core machine down many times over."""
+    import torch
+
+    torch.set_num_threads(1)
+
 
 # The tiers (pytest marks, given here by module so the list is the layout): ``integration``
 # runs commands end to end (the CLI, stores on disk, several processes, a browser, the
@@ -61,26 +69,49 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     item.add_marker("integration" if item.path.stem.startswith(INTEGRATION) else "unit")
 
 
-WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "small", "large"]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The integration files first, each file's tests in their order (a stable sort): they
+    are the long ones (20-50 s a file against a few for most unit files), and `make test`
+    deals whole files to its workers in this order, so a long file that started last would
+    leave the other worker idle; the many short unit files fill the end evenly."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
 
-CASES = [(family, case) for family, cases in TINY_CASES.items() for case in cases]
+
+WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "small", "large"]
 
 
 @functools.cache
 def tiny(family: str, case: str):
     """(model, adapter) for one tiny case, float32, eval mode, built once per session."""
+    import torch
+
+    from mechhi.models import adapter_for
+    from mechhi.models.tiny import CASES, build_tiny
+
     torch.manual_seed(0)
-    model, processor = build_tiny(family, words=WORDS, **TINY_CASES[family][case])
+    model, processor = build_tiny(family, words=WORDS, **CASES[family][case])
     model = model.float().eval()
     return model, adapter_for(model.config, processor)
 
 
-def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
+def noise_image(height: int, width: int, seed: int = 0):
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.fixture(params=CASES, ids=[f"{f}-{c}" for f, c in CASES])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``tiny_case``: every family's every case (`mechhi.models.tiny.CASES`), read at
+    collection, in the workers, rather than at this file's import."""
+    if "tiny_case" in metafunc.fixturenames:
+        from mechhi.models.tiny import CASES
+
+        cases = [(family, case) for family, variants in CASES.items() for case in variants]
+        metafunc.parametrize("tiny_case", cases, ids=[f"{f}-{c}" for f, c in cases], indirect=True)
+
+
+@pytest.fixture
 def tiny_case(request):
     family, case = request.param
     return tiny(family, case)
@@ -116,6 +147,10 @@ def multiview_maps(seed: int) -> tuple[dict, dict]:
 
 @pytest.fixture
 def multiview_store(tmp_path: Path) -> tuple[Path, dict, dict]:
+    import zarr
+
+    from mechhi.store import SampleMeta, create_store, pad_grid, write_batch
+
     att, cov = multiview_maps(seed=3)
     path = tmp_path / "t.zarr"
     samples = [SampleMeta(f"i{s}", f"o{s}", f"d{s}", g) for s, g in enumerate(GRIDS)]
@@ -136,6 +171,8 @@ def multiview_store(tmp_path: Path) -> tuple[Path, dict, dict]:
 # ---------------------------------------------------------------- the trace commands' model and dataset
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
+    from mechhi.models.tiny import tiny_qwen2_vl
+
     directory = tmp_path_factory.mktemp("tiny-qwen2vl")
     tiny_qwen2_vl(directory, words=WORDS, layers=3)
     return directory
@@ -143,6 +180,8 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
+    from tests.toy_dataset import write_toy_dataset
+
     root = tmp_path_factory.mktemp("dataset")
     write_toy_dataset(root)
     return root
@@ -154,6 +193,7 @@ STORE_SAMPLES = 12
 
 @pytest.fixture(scope="module")
 def toy_model():
+    from mechhi.bundled import BUNDLED_MODEL
     from mechhi.models.loading import load
 
     return load(BUNDLED_MODEL, device="cpu", dtype="float32")
@@ -163,6 +203,7 @@ def toy_model():
 def traced_toy_store(tmp_path_factory):
     """The bundled trace set's first samples, traced by the bundled model and scored: once
     per test process. Tests take a copy (``toy_store``), never this one."""
+    from mechhi.bundled import BUNDLED_MODEL
     from mechhi.models.loading import load
     from mechhi.trace.trace_dataset import TraceConfig, trace_dataset
     from probes.head_impact import score_store
@@ -186,6 +227,7 @@ def toy_store(traced_toy_store, tmp_path_factory):
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
     from mechhi.data.synthetic import build_synthetic
+    from mechhi.models.toy import HELD_OUT_SEED
 
     return build_synthetic(
         tmp_path_factory.mktemp("held-out") / "data",
@@ -199,6 +241,9 @@ def held_out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shallow_model(tmp_path_factory):
     """A tiny Qwen2-VL with the toy's words but 6 decoder layers (the toy has 12)."""
+    from mechhi.models.tiny import tiny_qwen2_vl
+    from mechhi.models.toy import vocabulary
+
     directory = tmp_path_factory.mktemp("shallow")
     tiny_qwen2_vl(directory, words=vocabulary(), layers=6, heads=4)
     return directory

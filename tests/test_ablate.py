@@ -19,6 +19,8 @@ from tests.conftest import STORE_SAMPLES
 from tests.helpers import invoke, one_line_error
 from tests.references import hooked
 
+LIMIT = 6  # held-out samples each setup is evaluated on
+
 
 def config(toy_store, held_out, out, **kw) -> AblateConfig:
     settings = {
@@ -26,7 +28,7 @@ def config(toy_store, held_out, out, **kw) -> AblateConfig:
         "dataset": str(held_out),
         "n_heads": 4,
         "seeds": (0, 1),
-        "limit": 10,
+        "limit": LIMIT,
         "mode": "zero",
         "out": str(out),
         "device": "cpu",
@@ -52,7 +54,7 @@ def by_hand(model, adapter, data: EvalData, heads, replace) -> dict[str, float]:
 def test_setups_match_the_plain_model_edited_by_hand(zero_run, toy_model, held_out):
     _, report = zero_run
     model, adapter = toy_model
-    data = EvalData(str(held_out), "test", 10, 0, progress=False)
+    data = EvalData(str(held_out), "test", LIMIT, 0, progress=False)
     names = [s["name"] for s in report["setups"]]
     assert names == [
         "unablated",
@@ -74,7 +76,7 @@ def test_setups_match_the_plain_model_edited_by_hand(zero_run, toy_model, held_o
             top["metrics"][metric]["mean"] - base["metrics"][metric]["mean"]
         )
         assert top["change"][metric]["se"] >= 0
-    assert report["n_samples"] == 10 and top["metrics"]["perplexity"]["n"] == 10
+    assert report["n_samples"] == LIMIT and top["metrics"]["perplexity"]["n"] == LIMIT
 
 
 def test_heads_come_from_the_store_and_controls_keep_the_counts(zero_run, toy_store):

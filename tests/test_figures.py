@@ -97,15 +97,21 @@ def test_labels_say_what_differs(tmp_path):
     assert model_labels([a, open_store(tmp_path / "a.zarr")]) == ["toy", "toy"]  # identical: no invented "#2"
 
 
+@pytest.fixture(scope="module")
+def small_ds(tmp_path_factory) -> xr.Dataset:
+    """One sample, 3 x 2 heads: for the tests of saving, which only read it."""
+    return make_store(tmp_path_factory.mktemp("small") / "s.zarr", n_layers=3, n_heads=2, grids=[(2, 2)])
+
+
 @pytest.mark.parametrize("ext, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF")])
-def test_saved_by_extension(tmp_path, ext, magic):
-    ds = make_store(tmp_path / "s.zarr", n_layers=3, n_heads=2, grids=[(2, 2)])
+def test_saved_by_extension(tmp_path, small_ds, ext, magic):
+    ds = small_ds
     path = figures.save(figures.heatmap_figure([ds]), tmp_path / f"hi{ext}")
     assert path.read_bytes().startswith(magic)
 
 
-def test_dpi_sets_the_png_size(tmp_path):
-    ds = make_store(tmp_path / "s.zarr", n_layers=3, n_heads=2, grids=[(2, 2)])
+def test_dpi_sets_the_png_size(tmp_path, small_ds):
+    ds = small_ds
     fig = figures.heatmap_figure([ds])
     width, height = fig.get_size_inches()
     for dpi in (80, 200):
@@ -113,8 +119,8 @@ def test_dpi_sets_the_png_size(tmp_path):
             assert im.size == (round(width * dpi), round(height * dpi))
 
 
-def test_unknown_extension_refused(tmp_path):
-    ds = make_store(tmp_path / "s.zarr", n_layers=3, n_heads=2, grids=[(2, 2)])
+def test_unknown_extension_refused(tmp_path, small_ds):
+    ds = small_ds
     with pytest.raises(figures.PlotError, match=r"\.png, \.svg, \.pdf"):
         figures.save(figures.heatmap_figure([ds]), tmp_path / "hi.jpg")
 
@@ -222,7 +228,11 @@ def test_compare_aligns_models_on_depth(tmp_path):
 OWN, BIG = (3, 4), (4, 5)  # sample 0's grid and the store's (set by sample 1)
 
 
-def overlay_store(tmp_path: Path, dataset: str = "/nowhere#0") -> xr.Dataset:
+@pytest.fixture(scope="module")
+def overlay_ds(tmp_path_factory) -> xr.Dataset:
+    """Two samples of 2 x 3 heads, sample 0 on its own 3x4 grid of the store's 4x5, with a
+    known hottest cell; built once per module, since the overlay tests only read it."""
+    tmp_path = tmp_path_factory.mktemp("overlay")
     rng = np.random.default_rng(1)
     att0 = rng.random((2, 3) + OWN) * 0.5  # (L=2, H=3, 3, 4)
     att0[1, 2, 2, 3] = 5.0  # layer 1 head 2: the largest score at token (2, 3)
@@ -235,14 +245,13 @@ def overlay_store(tmp_path: Path, dataset: str = "/nowhere#0") -> xr.Dataset:
         n_layers=2,
         n_heads=3,
         grids=[OWN, BIG],
-        dataset=dataset,
         attention=[att0, rng.random((2, 3) + BIG)],
         coverage=[cov0, rng.random(BIG)],
     )
 
 
-def test_overlay_maps_cut_to_the_own_grid(tmp_path):
-    ds = overlay_store(tmp_path)
+def test_overlay_maps_cut_to_the_own_grid(overlay_ds):
+    ds = overlay_ds
     maps = overlay_maps(ds, sample=0, layer=1, head=2)
     assert maps.attention.shape == OWN  # the sample's 3x4, not the store's 4x5
     assert maps.iou == pytest.approx(float(ds["iou"].sel(sample=0, layer=1, head=2)))
@@ -261,8 +270,8 @@ def _contour_contains(ax, style_colour: str, points: np.ndarray) -> np.ndarray:
     return np.array([any(p.contains_point(pt) for p in contour.get_paths()) for pt in points])
 
 
-def test_overlay_pixels_and_contours(tmp_path):
-    ds = overlay_store(tmp_path)
+def test_overlay_pixels_and_contours(tmp_path, overlay_ds):
+    ds = overlay_ds
     grey = Image.new("RGB", (200, 150), (128, 128, 128))  # 3x4 tokens of 50 px
     mask = np.zeros((150, 200), bool)
     mask[10:40, 10:90] = True
@@ -305,12 +314,12 @@ def contrast(a, b) -> float:
 
 
 @pytest.mark.parametrize("name", ["yellow", "orange", "green", "red", "blue", "purple"])
-def test_high_attention_stays_visible_over_any_object_colour(tmp_path, name):
+def test_high_attention_stays_visible_over_any_object_colour(tmp_path, overlay_ds, name):
     """The hottest cell, drawn over an image all of one toy colour, must stand out from it
     (WCAG contrast >= 2.5; inferno's yellow hot end over the toy's yellow gave 1.26)."""
     from mechhi.data.synthetic import COLOURS
 
-    ds = overlay_store(tmp_path)
+    ds = overlay_ds
     flat = Image.new("RGB", (200, 150), COLOURS[name])
     fig = figures.overlay_figure(ds, sample=0, layer=1, head=2, picture=figures.Picture(flat, None))
     right = fig.axes[1]
@@ -329,8 +338,8 @@ def test_overlay_reads_the_image_from_the_dataset(tmp_path):
     assert (pixel(pixels, fig.axes[0], 60, 60) == BACKGROUND).all()
 
 
-def test_overlay_errors(tmp_path):
-    ds = overlay_store(tmp_path)
+def test_overlay_errors(tmp_path, overlay_ds):
+    ds = overlay_ds
     with pytest.raises(figures.PlotError, match="pass the image"):
         figures.overlay_figure(ds, sample=0, layer=1, head=2)
     with pytest.raises(figures.PlotError, match=r"layer 9 is not in the store \(its layers: 0..1\)"):

@@ -20,6 +20,7 @@ from mechhi.store import (
     done_mask,
     open_store,
     pad_grid,
+    shard_samples,
     write_batch,
     write_scores,
 )
@@ -243,7 +244,8 @@ def test_write_scores_overwrites_and_merges_attrs(store: Path):
     np.testing.assert_allclose(ds["iou"].values, iou.values)
     np.testing.assert_allclose(ds["head_impact"].values, hi.values)
     assert ds.attrs["binarize"] == {"mask_threshold": 0.5} and ds.attrs["model"] == "tiny/qwen"
-    assert ds["iou"].chunks[0] == (1, 1, 1, 1)  # still one sample per chunk for later region writes
+    # laid out as the traced iou: one chunk per shard of samples (store.layout.per_sample_chunks)
+    assert ds["iou"].chunks[0] == (shard_samples(store),) * (4 // shard_samples(store))
     with pytest.raises(StoreError, match="size"):
         write_scores(store, xr.Dataset({"head_impact": hi.isel(head=[0])}))
     with pytest.raises(StoreError, match="traced variables"):
@@ -615,7 +617,8 @@ def test_missing_data_names_done_samples_without_their_chunks(store: Path):
         (1, "mask", "missing"),
         (2, "attention_global", "missing"),
     ]
-    assert "shard damaged (iou/c/0/0/0: 7 bytes, shorter than its 36-byte index" in found[0].problem
+    # the index of iou's one inner chunk per shard: 16 bytes of offset and length, a 4-byte crc32c
+    assert "shard damaged (iou/c/0/0/0: 7 bytes, shorter than its 20-byte index" in found[0].problem
     assert damaged_samples(store, deep=True) == found
 
 
@@ -693,13 +696,24 @@ def test_a_new_store_checksums_its_chunks_and_a_flipped_byte_fails_to_read(store
     assert unchecked(store) == []
     att, mask, iou = batch([0, 1])
     write_batch(store, [0, 1], attention=att, mask=mask, iou=iou)
-    shard = store / "iou" / "c" / "0" / "0" / "0"
+    shard = store / "mask" / "c" / "0" / "0" / "0"  # a map: one inner chunk per sample
     data = bytearray(shard.read_bytes())
     data[5] ^= 0xFF  # inside sample 0's inner chunk (the index is at the end)
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum do not match"):
-        open_store(store)["iou"].values
+        open_store(store)["mask"].values
     found = damaged_samples(store, deep=True)
     assert [(d.sample, d.variable, d.file, d.kind) for d in found] == [
-        (0, "iou", "iou/c/0/0/0", "unreadable")
+        (0, "mask", "mask/c/0/0/0", "unreadable")
+    ]
+    iou_shard = store / "iou" / "c" / "0" / "0" / "0"  # a small variable: one inner chunk per shard
+    data = bytearray(iou_shard.read_bytes())
+    data[5] ^= 0xFF
+    iou_shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum do not match"):
+        open_store(store)["iou"].values
+    found = damaged_samples(store, deep=True)
+    assert [(d.sample, d.variable, d.kind) for d in found if d.variable == "iou"] == [
+        (0, "iou", "unreadable"),
+        (1, "iou", "unreadable"),
     ]

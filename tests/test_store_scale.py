@@ -55,6 +55,23 @@ def test_a_sharded_store_has_a_few_files_per_variable(tmp_path):
     assert open_store(store)["done"].values.all()
 
 
+def test_the_small_variables_are_one_chunk_per_shard_and_the_maps_one_per_sample(tmp_path):
+    """Every open reads all ``done`` flags and scoring reads all ``iou``: as one inner chunk
+    per shard they decode in O(N / shard) chunks, not O(N) (5 s an open at 10,000 samples
+    with one chunk per sample), while a map is still read one sample at a time."""
+    import zarr
+
+    store = tmp_path / "s.zarr"
+    synthetic_store(store, 40, 2, 2, 4, batch=10, shard_samples=16)
+    group = zarr.open_group(str(store), mode="r")
+    inner = {
+        name: group[name].metadata.codecs[0].chunk_shape[0] for name in ("done", "iou", "mask", "attention")
+    }
+    assert inner == {"done": 16, "iou": 16, "mask": 1, "attention": 1}
+    assert all(group[name].metadata.chunk_grid.chunk_shape[0] == 16 for name in inner)  # shards of 16
+    assert open_store(store)["done"].values.all() and open_store(store)["iou"].chunks[0] == (16, 16, 8)
+
+
 SCORE_UNDER_TRACEMALLOC = """
 import json, sys, tracemalloc
 import probes.maps

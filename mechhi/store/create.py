@@ -124,7 +124,8 @@ def create_store(
 
     Per-sample variables are sharded along ``sample``: ``shard_samples`` samples per file
     (default `auto_shard_samples`: a power of two, at most ``SHARD_BYTES`` and
-    ``MAX_SHARD_SAMPLES``), one inner chunk per sample; the size is recorded in the
+    ``MAX_SHARD_SAMPLES``), the maps in one inner chunk per sample and the small
+    variables in one per shard (`store.layout.sharded`); the size is recorded in the
     attrs (``shard_samples``). An existing store keeps its own shards.
 
     If `path` already holds a store made for the same run (model, revision, dataset,

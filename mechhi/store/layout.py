@@ -2,8 +2,9 @@
 
 Why: one chunk file per sample per variable makes a store of N samples O(N) files
 (357 for 82 samples), which file systems and copies choke on at scale. zarr v3 sharding
-puts many samples' chunks into one file while each sample stays its own inner chunk, so
-a read of a few samples still decodes only theirs: N samples make O(N / shard) files.
+puts many samples' chunks into one file while each sample's maps stay their own inner
+chunk, so a read of a few samples still decodes only theirs: N samples make O(N / shard)
+files. The small per-sample variables are one inner chunk per shard (`per_sample_chunks`).
 
 What it costs: zarr rewrites a whole shard file on every write into it (read, merge,
 write; LocalStore writes a temporary file and renames it, so a kill mid-write leaves the
@@ -33,7 +34,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.core.buffer.cpu import Buffer
 from zarr.core.sync import sync
 
-from mechhi.store.schema import SampleMeta
+from mechhi.store.schema import SampleMeta, is_grid_dim
 
 # A shard is one file holding many samples' chunks. Every region write into it rewrites
 # the whole file, so a shard is kept to about this many bytes, and at most this many samples.
@@ -63,15 +64,28 @@ def checksummed_compressors() -> tuple:
     return (ZstdCodec(), Crc32cCodec())
 
 
+def per_sample_chunks(var: xr.DataArray) -> bool:
+    """Whether a per-sample variable keeps one inner chunk per sample: the maps (a
+    variable with grid dims: ``attention*``, ``mask*``), which are large and read a few
+    samples at a time. The small ones (``done``, ``iou``, per-sample scores) are one inner
+    chunk per shard, since they are read whole: every open reads all ``done`` flags and
+    scoring reads all ``iou``, and zarr's cost per decoded chunk (about 0.5 ms) made
+    per-sample chunks O(N) decodes, 5 s an open at 10,000 samples."""
+    return any(is_grid_dim(str(d)) for d in var.dims[1:])
+
+
 def sharded(ds: xr.Dataset, shard: int, *, checksum: bool = True) -> dict[str, dict]:
     """to_zarr encoding of `ds`: every per-sample data variable (sample on its first axis)
-    in inner chunks of one sample and shards of `shard` samples (fewer for a smaller store);
+    in shards of `shard` samples (fewer for a smaller store), the maps in inner chunks of
+    one sample and the small variables in one inner chunk per shard (`per_sample_chunks`);
     with ``checksum``, every variable and coordinate's chunks carry a crc32c."""
     out: dict[str, dict] = {}
     for name, var in ds.data_vars.items():
         if var.dims and var.dims[0] == "sample":
             rest = tuple(ds.sizes[d] for d in var.dims[1:])
-            out[str(name)] = {"chunks": (1,) + rest, "shards": (min(shard, ds.sizes["sample"]),) + rest}
+            outer = min(shard, ds.sizes["sample"])
+            inner = 1 if per_sample_chunks(var) else outer
+            out[str(name)] = {"chunks": (inner,) + rest, "shards": (outer,) + rest}
     if checksum:
         for name in ds.variables:
             out.setdefault(str(name), {})["compressors"] = checksummed_compressors()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 import zarr
@@ -31,44 +34,66 @@ def open_store(path: str | Path, *, check_done: bool = True) -> xr.Dataset:
         ds = xr.open_zarr(path, consolidated=False, zarr_format=3)
     except Exception as err:  # zarr raises several types for "not a group"
         raise StoreError(f"{path} is not a zarr v3 store: {type(err).__name__}: {err}") from None
-    version = ds.attrs.get("schema_version")
+    _check_mechhi_store(path, ds.attrs, set(map(str, ds.variables)))
+    if check_done:
+        checked_done_flags(path)
+    return _plain_strings(ds)
+
+
+def _check_mechhi_store(path: Path, attrs: Mapping[str, Any], names: set[str]) -> None:
+    """StoreError unless the group's attrs and variable names are a store this version reads."""
+    version = attrs.get("schema_version")
     if not isinstance(version, int):
         raise StoreError(f"{path} is not a mechhi store (no schema_version attribute)")
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"{path} has schema_version {version}; this mechhi reads up to {SCHEMA_VERSION}: upgrade mechhi"
         )
-    missing = [name for name in REQUIRED_VARIABLES if name not in ds.variables]
+    missing = [name for name in REQUIRED_VARIABLES if name not in names]
     if missing:
         raise StoreError(
             f"{path} is a damaged mechhi store: it has no {', '.join(map(repr, missing))} variable "
             "(trace into a new --store)"
         )
-    if check_done:
-        _, damaged = done_flags(path)
-        if damaged:
-            key, reason, _ = damaged[0]
-            raise StoreError(
-                f"{path}: the done flags in {key} are damaged ({reason}): `mechhi store verify --repair "
-                f"{path}` marks that file's samples not done, so the next `mechhi trace` traces them again"
-            )
-    return _plain_strings(ds)
 
 
 def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
     """zarr v3 strings load as numpy's StringDType, which many tools (and ``astype(str)``)
     refuse; the string coords are small, so load them as ordinary ``<U`` arrays."""
-    fixed = {
-        name: (coord.dims, np.array(coord.values.tolist(), dtype=str))
-        for name, coord in ds.coords.items()
-        if coord.dtype.kind == "T"
-    }
-    return ds.assign_coords(fixed) if fixed else ds
+    names = [name for name, coord in ds.coords.items() if coord.dtype.kind == "T"]
+    if not names:
+        return ds
+    loaded = dask.compute(*(ds[name].variable.data for name in names))  # one read, not one per coord
+    return ds.assign_coords(
+        {name: (ds[name].dims, np.array(values.tolist(), dtype=str)) for name, values in zip(names, loaded)}
+    )
 
 
 def done_mask(path: str | Path) -> np.ndarray:
     """bool (sample,): which samples have been fully written (StoreError if the flags are damaged)."""
-    return open_store(path)["done"].values.astype(bool)
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no store at {path}")
+    try:  # the metadata alone (an xarray open reads every coordinate: several times as long)
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        names = {name for name, _ in group.members()}
+    except Exception as err:
+        raise StoreError(f"{path} is not a zarr v3 store: {type(err).__name__}: {err}") from None
+    _check_mechhi_store(path, group.attrs.asdict(), names)
+    return checked_done_flags(path)
+
+
+def checked_done_flags(path: str | Path) -> np.ndarray:
+    """The ``done`` flags; a damaged ``done`` file is one StoreError naming it and the repair,
+    not a bare checksum error in whichever command reads the flags first."""
+    flags, damaged = done_flags(path)
+    if damaged:
+        key, reason, _ = damaged[0]
+        raise StoreError(
+            f"{path}: the done flags in {key} are damaged ({reason}): `mechhi store verify --repair "
+            f"{path}` marks that file's samples not done, so the next `mechhi trace` traces them again"
+        )
+    return flags
 
 
 def done_flags(path: str | Path) -> tuple[np.ndarray, list[tuple[str, str, range]]]:

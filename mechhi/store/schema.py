@@ -106,6 +106,11 @@ def grid_dims(view: str) -> tuple[str, str]:
     return ("row", "col") if view == MAIN_VIEW else (f"row_{view}", f"col_{view}")
 
 
+def is_grid_dim(dim: str) -> bool:
+    """Whether a dim is a view's grid axis (``row``, ``col``, ``row_<view>``, ``col_<view>``)."""
+    return dim in ("row", "col") or dim.startswith(("row_", "col_"))
+
+
 def grid_coords(view: str) -> tuple[str, str]:
     """Per-sample grid-size coords of a view: ``grid_rows``/``grid_cols`` (+ ``_<view>``)."""
     return ("grid_rows", "grid_cols") if view == MAIN_VIEW else (f"grid_rows_{view}", f"grid_cols_{view}")
