@@ -69,7 +69,7 @@ def per_sample_chunks(var: xr.DataArray) -> bool:
     variable with grid dims: ``attention*``, ``mask*``), which are large and read a few
     samples at a time. The small ones (``done``, ``iou``, per-sample scores) are one inner
     chunk per shard, since they are read whole: every open reads all ``done`` flags and
-    scoring reads all ``iou``, and zarr's cost per decoded chunk (about 0.5 ms) made
+    ``stats`` reads all ``iou``, and zarr's cost per decoded chunk (about 0.5 ms) made
     per-sample chunks O(N) decodes, 5 s an open at 10,000 samples."""
     return any(is_grid_dim(str(d)) for d in var.dims[1:])
 
