@@ -25,6 +25,10 @@ install: $(STAMP)
 # collection order tests/conftest.py sets (the long integration files first), not by
 # their number of tests, which started the 20 s torchrun and accelerate checks last.
 XDIST := -n auto --dist loadfile --no-loadscope-reorder
+# Bytecode caching on (Python's default; some environments set PYTHONDONTWRITEBYTECODE): the
+# suite starts ~90 Python processes, and without the cache each one compiles the mechhi
+# modules it imports again (__pycache__ is ignored by git).
+test: export PYTHONDONTWRITEBYTECODE :=
 test: lint browser
 	$(PY) -m pytest -q $(XDIST)
 
