@@ -57,7 +57,7 @@ def test_a_sharded_store_has_a_few_files_per_variable(tmp_path):
 
 def test_the_small_variables_are_one_chunk_per_shard_and_the_maps_one_per_sample(tmp_path):
     """Every open reads all ``done`` flags and ``stats`` reads all ``iou``: as one inner chunk
-    per shard they decode in O(N / shard) chunks, not O(N) (5 s an open at 10,000 samples
+    per shard they decode in O(N / shard) chunks, not O(N) (5.4 s an open at 10,000 samples
     with one chunk per sample), while a map is still read one sample at a time."""
     import zarr
 

@@ -49,7 +49,7 @@ def plain_copy(plain_store, tmp_path):
     """A copy of ``plain_store`` of the test's own."""
     import shutil
 
-    return Path(shutil.copytree(plain_store, tmp_path / "s.zarr"))
+    return shutil.copytree(plain_store, tmp_path / "s.zarr")
 
 
 def test_killed_trace_resumes_to_the_same_store(tiny_model_dir, dataset_dir, plain_store, tmp_path):

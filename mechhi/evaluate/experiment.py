@@ -17,6 +17,7 @@ returned (the command prints it).
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -140,13 +141,10 @@ class _Shared:
     data: FinetuneData  # train / val, images decoded once, validation batches prepared once
     test: Any  # the evaluation split
     eval_set: EvalSet | None = None
-    _loaded: tuple[Any, VLMAdapter] | None = None
 
-    @property
+    @functools.cached_property
     def loaded(self) -> tuple[Any, VLMAdapter]:
-        if self._loaded is None:
-            self._loaded = self.load()
-        return self._loaded
+        return self.load()
 
     def evaluation(self, config: ExperimentConfig) -> EvalSet:
         if self.eval_set is None:

@@ -70,7 +70,7 @@ def per_sample_chunks(var: xr.DataArray) -> bool:
     samples at a time. The small ones (``done``, ``iou``, per-sample scores) are one inner
     chunk per shard, since they are read whole: every open reads all ``done`` flags and
     ``stats`` reads all ``iou``, and zarr's cost per decoded chunk (about 0.5 ms) made
-    per-sample chunks O(N) decodes, 5 s an open at 10,000 samples."""
+    per-sample chunks O(N) decodes (5.4 s an open at 10,000 samples; docs/performance.md)."""
     return any(is_grid_dim(str(d)) for d in var.dims[1:])
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dask
 import numpy as np
@@ -12,6 +12,8 @@ import xarray as xr
 import zarr
 
 from mechhi.store.schema import SCHEMA_VERSION, StoreError
+
+T = TypeVar("T")
 
 # Every store create_store makes has these; a store without them cannot say what is traced.
 REQUIRED_VARIABLES = ("done", "mask")
@@ -28,16 +30,21 @@ def open_store(path: str | Path, *, check_done: bool = True) -> xr.Dataset:
     >>> ds.head_impact.mean("head")  # doctest: +SKIP
     """
     path = Path(path)
-    if not path.exists():
-        raise StoreError(f"no store at {path}")
-    try:
-        ds = xr.open_zarr(path, consolidated=False, zarr_format=3)
-    except Exception as err:  # zarr raises several types for "not a group"
-        raise StoreError(f"{path} is not a zarr v3 store: {type(err).__name__}: {err}") from None
+    ds = _opened(path, lambda: xr.open_zarr(path, consolidated=False, zarr_format=3))
     _check_mechhi_store(path, ds.attrs, set(map(str, ds.variables)))
     if check_done:
         checked_done_flags(path)
     return _plain_strings(ds)
+
+
+def _opened(path: Path, open_group: Callable[[], T]) -> T:
+    """``open_group()`` of the store at `path`, or a StoreError saying there is none there."""
+    if not path.exists():
+        raise StoreError(f"no store at {path}")
+    try:
+        return open_group()
+    except Exception as err:  # zarr raises several types for "not a group"
+        raise StoreError(f"{path} is not a zarr v3 store: {type(err).__name__}: {err}") from None
 
 
 def _check_mechhi_store(path: Path, attrs: Mapping[str, Any], names: set[str]) -> None:
@@ -72,13 +79,9 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
 def done_mask(path: str | Path) -> np.ndarray:
     """bool (sample,): which samples have been fully written (StoreError if the flags are damaged)."""
     path = Path(path)
-    if not path.exists():
-        raise StoreError(f"no store at {path}")
-    try:  # the metadata alone (an xarray open reads every coordinate: several times as long)
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
-        names = {name for name, _ in group.members()}
-    except Exception as err:
-        raise StoreError(f"{path} is not a zarr v3 store: {type(err).__name__}: {err}") from None
+    # the metadata alone: an xarray open reads every coordinate, several times as long
+    group = _opened(path, lambda: zarr.open_group(str(path), mode="r", zarr_format=3))
+    names = {name for name, _ in group.members()}
     _check_mechhi_store(path, group.attrs.asdict(), names)
     return checked_done_flags(path)
 

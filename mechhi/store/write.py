@@ -31,9 +31,7 @@ def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
-def _region_write(
-    path: Path, indices: np.ndarray, arrays: dict[str, tuple[tuple[str, ...], np.ndarray]]
-) -> None:
+def _region_write(path: Path, indices: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
     """Write arrays (first dim = sample, ordered like sorted `indices`) one contiguous run
     at a time; each run is a region along ``sample``, so only those samples' chunks change.
 
@@ -47,12 +45,12 @@ def _region_write(
     targets = {name: group[name].with_config({"write_empty_chunks": True}) for name in arrays}
     for a, b in _runs(indices):
         region = slice(int(indices[a]), int(indices[b - 1]) + 1)
-        for name, (_, values) in arrays.items():
+        for name, values in arrays.items():
             targets[name][region] = values[a:b]
 
 
-def _check_batch_arrays(ds: xr.Dataset, n: int, attention: dict | None, mask: dict) -> dict[str, tuple]:
-    """Validate the batch against the store; return name -> (dims, array)."""
+def _check_batch_arrays(ds: xr.Dataset, n: int, attention: dict | None, mask: dict) -> dict[str, np.ndarray]:
+    """Validate the batch against the store; return name -> float32 array."""
     views = store_views(ds)
     has_maps = attention_name(MAIN_VIEW) in ds.data_vars
     if sorted(mask) != sorted(views):
@@ -73,7 +71,7 @@ def _check_batch_arrays(ds: xr.Dataset, n: int, attention: dict | None, mask: di
                 raise StoreError(
                     f"write_batch: {name} has shape {array.shape}, store wants {want} {dims} (use pad_grid)"
                 )
-            out[name] = (dims, array)
+            out[name] = array
     return out
 
 
@@ -114,12 +112,11 @@ def write_batch(
         raise StoreError(
             f"write_batch: iou has shape {np.shape(iou)}, store wants {want} (sample, layer, head)"
         )
-    arrays["iou"] = (("sample", "layer", "head"), np.asarray(iou, dtype="float32"))
+    arrays["iou"] = np.asarray(iou, dtype="float32")
     order = np.argsort(idx)
     idx = idx[order]
-    arrays = {name: (dims, arr[order]) for name, (dims, arr) in arrays.items()}
-    _region_write(path, idx, arrays)
-    _region_write(path, idx, {"done": (("sample",), np.ones(idx.size, dtype=bool))})
+    _region_write(path, idx, {name: array[order] for name, array in arrays.items()})
+    _region_write(path, idx, {"done": np.ones(idx.size, dtype=bool)})
 
 
 def write_scores(path: str | Path, scores: xr.Dataset, *, opened: xr.Dataset | None = None) -> None:
@@ -169,4 +166,4 @@ def unflag(path: str | Path, samples: Sequence[int]) -> None:
     """Mark samples not done (their data was found lost), so the next trace redoes them."""
     idx = np.unique(np.asarray(samples, dtype=np.int64))
     if idx.size:
-        _region_write(Path(path), idx, {"done": (("sample",), np.zeros(idx.size, dtype=bool))})
+        _region_write(Path(path), idx, {"done": np.zeros(idx.size, dtype=bool)})
